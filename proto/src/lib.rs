@@ -39,6 +39,7 @@
 //! both versions. New message kinds get new numbers; unknown kinds are refused, never skipped.
 //! Golden fixtures in `tests/golden.rs` fail on any accidental change of the bytes.
 
+pub mod bitmap;
 mod error;
 mod frame;
 pub mod handshake;

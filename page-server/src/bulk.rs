@@ -1,0 +1,66 @@
+//! A bulk connection's thread: streams the session's not-yet-sent pages, in runs, straight from
+//! the memory with `writev`, at a lower CPU priority than the event loop so fault replies win.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{debug, warn};
+use proto::Origin;
+
+use crate::memory::PageMap;
+use crate::server::Core;
+use crate::session::{build_frame, Session};
+use crate::sock::Sock;
+
+/// Lowers this thread's scheduling priority (nice +10): the urgent path preempts the stream.
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: setpriority on our own thread id; failure only leaves the priority unchanged.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 10) };
+}
+
+pub(crate) fn run(core: Arc<Core>, mut sock: Sock, peer: String, session: Arc<Session>) {
+    lower_priority();
+    sock.set_buffers(4 << 20);
+    let _ = sock.set_write_timeout(Some(Duration::from_secs(60)));
+    let map = PageMap::new(&*core.mem);
+    let chunk = core.config.stream_chunk_pages;
+    let mut prefix = Vec::with_capacity(512);
+    let mut segs = Vec::new();
+    'outer: while session.wait_stream() {
+        let runs = session.claim_stream(chunk);
+        if runs.is_empty() {
+            debug!("client {peer}: bulk stream complete");
+            session.wait_closed();
+            break;
+        }
+        for (first, count) in runs {
+            let mut done = 0;
+            while done < count {
+                let n = build_frame(
+                    &map,
+                    first + u64::from(done),
+                    count - done,
+                    Origin::Stream,
+                    &mut prefix,
+                    &mut segs,
+                    &session.stats,
+                );
+                if n == 0 {
+                    break;
+                }
+                let mut bufs: Vec<&[u8]> = Vec::with_capacity(segs.len() + 1);
+                bufs.push(&prefix);
+                bufs.extend(segs.iter().copied());
+                if let Err(e) = sock.write_all_vectored(&bufs) {
+                    if !session.is_closed() {
+                        warn!("client {peer}: bulk connection dropped: {e}");
+                    }
+                    break 'outer;
+                }
+                done += n;
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The `page-server` command line. Lives in the library so test fixtures can run the very same
+//! program as a separate process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use log::info;
+
+use crate::{serve, Addr, FileImage, ServerConfig};
+
+/// Serve the pages of a raw memory image to post-copy pagers.
+///
+/// Clients (a destination VMM's pager, or `pager` users) connect with a control connection, an
+/// urgent connection for fault requests and bulk connections for the background stream. The
+/// server runs until SIGINT or SIGTERM. Exit codes: 0 after a clean stop, 1 on any error
+/// (cannot open the image, cannot listen).
+#[derive(Debug, Parser)]
+#[command(name = "page-server", version)]
+pub struct Args {
+    /// Raw memory image to serve (mapped read-only; its size must be a multiple of the page size).
+    #[arg(long, value_name = "IMAGE")]
+    pub serve: PathBuf,
+    /// Where to listen: HOST:PORT for TCP (port 0 = any free port), or a path for a Unix socket.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Page size in bytes.
+    #[arg(long, default_value_t = 4096)]
+    pub page_size: u32,
+    /// Pages a bulk connection sends per round.
+    #[arg(long, default_value_t = 256)]
+    pub stream_chunk_pages: u32,
+    /// Print the listening address on stdout as `listening ADDR` once ready (for scripts).
+    #[arg(long)]
+    pub print_addr: bool,
+}
+
+/// Runs the program; returns the process exit code.
+pub fn main() -> i32 {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("page-server: error: {e:#}");
+            1
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let addr: Addr = args
+        .listen
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))
+        .context("bad --listen")?;
+    let image = FileImage::open(&args.serve, args.page_size)?;
+    let bytes = image.bytes().len();
+    let config = ServerConfig {
+        stream_chunk_pages: args.stream_chunk_pages.clamp(1, proto::MAX_PAGES_PER_FRAME),
+    };
+    let handle = serve(Arc::new(image), &addr, config)?;
+    info!(
+        "serving {} ({} MiB) on {}",
+        args.serve.display(),
+        bytes >> 20,
+        handle.addr()
+    );
+    if args.print_addr {
+        println!("listening {}", handle.addr());
+    }
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        .context("cannot install signal handlers")?;
+    let stop = handle.stopper();
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            info!("signal {sig}: stopping");
+            stop();
+        }
+    });
+    handle.join()?;
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! Source side of post-copy paging: serves the pages of a memory — a raw image file, or regions
+//! of this process such as a VMM's guest RAM — to pagers on other hosts.
+//!
+//! Each client opens a control, an urgent and one or more bulk connections (see the `proto`
+//! crate's docs). Control and urgent traffic of every client is handled by one mio event loop
+//! thread, so a fault reply is written the moment its request is read; each bulk connection gets
+//! a streaming thread at lower CPU priority. A session sends every page at most once (a page a
+//! fault asks for again is the exception) and its stream follows the client's latest fault.
+//!
+//! This crate must not know about KVM or vCPUs; it reads bytes through [`MemoryProvider`].
+
+mod bulk;
+pub mod cli;
+mod memory;
+mod server;
+mod session;
+mod sock;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+
+pub use memory::{FileImage, ImageError, MemoryProvider, RawRegions};
+pub use sock::{Addr, Sock};
+
+/// Server tunables.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Pages a bulk thread claims and sends per round (one or a few frames).
+    pub stream_chunk_pages: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            stream_chunk_pages: 256,
+        }
+    }
+}
+
+/// The server failed.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// Could not listen.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The event loop failed.
+    #[error("event loop failed")]
+    Poll(#[source] std::io::Error),
+    /// The memory's layout is unusable.
+    #[error("memory cannot be served")]
+    Layout(#[source] proto::HandshakeError),
+}
+
+/// A running server; [`ServerHandle::stop`] (or drop) ends it and every session.
+pub struct ServerHandle {
+    addr: Addr,
+    stop: Arc<AtomicBool>,
+    waker: Arc<mio::Waker>,
+    thread: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl ServerHandle {
+    /// The address it listens on (with the real port when asked for port 0).
+    pub fn addr(&self) -> &Addr {
+        &self.addr
+    }
+
+    /// A function that stops the server from any thread (e.g. a signal handler thread).
+    pub fn stopper(&self) -> impl Fn() + Send + Sync + 'static {
+        let stop = self.stop.clone();
+        let waker = self.waker.clone();
+        move || {
+            stop.store(true, Ordering::Release);
+            let _ = waker.wake();
+        }
+    }
+
+    /// Stops the server and waits for its loop to end.
+    pub fn stop(mut self) -> Result<(), ServerError> {
+        self.stop_inner()
+    }
+
+    /// Waits for the server to end (after a stopper was called).
+    pub fn join(mut self) -> Result<(), ServerError> {
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+
+    fn stop_inner(&mut self) -> Result<(), ServerError> {
+        (self.stopper())();
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
+/// Starts serving `mem` on `addr` (port 0 picks a free port). Returns once listening.
+pub fn serve(
+    mem: Arc<dyn MemoryProvider>,
+    addr: &Addr,
+    config: ServerConfig,
+) -> Result<ServerHandle, ServerError> {
+    mem.layout()
+        .validate(mem.page_size())
+        .map_err(ServerError::Layout)?;
+    let (listener, bound) = server::bind(addr)?;
+    let (poll, waker) = server::new_poll().map_err(ServerError::Poll)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let core = Arc::new(server::Core {
+        mem,
+        config,
+        next_session: AtomicU64::new(1),
+    });
+    let a = bound.clone();
+    let st = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("page-server".into())
+        .spawn(move || server::run(core, listener, a, poll, st))
+        .map_err(ServerError::Poll)?;
+    Ok(ServerHandle {
+        addr: bound,
+        stop,
+        waker,
+        thread: Some(thread),
+    })
+}

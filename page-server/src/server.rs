@@ -1,0 +1,565 @@
+//! The event loop: accepts clients, runs the handshake, answers control and urgent traffic
+//! (mio, one thread), and hands each bulk connection to a streaming thread of its own.
+//! A misbehaving client is dropped with one log line; nobody else notices.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use proto::handshake::{check, offer, Offer};
+use proto::{error_code, Channel, Header, Message, Origin, Welcome, HEADER_LEN, PROTOCOL_VERSION};
+
+use crate::memory::{MemoryProvider, PageMap};
+use crate::session::{build_frame, Session};
+use crate::sock::{Addr, Sock};
+use crate::{bulk, ServerConfig, ServerError};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+/// A client whose replies pile up past this stops being read until it drains them.
+const MAX_PENDING_WRITE: usize = 16 << 20;
+
+pub(crate) enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+enum MioSock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl MioSock {
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            MioSock::Tcp(s) => s,
+            MioSock::Unix(s) => s,
+        }
+    }
+    /// The blocking std socket behind this one.
+    fn into_blocking(self) -> io::Result<Sock> {
+        let s = match self {
+            // SAFETY: we own the fd (into_raw_fd gives it up) and hand it to exactly one owner.
+            MioSock::Tcp(s) => Sock::Tcp(unsafe { std::net::TcpStream::from_raw_fd(s.into_raw_fd()) }),
+            // SAFETY: as above.
+            MioSock::Unix(s) => Sock::Unix(unsafe {
+                std::os::unix::net::UnixStream::from_raw_fd(s.into_raw_fd())
+            }),
+        };
+        s.set_nonblocking(false)?;
+        Ok(s)
+    }
+}
+
+impl Read for MioSock {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            MioSock::Tcp(s) => s.read(b),
+            MioSock::Unix(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for MioSock {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            MioSock::Tcp(s) => s.write(b),
+            MioSock::Unix(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Role {
+    New,
+    Control(Arc<Session>),
+    Urgent(Arc<Session>),
+}
+
+struct Conn {
+    sock: MioSock,
+    peer: String,
+    role: Role,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    writable_armed: bool,
+}
+
+/// What to do with a connection after handling its input.
+enum Next {
+    Keep,
+    /// Drop it; the string is the one log line (None: a clean close).
+    Drop(Option<String>),
+    /// Hand it to a bulk thread.
+    Bulk(Arc<Session>),
+}
+
+/// The running server's shared parts.
+pub(crate) struct Core {
+    pub(crate) mem: Arc<dyn MemoryProvider>,
+    pub(crate) config: ServerConfig,
+    pub(crate) next_session: AtomicU64,
+}
+
+/// Binds `addr` (port 0 picks a free port); returns the listener and the real address.
+pub(crate) fn bind(addr: &Addr) -> Result<(Listener, Addr), ServerError> {
+    let bind_err = |source| ServerError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    Ok(match addr {
+        Addr::Tcp(a) => {
+            let l = std::net::TcpListener::bind(a).map_err(bind_err)?;
+            l.set_nonblocking(true).map_err(bind_err)?;
+            let real = l.local_addr().map_err(bind_err)?;
+            (Listener::Tcp(TcpListener::from_std(l)), Addr::Tcp(real))
+        }
+        Addr::Unix(p) => {
+            if std::fs::symlink_metadata(p).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                let _ = std::fs::remove_file(p);
+            }
+            let l = std::os::unix::net::UnixListener::bind(p).map_err(bind_err)?;
+            l.set_nonblocking(true).map_err(bind_err)?;
+            (Listener::Unix(UnixListener::from_std(l)), addr.clone())
+        }
+    })
+}
+
+/// Runs the event loop until woken with `stop` set.
+pub(crate) fn run(
+    core: Arc<Core>,
+    mut listener: Listener,
+    addr: Addr,
+    mut poll: Poll,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), ServerError> {
+    let src: &mut dyn mio::event::Source = match &mut listener {
+        Listener::Tcp(l) => l,
+        Listener::Unix(l) => l,
+    };
+    poll.registry()
+        .register(src, LISTENER, Interest::READABLE)
+        .map_err(ServerError::Poll)?;
+    let mut conns: HashMap<Token, Conn> = HashMap::new();
+    let mut sessions: HashMap<u64, Arc<Session>> = HashMap::new();
+    let mut next_token = 2usize;
+    let mut events = Events::with_capacity(256);
+    let mut scratch = vec![0u8; 256 << 10];
+    loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(ServerError::Poll(e));
+        }
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => accept_all(&mut listener, &poll, &mut conns, &mut next_token),
+                WAKER => {}
+                t => {
+                    let Some(conn) = conns.get_mut(&t) else {
+                        continue;
+                    };
+                    let next = service(&core, conn, &mut sessions, &mut scratch);
+                    match next {
+                        Next::Keep => {
+                            if let Err(e) = arm_writable(&poll, t, conn) {
+                                drop_conn(&poll, &mut conns, t, Some(format!("re-register: {e}")), &mut sessions);
+                            }
+                        }
+                        Next::Drop(why) => drop_conn(&poll, &mut conns, t, why, &mut sessions),
+                        Next::Bulk(session) => {
+                            if let Some(mut c) = conns.remove(&t) {
+                                let _ = poll.registry().deregister(c.sock.source());
+                                start_bulk(&core, c, session);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for s in sessions.values() {
+        s.close();
+    }
+    if let Addr::Unix(p) = &addr {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+fn accept_all(listener: &mut Listener, poll: &Poll, conns: &mut HashMap<Token, Conn>, next: &mut usize) {
+    loop {
+        let r = match listener {
+            Listener::Tcp(l) => l.accept().map(|(s, a)| {
+                let _ = s.set_nodelay(true);
+                (MioSock::Tcp(s), a.to_string())
+            }),
+            Listener::Unix(l) => l.accept().map(|(s, _)| (MioSock::Unix(s), "unix".to_string())),
+        };
+        match r {
+            Ok((mut sock, peer)) => {
+                let t = Token(*next);
+                *next += 1;
+                if let Err(e) = poll.registry().register(sock.source(), t, Interest::READABLE) {
+                    warn!("client {peer}: cannot register: {e}");
+                    continue;
+                }
+                debug!("client {peer}: connected");
+                conns.insert(
+                    t,
+                    Conn {
+                        sock,
+                        peer,
+                        role: Role::New,
+                        rbuf: Vec::new(),
+                        wbuf: Vec::new(),
+                        wpos: 0,
+                        writable_armed: false,
+                    },
+                );
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                warn!("accept failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn drop_conn(
+    poll: &Poll,
+    conns: &mut HashMap<Token, Conn>,
+    t: Token,
+    why: Option<String>,
+    sessions: &mut HashMap<u64, Arc<Session>>,
+) {
+    let Some(mut c) = conns.remove(&t) else {
+        return;
+    };
+    let _ = poll.registry().deregister(c.sock.source());
+    match why {
+        Some(why) => warn!("client {}: dropped: {why}", c.peer),
+        None => debug!("client {}: closed", c.peer),
+    }
+    if let Role::Control(s) = &c.role {
+        s.close();
+        sessions.remove(&s.id);
+        let st = &s.stats;
+        info!(
+            "session {}: ended; pages sent: fault {}, prefetch {}, stream {} ({} zero), {} MiB of data",
+            s.id,
+            st.fault_pages.load(Ordering::Relaxed),
+            st.prefetch_pages.load(Ordering::Relaxed),
+            st.stream_pages.load(Ordering::Relaxed),
+            st.zero_pages.load(Ordering::Relaxed),
+            st.data_bytes.load(Ordering::Relaxed) >> 20
+        );
+    }
+}
+
+fn arm_writable(poll: &Poll, t: Token, c: &mut Conn) -> io::Result<()> {
+    let want = c.wpos < c.wbuf.len();
+    if want != c.writable_armed {
+        let interest = if want {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        poll.registry().reregister(c.sock.source(), t, interest)?;
+        c.writable_armed = want;
+    }
+    Ok(())
+}
+
+/// Flushes pending output; Err is fatal for the connection.
+fn flush(c: &mut Conn) -> io::Result<()> {
+    while c.wpos < c.wbuf.len() {
+        match c.sock.write(&c.wbuf[c.wpos..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => c.wpos += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if c.wpos == c.wbuf.len() {
+        c.wbuf.clear();
+        c.wpos = 0;
+    }
+    Ok(())
+}
+
+/// Reads what is available, handles whole frames, writes replies.
+fn service(core: &Core, c: &mut Conn, sessions: &mut HashMap<u64, Arc<Session>>, scratch: &mut [u8]) -> Next {
+    if let Err(e) = flush(c) {
+        return Next::Drop(Some(format!("write failed: {e}")));
+    }
+    let mut eof = false;
+    loop {
+        if c.wbuf.len() - c.wpos > MAX_PENDING_WRITE {
+            break; // back-pressure: read again once the replies drain
+        }
+        match c.sock.read(scratch) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => {
+                c.rbuf.extend_from_slice(&scratch[..n]);
+                if let Some(next) = handle_frames(core, c, sessions) {
+                    return next;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Next::Drop(Some(format!("read failed: {e}"))),
+        }
+    }
+    if let Some(next) = handle_frames(core, c, sessions) {
+        return next;
+    }
+    if let Err(e) = flush(c) {
+        return Next::Drop(Some(format!("write failed: {e}")));
+    }
+    if eof {
+        return if c.rbuf.is_empty() {
+            Next::Drop(None)
+        } else {
+            Next::Drop(Some(format!(
+                "closed mid-frame ({} bytes of a frame received)",
+                c.rbuf.len()
+            )))
+        };
+    }
+    Next::Keep
+}
+
+fn reply_error(c: &mut Conn, code: u16, reason: &str) {
+    Message::Error { code, reason }.encode(&mut c.wbuf);
+    let _ = flush(c);
+}
+
+/// Handles every whole frame in `rbuf`. Some(next) ends servicing the connection.
+fn handle_frames(core: &Core, c: &mut Conn, sessions: &mut HashMap<u64, Arc<Session>>) -> Option<Next> {
+    let page_size = core.mem.page_size();
+    let mut used = 0;
+    let mut result = None;
+    while c.rbuf.len() - used >= HEADER_LEN && c.wbuf.len() - c.wpos <= MAX_PENDING_WRITE {
+        let header = match Header::decode(&c.rbuf[used..]) {
+            Ok(h) => h,
+            Err(e) => {
+                reply_error(c, error_code::PROTOCOL, &e.to_string());
+                return Some(Next::Drop(Some(format!("bad frame header: {e}"))));
+            }
+        };
+        let end = used + HEADER_LEN + header.payload_len as usize;
+        if c.rbuf.len() < end {
+            break;
+        }
+        let payload = &c.rbuf[used + HEADER_LEN..end];
+        let msg = match Message::decode(&header, payload, page_size) {
+            Ok(m) => m,
+            Err(e) => {
+                let why = format!("bad {:?} frame: {e}", header.kind);
+                reply_error(c, error_code::PROTOCOL, &why);
+                return Some(Next::Drop(Some(why)));
+            }
+        };
+        // `msg` borrows rbuf; take what we need before touching `c` mutably
+        let action = classify(core, &c.role, msg, sessions);
+        used = end;
+        match action {
+            Action::Serve(session, first, count, fault_pages) => {
+                serve_request(core, &mut c.wbuf, &session, first, count, fault_pages);
+            }
+            Action::BecomeControl(s, bytes) => {
+                c.wbuf.extend_from_slice(&bytes);
+                c.role = Role::Control(s);
+            }
+            Action::BecomeUrgent(s, bytes) => {
+                c.wbuf.extend_from_slice(&bytes);
+                c.role = Role::Urgent(s);
+            }
+            Action::BecomeBulk(s, bytes) => {
+                c.wbuf.extend_from_slice(&bytes);
+                result = Some(Next::Bulk(s));
+                break;
+            }
+            Action::None => {}
+            Action::Close => {
+                result = Some(Next::Drop(None));
+                break;
+            }
+            Action::Fail(code, why) => {
+                reply_error(c, code, &why);
+                return Some(Next::Drop(Some(why)));
+            }
+        }
+    }
+    c.rbuf.drain(..used);
+    if let Some(Next::Bulk(_)) = &result {
+        if !c.rbuf.is_empty() {
+            return Some(Next::Drop(Some("sent frames on a bulk channel".into())));
+        }
+    }
+    if let Err(e) = flush(c) {
+        return Some(Next::Drop(Some(format!("write failed: {e}"))));
+    }
+    result
+}
+
+enum Action {
+    None,
+    Serve(Arc<Session>, u64, u32, u32),
+    BecomeControl(Arc<Session>, Vec<u8>),
+    BecomeUrgent(Arc<Session>, Vec<u8>),
+    BecomeBulk(Arc<Session>, Vec<u8>),
+    Close,
+    Fail(u16, String),
+}
+
+fn welcome(core: &Core, session: u64) -> Vec<u8> {
+    Message::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        session,
+        page_size: core.mem.page_size(),
+        layout: core.mem.layout().clone(),
+    })
+    .to_vec()
+}
+
+fn classify(core: &Core, role: &Role, msg: Message<'_>, sessions: &mut HashMap<u64, Arc<Session>>) -> Action {
+    let total_pages = core.mem.layout().total_pages(core.mem.page_size());
+    match (role, msg) {
+        (Role::New, Message::Hello(h)) => {
+            let theirs = Offer {
+                version: h.version,
+                page_size: h.page_size,
+                layout: &h.layout,
+            };
+            if let Err(e) = check(offer(core.mem.page_size(), core.mem.layout()), theirs) {
+                return Action::Fail(error_code::HANDSHAKE, format!("handshake refused: {e}"));
+            }
+            if h.channel == Channel::Control {
+                let id = core.next_session.fetch_add(1, Ordering::Relaxed);
+                let s = Arc::new(Session::new(id, total_pages));
+                sessions.insert(id, s.clone());
+                info!("session {id}: opened ({total_pages} pages)");
+                return Action::BecomeControl(s, welcome(core, id));
+            }
+            let Some(s) = sessions.get(&h.session).cloned() else {
+                return Action::Fail(error_code::NO_SESSION, format!("no session {}", h.session));
+            };
+            let w = welcome(core, s.id);
+            if h.channel == Channel::Urgent {
+                Action::BecomeUrgent(s, w)
+            } else {
+                Action::BecomeBulk(s, w)
+            }
+        }
+        (Role::New, m) => Action::Fail(error_code::PROTOCOL, format!("expected Hello, got {:?}", m.kind())),
+        (Role::Urgent(s), Message::Request(r)) => {
+            if r.first.0 >= total_pages || r.first.0 + u64::from(r.count) > total_pages {
+                return Action::Fail(
+                    error_code::OUT_OF_RANGE,
+                    format!("request for pages {}+{} beyond the {total_pages} served", r.first.0, r.count),
+                );
+            }
+            Action::Serve(s.clone(), r.first.0, r.count, r.fault_pages)
+        }
+        (Role::Control(s), Message::Stream { enable }) => {
+            s.set_stream(enable);
+            Action::None
+        }
+        (Role::Control(s), Message::Bitmap(b)) => {
+            s.merge_received(b.first.0, b.bits, b.count);
+            Action::None
+        }
+        (Role::Control(_), Message::Done) => Action::Close,
+        (Role::Control(_), Message::State { .. }) => Action::None,
+        (_, Message::Error { code, reason }) => Action::Fail(code, format!("client reported error {code}: {reason}")),
+        (Role::Control(_), m) | (Role::Urgent(_), m) => {
+            Action::Fail(error_code::PROTOCOL, format!("unexpected {:?} on this channel", m.kind()))
+        }
+    }
+}
+
+fn serve_request(core: &Core, out: &mut Vec<u8>, s: &Session, first: u64, count: u32, fault_pages: u32) {
+    let (first, count) = s.claim_request(first, count, fault_pages);
+    let map = PageMap::new(&*core.mem);
+    let mut prefix = Vec::with_capacity(64);
+    let mut segs = Vec::new();
+    let fault = fault_pages.max(1).min(count);
+    let mut done = 0u32;
+    while done < count {
+        let origin = if done < fault { Origin::Fault } else { Origin::Prefetch };
+        let want = if done < fault { fault - done } else { count - done };
+        let n = build_frame(&map, first + u64::from(done), want, origin, &mut prefix, &mut segs, &s.stats);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&prefix);
+        for seg in &segs {
+            out.extend_from_slice(seg);
+        }
+        done += n;
+    }
+}
+
+fn start_bulk(core: &Arc<Core>, c: Conn, session: Arc<Session>) {
+    let Conn { sock, peer, wbuf, wpos, .. } = c;
+    let mut sock = match sock.into_blocking() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("client {peer}: dropped: cannot switch bulk socket to blocking: {e}");
+            return;
+        }
+    };
+    if let Err(e) = sock.write_all(&wbuf[wpos..]) {
+        warn!("client {peer}: dropped: bulk welcome failed: {e}");
+        return;
+    }
+    match sock.try_clone() {
+        Ok(clone) => session.add_bulk_sock(clone),
+        Err(e) => {
+            warn!("client {peer}: dropped: {e}");
+            return;
+        }
+    }
+    if session.is_closed() {
+        let _ = sock.shutdown(Shutdown::Both);
+        return;
+    }
+    let core = core.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("bulk-{}", session.id))
+        .spawn(move || bulk::run(core, sock, peer, session));
+    if let Err(e) = spawned {
+        warn!("cannot start a bulk thread: {e}");
+    }
+}
+
+/// Creates the poll and its waker.
+pub(crate) fn new_poll() -> io::Result<(Poll, Arc<Waker>)> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    Ok((poll, waker))
+}
