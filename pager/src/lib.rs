@@ -1,0 +1,448 @@
+//! Destination side of post-copy paging: a memory region whose pages are all missing at first
+//! and are filled lazily — each faulting page fetched on demand through userfaultfd (with an
+//! adaptive prefetch window), everything else installed by a background stream — until the
+//! region no longer depends on its source. Sources: a page-server over the network
+//! ([`Pager::connect`]) or an image file on this host ([`Pager::local`]).
+//!
+//! Threads of a remote pager: one **fault thread** (userfaultfd events + the urgent
+//! connection), one **streamer** per bulk connection, one **supervisor** (control connection,
+//! completion, reconnection). When every page is present the supervisor unregisters the region,
+//! sends `Done` and closes every connection. If the source goes away, the owner gets
+//! [`PagerEvent::SourceLost`], faults keep waiting (never served wrong memory), and the
+//! supervisor reconnects for up to [`PagerConfig::reconnect_timeout`] before failing with
+//! [`PagerError::SourceLost`].
+//!
+//! This crate knows nothing of KVM; it pages any memory of this process.
+
+mod local;
+mod policy;
+mod region;
+mod remote;
+mod stats;
+pub mod uffd;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use proto::bitmap::AtomicBitmap;
+use proto::{Layout, PageIndex};
+use thiserror::Error;
+
+pub use page_server::Addr;
+pub use policy::{Action, Policy, Req};
+pub use region::HostMemory;
+pub use stats::{Histogram, LatencySummary, Report, Stats};
+use uffd::{Uffd, UffdError};
+
+/// Pager tunables.
+#[derive(Debug, Clone)]
+pub struct PagerConfig {
+    /// Run the background stream (off: pure demand paging).
+    pub stream: bool,
+    /// Bulk connections for the stream (remote only).
+    pub bulk_connections: usize,
+    /// Smallest prefetch window (pages requested per fault).
+    pub prefetch_min_pages: u32,
+    /// Largest prefetch window, reached while faults walk memory sequentially.
+    pub prefetch_max_pages: u32,
+    /// How long to keep trying to reach a lost source before failing.
+    pub reconnect_timeout: Duration,
+    /// Connect timeout of each attempt.
+    pub connect_timeout: Duration,
+    /// Busy-poll for a fault reply this long before sleeping in poll(2).
+    pub reply_spin: Duration,
+    /// Page size in bytes.
+    pub page_size: u32,
+}
+
+impl Default for PagerConfig {
+    fn default() -> Self {
+        PagerConfig {
+            stream: true,
+            bulk_connections: 2,
+            prefetch_min_pages: 1,
+            prefetch_max_pages: 64,
+            reconnect_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            reply_spin: Duration::from_micros(100),
+            page_size: 4096,
+        }
+    }
+}
+
+/// The pager failed.
+#[derive(Debug, Error)]
+pub enum PagerError {
+    /// A userfaultfd call failed.
+    #[error("userfaultfd")]
+    Uffd(#[from] UffdError),
+    /// Mapping the region failed.
+    #[error("cannot map {len_bytes} bytes for the region")]
+    Map {
+        /// Size.
+        len_bytes: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Could not reach the source.
+    #[error("cannot connect to page-server at {addr}")]
+    Connect {
+        /// Where.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The source refused us, or we refused it.
+    #[error("handshake with {addr} failed")]
+    Handshake {
+        /// Where.
+        addr: String,
+        /// What disagreed.
+        #[source]
+        source: proto::HandshakeError,
+    },
+    /// The source sent an error frame.
+    #[error("page-server at {addr} refused: {reason} (code {code})")]
+    Refused {
+        /// Where.
+        addr: String,
+        /// Code.
+        code: u16,
+        /// Reason.
+        reason: String,
+    },
+    /// The source sent something invalid.
+    #[error("protocol error from {addr}: {what}")]
+    Protocol {
+        /// Where.
+        addr: String,
+        /// What.
+        what: String,
+    },
+    /// The source went away and could not be reached again in time.
+    #[error("source {addr} lost ({cause}); gave up after {waited:?} of reconnect attempts; {missing} pages still missing (faults on them stay blocked)")]
+    SourceLost {
+        /// Where.
+        addr: String,
+        /// What broke first.
+        cause: String,
+        /// Time spent reconnecting.
+        waited: Duration,
+        /// Pages never received.
+        missing: u64,
+    },
+    /// The local image could not be used.
+    #[error("local image {path}: {what}")]
+    Image {
+        /// The image.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+        /// Why.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// A thread could not be started.
+    #[error("cannot start a pager thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Things the owner is told as they happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PagerEvent {
+    /// The source stopped answering; faults on missing pages wait while we reconnect.
+    SourceLost {
+        /// What broke.
+        cause: String,
+    },
+    /// Reconnected; paging continues.
+    Reconnected {
+        /// Reconnections so far.
+        count: u64,
+    },
+    /// Every page is present; the region no longer depends on the source.
+    Complete,
+    /// Paging failed for good (see [`Pager::wait`]).
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Outcome {
+    complete: Option<Duration>,
+    failed: Option<PagerError>,
+}
+
+/// State shared by a pager's threads.
+pub(crate) struct Shared {
+    // `mem` is declared before `uffd`: on drop the region is unmapped before the userfaultfd
+    // closes, so a thread still blocked on a missing page can never see a zero page.
+    pub(crate) mem: HostMemory,
+    pub(crate) uffd: Uffd,
+    pub(crate) received: AtomicBitmap,
+    present: AtomicU64,
+    pub(crate) stats: Stats,
+    pub(crate) started: Instant,
+    pub(crate) config: PagerConfig,
+    pub(crate) stop: AtomicBool,
+    outcome: Mutex<Outcome>,
+    cv: Condvar,
+    events: Mutex<Option<Sender<PagerEvent>>>,
+    /// Every live connection, so any thread can shut them all down.
+    pub(crate) socks: Mutex<Vec<page_server::Sock>>,
+}
+
+/// Which counters an install feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    Fault,
+    Prefetch,
+    Stream,
+}
+
+impl Shared {
+    fn new(mem: HostMemory, uffd: Uffd, config: PagerConfig) -> Self {
+        let total = mem.total_pages();
+        Shared {
+            mem,
+            uffd,
+            received: AtomicBitmap::new(total),
+            present: AtomicU64::new(0),
+            stats: Stats::default(),
+            started: Instant::now(),
+            config,
+            stop: AtomicBool::new(false),
+            outcome: Mutex::default(),
+            cv: Condvar::new(),
+            events: Mutex::new(None),
+            socks: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn total_pages(&self) -> u64 {
+        self.mem.total_pages()
+    }
+
+    pub(crate) fn present_pages(&self) -> u64 {
+        self.present.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_complete(&self) -> bool {
+        self.present_pages() >= self.total_pages()
+    }
+
+    pub(crate) fn event(&self, e: PagerEvent) {
+        if let Some(tx) = self.events.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(e);
+        }
+    }
+
+    /// Registers every region for missing faults.
+    fn register(&self) -> Result<(), PagerError> {
+        for (addr, len) in self.mem.regions() {
+            self.uffd.register_missing(*addr, *len)?;
+        }
+        Ok(())
+    }
+
+    /// Unregisters every region (only once every page is present).
+    pub(crate) fn unregister(&self) {
+        for (addr, len) in self.mem.regions() {
+            if let Err(e) = self.uffd.unregister(*addr, *len) {
+                log::warn!("unregister after completion: {e}");
+            }
+        }
+    }
+
+    /// Installs `count` pages from `first` — from `data` (`count * page_size` bytes) or as zero
+    /// pages — then marks them received. Runs crossing a region end are split.
+    pub(crate) fn install(&self, first: u64, count: u64, data: Option<&[u8]>, origin: Origin) -> Result<(), PagerError> {
+        let ps = self.mem.page_size();
+        let mut done = 0u64;
+        while done < count {
+            let Some((host, left)) = self.mem.host(PageIndex(first + done)) else {
+                return Err(PagerError::Protocol {
+                    addr: String::new(),
+                    what: format!("page {} is outside the region of {} pages", first + done, self.total_pages()),
+                });
+            };
+            let n = left.min(count - done);
+            let src = data.map(|d| d[(done * ps) as usize..((done + n) * ps) as usize].as_ptr());
+            // SAFETY: `src` points into `data`, which holds (done + n) * ps bytes or more.
+            let r = unsafe { self.uffd.install(host, src, n * ps, ps) }?;
+            self.stats.duplicate_pages.fetch_add(r.existing_pages, Ordering::Relaxed);
+            done += n;
+        }
+        let (pages, bytes) = match origin {
+            Origin::Fault => (&self.stats.fault_pages, &self.stats.fault_bytes),
+            Origin::Prefetch => (&self.stats.prefetch_pages, &self.stats.prefetch_bytes),
+            Origin::Stream => (&self.stats.stream_pages, &self.stats.stream_bytes),
+        };
+        pages.fetch_add(count, Ordering::Relaxed);
+        match data {
+            Some(_) => bytes.fetch_add(count * ps, Ordering::Relaxed),
+            None => self.stats.zero_pages.fetch_add(count, Ordering::Relaxed),
+        };
+        let newly = self.received.set_range(first, count);
+        if newly > 0 {
+            let now = self.present.fetch_add(newly, Ordering::AcqRel) + newly;
+            if now >= self.total_pages() {
+                let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+                if o.complete.is_none() {
+                    o.complete = Some(self.started.elapsed());
+                }
+                self.cv.notify_all();
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a fault that waited from `since` until now.
+    pub(crate) fn fault_done(&self, since: Instant) {
+        let ns = since.elapsed().as_nanos() as u64;
+        self.stats.fault_latency.record(ns);
+        self.stats.blocked_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    pub(crate) fn fail(&self, e: PagerError) {
+        let reason = e.to_string();
+        let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        if o.failed.is_none() && o.complete.is_none() {
+            o.failed = Some(e);
+            drop(o);
+            self.event(PagerEvent::Failed { reason });
+        }
+        self.cv.notify_all();
+    }
+
+    /// Waits until complete, failed or `timeout`, whichever first; wakes early on `notify`.
+    pub(crate) fn wait_outcome(&self, timeout: Duration) -> (bool, bool) {
+        let o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        let (o, _) = self
+            .cv
+            .wait_timeout_while(o, timeout, |o| o.complete.is_none() && o.failed.is_none() && !self.stop.load(Ordering::Acquire))
+            .unwrap_or_else(|p| p.into_inner());
+        (o.complete.is_some(), o.failed.is_some())
+    }
+
+    pub(crate) fn notify(&self) {
+        let _g = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        self.cv.notify_all();
+    }
+}
+
+/// A region being paged in. Dropping it stops every thread and (for a region it mapped) unmaps
+/// the memory.
+pub struct Pager {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    waker: Option<Arc<remote::Waker>>,
+    events: Mutex<Option<Receiver<PagerEvent>>>,
+}
+
+impl Pager {
+    /// Connects to the page-server at `addr`, maps a region for the memory it serves, registers
+    /// it with userfaultfd, and starts paging.
+    pub fn connect(addr: &Addr, config: PagerConfig) -> Result<Pager, PagerError> {
+        remote::start(addr, None, config)
+    }
+
+    /// Like [`Pager::connect`], paging memory the caller mapped; its layout must equal the
+    /// server's (checked in the handshake).
+    pub fn connect_adopt(addr: &Addr, mem: HostMemory, layout: Layout, config: PagerConfig) -> Result<Pager, PagerError> {
+        remote::start(addr, Some((mem, layout)), config)
+    }
+
+    /// Restores from an image file on this host, no network: faults and the stream copy from the
+    /// file's pages.
+    pub fn local(image: &std::path::Path, config: PagerConfig) -> Result<Pager, PagerError> {
+        local::start(image, config)
+    }
+
+    fn build(mem: HostMemory, config: PagerConfig) -> Result<(Arc<Shared>, Receiver<PagerEvent>), PagerError> {
+        let uffd = Uffd::new()?;
+        let shared = Arc::new(Shared::new(mem, uffd, config));
+        let (tx, rx) = std::sync::mpsc::channel();
+        *shared.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        shared.register()?;
+        Ok((shared, rx))
+    }
+
+    /// The memory being paged.
+    pub fn memory(&self) -> &HostMemory {
+        &self.shared.mem
+    }
+
+    /// Pages in the region.
+    pub fn total_pages(&self) -> u64 {
+        self.shared.total_pages()
+    }
+
+    /// Pages present now.
+    pub fn present_pages(&self) -> u64 {
+        self.shared.present_pages()
+    }
+
+    /// Whether page `i` is present.
+    pub fn is_present(&self, i: u64) -> bool {
+        self.shared.received.get(i)
+    }
+
+    /// Events as they happen (the receiver can be taken once).
+    pub fn events(&self) -> Option<Receiver<PagerEvent>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// The figures so far.
+    pub fn report(&self) -> Report {
+        let complete = self.shared.outcome.lock().unwrap_or_else(|p| p.into_inner()).complete;
+        self.shared.stats.report(self.total_pages(), self.present_pages(), complete)
+    }
+
+    /// Waits up to `timeout` for the outcome: `Some(Ok(report))` once every page is present
+    /// (and the source released), `Some(Err(..))` if paging failed, `None` on timeout.
+    pub fn wait(&mut self, timeout: Duration) -> Option<Result<Report, PagerError>> {
+        let (complete, failed) = self.shared.wait_outcome(timeout);
+        if complete {
+            // the supervisor finishes releasing the source; join it so "complete" means released
+            self.join_threads();
+            return Some(Ok(self.report()));
+        }
+        if failed {
+            let e = self.shared.outcome.lock().unwrap_or_else(|p| p.into_inner()).failed.take();
+            return e.map(Err);
+        }
+        None
+    }
+
+    fn join_threads(&mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Pager {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.notify();
+        if let Some(w) = &self.waker {
+            w.wake();
+        }
+        remote::shutdown_all(&self.shared);
+        self.join_threads();
+    }
+}

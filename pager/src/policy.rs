@@ -1,0 +1,256 @@
+//! The fault policy: which pages to request for a fault, deduplication of concurrent faults,
+//! the adaptive prefetch window, and matching replies to requests. No I/O: events in, actions
+//! out, so every rule is tested without a socket or a userfaultfd.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+/// A request for pages; the first `fault_pages` are waited on by faults, the rest are prefetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Req {
+    /// First page.
+    pub first: u64,
+    /// Pages.
+    pub count: u32,
+    /// Leading pages a fault waits on.
+    pub fault_pages: u32,
+}
+
+/// What the event loop must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send this request.
+    Request(Req),
+    /// The page is present already: wake whoever waits on it.
+    Wake(u64),
+}
+
+/// Fault policy state.
+#[derive(Debug)]
+pub struct Policy {
+    total_pages: u64,
+    min_window: u32,
+    max_window: u32,
+    window: u32,
+    last_fault: Option<u64>,
+    in_flight: HashSet<u64>,
+    waiters: HashMap<u64, Vec<Instant>>,
+    outstanding: VecDeque<Req>,
+}
+
+/// What a reply completed.
+#[derive(Debug, Default)]
+pub struct ReplyOutcome {
+    /// Fault start times of the faults this reply satisfied.
+    pub satisfied: Vec<Instant>,
+    /// Requests for waited-on pages the reply did not carry (e.g. the server had streamed them).
+    pub rerequests: Vec<Req>,
+}
+
+impl Policy {
+    /// A policy for `total_pages`, prefetching `min_window..=max_window` pages per fault.
+    pub fn new(total_pages: u64, min_window: u32, max_window: u32) -> Self {
+        let min_window = min_window.max(1);
+        Policy {
+            total_pages,
+            min_window,
+            max_window: max_window.max(min_window),
+            window: min_window,
+            last_fault: None,
+            in_flight: HashSet::new(),
+            waiters: HashMap::new(),
+            outstanding: VecDeque::new(),
+        }
+    }
+
+    /// Current prefetch window (pages per request).
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// Requests sent and not yet answered.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    /// A fault on `page` at `now`. `present(p)` says whether page p is installed;
+    /// `region_left(p)` how many pages from p to the end of its region.
+    pub fn on_fault(
+        &mut self,
+        page: u64,
+        now: Instant,
+        present: impl Fn(u64) -> bool,
+        region_left: u64,
+    ) -> Option<Action> {
+        if page >= self.total_pages {
+            return None;
+        }
+        if present(page) {
+            return Some(Action::Wake(page));
+        }
+        self.waiters.entry(page).or_default().push(now);
+        if self.in_flight.contains(&page) {
+            return None; // one request per page, however many threads fault on it
+        }
+        // adaptive window: grow while faults walk forward through memory, reset when random
+        let sequential = self
+            .last_fault
+            .is_some_and(|l| page > l && page - l <= 2 * u64::from(self.window));
+        self.window = if sequential {
+            (self.window * 2).min(self.max_window)
+        } else {
+            self.min_window
+        };
+        self.last_fault = Some(page);
+        let limit = u64::from(self.window).min(region_left).max(1);
+        let mut count = 1u64;
+        while count < limit {
+            let p = page + count;
+            if p >= self.total_pages || present(p) || self.in_flight.contains(&p) {
+                break;
+            }
+            count += 1;
+        }
+        let req = Req {
+            first: page,
+            count: count as u32,
+            fault_pages: 1,
+        };
+        self.track(req);
+        Some(Action::Request(req))
+    }
+
+    fn track(&mut self, req: Req) {
+        for p in req.first..req.first + u64::from(req.count) {
+            self.in_flight.insert(p);
+        }
+        self.outstanding.push_back(req);
+    }
+
+    /// The reply to the oldest outstanding request arrived and was installed; it carried
+    /// `delivered` pages from the request's first. Returns `None` if no request was outstanding
+    /// or the reply does not match it (a protocol error).
+    pub fn on_reply(
+        &mut self,
+        first: u64,
+        delivered: u32,
+        present: impl Fn(u64) -> bool,
+    ) -> Option<(Req, ReplyOutcome)> {
+        let req = *self.outstanding.front()?;
+        if req.first != first || delivered > req.count || delivered == 0 {
+            return None;
+        }
+        self.outstanding.pop_front();
+        let mut out = ReplyOutcome::default();
+        for p in req.first..req.first + u64::from(req.count) {
+            self.in_flight.remove(&p);
+            if let Some(w) = self.waiters.remove(&p) {
+                if present(p) {
+                    out.satisfied.extend(w);
+                } else {
+                    self.waiters.insert(p, w);
+                    let r = Req {
+                        first: p,
+                        count: 1,
+                        fault_pages: 1,
+                    };
+                    self.track(r);
+                    out.rerequests.push(r);
+                }
+            }
+        }
+        Some((req, out))
+    }
+
+    /// After a reconnect: every outstanding request is sent again, in order.
+    pub fn resend_all(&self) -> Vec<Req> {
+        self.outstanding.iter().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    #[test]
+    fn concurrent_faults_on_one_page_make_one_request() {
+        let mut p = Policy::new(100, 1, 16);
+        let a = p.on_fault(10, now(), |_| false, 90);
+        assert_eq!(
+            a,
+            Some(Action::Request(Req {
+                first: 10,
+                count: 1,
+                fault_pages: 1
+            }))
+        );
+        assert_eq!(p.on_fault(10, now(), |_| false, 90), None);
+        let (_, out) = p.on_reply(10, 1, |_| true).unwrap();
+        assert_eq!(out.satisfied.len(), 2);
+        assert!(out.rerequests.is_empty());
+        assert_eq!(p.on_fault(10, now(), |_| true, 90), Some(Action::Wake(10)));
+    }
+
+    #[test]
+    fn window_grows_on_sequential_faults_and_resets_on_random() {
+        let mut p = Policy::new(10_000, 1, 8);
+        let mut page = 0;
+        let mut windows = Vec::new();
+        for _ in 0..5 {
+            let Some(Action::Request(r)) = p.on_fault(page, now(), |_| false, 10_000 - page) else {
+                panic!()
+            };
+            windows.push(r.count);
+            p.on_reply(r.first, r.count, |_| true).unwrap();
+            page += u64::from(r.count);
+        }
+        assert_eq!(windows, vec![1, 2, 4, 8, 8]);
+        let Some(Action::Request(r)) = p.on_fault(5000, now(), |_| false, 5000) else {
+            panic!()
+        };
+        assert_eq!(r.count, 1);
+    }
+
+    #[test]
+    fn window_stops_at_present_in_flight_and_region_end() {
+        let mut p = Policy::new(100, 8, 8);
+        let Some(Action::Request(r)) = p.on_fault(10, now(), |x| x == 13, 90) else {
+            panic!()
+        };
+        assert_eq!(r.count, 3);
+        let Some(Action::Request(r)) = p.on_fault(97, now(), |_| false, 2) else {
+            panic!()
+        };
+        assert_eq!(r.count, 2);
+        // a fault inside an in-flight prefetch waits, no new request
+        assert_eq!(p.on_fault(11, now(), |_| false, 89), None);
+    }
+
+    #[test]
+    fn undelivered_waited_pages_are_requested_again() {
+        let mut p = Policy::new(100, 4, 4);
+        let Some(Action::Request(r)) = p.on_fault(0, now(), |_| false, 100) else {
+            panic!()
+        };
+        assert_eq!(r.count, 4);
+        assert_eq!(p.on_fault(2, now(), |_| false, 98), None);
+        // the server sent only page 0 (pages 1.. had gone out on the stream, not yet here)
+        let (_, out) = p.on_reply(0, 1, |x| x == 0).unwrap();
+        assert_eq!(out.satisfied.len(), 1);
+        assert_eq!(
+            out.rerequests,
+            vec![Req {
+                first: 2,
+                count: 1,
+                fault_pages: 1
+            }]
+        );
+        assert_eq!(p.outstanding(), 1);
+        // a reply that matches nothing is refused
+        assert!(p.on_reply(50, 1, |_| true).is_none());
+    }
+}

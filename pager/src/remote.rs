@@ -1,0 +1,702 @@
+//! The network source: session setup (control, urgent, bulk connections), the fault thread,
+//! the streamers, and the supervisor that completes, or reconnects after a loss.
+
+use std::io::{self, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use page_server::{Addr, Sock};
+use proto::handshake::{check, offer, Offer};
+use proto::{read_frame, BitmapKind, Channel, Header, Layout, Message, PageIndex, HEADER_LEN, MAX_PAYLOAD_BYTES};
+
+use crate::policy::{Action, Policy, Req};
+use crate::{HostMemory, Origin, Pager, PagerConfig, PagerError, PagerEvent, Shared};
+
+/// An eventfd that wakes the fault thread out of poll(2).
+#[derive(Debug)]
+pub(crate) struct Waker(OwnedFd);
+
+impl Waker {
+    pub(crate) fn new() -> io::Result<Waker> {
+        // SAFETY: eventfd takes flags only and returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        Ok(Waker(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+    pub(crate) fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writing 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+    pub(crate) fn drain(&self) {
+        let mut v = 0u64;
+        // SAFETY: reading 8 bytes into a live u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+    pub(crate) fn fd(&self) -> i32 {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Shuts down every connection of a pager (wakes threads blocked on them).
+pub(crate) fn shutdown_all(shared: &Shared) {
+    for s in shared.socks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+}
+
+struct Session {
+    control: Sock,
+    urgent: Sock,
+    bulks: Vec<Sock>,
+    layout: Layout,
+}
+
+fn proto_err(addr: &Addr, what: impl Into<String>) -> PagerError {
+    PagerError::Protocol {
+        addr: addr.to_string(),
+        what: what.into(),
+    }
+}
+
+/// Opens one channel: Hello, then Welcome (checked against our page size and layout).
+fn open_channel(
+    addr: &Addr,
+    config: &PagerConfig,
+    channel: Channel,
+    session: u64,
+    expected: &Layout,
+) -> Result<(Sock, u64, Layout), PagerError> {
+    let conn_err = |source| PagerError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let mut sock = Sock::connect(addr, channel != Channel::Bulk, config.connect_timeout).map_err(conn_err)?;
+    sock.set_read_timeout(Some(config.connect_timeout.max(Duration::from_secs(1))))
+        .map_err(conn_err)?;
+    sock.set_write_timeout(Some(Duration::from_secs(5))).map_err(conn_err)?;
+    sock.write_all(&proto::hello(channel, session, config.page_size, expected.clone()).to_vec())
+        .map_err(conn_err)?;
+    let mut buf = Vec::new();
+    let header = read_frame(&mut sock, &mut buf).map_err(|e| proto_err(addr, format!("reading Welcome: {e}")))?;
+    match Message::decode(&header, &buf, config.page_size) {
+        Ok(Message::Welcome(w)) => {
+            let theirs = Offer {
+                version: w.version,
+                page_size: w.page_size,
+                layout: &w.layout,
+            };
+            check(offer(config.page_size, expected), theirs).map_err(|source| PagerError::Handshake {
+                addr: addr.to_string(),
+                source,
+            })?;
+            if w.layout.regions.is_empty() {
+                return Err(proto_err(addr, "Welcome carries an empty layout"));
+            }
+            if session != 0 && w.session != session {
+                return Err(proto_err(addr, format!("Welcome for session {}, asked for {session}", w.session)));
+            }
+            sock.set_read_timeout(None).map_err(conn_err)?;
+            Ok((sock, w.session, w.layout))
+        }
+        Ok(Message::Error { code, reason }) => Err(PagerError::Refused {
+            addr: addr.to_string(),
+            code,
+            reason: reason.to_string(),
+        }),
+        Ok(m) => Err(proto_err(addr, format!("expected Welcome, got {:?}", m.kind()))),
+        Err(e) => Err(proto_err(addr, format!("bad Welcome: {e}"))),
+    }
+}
+
+fn connect_session(addr: &Addr, config: &PagerConfig, expected: &Layout) -> Result<Session, PagerError> {
+    let (control, id, layout) = open_channel(addr, config, Channel::Control, 0, expected)?;
+    let (urgent, _, _) = open_channel(addr, config, Channel::Urgent, id, &layout)?;
+    let mut bulks = Vec::new();
+    let n = if config.stream { config.bulk_connections.max(1) } else { 0 };
+    for _ in 0..n {
+        let (b, _, _) = open_channel(addr, config, Channel::Bulk, id, &layout)?;
+        b.set_buffers(4 << 20);
+        bulks.push(b);
+    }
+    debug!("session {id} with {addr}: control, urgent, {n} bulk connections");
+    Ok(Session {
+        control,
+        urgent,
+        bulks,
+        layout,
+    })
+}
+
+/// State of a remote pager shared by its threads.
+struct Remote {
+    shared: Arc<Shared>,
+    addr: Addr,
+    waker: Arc<Waker>,
+    /// A new urgent connection for the fault thread after a reconnect.
+    inbox: Mutex<Option<(Sock, u64)>>,
+    generation: AtomicU64,
+    lost: Mutex<Option<(u64, String)>>,
+    /// The layout of the first session; every reconnect must find the same.
+    layout: Layout,
+}
+
+impl Remote {
+    fn report_lost(&self, generation: u64, cause: String) {
+        let sh = &self.shared;
+        if sh.is_complete() || sh.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let mut l = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        if l.is_none() && generation == self.generation.load(Ordering::Acquire) {
+            *l = Some((generation, cause));
+        }
+        drop(l);
+        sh.notify();
+    }
+
+    fn register_socks(&self, s: &Session) {
+        let mut v = self.shared.socks.lock().unwrap_or_else(|p| p.into_inner());
+        for sock in std::iter::once(&s.control).chain(std::iter::once(&s.urgent)).chain(s.bulks.iter()) {
+            if let Ok(c) = sock.try_clone() {
+                v.push(c);
+            }
+        }
+    }
+
+    fn spawn_streamers(self: &Arc<Self>, bulks: Vec<Sock>, generation: u64) -> Result<Vec<std::thread::JoinHandle<()>>, PagerError> {
+        let mut v = Vec::new();
+        for (i, b) in bulks.into_iter().enumerate() {
+            let r = self.clone();
+            v.push(
+                std::thread::Builder::new()
+                    .name(format!("pager-stream{i}"))
+                    .spawn(move || stream_loop(r, b, generation))
+                    .map_err(PagerError::Spawn)?,
+            );
+        }
+        Ok(v)
+    }
+}
+
+pub(crate) fn start(addr: &Addr, adopt: Option<(HostMemory, Layout)>, config: PagerConfig) -> Result<Pager, PagerError> {
+    let expected = adopt.as_ref().map(|(_, l)| l.clone()).unwrap_or_default();
+    let mut session = connect_session(addr, &config, &expected)?;
+    let mem = match adopt {
+        Some((m, _)) => m,
+        None => HostMemory::map(&session.layout, config.page_size).map_err(|source| PagerError::Map {
+            len_bytes: session.layout.total_bytes(),
+            source,
+        })?,
+    };
+    let stream = config.stream;
+    let (shared, rx) = Pager::build(mem, config)?;
+    let waker = Arc::new(Waker::new().map_err(PagerError::Spawn)?);
+    let remote = Arc::new(Remote {
+        shared: shared.clone(),
+        addr: addr.clone(),
+        waker: waker.clone(),
+        inbox: Mutex::new(None),
+        generation: AtomicU64::new(1),
+        lost: Mutex::new(None),
+        layout: session.layout.clone(),
+    });
+    remote.register_socks(&session);
+    if stream {
+        session
+            .control
+            .write_all(&Message::Stream { enable: true }.to_vec())
+            .map_err(|source| PagerError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+    }
+    let mut threads = Vec::new();
+    let r = remote.clone();
+    let urgent = session.urgent;
+    threads.push(
+        std::thread::Builder::new()
+            .name("pager-fault".into())
+            .spawn(move || fault_loop(r, urgent, 1))
+            .map_err(PagerError::Spawn)?,
+    );
+    let bulks = std::mem::take(&mut session.bulks);
+    let streamers = remote.spawn_streamers(bulks, 1)?;
+    let r = remote.clone();
+    let control = session.control;
+    threads.push(
+        std::thread::Builder::new()
+            .name("pager-supervisor".into())
+            .spawn(move || supervise(r, control, streamers))
+            .map_err(PagerError::Spawn)?,
+    );
+    Ok(Pager {
+        shared,
+        threads,
+        waker: Some(waker),
+        events: Mutex::new(Some(rx)),
+    })
+}
+
+/// Receives into `buf[*filled..]` without blocking. Ok(false) on EOF.
+fn recv_nonblocking(sock: &Sock, buf: &mut [u8], filled: &mut usize) -> io::Result<bool> {
+    loop {
+        if *filled == buf.len() {
+            return Ok(true);
+        }
+        // SAFETY: receiving into the unfilled tail of a buffer we own.
+        let r = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                buf[*filled..].as_mut_ptr().cast(),
+                buf.len() - *filled,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if r > 0 {
+            *filled += r as usize;
+            continue;
+        }
+        if r == 0 {
+            return Ok(false);
+        }
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock => Ok(true),
+            io::ErrorKind::Interrupted => continue,
+            _ => Err(e),
+        };
+    }
+}
+
+struct FaultThread {
+    r: Arc<Remote>,
+    policy: Policy,
+    conn: Option<(Sock, u64)>,
+    rbuf: Vec<u8>,
+    filled: usize,
+    faults: Vec<u64>,
+    out: Vec<u8>,
+}
+
+impl FaultThread {
+    fn lose(&mut self, cause: String) {
+        if let Some((s, g)) = self.conn.take() {
+            let _ = s.shutdown(Shutdown::Both);
+            self.r.report_lost(g, cause);
+        }
+    }
+
+    fn send(&mut self, req: Req) {
+        self.r.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let Some((sock, _)) = self.conn.as_mut() else {
+            return; // resent after the reconnect
+        };
+        self.out.clear();
+        Message::Request(proto::Request {
+            first: PageIndex(req.first),
+            count: req.count,
+            fault_pages: req.fault_pages,
+        })
+        .encode(&mut self.out);
+        if let Err(e) = sock.write_all(&self.out) {
+            self.lose(format!("urgent connection: sending a request: {e}"));
+        }
+    }
+
+    /// Reads and handles every pending fault event. Returns whether there were any.
+    fn handle_faults(&mut self) -> bool {
+        let sh = self.r.shared.clone();
+        self.faults.clear();
+        loop {
+            match sh.uffd.read_faults(&mut self.faults) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    sh.fail(e.into());
+                    break;
+                }
+            }
+        }
+        let now = Instant::now();
+        let any = !self.faults.is_empty();
+        let faults = std::mem::take(&mut self.faults);
+        for &addr in &faults {
+            sh.stats.fault_events.fetch_add(1, Ordering::Relaxed);
+            let Some(page) = sh.mem.page_of(addr) else {
+                warn!("fault at {addr:#x} outside the region");
+                continue;
+            };
+            let left = sh.mem.host(page).map_or(1, |(_, l)| l);
+            match self.policy.on_fault(page.0, now, |p| sh.received.get(p), left) {
+                Some(Action::Request(req)) => self.send(req),
+                Some(Action::Wake(p)) => {
+                    if let Some((host, _)) = sh.mem.host(PageIndex(p)) {
+                        let _ = sh.uffd.wake(host, sh.mem.page_size());
+                    }
+                }
+                None => {}
+            }
+        }
+        self.faults = faults;
+        any
+    }
+
+    /// Reads whatever reply bytes are available and handles complete frames. Returns whether
+    /// a reply was handled.
+    fn handle_replies(&mut self) -> bool {
+        let Some((sock, _)) = self.conn.as_ref() else {
+            return false;
+        };
+        match recv_nonblocking(sock, &mut self.rbuf, &mut self.filled) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.lose("urgent connection closed by the source".into());
+                return false;
+            }
+            Err(e) => {
+                self.lose(format!("urgent connection: {e}"));
+                return false;
+            }
+        }
+        let sh = self.r.shared.clone();
+        let ps = sh.mem.page_size() as u32;
+        let mut used = 0;
+        let mut handled = false;
+        while self.filled - used >= HEADER_LEN {
+            let header = match Header::decode(&self.rbuf[used..self.filled]) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.lose(format!("urgent connection: bad frame: {e}"));
+                    return handled;
+                }
+            };
+            let end = used + HEADER_LEN + header.payload_len as usize;
+            if end > self.filled {
+                break;
+            }
+            let rbuf = std::mem::take(&mut self.rbuf);
+            let r = self.handle_frame(&header, &rbuf[used + HEADER_LEN..end], ps);
+            self.rbuf = rbuf;
+            if let Err(why) = r {
+                self.lose(why);
+                return handled;
+            }
+            handled = true;
+            used = end;
+        }
+        self.rbuf.copy_within(used..self.filled, 0);
+        self.filled -= used;
+        handled
+    }
+
+    fn handle_frame(&mut self, header: &Header, payload: &[u8], ps: u32) -> Result<(), String> {
+        let sh = self.r.shared.clone();
+        let pages = match Message::decode(header, payload, ps) {
+            Ok(Message::Pages(p)) => p,
+            Ok(Message::Error { code, reason }) => return Err(format!("source reported error {code}: {reason}")),
+            Ok(m) => return Err(format!("unexpected {:?} on the urgent connection", m.kind())),
+            Err(e) => return Err(format!("bad reply: {e}")),
+        };
+        let fault_end = self.front_fault_end(pages.first.0);
+        for run in pages.runs(ps) {
+            // split the run where the fault pages end and prefetch begins
+            let (a, b) = (run.first.0, run.first.0 + u64::from(run.count));
+            let cut = fault_end.clamp(a, b);
+            for (lo, hi, origin) in [(a, cut, Origin::Fault), (cut, b, Origin::Prefetch)] {
+                if lo >= hi {
+                    continue;
+                }
+                let data = run.data.map(|d| &d[((lo - a) * u64::from(ps)) as usize..((hi - a) * u64::from(ps)) as usize]);
+                if let Err(e) = sh.install(lo, hi - lo, data, origin) {
+                    sh.fail(e);
+                    return Err("install failed".into());
+                }
+            }
+        }
+        let Some((_, outcome)) = self.policy.on_reply(pages.first.0, pages.count, |p| sh.received.get(p)) else {
+            return Err(format!("reply for pages {}+{} matches no request", pages.first.0, pages.count));
+        };
+        for t in outcome.satisfied {
+            sh.fault_done(t);
+        }
+        for req in outcome.rerequests {
+            self.send(req);
+        }
+        Ok(())
+    }
+
+    fn front_fault_end(&self, first: u64) -> u64 {
+        // requests always ask for one fault page first (see Policy::on_fault)
+        first + 1
+    }
+}
+
+fn fault_loop(r: Arc<Remote>, urgent: Sock, generation: u64) {
+    let sh = r.shared.clone();
+    let total = sh.total_pages();
+    let cfg = sh.config.clone();
+    let mut t = FaultThread {
+        r: r.clone(),
+        policy: Policy::new(total, cfg.prefetch_min_pages, cfg.prefetch_max_pages),
+        conn: Some((urgent, generation)),
+        rbuf: vec![0u8; HEADER_LEN + MAX_PAYLOAD_BYTES as usize],
+        filled: 0,
+        faults: Vec::with_capacity(64),
+        out: Vec::with_capacity(64),
+    };
+    while !sh.stop.load(Ordering::Acquire) {
+        let mut fds = [
+            libc::pollfd {
+                fd: sh.uffd.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: r.waker.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: t.conn.as_ref().map_or(-1, |(s, _)| s.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: polling three pollfd structs we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, 1000) };
+        if n < 0 {
+            continue; // EINTR
+        }
+        if fds[1].revents != 0 {
+            r.waker.drain();
+            if let Some((s, g)) = r.inbox.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                t.conn = Some((s, g));
+                t.filled = 0;
+                for req in t.policy.resend_all() {
+                    t.send(req);
+                }
+            }
+        }
+        t.handle_faults();
+        t.handle_replies();
+        // a reply usually comes within tens of microseconds: spin for it rather than pay a
+        // sleep and a wake-up
+        if t.policy.outstanding() > 0 && t.conn.is_some() {
+            let until = Instant::now() + cfg.reply_spin;
+            while t.policy.outstanding() > 0 && t.conn.is_some() && Instant::now() < until {
+                if !t.handle_replies() {
+                    std::hint::spin_loop();
+                }
+                t.handle_faults();
+            }
+        }
+    }
+}
+
+/// Lowers this thread's priority a little: the fault thread must win the CPU.
+fn lower_priority(nice: i32) {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: setpriority on our own thread; failure leaves it unchanged.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
+}
+
+fn stream_loop(r: Arc<Remote>, mut sock: Sock, generation: u64) {
+    lower_priority(5);
+    let sh = r.shared.clone();
+    let ps = sh.mem.page_size() as u32;
+    let mut buf = Vec::with_capacity(HEADER_LEN + MAX_PAYLOAD_BYTES as usize);
+    loop {
+        let header = match read_frame(&mut sock, &mut buf) {
+            Ok(h) => h,
+            Err(e) => {
+                r.report_lost(generation, format!("bulk connection: {e}"));
+                return;
+            }
+        };
+        match Message::decode(&header, &buf, ps) {
+            Ok(Message::Pages(p)) => {
+                for run in p.runs(ps) {
+                    if let Err(e) = sh.install(run.first.0, u64::from(run.count), run.data, Origin::Stream) {
+                        sh.fail(e);
+                        return;
+                    }
+                }
+            }
+            Ok(Message::Error { code, reason }) => {
+                r.report_lost(generation, format!("source reported error {code}: {reason}"));
+                return;
+            }
+            Ok(m) => {
+                r.report_lost(generation, format!("unexpected {:?} on a bulk connection", m.kind()));
+                return;
+            }
+            Err(e) => {
+                r.report_lost(generation, format!("bulk connection: bad frame: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// Whether the control connection is still up (the server never sends on it unprompted).
+fn control_alive(s: &Sock) -> Result<(), String> {
+    let mut b = [0u8; 1];
+    // SAFETY: peeking one byte into a local buffer.
+    let r = unsafe { libc::recv(s.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_PEEK) };
+    if r == 0 {
+        return Err("control connection closed by the source".into());
+    }
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+            return Err(format!("control connection: {e}"));
+        }
+    }
+    Ok(())
+}
+
+fn supervise(r: Arc<Remote>, control: Sock, mut streamers: Vec<std::thread::JoinHandle<()>>) {
+    let sh = r.shared.clone();
+    let mut control = Some(control);
+    loop {
+        let (complete, failed) = sh.wait_outcome(Duration::from_millis(20));
+        if complete {
+            finish(&r, control.take());
+            break;
+        }
+        if failed || sh.stop.load(Ordering::Acquire) {
+            break;
+        }
+        if let Some(c) = &control {
+            if let Err(cause) = control_alive(c) {
+                r.report_lost(r.generation.load(Ordering::Acquire), cause);
+            }
+        }
+        let lost = r.lost.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some((generation, cause)) = lost else {
+            continue;
+        };
+        if generation != r.generation.load(Ordering::Acquire) {
+            continue;
+        }
+        warn!("source {} lost: {cause}; reconnecting for up to {:?}", r.addr, sh.config.reconnect_timeout);
+        sh.event(PagerEvent::SourceLost { cause: cause.clone() });
+        shutdown_all(&sh);
+        drop(control.take());
+        for t in streamers.drain(..) {
+            let _ = t.join();
+        }
+        match reconnect(&r) {
+            Ok((c, s)) => {
+                control = Some(c);
+                streamers = s;
+            }
+            Err(waited) => {
+                if !sh.stop.load(Ordering::Acquire) {
+                    sh.fail(PagerError::SourceLost {
+                        addr: r.addr.to_string(),
+                        cause,
+                        waited,
+                        missing: sh.total_pages() - sh.present_pages(),
+                    });
+                }
+                break;
+            }
+        }
+    }
+    shutdown_all(&sh);
+    r.waker.wake();
+    for t in streamers {
+        let _ = t.join();
+    }
+}
+
+/// Every page is present: stop faulting through uffd, tell the source, close everything.
+fn finish(r: &Remote, control: Option<Sock>) {
+    let sh = &r.shared;
+    sh.unregister();
+    if let Some(mut c) = control {
+        if let Err(e) = c.write_all(&Message::Done.to_vec()) {
+            debug!("sending Done: {e}");
+        }
+        let _ = c.shutdown(Shutdown::Both);
+    }
+    sh.stop.store(true, Ordering::Release);
+    shutdown_all(sh);
+    r.waker.wake();
+    info!("all {} pages present after {:?}; source released", sh.total_pages(), sh.started.elapsed());
+    sh.event(PagerEvent::Complete);
+}
+
+type Reconnected = (Sock, Vec<std::thread::JoinHandle<()>>);
+
+/// Reconnects with bounded exponential back-off. Err(time spent) when the timeout passes.
+fn reconnect(r: &Arc<Remote>) -> Result<Reconnected, Duration> {
+    let sh = &r.shared;
+    let start = Instant::now();
+    let deadline = start + sh.config.reconnect_timeout;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if sh.stop.load(Ordering::Acquire) {
+            return Err(start.elapsed());
+        }
+        match connect_session(&r.addr, &sh.config, &r.layout).and_then(|s| resume(r, s)) {
+            Ok(x) => return Ok(x),
+            Err(e) => {
+                debug!("reconnect to {}: {e}", r.addr);
+                if Instant::now() + backoff > deadline {
+                    return Err(start.elapsed());
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn resume(r: &Arc<Remote>, mut s: Session) -> Result<Reconnected, PagerError> {
+    let sh = &r.shared;
+    let addr_err = |source| PagerError::Connect {
+        addr: r.addr.to_string(),
+        source,
+    };
+    // tell the source what we have, so it sends only the rest
+    let bits = sh.received.to_bytes();
+    let chunk_bits: u64 = 1 << 25;
+    let mut first = 0u64;
+    while first < sh.total_pages() {
+        let count = chunk_bits.min(sh.total_pages() - first);
+        let lo = (first / 8) as usize;
+        let hi = lo + count.div_ceil(8) as usize;
+        let msg = Message::Bitmap(proto::Bitmap {
+            kind: BitmapKind::Received,
+            first: PageIndex(first),
+            count,
+            bits: &bits[lo..hi],
+        });
+        s.control.write_all(&msg.to_vec()).map_err(addr_err)?;
+        first += count;
+    }
+    if sh.config.stream {
+        s.control.write_all(&Message::Stream { enable: true }.to_vec()).map_err(addr_err)?;
+    }
+    let generation = r.generation.fetch_add(1, Ordering::AcqRel) + 1;
+    r.register_socks(&s);
+    let urgent = s.urgent.try_clone().map_err(addr_err)?;
+    *r.inbox.lock().unwrap_or_else(|p| p.into_inner()) = Some((urgent, generation));
+    r.waker.wake();
+    let streamers = r.spawn_streamers(std::mem::take(&mut s.bulks), generation)?;
+    let n = sh.stats.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
+    info!("reconnected to {} (reconnect #{n}); {} pages still missing", r.addr, sh.total_pages() - sh.present_pages());
+    sh.event(PagerEvent::Reconnected { count: n });
+    Ok((s.control, streamers))
+}
