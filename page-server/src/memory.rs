@@ -22,7 +22,9 @@ pub enum ImageError {
         source: std::io::Error,
     },
     /// The file's size is not a non-zero multiple of the page size.
-    #[error("memory image {path} is {len} bytes, not a non-zero multiple of the page size {page_size}")]
+    #[error(
+        "memory image {path} is {len} bytes, not a non-zero multiple of the page size {page_size}"
+    )]
     BadSize {
         /// The image.
         path: PathBuf,

@@ -46,11 +46,13 @@ impl MioSock {
     fn into_blocking(self) -> io::Result<Sock> {
         let s = match self {
             // SAFETY: we own the fd (into_raw_fd gives it up) and hand it to exactly one owner.
-            MioSock::Tcp(s) => Sock::Tcp(unsafe { std::net::TcpStream::from_raw_fd(s.into_raw_fd()) }),
+            MioSock::Tcp(s) => {
+                Sock::Tcp(unsafe { std::net::TcpStream::from_raw_fd(s.into_raw_fd()) })
+            }
             // SAFETY: as above.
-            MioSock::Unix(s) => Sock::Unix(unsafe {
-                std::os::unix::net::UnixStream::from_raw_fd(s.into_raw_fd())
-            }),
+            MioSock::Unix(s) => {
+                Sock::Unix(unsafe { std::os::unix::net::UnixStream::from_raw_fd(s.into_raw_fd()) })
+            }
         };
         s.set_nonblocking(false)?;
         Ok(s)
@@ -179,7 +181,13 @@ pub(crate) fn run(
                     match next {
                         Next::Keep => {
                             if let Err(e) = arm_writable(&poll, t, conn) {
-                                drop_conn(&poll, &mut conns, t, Some(format!("re-register: {e}")), &mut sessions);
+                                drop_conn(
+                                    &poll,
+                                    &mut conns,
+                                    t,
+                                    Some(format!("re-register: {e}")),
+                                    &mut sessions,
+                                );
                             }
                         }
                         Next::Drop(why) => drop_conn(&poll, &mut conns, t, why, &mut sessions),
@@ -203,20 +211,30 @@ pub(crate) fn run(
     Ok(())
 }
 
-fn accept_all(listener: &mut Listener, poll: &Poll, conns: &mut HashMap<Token, Conn>, next: &mut usize) {
+fn accept_all(
+    listener: &mut Listener,
+    poll: &Poll,
+    conns: &mut HashMap<Token, Conn>,
+    next: &mut usize,
+) {
     loop {
         let r = match listener {
             Listener::Tcp(l) => l.accept().map(|(s, a)| {
                 let _ = s.set_nodelay(true);
                 (MioSock::Tcp(s), a.to_string())
             }),
-            Listener::Unix(l) => l.accept().map(|(s, _)| (MioSock::Unix(s), "unix".to_string())),
+            Listener::Unix(l) => l
+                .accept()
+                .map(|(s, _)| (MioSock::Unix(s), "unix".to_string())),
         };
         match r {
             Ok((mut sock, peer)) => {
                 let t = Token(*next);
                 *next += 1;
-                if let Err(e) = poll.registry().register(sock.source(), t, Interest::READABLE) {
+                if let Err(e) = poll
+                    .registry()
+                    .register(sock.source(), t, Interest::READABLE)
+                {
                     warn!("client {peer}: cannot register: {e}");
                     continue;
                 }
@@ -308,7 +326,12 @@ fn flush(c: &mut Conn) -> io::Result<()> {
 }
 
 /// Reads what is available, handles whole frames, writes replies.
-fn service(core: &Core, c: &mut Conn, sessions: &mut HashMap<u64, Arc<Session>>, scratch: &mut [u8]) -> Next {
+fn service(
+    core: &Core,
+    c: &mut Conn,
+    sessions: &mut HashMap<u64, Arc<Session>>,
+    scratch: &mut [u8],
+) -> Next {
     if let Err(e) = flush(c) {
         return Next::Drop(Some(format!("write failed: {e}")));
     }
@@ -358,7 +381,11 @@ fn reply_error(c: &mut Conn, code: u16, reason: &str) {
 }
 
 /// Handles every whole frame in `rbuf`. Some(next) ends servicing the connection.
-fn handle_frames(core: &Core, c: &mut Conn, sessions: &mut HashMap<u64, Arc<Session>>) -> Option<Next> {
+fn handle_frames(
+    core: &Core,
+    c: &mut Conn,
+    sessions: &mut HashMap<u64, Arc<Session>>,
+) -> Option<Next> {
     let page_size = core.mem.page_size();
     let mut used = 0;
     let mut result = None;
@@ -446,7 +473,12 @@ fn welcome(core: &Core, session: u64) -> Vec<u8> {
     .to_vec()
 }
 
-fn classify(core: &Core, role: &Role, msg: Message<'_>, sessions: &mut HashMap<u64, Arc<Session>>) -> Action {
+fn classify(
+    core: &Core,
+    role: &Role,
+    msg: Message<'_>,
+    sessions: &mut HashMap<u64, Arc<Session>>,
+) -> Action {
     let total_pages = core.mem.layout().total_pages(core.mem.page_size());
     match (role, msg) {
         (Role::New, Message::Hello(h)) => {
@@ -475,12 +507,18 @@ fn classify(core: &Core, role: &Role, msg: Message<'_>, sessions: &mut HashMap<u
                 Action::BecomeBulk(s, w)
             }
         }
-        (Role::New, m) => Action::Fail(error_code::PROTOCOL, format!("expected Hello, got {:?}", m.kind())),
+        (Role::New, m) => Action::Fail(
+            error_code::PROTOCOL,
+            format!("expected Hello, got {:?}", m.kind()),
+        ),
         (Role::Urgent(s), Message::Request(r)) => {
             if r.first.0 >= total_pages || r.first.0 + u64::from(r.count) > total_pages {
                 return Action::Fail(
                     error_code::OUT_OF_RANGE,
-                    format!("request for pages {}+{} beyond the {total_pages} served", r.first.0, r.count),
+                    format!(
+                        "request for pages {}+{} beyond the {total_pages} served",
+                        r.first.0, r.count
+                    ),
                 );
             }
             Action::Serve(s.clone(), r.first.0, r.count, r.fault_pages)
@@ -495,37 +533,56 @@ fn classify(core: &Core, role: &Role, msg: Message<'_>, sessions: &mut HashMap<u
         }
         (Role::Control(_), Message::Done) => Action::Close,
         (Role::Control(_), Message::State { .. }) => Action::None,
-        (_, Message::Error { code, reason }) => Action::Fail(code, format!("client reported error {code}: {reason}")),
-        (Role::Control(_), m) | (Role::Urgent(_), m) => {
-            Action::Fail(error_code::PROTOCOL, format!("unexpected {:?} on this channel", m.kind()))
+        (_, Message::Error { code, reason }) => {
+            Action::Fail(code, format!("client reported error {code}: {reason}"))
         }
+        (Role::Control(_), m) | (Role::Urgent(_), m) => Action::Fail(
+            error_code::PROTOCOL,
+            format!("unexpected {:?} on this channel", m.kind()),
+        ),
     }
 }
 
-fn serve_request(core: &Core, out: &mut Vec<u8>, s: &Session, first: u64, count: u32, fault_pages: u32) {
+/// Answers one request with exactly one frame (the client matches replies to requests in
+/// order): the fault pages, then as many prefetch pages as had not been sent yet.
+fn serve_request(
+    core: &Core,
+    out: &mut Vec<u8>,
+    s: &Session,
+    first: u64,
+    count: u32,
+    fault_pages: u32,
+) {
     let (first, count) = s.claim_request(first, count, fault_pages);
     let map = PageMap::new(&*core.mem);
     let mut prefix = Vec::with_capacity(64);
     let mut segs = Vec::new();
-    let fault = fault_pages.max(1).min(count);
-    let mut done = 0u32;
-    while done < count {
-        let origin = if done < fault { Origin::Fault } else { Origin::Prefetch };
-        let want = if done < fault { fault - done } else { count - done };
-        let n = build_frame(&map, first + u64::from(done), want, origin, &mut prefix, &mut segs, &s.stats);
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&prefix);
-        for seg in &segs {
-            out.extend_from_slice(seg);
-        }
-        done += n;
+    let n = build_frame(
+        &map,
+        first,
+        count,
+        Origin::Fault,
+        &mut prefix,
+        &mut segs,
+        &s.stats,
+    );
+    if n == 0 {
+        return;
+    }
+    out.extend_from_slice(&prefix);
+    for seg in &segs {
+        out.extend_from_slice(seg);
     }
 }
 
 fn start_bulk(core: &Arc<Core>, c: Conn, session: Arc<Session>) {
-    let Conn { sock, peer, wbuf, wpos, .. } = c;
+    let Conn {
+        sock,
+        peer,
+        wbuf,
+        wpos,
+        ..
+    } = c;
     let mut sock = match sock.into_blocking() {
         Ok(s) => s,
         Err(e) => {

@@ -92,7 +92,12 @@ impl Session {
     pub(crate) fn close(&self) {
         self.flow.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
         self.cv.notify_all();
-        for s in self.bulk_socks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for s in self
+            .bulk_socks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let _ = s.shutdown(Shutdown::Both);
         }
     }

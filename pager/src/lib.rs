@@ -240,7 +240,12 @@ impl Shared {
     }
 
     pub(crate) fn event(&self, e: PagerEvent) {
-        if let Some(tx) = self.events.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(tx) = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             let _ = tx.send(e);
         }
     }
@@ -264,21 +269,33 @@ impl Shared {
 
     /// Installs `count` pages from `first` — from `data` (`count * page_size` bytes) or as zero
     /// pages — then marks them received. Runs crossing a region end are split.
-    pub(crate) fn install(&self, first: u64, count: u64, data: Option<&[u8]>, origin: Origin) -> Result<(), PagerError> {
+    pub(crate) fn install(
+        &self,
+        first: u64,
+        count: u64,
+        data: Option<&[u8]>,
+        origin: Origin,
+    ) -> Result<(), PagerError> {
         let ps = self.mem.page_size();
         let mut done = 0u64;
         while done < count {
             let Some((host, left)) = self.mem.host(PageIndex(first + done)) else {
                 return Err(PagerError::Protocol {
                     addr: String::new(),
-                    what: format!("page {} is outside the region of {} pages", first + done, self.total_pages()),
+                    what: format!(
+                        "page {} is outside the region of {} pages",
+                        first + done,
+                        self.total_pages()
+                    ),
                 });
             };
             let n = left.min(count - done);
             let src = data.map(|d| d[(done * ps) as usize..((done + n) * ps) as usize].as_ptr());
             // SAFETY: `src` points into `data`, which holds (done + n) * ps bytes or more.
             let r = unsafe { self.uffd.install(host, src, n * ps, ps) }?;
-            self.stats.duplicate_pages.fetch_add(r.existing_pages, Ordering::Relaxed);
+            self.stats
+                .duplicate_pages
+                .fetch_add(r.existing_pages, Ordering::Relaxed);
             done += n;
         }
         let (pages, bytes) = match origin {
@@ -328,7 +345,9 @@ impl Shared {
         let o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
         let (o, _) = self
             .cv
-            .wait_timeout_while(o, timeout, |o| o.complete.is_none() && o.failed.is_none() && !self.stop.load(Ordering::Acquire))
+            .wait_timeout_while(o, timeout, |o| {
+                o.complete.is_none() && o.failed.is_none() && !self.stop.load(Ordering::Acquire)
+            })
             .unwrap_or_else(|p| p.into_inner());
         (o.complete.is_some(), o.failed.is_some())
     }
@@ -357,7 +376,12 @@ impl Pager {
 
     /// Like [`Pager::connect`], paging memory the caller mapped; its layout must equal the
     /// server's (checked in the handshake).
-    pub fn connect_adopt(addr: &Addr, mem: HostMemory, layout: Layout, config: PagerConfig) -> Result<Pager, PagerError> {
+    pub fn connect_adopt(
+        addr: &Addr,
+        mem: HostMemory,
+        layout: Layout,
+        config: PagerConfig,
+    ) -> Result<Pager, PagerError> {
         remote::start(addr, Some((mem, layout)), config)
     }
 
@@ -367,7 +391,10 @@ impl Pager {
         local::start(image, config)
     }
 
-    fn build(mem: HostMemory, config: PagerConfig) -> Result<(Arc<Shared>, Receiver<PagerEvent>), PagerError> {
+    fn build(
+        mem: HostMemory,
+        config: PagerConfig,
+    ) -> Result<(Arc<Shared>, Receiver<PagerEvent>), PagerError> {
         let uffd = Uffd::new()?;
         let shared = Arc::new(Shared::new(mem, uffd, config));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -408,8 +435,15 @@ impl Pager {
 
     /// The figures so far.
     pub fn report(&self) -> Report {
-        let complete = self.shared.outcome.lock().unwrap_or_else(|p| p.into_inner()).complete;
-        self.shared.stats.report(self.total_pages(), self.present_pages(), complete)
+        let complete = self
+            .shared
+            .outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .complete;
+        self.shared
+            .stats
+            .report(self.total_pages(), self.present_pages(), complete)
     }
 
     /// Waits up to `timeout` for the outcome: `Some(Ok(report))` once every page is present
@@ -422,7 +456,13 @@ impl Pager {
             return Some(Ok(self.report()));
         }
         if failed {
-            let e = self.shared.outcome.lock().unwrap_or_else(|p| p.into_inner()).failed.take();
+            let e = self
+                .shared
+                .outcome
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .failed
+                .take();
             return e.map(Err);
         }
         None

@@ -42,7 +42,10 @@ impl Image {
         let f = File::open(path).map_err(|e| err("cannot open", Some(e)))?;
         let len = f.metadata().map_err(|e| err("cannot stat", Some(e)))?.len();
         if len == 0 || len % u64::from(page_size) != 0 {
-            return Err(err(&format!("size {len} is not a non-zero multiple of the page size {page_size}"), None));
+            return Err(err(
+                &format!("size {len} is not a non-zero multiple of the page size {page_size}"),
+                None,
+            ));
         }
         // SAFETY: a fresh private read-only mapping of our file; MAP_POPULATE fills the page
         // tables so faults copy without taking a second fault on the source side.
@@ -67,7 +70,9 @@ impl Image {
 
     fn pages(&self, first: u64, count: u64, ps: u64) -> &[u8] {
         // SAFETY: callers stay within the mapping (checked against total pages).
-        unsafe { std::slice::from_raw_parts(self.ptr.add((first * ps) as usize), (count * ps) as usize) }
+        unsafe {
+            std::slice::from_raw_parts(self.ptr.add((first * ps) as usize), (count * ps) as usize)
+        }
     }
 }
 
@@ -78,7 +83,13 @@ fn is_zero(page: &[u8]) -> bool {
 }
 
 /// Installs `count` pages from the image, zero pages as zero pages, in maximal runs.
-fn install_from(sh: &Shared, img: &Image, first: u64, count: u64, origin: impl Fn(u64) -> Origin) -> Result<(), PagerError> {
+fn install_from(
+    sh: &Shared,
+    img: &Image,
+    first: u64,
+    count: u64,
+    origin: impl Fn(u64) -> Origin,
+) -> Result<(), PagerError> {
     let ps = sh.mem.page_size();
     let mut i = 0;
     while i < count {
@@ -153,7 +164,11 @@ pub(crate) fn start(path: &Path, config: PagerConfig) -> Result<Pager, PagerErro
 
 fn fault_loop(sh: Arc<Shared>, img: Arc<Image>, waker: Arc<Waker>) {
     let cfg = sh.config.clone();
-    let mut policy = Policy::new(sh.total_pages(), cfg.prefetch_min_pages, cfg.prefetch_max_pages);
+    let mut policy = Policy::new(
+        sh.total_pages(),
+        cfg.prefetch_min_pages,
+        cfg.prefetch_max_pages,
+    );
     let mut faults = Vec::with_capacity(64);
     while !sh.stop.load(Ordering::Acquire) {
         let mut fds = [
@@ -183,18 +198,29 @@ fn fault_loop(sh: Arc<Shared>, img: Arc<Image>, waker: Arc<Waker>) {
         for &addr in &faults {
             let now = Instant::now();
             sh.stats.fault_events.fetch_add(1, Ordering::Relaxed);
-            let Some(page) = sh.mem.page_of(addr) else { continue };
+            let Some(page) = sh.mem.page_of(addr) else {
+                continue;
+            };
             let left = sh.mem.host(page).map_or(1, |(_, l)| l);
             match policy.on_fault(page.0, now, |p| sh.received.get(p), left) {
                 Some(Action::Request(req)) => {
                     sh.stats.requests.fetch_add(1, Ordering::Relaxed);
                     let fault_end = req.first + u64::from(req.fault_pages);
-                    let origin = |p: u64| if p < fault_end { Origin::Fault } else { Origin::Prefetch };
-                    if let Err(e) = install_from(&sh, &img, req.first, u64::from(req.count), origin) {
+                    let origin = |p: u64| {
+                        if p < fault_end {
+                            Origin::Fault
+                        } else {
+                            Origin::Prefetch
+                        }
+                    };
+                    if let Err(e) = install_from(&sh, &img, req.first, u64::from(req.count), origin)
+                    {
                         sh.fail(e);
                         return;
                     }
-                    if let Some((_, out)) = policy.on_reply(req.first, req.count, |p| sh.received.get(p)) {
+                    if let Some((_, out)) =
+                        policy.on_reply(req.first, req.count, |p| sh.received.get(p))
+                    {
                         for t in out.satisfied {
                             sh.fault_done(t);
                         }
@@ -217,7 +243,9 @@ fn stream_loop(sh: Arc<Shared>, img: Arc<Image>) {
     let mut p = 0;
     while p < total && !sh.stop.load(Ordering::Acquire) {
         // skip what faults already brought in
-        let Some(start) = sh.received.next_clear(p) else { break };
+        let Some(start) = sh.received.next_clear(p) else {
+            break;
+        };
         let mut end = start + 1;
         while end < total && end - start < CHUNK && !sh.received.get(end) {
             end += 1;

@@ -68,6 +68,11 @@ impl Policy {
         self.window
     }
 
+    /// The oldest request not yet answered.
+    pub fn front(&self) -> Option<Req> {
+        self.outstanding.front().copied()
+    }
+
     /// Requests sent and not yet answered.
     pub fn outstanding(&self) -> usize {
         self.outstanding.len()

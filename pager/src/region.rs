@@ -44,7 +44,8 @@ impl HostMemory {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let base =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
         // no transparent huge pages: uffd MISSING works on 4 KiB pages here
         // SAFETY: advising our own fresh mapping.
         unsafe { libc::madvise(p, total, libc::MADV_NOHUGEPAGE) };

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use page_server::{Addr, Sock};
 use proto::handshake::{check, offer, Offer};
-use proto::{read_frame, BitmapKind, Channel, Header, Layout, Message, PageIndex, HEADER_LEN, MAX_PAYLOAD_BYTES};
+use proto::{
+    read_frame, BitmapKind, Channel, Header, Layout, Message, PageIndex, HEADER_LEN,
+    MAX_PAYLOAD_BYTES,
+};
 
 use crate::policy::{Action, Policy, Req};
 use crate::{HostMemory, Origin, Pager, PagerConfig, PagerError, PagerEvent, Shared};
@@ -47,7 +50,12 @@ impl Waker {
 
 /// Shuts down every connection of a pager (wakes threads blocked on them).
 pub(crate) fn shutdown_all(shared: &Shared) {
-    for s in shared.socks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+    for s in shared
+        .socks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+    {
         let _ = s.shutdown(Shutdown::Both);
     }
 }
@@ -78,14 +86,17 @@ fn open_channel(
         addr: addr.to_string(),
         source,
     };
-    let mut sock = Sock::connect(addr, channel != Channel::Bulk, config.connect_timeout).map_err(conn_err)?;
+    let mut sock =
+        Sock::connect(addr, channel != Channel::Bulk, config.connect_timeout).map_err(conn_err)?;
     sock.set_read_timeout(Some(config.connect_timeout.max(Duration::from_secs(1))))
         .map_err(conn_err)?;
-    sock.set_write_timeout(Some(Duration::from_secs(5))).map_err(conn_err)?;
+    sock.set_write_timeout(Some(Duration::from_secs(5)))
+        .map_err(conn_err)?;
     sock.write_all(&proto::hello(channel, session, config.page_size, expected.clone()).to_vec())
         .map_err(conn_err)?;
     let mut buf = Vec::new();
-    let header = read_frame(&mut sock, &mut buf).map_err(|e| proto_err(addr, format!("reading Welcome: {e}")))?;
+    let header = read_frame(&mut sock, &mut buf)
+        .map_err(|e| proto_err(addr, format!("reading Welcome: {e}")))?;
     match Message::decode(&header, &buf, config.page_size) {
         Ok(Message::Welcome(w)) => {
             let theirs = Offer {
@@ -93,15 +104,20 @@ fn open_channel(
                 page_size: w.page_size,
                 layout: &w.layout,
             };
-            check(offer(config.page_size, expected), theirs).map_err(|source| PagerError::Handshake {
-                addr: addr.to_string(),
-                source,
+            check(offer(config.page_size, expected), theirs).map_err(|source| {
+                PagerError::Handshake {
+                    addr: addr.to_string(),
+                    source,
+                }
             })?;
             if w.layout.regions.is_empty() {
                 return Err(proto_err(addr, "Welcome carries an empty layout"));
             }
             if session != 0 && w.session != session {
-                return Err(proto_err(addr, format!("Welcome for session {}, asked for {session}", w.session)));
+                return Err(proto_err(
+                    addr,
+                    format!("Welcome for session {}, asked for {session}", w.session),
+                ));
             }
             sock.set_read_timeout(None).map_err(conn_err)?;
             Ok((sock, w.session, w.layout))
@@ -111,16 +127,27 @@ fn open_channel(
             code,
             reason: reason.to_string(),
         }),
-        Ok(m) => Err(proto_err(addr, format!("expected Welcome, got {:?}", m.kind()))),
+        Ok(m) => Err(proto_err(
+            addr,
+            format!("expected Welcome, got {:?}", m.kind()),
+        )),
         Err(e) => Err(proto_err(addr, format!("bad Welcome: {e}"))),
     }
 }
 
-fn connect_session(addr: &Addr, config: &PagerConfig, expected: &Layout) -> Result<Session, PagerError> {
+fn connect_session(
+    addr: &Addr,
+    config: &PagerConfig,
+    expected: &Layout,
+) -> Result<Session, PagerError> {
     let (control, id, layout) = open_channel(addr, config, Channel::Control, 0, expected)?;
     let (urgent, _, _) = open_channel(addr, config, Channel::Urgent, id, &layout)?;
     let mut bulks = Vec::new();
-    let n = if config.stream { config.bulk_connections.max(1) } else { 0 };
+    let n = if config.stream {
+        config.bulk_connections.max(1)
+    } else {
+        0
+    };
     for _ in 0..n {
         let (b, _, _) = open_channel(addr, config, Channel::Bulk, id, &layout)?;
         b.set_buffers(4 << 20);
@@ -164,14 +191,21 @@ impl Remote {
 
     fn register_socks(&self, s: &Session) {
         let mut v = self.shared.socks.lock().unwrap_or_else(|p| p.into_inner());
-        for sock in std::iter::once(&s.control).chain(std::iter::once(&s.urgent)).chain(s.bulks.iter()) {
+        for sock in std::iter::once(&s.control)
+            .chain(std::iter::once(&s.urgent))
+            .chain(s.bulks.iter())
+        {
             if let Ok(c) = sock.try_clone() {
                 v.push(c);
             }
         }
     }
 
-    fn spawn_streamers(self: &Arc<Self>, bulks: Vec<Sock>, generation: u64) -> Result<Vec<std::thread::JoinHandle<()>>, PagerError> {
+    fn spawn_streamers(
+        self: &Arc<Self>,
+        bulks: Vec<Sock>,
+        generation: u64,
+    ) -> Result<Vec<std::thread::JoinHandle<()>>, PagerError> {
         let mut v = Vec::new();
         for (i, b) in bulks.into_iter().enumerate() {
             let r = self.clone();
@@ -186,14 +220,20 @@ impl Remote {
     }
 }
 
-pub(crate) fn start(addr: &Addr, adopt: Option<(HostMemory, Layout)>, config: PagerConfig) -> Result<Pager, PagerError> {
+pub(crate) fn start(
+    addr: &Addr,
+    adopt: Option<(HostMemory, Layout)>,
+    config: PagerConfig,
+) -> Result<Pager, PagerError> {
     let expected = adopt.as_ref().map(|(_, l)| l.clone()).unwrap_or_default();
     let mut session = connect_session(addr, &config, &expected)?;
     let mem = match adopt {
         Some((m, _)) => m,
-        None => HostMemory::map(&session.layout, config.page_size).map_err(|source| PagerError::Map {
-            len_bytes: session.layout.total_bytes(),
-            source,
+        None => HostMemory::map(&session.layout, config.page_size).map_err(|source| {
+            PagerError::Map {
+                len_bytes: session.layout.total_bytes(),
+                source,
+            }
         })?,
     };
     let stream = config.stream;
@@ -335,7 +375,10 @@ impl FaultThread {
                 continue;
             };
             let left = sh.mem.host(page).map_or(1, |(_, l)| l);
-            match self.policy.on_fault(page.0, now, |p| sh.received.get(p), left) {
+            match self
+                .policy
+                .on_fault(page.0, now, |p| sh.received.get(p), left)
+            {
                 Some(Action::Request(req)) => self.send(req),
                 Some(Action::Wake(p)) => {
                     if let Some((host, _)) = sh.mem.host(PageIndex(p)) {
@@ -401,11 +444,21 @@ impl FaultThread {
         let sh = self.r.shared.clone();
         let pages = match Message::decode(header, payload, ps) {
             Ok(Message::Pages(p)) => p,
-            Ok(Message::Error { code, reason }) => return Err(format!("source reported error {code}: {reason}")),
-            Ok(m) => return Err(format!("unexpected {:?} on the urgent connection", m.kind())),
+            Ok(Message::Error { code, reason }) => {
+                return Err(format!("source reported error {code}: {reason}"))
+            }
+            Ok(m) => {
+                return Err(format!(
+                    "unexpected {:?} on the urgent connection",
+                    m.kind()
+                ))
+            }
             Err(e) => return Err(format!("bad reply: {e}")),
         };
-        let fault_end = self.front_fault_end(pages.first.0);
+        let fault_end = self
+            .policy
+            .front()
+            .map_or(pages.first.0, |r| r.first + u64::from(r.fault_pages));
         for run in pages.runs(ps) {
             // split the run where the fault pages end and prefetch begins
             let (a, b) = (run.first.0, run.first.0 + u64::from(run.count));
@@ -414,15 +467,23 @@ impl FaultThread {
                 if lo >= hi {
                     continue;
                 }
-                let data = run.data.map(|d| &d[((lo - a) * u64::from(ps)) as usize..((hi - a) * u64::from(ps)) as usize]);
+                let data = run.data.map(|d| {
+                    &d[((lo - a) * u64::from(ps)) as usize..((hi - a) * u64::from(ps)) as usize]
+                });
                 if let Err(e) = sh.install(lo, hi - lo, data, origin) {
                     sh.fail(e);
                     return Err("install failed".into());
                 }
             }
         }
-        let Some((_, outcome)) = self.policy.on_reply(pages.first.0, pages.count, |p| sh.received.get(p)) else {
-            return Err(format!("reply for pages {}+{} matches no request", pages.first.0, pages.count));
+        let Some((_, outcome)) = self
+            .policy
+            .on_reply(pages.first.0, pages.count, |p| sh.received.get(p))
+        else {
+            return Err(format!(
+                "reply for pages {}+{} matches no request",
+                pages.first.0, pages.count
+            ));
         };
         for t in outcome.satisfied {
             sh.fault_done(t);
@@ -431,11 +492,6 @@ impl FaultThread {
             self.send(req);
         }
         Ok(())
-    }
-
-    fn front_fault_end(&self, first: u64) -> u64 {
-        // requests always ask for one fault page first (see Policy::on_fault)
-        first + 1
     }
 }
 
@@ -525,18 +581,26 @@ fn stream_loop(r: Arc<Remote>, mut sock: Sock, generation: u64) {
         match Message::decode(&header, &buf, ps) {
             Ok(Message::Pages(p)) => {
                 for run in p.runs(ps) {
-                    if let Err(e) = sh.install(run.first.0, u64::from(run.count), run.data, Origin::Stream) {
+                    if let Err(e) =
+                        sh.install(run.first.0, u64::from(run.count), run.data, Origin::Stream)
+                    {
                         sh.fail(e);
                         return;
                     }
                 }
             }
             Ok(Message::Error { code, reason }) => {
-                r.report_lost(generation, format!("source reported error {code}: {reason}"));
+                r.report_lost(
+                    generation,
+                    format!("source reported error {code}: {reason}"),
+                );
                 return;
             }
             Ok(m) => {
-                r.report_lost(generation, format!("unexpected {:?} on a bulk connection", m.kind()));
+                r.report_lost(
+                    generation,
+                    format!("unexpected {:?} on a bulk connection", m.kind()),
+                );
                 return;
             }
             Err(e) => {
@@ -551,7 +615,14 @@ fn stream_loop(r: Arc<Remote>, mut sock: Sock, generation: u64) {
 fn control_alive(s: &Sock) -> Result<(), String> {
     let mut b = [0u8; 1];
     // SAFETY: peeking one byte into a local buffer.
-    let r = unsafe { libc::recv(s.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_PEEK) };
+    let r = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_PEEK,
+        )
+    };
     if r == 0 {
         return Err("control connection closed by the source".into());
     }
@@ -588,8 +659,13 @@ fn supervise(r: Arc<Remote>, control: Sock, mut streamers: Vec<std::thread::Join
         if generation != r.generation.load(Ordering::Acquire) {
             continue;
         }
-        warn!("source {} lost: {cause}; reconnecting for up to {:?}", r.addr, sh.config.reconnect_timeout);
-        sh.event(PagerEvent::SourceLost { cause: cause.clone() });
+        warn!(
+            "source {} lost: {cause}; reconnecting for up to {:?}",
+            r.addr, sh.config.reconnect_timeout
+        );
+        sh.event(PagerEvent::SourceLost {
+            cause: cause.clone(),
+        });
         shutdown_all(&sh);
         drop(control.take());
         for t in streamers.drain(..) {
@@ -633,7 +709,11 @@ fn finish(r: &Remote, control: Option<Sock>) {
     sh.stop.store(true, Ordering::Release);
     shutdown_all(sh);
     r.waker.wake();
-    info!("all {} pages present after {:?}; source released", sh.total_pages(), sh.started.elapsed());
+    info!(
+        "all {} pages present after {:?}; source released",
+        sh.total_pages(),
+        sh.started.elapsed()
+    );
     sh.event(PagerEvent::Complete);
 }
 
@@ -687,7 +767,9 @@ fn resume(r: &Arc<Remote>, mut s: Session) -> Result<Reconnected, PagerError> {
         first += count;
     }
     if sh.config.stream {
-        s.control.write_all(&Message::Stream { enable: true }.to_vec()).map_err(addr_err)?;
+        s.control
+            .write_all(&Message::Stream { enable: true }.to_vec())
+            .map_err(addr_err)?;
     }
     let generation = r.generation.fetch_add(1, Ordering::AcqRel) + 1;
     r.register_socks(&s);
@@ -696,7 +778,11 @@ fn resume(r: &Arc<Remote>, mut s: Session) -> Result<Reconnected, PagerError> {
     r.waker.wake();
     let streamers = r.spawn_streamers(std::mem::take(&mut s.bulks), generation)?;
     let n = sh.stats.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
-    info!("reconnected to {} (reconnect #{n}); {} pages still missing", r.addr, sh.total_pages() - sh.present_pages());
+    info!(
+        "reconnected to {} (reconnect #{n}); {} pages still missing",
+        r.addr,
+        sh.total_pages() - sh.present_pages()
+    );
     sh.event(PagerEvent::Reconnected { count: n });
     Ok((s.control, streamers))
 }

@@ -122,7 +122,11 @@ impl Histogram {
             p99_us: us(self.quantile(0.99)),
             p999_us: us(self.quantile(0.999)),
             max_us: us(self.max()),
-            mean_us: if self.count() == 0 { 0.0 } else { us(self.sum()) / self.count() as f64 },
+            mean_us: if self.count() == 0 {
+                0.0
+            } else {
+                us(self.sum()) / self.count() as f64
+            },
         }
     }
 }
@@ -216,7 +220,12 @@ pub struct Report {
 
 impl Stats {
     /// Snapshot into a report.
-    pub fn report(&self, total_pages: u64, present_pages: u64, complete: Option<Duration>) -> Report {
+    pub fn report(
+        &self,
+        total_pages: u64,
+        present_pages: u64,
+        complete: Option<Duration>,
+    ) -> Report {
         let l = |a: &AtomicU64| a.load(Relaxed);
         Report {
             total_pages,
@@ -243,7 +252,11 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let l = &self.fault_latency;
-        writeln!(f, "  pages present        {} / {}", self.present_pages, self.total_pages)?;
+        writeln!(
+            f,
+            "  pages present        {} / {}",
+            self.present_pages, self.total_pages
+        )?;
         match self.time_to_complete_ms {
             Some(ms) => writeln!(f, "  time to complete     {ms:.1} ms")?,
             None => writeln!(f, "  time to complete     (not complete)")?,
@@ -253,9 +266,27 @@ impl fmt::Display for Report {
             "  fault latency (us)   p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  ({} faults)",
             l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us, l.count
         )?;
-        writeln!(f, "  blocked time         {:.1} ms over {} fault events, {} requests", self.blocked_ms, self.fault_events, self.requests)?;
-        writeln!(f, "  pages by origin      fault {}  prefetch {}  stream {}  (zero {}, duplicate {})", self.fault_pages, self.prefetch_pages, self.stream_pages, self.zero_pages, self.duplicate_pages)?;
-        writeln!(f, "  MiB by origin        fault {:.1}  prefetch {:.1}  stream {:.1}", mib(self.fault_bytes), mib(self.prefetch_bytes), mib(self.stream_bytes))?;
+        writeln!(
+            f,
+            "  blocked time         {:.1} ms over {} fault events, {} requests",
+            self.blocked_ms, self.fault_events, self.requests
+        )?;
+        writeln!(
+            f,
+            "  pages by origin      fault {}  prefetch {}  stream {}  (zero {}, duplicate {})",
+            self.fault_pages,
+            self.prefetch_pages,
+            self.stream_pages,
+            self.zero_pages,
+            self.duplicate_pages
+        )?;
+        writeln!(
+            f,
+            "  MiB by origin        fault {:.1}  prefetch {:.1}  stream {:.1}",
+            mib(self.fault_bytes),
+            mib(self.prefetch_bytes),
+            mib(self.stream_bytes)
+        )?;
         write!(f, "  reconnects           {}", self.reconnects)
     }
 }

@@ -194,7 +194,13 @@ impl Uffd {
         self.fd.as_raw_fd()
     }
 
-    fn range_ioctl(&self, op: &'static str, req: u64, addr: u64, len: u64) -> Result<(), UffdError> {
+    fn range_ioctl(
+        &self,
+        op: &'static str,
+        req: u64,
+        addr: u64,
+        len: u64,
+    ) -> Result<(), UffdError> {
         let mut range = UffdioRange { start: addr, len };
         // SAFETY: the request takes a uffdio_range that lives across the call; the kernel
         // validates the range itself.
@@ -242,7 +248,13 @@ impl Uffd {
 
     /// One UFFDIO_COPY (`src` = Some) or UFFDIO_ZEROPAGE (`src` = None) call. Returns bytes
     /// done and the errno, if any (the kernel may do part of a range, then fail).
-    fn raw_install(&self, dst: u64, src: Option<*const u8>, len: u64, wake: bool) -> (u64, Option<i32>) {
+    fn raw_install(
+        &self,
+        dst: u64,
+        src: Option<*const u8>,
+        len: u64,
+        wake: bool,
+    ) -> (u64, Option<i32>) {
         let mode = if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE };
         let (r, done) = match src {
             Some(src) => {
@@ -272,7 +284,9 @@ impl Uffd {
         if r >= 0 {
             return (len, None);
         }
-        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+        let errno = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
         // `done` is bytes copied before the failure, or a negative errno: never a count then.
         (u64::try_from(done).unwrap_or(0).min(len), Some(errno))
     }
@@ -310,7 +324,11 @@ impl Uffd {
                 }
                 Some(e) => {
                     return Err(UffdError::Range {
-                        op: if src.is_some() { "UFFDIO_COPY" } else { "UFFDIO_ZEROPAGE" },
+                        op: if src.is_some() {
+                            "UFFDIO_COPY"
+                        } else {
+                            "UFFDIO_ZEROPAGE"
+                        },
                         addr: dst + off,
                         len: len - off,
                         source: io::Error::from_raw_os_error(e),
@@ -330,7 +348,13 @@ impl Uffd {
         const N: usize = 64;
         let mut msgs = [[0u8; 32]; N];
         // SAFETY: reading into a buffer of N 32-byte uffd_msg slots we own.
-        let r = unsafe { libc::read(self.fd.as_raw_fd(), msgs.as_mut_ptr().cast(), std::mem::size_of_val(&msgs)) };
+        let r = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr().cast(),
+                std::mem::size_of_val(&msgs),
+            )
+        };
         if r < 0 {
             let e = io::Error::last_os_error();
             return match e.kind() {

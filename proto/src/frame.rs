@@ -141,7 +141,11 @@ pub enum ReadError {
     Io(#[source] io::Error),
 }
 
-fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8], at_boundary: bool) -> Result<(), ReadError> {
+fn read_full<R: Read + ?Sized>(
+    r: &mut R,
+    buf: &mut [u8],
+    at_boundary: bool,
+) -> Result<(), ReadError> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {

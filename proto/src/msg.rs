@@ -642,7 +642,11 @@ impl<'a> Pages<'a> {
             Some(Run {
                 first: PageIndex(self.first.0 + u64::from(start)),
                 count: n,
-                data: if zero { None } else { Some(data.unwrap_or(&[])) },
+                data: if zero {
+                    None
+                } else {
+                    Some(data.unwrap_or(&[]))
+                },
             })
         })
     }

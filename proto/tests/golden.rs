@@ -10,8 +10,14 @@ fn hex(b: &[u8]) -> String {
 fn fixtures() -> Vec<(&'static str, Vec<u8>)> {
     let layout = Layout {
         regions: vec![
-            Region { gpa_start: GuestPhysAddr(0), len_bytes: 0x1000 },
-            Region { gpa_start: GuestPhysAddr(0x1_0000_0000), len_bytes: 0x2000 },
+            Region {
+                gpa_start: GuestPhysAddr(0),
+                len_bytes: 0x1000,
+            },
+            Region {
+                gpa_start: GuestPhysAddr(0x1_0000_0000),
+                len_bytes: 0x2000,
+            },
         ],
     };
     let mut page = vec![0u8; 4096];
@@ -19,22 +25,65 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>)> {
     page[4095] = 0xcd;
     let mask = [0b0000_0010u8];
     vec![
-        ("hello", hello(Channel::Urgent, 0x1122334455667788, 4096, layout.clone()).to_vec()),
-        ("welcome", Message::Welcome(Welcome { version: 1, session: 42, page_size: 4096, layout }).to_vec()),
-        ("request", Message::Request(Request { first: PageIndex(0x1234), count: 3, fault_pages: 1 }).to_vec()),
+        (
+            "hello",
+            hello(Channel::Urgent, 0x1122334455667788, 4096, layout.clone()).to_vec(),
+        ),
+        (
+            "welcome",
+            Message::Welcome(Welcome {
+                version: 1,
+                session: 42,
+                page_size: 4096,
+                layout,
+            })
+            .to_vec(),
+        ),
+        (
+            "request",
+            Message::Request(Request {
+                first: PageIndex(0x1234),
+                count: 3,
+                fault_pages: 1,
+            })
+            .to_vec(),
+        ),
         // two pages: page 0 carries data, page 1 is zero
         ("pages", {
-            let v = Message::Pages(Pages { first: PageIndex(7), count: 2, origin: Origin::Fault, zero_mask: &mask, data: &page }).to_vec();
+            let v = Message::Pages(Pages {
+                first: PageIndex(7),
+                count: 2,
+                origin: Origin::Fault,
+                zero_mask: &mask,
+                data: &page,
+            })
+            .to_vec();
             // only the prefix and the two marker bytes: the fixture stays short
             let mut short = v[..37].to_vec();
             short.extend_from_slice(&v[v.len() - 1..]);
             short
         }),
-        ("bitmap", Message::Bitmap(Bitmap { kind: BitmapKind::Received, first: PageIndex(8), count: 16, bits: &[0xff, 0x01] }).to_vec()),
+        (
+            "bitmap",
+            Message::Bitmap(Bitmap {
+                kind: BitmapKind::Received,
+                first: PageIndex(8),
+                count: 16,
+                bits: &[0xff, 0x01],
+            })
+            .to_vec(),
+        ),
         ("state", Message::State { blob: b"vcpu" }.to_vec()),
         ("stream", Message::Stream { enable: true }.to_vec()),
         ("done", Message::Done.to_vec()),
-        ("error", Message::Error { code: error_code::HANDSHAKE, reason: "bad" }.to_vec()),
+        (
+            "error",
+            Message::Error {
+                code: error_code::HANDSHAKE,
+                reason: "bad",
+            }
+            .to_vec(),
+        ),
     ]
 }
 
@@ -60,7 +109,11 @@ fn wire_bytes_are_unchanged() {
             _ => failures.push(format!("    (\"{name}\", \"{got}\"),")),
         }
     }
-    assert!(failures.is_empty(), "wire bytes changed:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "wire bytes changed:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]

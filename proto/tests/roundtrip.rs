@@ -19,7 +19,11 @@ fn layout() -> impl Strategy<Value = Layout> {
 }
 
 fn channel() -> impl Strategy<Value = Channel> {
-    prop_oneof![Just(Channel::Control), Just(Channel::Urgent), Just(Channel::Bulk)]
+    prop_oneof![
+        Just(Channel::Control),
+        Just(Channel::Urgent),
+        Just(Channel::Bulk)
+    ]
 }
 
 fn check(msg: &Message<'_>) {
@@ -122,31 +126,73 @@ proptest! {
 #[test]
 fn oversized_and_lying_lengths_are_refused_before_allocating() {
     // a header announcing 4 GiB
-    let mut b = Header { kind: Kind::Pages, payload_len: 0 }.encode();
+    let mut b = Header {
+        kind: Kind::Pages,
+        payload_len: 0,
+    }
+    .encode();
     b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(matches!(Header::decode(&b), Err(DecodeError::TooLong { .. })));
+    assert!(matches!(
+        Header::decode(&b),
+        Err(DecodeError::TooLong { .. })
+    ));
     // a Pages frame claiming more pages than the cap
     let mut p = Vec::new();
     p.extend_from_slice(&0u64.to_le_bytes());
     p.extend_from_slice(&(MAX_PAGES_PER_FRAME + 1).to_le_bytes());
     p.extend_from_slice(&[3, 0, 0, 0]);
-    let h = Header { kind: Kind::Pages, payload_len: p.len() as u32 };
-    assert!(matches!(Message::decode(&h, &p, PS), Err(DecodeError::TooLong { what: "pages count", .. })));
+    let h = Header {
+        kind: Kind::Pages,
+        payload_len: p.len() as u32,
+    };
+    assert!(matches!(
+        Message::decode(&h, &p, PS),
+        Err(DecodeError::TooLong {
+            what: "pages count",
+            ..
+        })
+    ));
     // a Hello with 2^32-1 regions
-    let mut hello = Message::Hello(Hello { version: 1, channel: Channel::Control, session: 0, page_size: PS, layout: Layout::default() }).to_vec();
+    let mut hello = Message::Hello(Hello {
+        version: 1,
+        channel: Channel::Control,
+        session: 0,
+        page_size: PS,
+        layout: Layout::default(),
+    })
+    .to_vec();
     let n = hello.len();
     hello[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(matches!(Message::decode_frame(&hello, PS), Err(DecodeError::TooLong { what: "region count", .. })));
+    assert!(matches!(
+        Message::decode_frame(&hello, PS),
+        Err(DecodeError::TooLong {
+            what: "region count",
+            ..
+        })
+    ));
     // data shorter than the zero mask says
     let mask = [0u8; 1];
-    let mut pages = Message::Pages(Pages { first: PageIndex(0), count: 1, origin: Origin::Fault, zero_mask: &mask, data: &[1u8; 4096] }).to_vec();
+    let mut pages = Message::Pages(Pages {
+        first: PageIndex(0),
+        count: 1,
+        origin: Origin::Fault,
+        zero_mask: &mask,
+        data: &[1u8; 4096],
+    })
+    .to_vec();
     pages.truncate(pages.len() - 1);
     let plen = (pages.len() - HEADER_LEN) as u32;
     pages[8..12].copy_from_slice(&plen.to_le_bytes());
-    assert!(matches!(Message::decode_frame(&pages, PS), Err(DecodeError::LengthMismatch { .. })));
+    assert!(matches!(
+        Message::decode_frame(&pages, PS),
+        Err(DecodeError::LengthMismatch { .. })
+    ));
     // a state blob with a wrong CRC
     let mut st = Message::State { blob: b"abc" }.to_vec();
     let last = st.len() - 1;
     st[last] ^= 1;
-    assert!(matches!(Message::decode_frame(&st, PS), Err(DecodeError::BadCrc { .. })));
+    assert!(matches!(
+        Message::decode_frame(&st, PS),
+        Err(DecodeError::BadCrc { .. })
+    ));
 }

@@ -1,0 +1,6 @@
+//! Workspace integration tests: one binary, one module per area. Tests that need userfaultfd
+//! check for it at run time and print `SKIPPED: <test>: <reason>` where it is missing.
+
+mod common;
+mod paging;
+mod server_robustness;

@@ -1,0 +1,129 @@
+//! Hostile and broken clients against page-server: each is dropped with a clear error while a
+//! good client restores its memory undisturbed.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use page_server::{serve, FileImage, ServerConfig};
+use pager::{Pager, PagerConfig};
+use proto::{Channel, Header, Kind, Layout, Message};
+
+use crate::common::*;
+
+/// Reads what the server answers before closing; returns the decoded error frame, if any.
+fn server_reply(mut s: TcpStream) -> Option<(u16, String)> {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let mut at = 0;
+    while at < buf.len() {
+        let (m, used) = Message::decode_frame(&buf[at..], PS as u32).ok()?;
+        if let Message::Error { code, reason } = m {
+            return Some((code, reason.to_string()));
+        }
+        at += used;
+    }
+    None
+}
+
+#[test]
+fn garbage_truncated_and_oversized_frames_do_not_disturb_a_good_client() {
+    if !uffd_or_skip("garbage_truncated_and_oversized_frames_do_not_disturb_a_good_client") {
+        return;
+    }
+    let pages = 32 * 256;
+    let image = pattern_image(pages);
+    let img = FileImage::open(&image.0, PS as u32).unwrap();
+    let server = serve(
+        Arc::new(img),
+        &"127.0.0.1:0".parse().unwrap(),
+        ServerConfig::default(),
+    )
+    .unwrap();
+    let addr = match server.addr() {
+        page_server::Addr::Tcp(a) => *a,
+        _ => unreachable!(),
+    };
+    // a good client starts first and keeps going through everything below
+    let mut good = Pager::connect(
+        server.addr(),
+        PagerConfig {
+            stream: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let base = good.memory().regions()[0].0 as usize;
+    touch_pages(base, 0..50);
+
+    // 1. random garbage
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (code, reason) = server_reply(s).expect("an error frame for garbage");
+    assert_eq!(code, proto::error_code::PROTOCOL);
+    assert!(reason.contains("magic"), "{reason}");
+
+    // 2. a frame header announcing far more than the cap
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut h = Header {
+        kind: Kind::Hello,
+        payload_len: 0,
+    }
+    .encode();
+    h[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    s.write_all(&h).unwrap();
+    let (_, reason) = server_reply(s).expect("an error frame for an oversized frame");
+    assert!(reason.contains("cap"), "{reason}");
+
+    // 3. a truncated frame, then the client vanishes
+    let mut s = TcpStream::connect(addr).unwrap();
+    let hello = proto::hello(Channel::Control, 0, PS as u32, Layout::default()).to_vec();
+    s.write_all(&hello[..hello.len() - 3]).unwrap();
+    drop(s);
+
+    // 4. a valid session whose urgent channel asks for pages out of range
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(&hello).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = c.read(&mut buf).unwrap();
+    let Ok((Message::Welcome(w), _)) = Message::decode_frame(&buf[..n], PS as u32) else {
+        panic!("no welcome")
+    };
+    let mut u = TcpStream::connect(addr).unwrap();
+    u.write_all(&proto::hello(Channel::Urgent, w.session, PS as u32, Layout::default()).to_vec())
+        .unwrap();
+    let req = Message::Request(proto::Request {
+        first: proto::PageIndex(pages + 10),
+        count: 1,
+        fault_pages: 1,
+    });
+    u.write_all(&req.to_vec()).unwrap();
+    let (code, _) = server_reply(u).expect("an error frame for an out-of-range request");
+    assert_eq!(code, proto::error_code::OUT_OF_RANGE);
+
+    // 5. a client that connects and stalls mid-frame, holding its connection open
+    let mut stall = TcpStream::connect(addr).unwrap();
+    stall.write_all(&hello[..5]).unwrap();
+
+    // 6. a channel for a session that does not exist
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&proto::hello(Channel::Bulk, 999_999, PS as u32, Layout::default()).to_vec())
+        .unwrap();
+    let (code, _) = server_reply(s).expect("an error frame for an unknown session");
+    assert_eq!(code, proto::error_code::NO_SESSION);
+
+    // the good client finishes its restore, every byte right
+    touch_pages(base, 0..pages);
+    match good.wait(Duration::from_secs(60)) {
+        Some(Ok(_)) => {}
+        other => panic!(
+            "good client did not complete: {:?}",
+            other.map(|r| r.map(|_| ()))
+        ),
+    }
+    // SAFETY: complete.
+    verify_pattern(unsafe { good.memory().owned_bytes() }.unwrap());
+    drop(stall);
+}
