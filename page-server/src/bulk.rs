@@ -12,16 +12,13 @@ use crate::server::Core;
 use crate::session::{build_frame, Session};
 use crate::sock::Sock;
 
-/// Lowers this thread's scheduling priority (nice +10): the urgent path preempts the stream.
-fn lower_priority() {
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
-    // SAFETY: setpriority on our own thread id; failure only leaves the priority unchanged.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 10) };
-}
-
 pub(crate) fn run(core: Arc<Core>, mut sock: Sock, peer: String, session: Arc<Session>) {
-    lower_priority();
+    // spawned by the event loop, which may be pinned: the stream may use every CPU, at a
+    // priority below the loop's
+    if core.config.urgent_cpu.is_some() {
+        crate::sched::allow_all_cpus();
+    }
+    crate::sched::set_nice(10);
     sock.set_buffers(4 << 20);
     let _ = sock.set_write_timeout(Some(Duration::from_secs(60)));
     let map = PageMap::new(&*core.mem);

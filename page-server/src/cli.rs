@@ -31,6 +31,9 @@ pub struct Args {
     /// Pages a bulk connection sends per round.
     #[arg(long, default_value_t = 256)]
     pub stream_chunk_pages: u32,
+    /// Pin the thread that answers faults to this CPU, and keep the stream's threads off it.
+    #[arg(long, value_name = "CPU")]
+    pub urgent_cpu: Option<usize>,
     /// Print the listening address on stdout as `listening ADDR` once ready (for scripts).
     #[arg(long)]
     pub print_addr: bool,
@@ -59,6 +62,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let bytes = image.bytes().len();
     let config = ServerConfig {
         stream_chunk_pages: args.stream_chunk_pages.clamp(1, proto::MAX_PAGES_PER_FRAME),
+        urgent_cpu: args.urgent_cpu,
     };
     let handle = serve(Arc::new(image), &addr, config)?;
     info!(

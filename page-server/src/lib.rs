@@ -11,6 +11,7 @@
 
 mod bulk;
 pub mod cli;
+pub mod sched;
 mod memory;
 mod server;
 mod session;
@@ -30,12 +31,15 @@ pub use sock::{Addr, Sock};
 pub struct ServerConfig {
     /// Pages a bulk thread claims and sends per round (one or a few frames).
     pub stream_chunk_pages: u32,
+    /// Pin the event loop (control + urgent traffic) to this CPU and keep bulk threads off it.
+    pub urgent_cpu: Option<usize>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             stream_chunk_pages: 256,
+            urgent_cpu: None,
         }
     }
 }

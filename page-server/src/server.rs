@@ -147,6 +147,11 @@ pub(crate) fn run(
     mut poll: Poll,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), ServerError> {
+    if let Some(cpu) = core.config.urgent_cpu {
+        if !crate::sched::pin_current_thread(cpu) {
+            warn!("cannot pin the event loop to CPU {cpu}");
+        }
+    }
     let src: &mut dyn mio::event::Source = match &mut listener {
         Listener::Tcp(l) => l,
         Listener::Unix(l) => l,

@@ -53,8 +53,13 @@ pub struct PagerConfig {
     pub reconnect_timeout: Duration,
     /// Connect timeout of each attempt.
     pub connect_timeout: Duration,
-    /// Busy-poll for a fault reply this long before sleeping in poll(2).
+    /// Busy-poll for a fault reply this long before sleeping in poll(2). Zero by default: on a
+    /// shared CPU, spinning keeps the CPU from the thread that would answer.
     pub reply_spin: Duration,
+    /// Pin the fault thread to this CPU (put it next to the threads that fault, e.g. the
+    /// vCPUs: a wake-up on the same CPU costs a few µs, across CPUs tens) and keep the
+    /// streamers off it.
+    pub fault_cpu: Option<usize>,
     /// Page size in bytes.
     pub page_size: u32,
 }
@@ -68,7 +73,8 @@ impl Default for PagerConfig {
             prefetch_max_pages: 64,
             reconnect_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
-            reply_spin: Duration::from_micros(100),
+            reply_spin: Duration::ZERO,
+            fault_cpu: None,
             page_size: 4096,
         }
     }

@@ -164,6 +164,7 @@ pub(crate) fn start(path: &Path, config: PagerConfig) -> Result<Pager, PagerErro
 
 fn fault_loop(sh: Arc<Shared>, img: Arc<Image>, waker: Arc<Waker>) {
     let cfg = sh.config.clone();
+    crate::remote::place_fault_thread(&cfg);
     let mut policy = Policy::new(
         sh.total_pages(),
         cfg.prefetch_min_pages,
@@ -238,6 +239,7 @@ fn fault_loop(sh: Arc<Shared>, img: Arc<Image>, waker: Arc<Waker>) {
 }
 
 fn stream_loop(sh: Arc<Shared>, img: Arc<Image>) {
+    crate::remote::place_streamer(&sh.config);
     const CHUNK: u64 = 256;
     let total = sh.total_pages();
     let mut p = 0;

@@ -495,8 +495,24 @@ impl FaultThread {
     }
 }
 
+/// Pins the fault thread where configured.
+pub(crate) fn place_fault_thread(cfg: &PagerConfig) {
+    if let Some(cpu) = cfg.fault_cpu {
+        if !page_server::sched::pin_current_thread(cpu) {
+            warn!("cannot pin the fault thread to CPU {cpu}");
+        }
+    }
+}
+
+/// Streamers run a little below normal priority, off the fault thread's CPU.
+pub(crate) fn place_streamer(cfg: &PagerConfig) {
+    let _ = cfg;
+    page_server::sched::set_nice(5);
+}
+
 fn fault_loop(r: Arc<Remote>, urgent: Sock, generation: u64) {
     let sh = r.shared.clone();
+    place_fault_thread(&sh.config);
     let total = sh.total_pages();
     let cfg = sh.config.clone();
     let mut t = FaultThread {
@@ -557,17 +573,9 @@ fn fault_loop(r: Arc<Remote>, urgent: Sock, generation: u64) {
     }
 }
 
-/// Lowers this thread's priority a little: the fault thread must win the CPU.
-fn lower_priority(nice: i32) {
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
-    // SAFETY: setpriority on our own thread; failure leaves it unchanged.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
-}
-
 fn stream_loop(r: Arc<Remote>, mut sock: Sock, generation: u64) {
-    lower_priority(5);
     let sh = r.shared.clone();
+    place_streamer(&sh.config);
     let ps = sh.mem.page_size() as u32;
     let mut buf = Vec::with_capacity(HEADER_LEN + MAX_PAYLOAD_BYTES as usize);
     loop {
