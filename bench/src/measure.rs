@@ -264,12 +264,15 @@ pub fn raw_local_faults(region_bytes: usize, n: usize, cpu: Option<usize>) -> an
     let mut rng = Rng(17);
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(n);
-    while out.len() < n.min(pages as usize / 2) {
+    let want = n.min(pages as usize / 2);
+    let warmup = want / 10;
+    while out.len() < want + warmup {
         let page = rng.next() % pages;
         if seen.insert(page) {
             out.push(timed_touch(base, page));
         }
     }
+    out.drain(..warmup);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = handler.join();
     // SAFETY: unmapping our own mapping; the handler has stopped.

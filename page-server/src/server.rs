@@ -355,6 +355,10 @@ fn service(
                 if let Some(next) = handle_frames(core, c, sessions) {
                     return next;
                 }
+                if n < scratch.len() {
+                    // a short read drained the socket: edge-triggered epoll reports new data
+                    break;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -17,6 +17,7 @@ use proto::{
 };
 
 use crate::policy::{Action, Policy, Req};
+use crate::uffd::Uffd;
 use crate::{HostMemory, Origin, Pager, PagerConfig, PagerError, PagerEvent, Shared};
 
 /// An eventfd that wakes the fault thread out of poll(2).
@@ -301,7 +302,11 @@ fn recv_nonblocking(sock: &Sock, buf: &mut [u8], filled: &mut usize) -> io::Resu
             )
         };
         if r > 0 {
+            let want = buf.len() - *filled;
             *filled += r as usize;
+            if (r as usize) < want {
+                return Ok(true); // drained for now; poll(2) tells when more comes
+            }
             continue;
         }
         if r == 0 {
@@ -357,7 +362,7 @@ impl FaultThread {
         self.faults.clear();
         loop {
             match sh.uffd.read_faults(&mut self.faults) {
-                Ok(0) => break,
+                Ok(n) if n < Uffd::READ_BATCH => break,
                 Ok(_) => {}
                 Err(e) => {
                     sh.fail(e.into());

@@ -343,9 +343,13 @@ impl Uffd {
         Ok(out)
     }
 
+    /// Fault events read per call.
+    pub const READ_BATCH: usize = 64;
+
     /// Reads pending fault addresses into `out` (non-blocking). Returns how many; 0 if none.
+    /// Fewer than [`Uffd::READ_BATCH`] means the queue was drained.
     pub fn read_faults(&self, out: &mut Vec<u64>) -> Result<usize, UffdError> {
-        const N: usize = 64;
+        const N: usize = Uffd::READ_BATCH;
         let mut msgs = [[0u8; 32]; N];
         // SAFETY: reading into a buffer of N 32-byte uffd_msg slots we own.
         let r = unsafe {
