@@ -22,7 +22,10 @@ impl Rng {
 /// Writes `size_mib` MiB of random pages, ~30 % of them zero, unless a file of that size exists.
 pub fn make(path: &Path, size_mib: u64) -> anyhow::Result<()> {
     let bytes = size_mib << 20;
-    if std::fs::metadata(path).map(|m| m.len() == bytes).unwrap_or(false) {
+    if std::fs::metadata(path)
+        .map(|m| m.len() == bytes)
+        .unwrap_or(false)
+    {
         return Ok(());
     }
     let tmp = path.with_extension("partial");

@@ -14,9 +14,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-
 #[derive(Debug, Parser)]
-#[command(name = "fault-latency", version, about = "Fault latency and stream throughput of the paging core, with same-run baselines")]
+#[command(
+    name = "fault-latency",
+    version,
+    about = "Fault latency and stream throughput of the paging core, with same-run baselines"
+)]
 struct Args {
     #[command(subcommand)]
     cmd: Cmd,
@@ -125,7 +128,11 @@ fn target(what: &str, ratio: f64, limit: f64, at_least: bool) -> Target {
         at_least,
         ratio,
         limit,
-        met: if at_least { ratio >= limit } else { ratio <= limit },
+        met: if at_least {
+            ratio >= limit
+        } else {
+            ratio <= limit
+        },
     }
 }
 
@@ -163,7 +170,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             if only_faults {
                 let addr: pager::Addr = addr.parse().map_err(|e: String| anyhow::anyhow!(e))?;
                 let (s, r) = measure::remote_faults(&addr, 200_000, &cfg)?;
-                println!("faults p50 {:.1} p99 {:.1} us; pager p50 {:.1}", s.q_us(0.5), s.q_us(0.99), r.fault_latency.p50_us);
+                println!(
+                    "faults p50 {:.1} p99 {:.1} us; pager p50 {:.1}",
+                    s.q_us(0.5),
+                    s.q_us(0.99),
+                    r.fault_latency.p50_us
+                );
                 return Ok(());
             }
             measure_all(&addr, &image, &out, quick, &cfg, placement)
@@ -180,7 +192,9 @@ fn measure_all(
     placement: Placement,
 ) -> anyhow::Result<()> {
     let addr: pager::Addr = addr.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    let image_bytes = std::fs::metadata(image).with_context(|| format!("image {}", image.display()))?.len();
+    let image_bytes = std::fs::metadata(image)
+        .with_context(|| format!("image {}", image.display()))?
+        .len();
     let n = if quick { 3000 } else { 20000 };
     let step = |s: &str| eprintln!("[fault-latency] {s}");
 
@@ -197,7 +211,8 @@ fn measure_all(
     step("local-file faults");
     let (local, _) = measure::local_faults(image, n, cfg)?;
     step("bare userfaultfd faults");
-    let raw_local = measure::raw_local_faults((image_bytes as usize).min(256 << 20), n, cfg.fault_cpu)?;
+    let raw_local =
+        measure::raw_local_faults((image_bytes as usize).min(256 << 20), n, cfg.fault_cpu)?;
 
     let stream_s = stream.time_to_complete_ms.unwrap_or(f64::NAN) / 1e3;
     let wire = stream.stream_bytes + stream.fault_bytes + stream.prefetch_bytes;
@@ -233,11 +248,36 @@ fn measure_all(
         targets: Vec::new(),
     };
     let targets = vec![
-        target("fault_p50 / raw_rtt_p50", f.fault_p50_us / f.raw_rtt_p50_us, 1.5, false),
-        target("fault_p99 / raw_rtt_p99", f.fault_p99_us / f.raw_rtt_p99_us, 3.0, false),
-        target("fault_under_stream_p99 / fault_p99", f.fault_under_stream_p99_us / f.fault_p99_us, 3.0, false),
-        target("stream_gbps / tcp_gbps", f.stream_gbps / f.tcp_gbps, 0.9, true),
-        target("local_fault_p50 / raw_local_fault_p50", f.local_fault_p50_us / f.raw_local_fault_p50_us, 1.3, false),
+        target(
+            "fault_p50 / raw_rtt_p50",
+            f.fault_p50_us / f.raw_rtt_p50_us,
+            1.5,
+            false,
+        ),
+        target(
+            "fault_p99 / raw_rtt_p99",
+            f.fault_p99_us / f.raw_rtt_p99_us,
+            3.0,
+            false,
+        ),
+        target(
+            "fault_under_stream_p99 / fault_p99",
+            f.fault_under_stream_p99_us / f.fault_p99_us,
+            3.0,
+            false,
+        ),
+        target(
+            "stream_gbps / tcp_gbps",
+            f.stream_gbps / f.tcp_gbps,
+            0.9,
+            true,
+        ),
+        target(
+            "local_fault_p50 / raw_local_fault_p50",
+            f.local_fault_p50_us / f.raw_local_fault_p50_us,
+            1.3,
+            false,
+        ),
     ];
     let f = Figures { targets, ..f };
     print_table(&f);
@@ -245,10 +285,14 @@ fn measure_all(
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    std::fs::write(out, serde_json::to_string_pretty(&f)? + "\n").with_context(|| format!("write {}", out.display()))?;
+    std::fs::write(out, serde_json::to_string_pretty(&f)? + "\n")
+        .with_context(|| format!("write {}", out.display()))?;
     let svg_path = out.with_extension("svg");
     let svg = plot::cdf_svg(
-        &format!("Fault latency CDF ({} MiB image, loopback)", image_bytes >> 20),
+        &format!(
+            "Fault latency CDF ({} MiB image, loopback)",
+            image_bytes >> 20
+        ),
         &[
             ("raw TCP 4 KiB RTT", &raw_rtt),
             ("remote fault", &fault),
@@ -264,15 +308,50 @@ fn measure_all(
 
 fn print_table(f: &Figures) {
     let row = |name: &str, ours: String, base: String| println!("  {name:<34} {ours:>14}   {base}");
-    println!("\nfault-latency: {} MiB image, loopback, placement {:?}", f.image_bytes >> 20, f.placement);
-    println!("  {:<34} {:>14}   {}", "figure", "ours", "baseline (same run)");
-    row("fault p50 / p99 (us)", format!("{:.1} / {:.1}", f.fault_p50_us, f.fault_p99_us), format!("raw 4 KiB RTT {:.1} / {:.1}", f.raw_rtt_p50_us, f.raw_rtt_p99_us));
-    row("fault under stream p50 / p99 (us)", format!("{:.1} / {:.1}", f.fault_under_stream_p50_us, f.fault_under_stream_p99_us), format!("stream off {:.1} / {:.1}", f.fault_p50_us, f.fault_p99_us));
-    row("stream (Gbit/s of memory)", format!("{:.2}", f.stream_gbps), format!("raw TCP {:.2} (wire {:.2})", f.tcp_gbps, f.detail.stream_wire_gbps));
-    row("local-file fault p50 / p99 (us)", format!("{:.1} / {:.1}", f.local_fault_p50_us, f.local_fault_p99_us), format!("bare uffd {:.1}", f.raw_local_fault_p50_us));
+    println!(
+        "\nfault-latency: {} MiB image, loopback, placement {:?}",
+        f.image_bytes >> 20,
+        f.placement
+    );
+    println!("  {:<34} {:>14}   baseline (same run)", "figure", "ours");
+    row(
+        "fault p50 / p99 (us)",
+        format!("{:.1} / {:.1}", f.fault_p50_us, f.fault_p99_us),
+        format!(
+            "raw 4 KiB RTT {:.1} / {:.1}",
+            f.raw_rtt_p50_us, f.raw_rtt_p99_us
+        ),
+    );
+    row(
+        "fault under stream p50 / p99 (us)",
+        format!(
+            "{:.1} / {:.1}",
+            f.fault_under_stream_p50_us, f.fault_under_stream_p99_us
+        ),
+        format!("stream off {:.1} / {:.1}", f.fault_p50_us, f.fault_p99_us),
+    );
+    row(
+        "stream (Gbit/s of memory)",
+        format!("{:.2}", f.stream_gbps),
+        format!(
+            "raw TCP {:.2} (wire {:.2})",
+            f.tcp_gbps, f.detail.stream_wire_gbps
+        ),
+    );
+    row(
+        "local-file fault p50 / p99 (us)",
+        format!("{:.1} / {:.1}", f.local_fault_p50_us, f.local_fault_p99_us),
+        format!("bare uffd {:.1}", f.raw_local_fault_p50_us),
+    );
     println!("\n  targets:");
     for t in &f.targets {
         let cmp = if t.at_least { ">=" } else { "<=" };
-        println!("  {:<42} {:>6.2}  (target {cmp} {})  {}", t.what, t.ratio, t.limit, if t.met { "met" } else { "NOT met" });
+        println!(
+            "  {:<42} {:>6.2}  (target {cmp} {})  {}",
+            t.what,
+            t.ratio,
+            t.limit,
+            if t.met { "met" } else { "NOT met" }
+        );
     }
 }

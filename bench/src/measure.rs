@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use pager::uffd::Uffd;
 use page_server::sched::pin_current_thread;
+use pager::uffd::Uffd;
 use pager::{Addr, Pager, PagerConfig};
 
 use crate::image::Rng;
@@ -97,7 +97,9 @@ pub fn tcp_gbps(bytes: u64) -> anyhow::Result<f64> {
         got += n as u64;
     }
     let secs = t.elapsed().as_secs_f64();
-    sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
     Ok(bytes as f64 * 8.0 / secs / 1e9)
 }
 
@@ -164,7 +166,11 @@ fn touch_random(p: &Pager, n: usize, seed: u64, deadline: Instant) -> Samples {
 }
 
 /// Remote faults with the stream off (pure demand), random order.
-pub fn remote_faults(addr: &Addr, n: usize, base: &PagerConfig) -> anyhow::Result<(Samples, pager::Report)> {
+pub fn remote_faults(
+    addr: &Addr,
+    n: usize,
+    base: &PagerConfig,
+) -> anyhow::Result<(Samples, pager::Report)> {
     let cfg = PagerConfig {
         stream: false,
         ..base.clone()
@@ -175,7 +181,11 @@ pub fn remote_faults(addr: &Addr, n: usize, base: &PagerConfig) -> anyhow::Resul
 }
 
 /// Remote faults while the stream runs flat out; then the stream's completion time.
-pub fn faults_under_stream(addr: &Addr, n: usize, base: &PagerConfig) -> anyhow::Result<(Samples, pager::Report)> {
+pub fn faults_under_stream(
+    addr: &Addr,
+    n: usize,
+    base: &PagerConfig,
+) -> anyhow::Result<(Samples, pager::Report)> {
     let mut p = Pager::connect(addr, base.clone()).context("connect to page-server")?;
     let s = touch_random(&p, n, 11, Instant::now() + Duration::from_secs(60));
     let r = match p.wait(Duration::from_secs(300)) {
@@ -198,7 +208,11 @@ pub fn stream_only(addr: &Addr, base: &PagerConfig) -> anyhow::Result<pager::Rep
 }
 
 /// Faults served from the local image file (no network), random order, stream off.
-pub fn local_faults(image: &Path, n: usize, base: &PagerConfig) -> anyhow::Result<(Samples, pager::Report)> {
+pub fn local_faults(
+    image: &Path,
+    n: usize,
+    base: &PagerConfig,
+) -> anyhow::Result<(Samples, pager::Report)> {
     let cfg = PagerConfig {
         stream: false,
         ..base.clone()
@@ -210,8 +224,11 @@ pub fn local_faults(image: &Path, n: usize, base: &PagerConfig) -> anyhow::Resul
 
 /// The floor: a bare userfaultfd handler that copies each faulting page from a buffer already
 /// in memory (no policy, no bookkeeping), random-order touches.
-pub fn raw_local_faults(region_bytes: usize, n: usize, cpu: Option<usize>) -> anyhow::Result<Samples> {
-
+pub fn raw_local_faults(
+    region_bytes: usize,
+    n: usize,
+    cpu: Option<usize>,
+) -> anyhow::Result<Samples> {
     let src = vec![0x3cu8; region_bytes];
     // SAFETY: a fresh private anonymous mapping.
     let p = unsafe {
@@ -255,7 +272,14 @@ pub fn raw_local_faults(region_bytes: usize, n: usize, cpu: Option<usize>) -> an
             for &a in &faults {
                 let page = (a - base as u64) & !4095;
                 // SAFETY: `src` holds region_bytes bytes; page < region_bytes.
-                let _ = unsafe { u.install(base as u64 + page, Some((src_addr + page as usize) as *const u8), 4096, 4096) };
+                let _ = unsafe {
+                    u.install(
+                        base as u64 + page,
+                        Some((src_addr + page as usize) as *const u8),
+                        4096,
+                        4096,
+                    )
+                };
             }
         }
     });

@@ -10,7 +10,9 @@ const L: f64 = 60.0;
 const R: f64 = 200.0;
 const T: f64 = 20.0;
 const B: f64 = 50.0;
-const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
+const COLORS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+];
 
 /// Renders the CDFs of `series` (name, samples sorted in ns) as SVG.
 pub fn cdf_svg(title: &str, series: &[(&str, &Samples)]) -> String {
@@ -23,7 +25,10 @@ pub fn cdf_svg(title: &str, series: &[(&str, &Samples)]) -> String {
     if lo == u64::MAX {
         lo = 1000;
     }
-    let (lx, hx) = ((lo as f64 / 1000.0).log10().floor(), (hi as f64 / 1000.0).log10().ceil().max(1.0));
+    let (lx, hx) = (
+        (lo as f64 / 1000.0).log10().floor(),
+        (hi as f64 / 1000.0).log10().ceil().max(1.0),
+    );
     let hx = if hx <= lx { lx + 1.0 } else { hx };
     let x = |us: f64| L + (us.max(1e-3).log10() - lx) / (hx - lx) * (W - L - R);
     let y = |f: f64| T + (1.0 - f) * (H - T - B);
@@ -75,10 +80,23 @@ pub fn cdf_svg(title: &str, series: &[(&str, &Samples)]) -> String {
         }
         let step = (n / 400).max(1);
         let mut pts = String::new();
-        for (k, v) in sm.0.iter().enumerate().step_by(step).chain(std::iter::once((n - 1, &sm.0[n - 1]))) {
-            let _ = write!(pts, "{:.1},{:.1} ", x(*v as f64 / 1000.0), y((k + 1) as f64 / n as f64));
+        for (k, v) in
+            sm.0.iter()
+                .enumerate()
+                .step_by(step)
+                .chain(std::iter::once((n - 1, &sm.0[n - 1])))
+        {
+            let _ = write!(
+                pts,
+                "{:.1},{:.1} ",
+                x(*v as f64 / 1000.0),
+                y((k + 1) as f64 / n as f64)
+            );
         }
-        let _ = writeln!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="1.8" points="{pts}"/>"#);
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{c}" stroke-width="1.8" points="{pts}"/>"#
+        );
         let ly = T + 20.0 + 20.0 * i as f64;
         let _ = writeln!(
             s,

@@ -11,8 +11,8 @@
 
 mod bulk;
 pub mod cli;
-pub mod sched;
 mod memory;
+pub mod sched;
 mod server;
 mod session;
 mod sock;

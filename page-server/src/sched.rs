@@ -40,7 +40,9 @@ fn set_affinity(fill: impl FnOnce(&mut libc::cpu_set_t) -> bool) -> bool {
 pub fn online_cpus() -> usize {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    usize::try_from(n).unwrap_or(1).clamp(1, libc::CPU_SETSIZE as usize)
+    usize::try_from(n)
+        .unwrap_or(1)
+        .clamp(1, libc::CPU_SETSIZE as usize)
 }
 
 /// Lowers the calling thread's priority to `nice` (best effort).

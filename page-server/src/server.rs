@@ -45,13 +45,17 @@ impl MioSock {
     /// The blocking std socket behind this one.
     fn into_blocking(self) -> io::Result<Sock> {
         let s = match self {
-            // SAFETY: we own the fd (into_raw_fd gives it up) and hand it to exactly one owner.
             MioSock::Tcp(s) => {
-                Sock::Tcp(unsafe { std::net::TcpStream::from_raw_fd(s.into_raw_fd()) })
+                let fd = s.into_raw_fd();
+                // SAFETY: into_raw_fd gave up ownership of `fd`; it gets exactly one new owner.
+                let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+                Sock::Tcp(std)
             }
-            // SAFETY: as above.
             MioSock::Unix(s) => {
-                Sock::Unix(unsafe { std::os::unix::net::UnixStream::from_raw_fd(s.into_raw_fd()) })
+                let fd = s.into_raw_fd();
+                // SAFETY: as above.
+                let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+                Sock::Unix(std)
             }
         };
         s.set_nonblocking(false)?;

@@ -279,9 +279,7 @@ mod tests {
         let runs = s.claim_stream(10);
         assert_eq!(runs, vec![(504, 10)]);
         let mut seen = vec![false; 1000];
-        for p in 500..514 {
-            seen[p] = true;
-        }
+        seen[500..514].fill(true);
         loop {
             let runs = s.claim_stream(100);
             if runs.is_empty() {

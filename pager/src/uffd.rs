@@ -70,7 +70,7 @@ const UFFDIO_WAKE: u64 = ior(0x02, std::mem::size_of::<UffdioRange>());
 const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
 const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
 /// `_IO(0xAA, 0)` on /dev/userfaultfd.
-const USERFAULTFD_IOC_NEW: u64 = (UFFDIO << 8) | 0x00;
+const USERFAULTFD_IOC_NEW: u64 = UFFDIO << 8;
 
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;

@@ -325,6 +325,17 @@ impl<'a> Cur<'a> {
         a.copy_from_slice(s);
         Ok(u64::from_le_bytes(a))
     }
+    /// Reserved bytes: must be zero, so every valid frame has exactly one encoding.
+    fn pad(&mut self, n: usize) -> Result<(), DecodeError> {
+        let b = self.take(n)?;
+        match b.iter().find(|&&x| x != 0) {
+            None => Ok(()),
+            Some(&x) => Err(DecodeError::InvalidField {
+                field: "padding (must be 0)",
+                value: x.into(),
+            }),
+        }
+    }
     fn finish(self) -> Result<(), DecodeError> {
         if self.b.is_empty() {
             Ok(())
@@ -425,7 +436,7 @@ impl<'a> Message<'a> {
             Kind::Hello => {
                 let version = c.u16()?;
                 let channel = decode_channel(c.u8()?)?;
-                let _pad = c.u8()?;
+                c.pad(1)?;
                 let page_size = c.u32()?;
                 let session = c.u64()?;
                 let layout = decode_layout(&mut c)?;
@@ -439,7 +450,7 @@ impl<'a> Message<'a> {
             }
             Kind::Welcome => {
                 let version = c.u16()?;
-                let _pad = c.take(2)?;
+                c.pad(2)?;
                 let page_size = c.u32()?;
                 let session = c.u64()?;
                 let layout = decode_layout(&mut c)?;
@@ -482,7 +493,7 @@ impl<'a> Message<'a> {
                         })
                     }
                 };
-                let _pad = c.take(3)?;
+                c.pad(3)?;
                 check_count(count, "pages count")?;
                 check_range(first, count.into())?;
                 let zero_mask = c.take(mask_len(count))?;
@@ -529,7 +540,7 @@ impl<'a> Message<'a> {
                         })
                     }
                 };
-                let _pad = c.take(7)?;
+                c.pad(7)?;
                 let first = c.u64()?;
                 let count = c.u64()?;
                 check_range(first, count)?;

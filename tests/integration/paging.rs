@@ -135,10 +135,8 @@ fn kernel_mode_faults_are_served() {
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     let msg = [0xA5u8; 100];
     // SAFETY: writing a local buffer to our pipe.
-    assert_eq!(
-        unsafe { libc::write(fds[1], msg.as_ptr().cast(), msg.len()) },
-        100
-    );
+    let wrote = unsafe { libc::write(fds[1], msg.as_ptr().cast(), msg.len()) };
+    assert_eq!(wrote, 100);
     // the kernel copies into page 5, which is missing: a kernel-context fault
     let target = base + 5 * PS + 8;
     // SAFETY: reading into our paged mapping; page 5 lies inside it.
