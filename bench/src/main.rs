@@ -62,9 +62,9 @@ enum Cmd {
         /// `free`: the scheduler places everything.
         #[arg(long, value_enum, default_value_t = Placement::Colocated)]
         placement: Placement,
-        /// Only measure remote faults with the stream off (for profiling); writes nothing.
+        /// Only measure one thing (for profiling): `faults` or `stream`; writes nothing.
         #[arg(long, hide = true)]
-        only_faults: bool,
+        only: Option<String>,
     },
 }
 
@@ -155,7 +155,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             reply_spin_us,
             bulk,
             placement,
-            only_faults,
+            only,
         } => {
             let mut cfg = pager::PagerConfig::default();
             if let Some(us) = reply_spin_us {
@@ -167,15 +167,19 @@ fn run(args: Args) -> anyhow::Result<()> {
             let cpu = (placement == Placement::Colocated).then_some(0);
             cfg.fault_cpu = cpu;
             measure::set_touch_cpu(cpu);
-            if only_faults {
+            if let Some(what) = only {
                 let addr: pager::Addr = addr.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-                let (s, r) = measure::remote_faults(&addr, 200_000, &cfg)?;
-                println!(
-                    "faults p50 {:.1} p99 {:.1} us; pager p50 {:.1}",
-                    s.q_us(0.5),
-                    s.q_us(0.99),
-                    r.fault_latency.p50_us
-                );
+                if what == "stream" {
+                    println!("{}", measure::stream_only(&addr, &cfg)?);
+                } else {
+                    let (s, r) = measure::remote_faults(&addr, 200_000, &cfg)?;
+                    let p = r.fault_latency.p50_us;
+                    println!(
+                        "faults p50 {:.1} p99 {:.1} us; pager p50 {p:.1}",
+                        s.q_us(0.5),
+                        s.q_us(0.99)
+                    );
+                }
                 return Ok(());
             }
             measure_all(&addr, &image, &out, quick, &cfg, placement)

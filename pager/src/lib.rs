@@ -19,6 +19,7 @@ mod policy;
 mod region;
 mod remote;
 mod stats;
+mod stream_rx;
 pub mod uffd;
 
 use std::path::PathBuf;

@@ -17,6 +17,7 @@ use proto::{
 };
 
 use crate::policy::{Action, Policy, Req};
+use crate::stream_rx::{RxError, StreamRx};
 use crate::uffd::Uffd;
 use crate::{HostMemory, Origin, Pager, PagerConfig, PagerError, PagerEvent, Shared};
 
@@ -581,43 +582,16 @@ fn fault_loop(r: Arc<Remote>, urgent: Sock, generation: u64) {
 fn stream_loop(r: Arc<Remote>, mut sock: Sock, generation: u64) {
     let sh = r.shared.clone();
     place_streamer(&sh.config);
-    let ps = sh.mem.page_size() as u32;
-    let mut buf = Vec::with_capacity(HEADER_LEN + MAX_PAYLOAD_BYTES as usize);
+    let mut rx = StreamRx::new(sh.mem.page_size() as usize);
     loop {
-        let header = match read_frame(&mut sock, &mut buf) {
-            Ok(h) => h,
-            Err(e) => {
-                r.report_lost(generation, format!("bulk connection: {e}"));
+        match rx.receive(&mut sock, &sh) {
+            Ok(()) => {}
+            Err(RxError::Install(e)) => {
+                sh.fail(e);
                 return;
             }
-        };
-        match Message::decode(&header, &buf, ps) {
-            Ok(Message::Pages(p)) => {
-                for run in p.runs(ps) {
-                    if let Err(e) =
-                        sh.install(run.first.0, u64::from(run.count), run.data, Origin::Stream)
-                    {
-                        sh.fail(e);
-                        return;
-                    }
-                }
-            }
-            Ok(Message::Error { code, reason }) => {
-                r.report_lost(
-                    generation,
-                    format!("source reported error {code}: {reason}"),
-                );
-                return;
-            }
-            Ok(m) => {
-                r.report_lost(
-                    generation,
-                    format!("unexpected {:?} on a bulk connection", m.kind()),
-                );
-                return;
-            }
-            Err(e) => {
-                r.report_lost(generation, format!("bulk connection: bad frame: {e}"));
+            Err(RxError::Lost(cause)) => {
+                r.report_lost(generation, format!("bulk connection: {cause}"));
                 return;
             }
         }

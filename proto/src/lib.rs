@@ -55,7 +55,7 @@ pub use layout::{
     check_page_size, GuestPhysAddr, Layout, PageIndex, Region, MAX_LAYOUT_BYTES, MAX_REGIONS,
 };
 pub use msg::{
-    bit, encode_pages_prefix, error_code, hello, mask_len, Bitmap, BitmapKind, Channel, Hello,
-    Message, Origin, Pages, Request, Run, Welcome, MAX_PAGES_PER_FRAME, MAX_PAGE_DATA_BYTES,
-    MAX_REASON_BYTES,
+    bit, encode_pages_prefix, error_code, hello, mask_len, pages_data_len, pages_fixed, Bitmap,
+    BitmapKind, Channel, Hello, Message, Origin, Pages, Request, Run, Welcome, MAX_PAGES_PER_FRAME,
+    MAX_PAGE_DATA_BYTES, MAX_REASON_BYTES, PAGES_FIXED_LEN,
 };

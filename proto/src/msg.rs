@@ -480,49 +480,12 @@ impl<'a> Message<'a> {
                 })
             }
             Kind::Pages => {
-                let first = c.u64()?;
-                let count = c.u32()?;
-                let origin = match c.u8()? {
-                    1 => Origin::Fault,
-                    2 => Origin::Prefetch,
-                    3 => Origin::Stream,
-                    v => {
-                        return Err(DecodeError::InvalidField {
-                            field: "pages origin",
-                            value: v.into(),
-                        })
-                    }
-                };
-                c.pad(3)?;
-                check_count(count, "pages count")?;
-                check_range(first, count.into())?;
+                let (first, count, origin) = pages_fixed(c.take(PAGES_FIXED_LEN)?)?;
                 let zero_mask = c.take(mask_len(count))?;
-                let tail_bits = count % 8;
-                if tail_bits != 0 && zero_mask[zero_mask.len() - 1] >> tail_bits != 0 {
-                    return Err(DecodeError::InvalidField {
-                        field: "zero mask padding bits",
-                        value: (zero_mask[zero_mask.len() - 1] >> tail_bits).into(),
-                    });
-                }
-                let zeros: u32 = zero_mask.iter().map(|b| b.count_ones()).sum();
-                let expected = u64::from(count - zeros) * u64::from(page_size);
-                if expected > u64::from(MAX_PAGE_DATA_BYTES) {
-                    return Err(DecodeError::TooLong {
-                        what: "page data bytes",
-                        len: expected,
-                        cap: MAX_PAGE_DATA_BYTES.into(),
-                    });
-                }
-                if c.b.len() as u64 != expected {
-                    return Err(DecodeError::LengthMismatch {
-                        what: "pages",
-                        expected,
-                        have: c.b.len() as u64,
-                    });
-                }
-                let data = c.take(expected as usize)?;
+                let data_len = pages_data_len(header, count, zero_mask, page_size)?;
+                let data = c.take(data_len)?;
                 Message::Pages(Pages {
-                    first: PageIndex(first),
+                    first,
                     count,
                     origin,
                     zero_mask,
@@ -613,6 +576,81 @@ impl<'a> Message<'a> {
         let msg = Message::decode(&header, &bytes[HEADER_LEN..end], page_size)?;
         Ok((msg, end))
     }
+}
+
+/// Bytes of a `Pages` payload before its zero mask.
+pub const PAGES_FIXED_LEN: usize = 16;
+
+/// Decodes and checks the fixed part of a `Pages` payload (its first [`PAGES_FIXED_LEN`]
+/// bytes): first page, count, origin. With [`pages_data_len`], lets a receiver read the page
+/// data straight into place instead of into a frame buffer; [`Message::decode`] uses the same
+/// two functions.
+pub fn pages_fixed(fixed: &[u8]) -> Result<(PageIndex, u32, Origin), DecodeError> {
+    let mut c = Cur {
+        b: fixed,
+        what: "pages",
+    };
+    let first = c.u64()?;
+    let count = c.u32()?;
+    let origin = match c.u8()? {
+        1 => Origin::Fault,
+        2 => Origin::Prefetch,
+        3 => Origin::Stream,
+        v => {
+            return Err(DecodeError::InvalidField {
+                field: "pages origin",
+                value: v.into(),
+            })
+        }
+    };
+    c.pad(3)?;
+    check_count(count, "pages count")?;
+    check_range(first, count.into())?;
+    Ok((PageIndex(first), count, origin))
+}
+
+/// Checks a `Pages` zero mask (`mask_len(count)` bytes) against the frame's payload length and
+/// returns the number of page-data bytes that follow it.
+pub fn pages_data_len(
+    header: &Header,
+    count: u32,
+    zero_mask: &[u8],
+    page_size: u32,
+) -> Result<usize, DecodeError> {
+    if zero_mask.len() != mask_len(count) {
+        return Err(DecodeError::LengthMismatch {
+            what: "pages zero mask",
+            expected: mask_len(count) as u64,
+            have: zero_mask.len() as u64,
+        });
+    }
+    let tail_bits = count % 8;
+    if let (true, Some(last)) = (tail_bits != 0, zero_mask.last()) {
+        if last >> tail_bits != 0 {
+            return Err(DecodeError::InvalidField {
+                field: "zero mask padding bits",
+                value: (last >> tail_bits).into(),
+            });
+        }
+    }
+    let zeros: u32 = zero_mask.iter().map(|b| b.count_ones()).sum();
+    let expected = u64::from(count.saturating_sub(zeros)) * u64::from(page_size);
+    if expected > u64::from(MAX_PAGE_DATA_BYTES) {
+        return Err(DecodeError::TooLong {
+            what: "page data bytes",
+            len: expected,
+            cap: MAX_PAGE_DATA_BYTES.into(),
+        });
+    }
+    let payload = (PAGES_FIXED_LEN + zero_mask.len()) as u64 + expected;
+    if u64::from(header.payload_len) != payload {
+        return Err(DecodeError::LengthMismatch {
+            what: "pages",
+            expected: payload,
+            have: header.payload_len.into(),
+        });
+    }
+    Ok(expected as usize)
 }
 
 /// A contiguous run inside a `Pages` frame: all zero (`data: None`) or all carrying bytes.

@@ -1,0 +1,157 @@
+//! Receiving the bulk stream: each `Pages` frame is read straight into a staging buffer laid
+//! out page by page (its header and zero mask first, then the page data scattered into place
+//! with `readv`), so no frame buffer is needed. Data runs are installed with one `UFFDIO_COPY`
+//! each, zero runs with `UFFDIO_ZEROPAGE`, which allocates no memory. (Folding short zero runs
+//! into the copies was measured: it saved ioctls but cost more in page allocation — 275 vs
+//! 258 ms for 1 GiB — and raises the VM's memory use, so it is not done.)
+
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+
+use page_server::Sock;
+use proto::{
+    bit, mask_len, pages_data_len, pages_fixed, Header, Kind, Message, HEADER_LEN, PAGES_FIXED_LEN,
+};
+
+use crate::{Origin, PagerError, Shared};
+
+/// Why receiving stopped.
+pub(crate) enum RxError {
+    /// The connection failed or the peer sent something invalid: reconnect.
+    Lost(String),
+    /// Installing failed: fatal.
+    Install(PagerError),
+}
+
+impl From<io::Error> for RxError {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            RxError::Lost("closed by the source".into())
+        } else {
+            RxError::Lost(e.to_string())
+        }
+    }
+}
+
+pub(crate) struct StreamRx {
+    ps: usize,
+    slots: Vec<u8>,
+    mask: Vec<u8>,
+    other: Vec<u8>,
+}
+
+impl StreamRx {
+    pub(crate) fn new(page_size: usize) -> Self {
+        StreamRx {
+            ps: page_size,
+            slots: Vec::new(),
+            mask: Vec::new(),
+            other: Vec::new(),
+        }
+    }
+
+    /// Receives and installs one frame.
+    pub(crate) fn receive(&mut self, sock: &mut Sock, sh: &Shared) -> Result<(), RxError> {
+        let ps = self.ps;
+        let mut head = [0u8; HEADER_LEN + PAGES_FIXED_LEN];
+        sock.read_exact(&mut head[..HEADER_LEN])?;
+        let header = Header::decode(&head).map_err(|e| RxError::Lost(format!("bad frame: {e}")))?;
+        if header.kind != Kind::Pages || (header.payload_len as usize) < PAGES_FIXED_LEN {
+            return Err(self.not_pages(sock, &header));
+        }
+        sock.read_exact(&mut head[HEADER_LEN..])?;
+        let bad = |e: proto::DecodeError| RxError::Lost(format!("bad Pages frame: {e}"));
+        let (first, count, _origin) = pages_fixed(&head[HEADER_LEN..]).map_err(bad)?;
+        self.mask.resize(mask_len(count), 0);
+        sock.read_exact(&mut self.mask)?;
+        pages_data_len(&header, count, &self.mask, ps as u32).map_err(bad)?;
+        let n = count as usize;
+        if self.slots.len() < n * ps {
+            self.slots.resize(n * ps, 0);
+        }
+        // scatter the data pages into their slots
+        let mut iov = Vec::new();
+        let mut i = 0;
+        while i < n {
+            if bit(&self.mask, i) {
+                i += 1;
+                continue;
+            }
+            let s = i;
+            while i < n && !bit(&self.mask, i) {
+                i += 1;
+            }
+            iov.push(libc::iovec {
+                iov_base: self.slots[s * ps..].as_mut_ptr().cast(),
+                iov_len: (i - s) * ps,
+            });
+        }
+        readv_exact(sock, &mut iov)?;
+        self.install(first.0, n, sh).map_err(RxError::Install)
+    }
+
+    /// Installs the staged frame: each maximal run of data pages with one copy, each run of
+    /// zero pages as zero pages.
+    fn install(&mut self, first: u64, n: usize, sh: &Shared) -> Result<(), PagerError> {
+        let ps = self.ps;
+        let mut i = 0;
+        while i < n {
+            let zero = bit(&self.mask, i);
+            let s = i;
+            while i < n && bit(&self.mask, i) == zero {
+                i += 1;
+            }
+            let data = (!zero).then(|| &self.slots[s * ps..i * ps]);
+            sh.install(first + s as u64, (i - s) as u64, data, Origin::Stream)?;
+        }
+        Ok(())
+    }
+
+    /// A frame that is not `Pages`: read it whole and say why the stream cannot go on.
+    fn not_pages(&mut self, sock: &mut Sock, header: &Header) -> RxError {
+        self.other.resize(header.payload_len as usize, 0);
+        if let Err(e) = sock.read_exact(&mut self.other) {
+            return e.into();
+        }
+        match Message::decode(header, &self.other, self.ps as u32) {
+            Ok(Message::Error { code, reason }) => {
+                RxError::Lost(format!("source reported error {code}: {reason}"))
+            }
+            Ok(m) => RxError::Lost(format!("unexpected {:?} on a bulk connection", m.kind())),
+            Err(e) => RxError::Lost(format!("bad frame: {e}")),
+        }
+    }
+}
+
+/// readv(2) until every iovec is full.
+fn readv_exact(sock: &Sock, iov: &mut [libc::iovec]) -> io::Result<()> {
+    let mut start = 0;
+    while start < iov.len() {
+        let cnt = (iov.len() - start).min(1024);
+        // SAFETY: the iovecs point into our staging buffer, which outlives the call.
+        let r = unsafe { libc::readv(sock.as_raw_fd(), iov[start..].as_ptr(), cnt as i32) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut n = r as usize;
+        while n > 0 && start < iov.len() {
+            let v = &mut iov[start];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                start += 1;
+            } else {
+                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
