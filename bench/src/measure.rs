@@ -188,23 +188,22 @@ pub fn faults_under_stream(
 ) -> anyhow::Result<(Samples, pager::Report)> {
     let mut p = Pager::connect(addr, base.clone()).context("connect to page-server")?;
     let s = touch_random(&p, n, 11, Instant::now() + Duration::from_secs(60));
-    let r = match p.wait(Duration::from_secs(300)) {
-        Some(Ok(r)) => r,
-        Some(Err(e)) => return Err(e).context("restore under stream failed"),
-        None => bail!("restore under stream did not complete in 300 s"),
-    };
-    Ok((s, r))
+    Ok((s, complete(&mut p, "restore under stream")?))
+}
+
+/// Waits for every page to be present (at most 300 s).
+fn complete(p: &mut Pager, what: &str) -> anyhow::Result<pager::Report> {
+    match p.wait(Duration::from_secs(300)) {
+        Some(Ok(r)) => Ok(r),
+        Some(Err(e)) => Err(e).with_context(|| format!("{what} failed")),
+        None => bail!("{what} did not complete in 300 s"),
+    }
 }
 
 /// Stream only, no touches: time to make every page present.
 pub fn stream_only(addr: &Addr, base: &PagerConfig) -> anyhow::Result<pager::Report> {
-    let cfg = base.clone();
-    let mut p = Pager::connect(addr, cfg).context("connect to page-server")?;
-    match p.wait(Duration::from_secs(300)) {
-        Some(Ok(r)) => Ok(r),
-        Some(Err(e)) => Err(e).context("stream restore failed"),
-        None => bail!("stream restore did not complete in 300 s"),
-    }
+    let mut p = Pager::connect(addr, base.clone()).context("connect to page-server")?;
+    complete(&mut p, "stream restore")
 }
 
 /// Faults served from the local image file (no network), random order, stream off.
