@@ -58,6 +58,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         .parse()
         .map_err(|e: String| anyhow::anyhow!(e))
         .context("bad --listen")?;
+    // handlers first: a signal that arrives once we say we listen must stop us cleanly
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        .context("cannot install signal handlers")?;
     let image = FileImage::open(&args.serve, args.page_size)?;
     let bytes = image.bytes().len();
     let config = ServerConfig {
@@ -74,8 +77,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.print_addr {
         println!("listening {}", handle.addr());
     }
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
-        .context("cannot install signal handlers")?;
     let stop = handle.stopper();
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {

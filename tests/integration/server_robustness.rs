@@ -127,3 +127,83 @@ fn garbage_truncated_and_oversized_frames_do_not_disturb_a_good_client() {
     verify_pattern(unsafe { good.memory().owned_bytes() }.unwrap());
     drop(stall);
 }
+
+/// SIGTERM and SIGINT stop the page-server program cleanly (exit code 0) and promptly.
+#[test]
+fn page_server_stops_cleanly_on_sigterm_and_sigint() {
+    let image = pattern_image(16);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let mut server = spawn_server(&image.0, "127.0.0.1:0");
+        // a connected client does not keep it from stopping
+        let _c = TcpStream::connect(&server.addr).unwrap();
+        // SAFETY: signalling the child we started.
+        assert_eq!(unsafe { libc::kill(server.child.id() as i32, sig) }, 0);
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = server.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "page-server ignored signal {sig}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(0), "signal {sig}");
+    }
+}
+
+/// The library serves memory of this process (what the VMM will hand it: live guest RAM), in
+/// two regions, and a pager restores it exactly.
+#[test]
+fn serves_in_process_memory_regions() {
+    if !uffd_or_skip("serves_in_process_memory_regions") {
+        return;
+    }
+    let pages = 2 * 256u64;
+    let mut mem = vec![0u8; pages as usize * PS];
+    for (i, page) in mem.chunks_exact_mut(PS).enumerate() {
+        pattern_page(i as u64, page);
+    }
+    let half = mem.len() / 2;
+    let layout = proto::Layout {
+        regions: vec![
+            proto::Region {
+                gpa_start: proto::GuestPhysAddr(0),
+                len_bytes: half as u64,
+            },
+            proto::Region {
+                gpa_start: proto::GuestPhysAddr(1 << 32),
+                len_bytes: half as u64,
+            },
+        ],
+    };
+    let base = std::ptr::NonNull::new(mem.as_mut_ptr()).unwrap();
+    let second = std::ptr::NonNull::new(mem[half..].as_mut_ptr()).unwrap();
+    // SAFETY: `mem` outlives the server (dropped at the end of the test, after it).
+    let provider = unsafe {
+        page_server::RawRegions::new(
+            vec![(base, half), (second, half)],
+            layout.clone(),
+            PS as u32,
+        )
+    };
+    let server = serve(
+        Arc::new(provider),
+        &"127.0.0.1:0".parse().unwrap(),
+        ServerConfig::default(),
+    )
+    .unwrap();
+    let mut p = Pager::connect(server.addr(), PagerConfig::default()).unwrap();
+    let b = p.memory().regions()[0].0 as usize;
+    touch_pages(b, [0, pages / 2, pages - 1].into_iter());
+    match p.wait(Duration::from_secs(60)) {
+        Some(Ok(_)) => {}
+        other => panic!("did not complete: {:?}", other.map(|r| r.map(|_| ()))),
+    }
+    // SAFETY: complete.
+    verify_pattern(unsafe { p.memory().owned_bytes() }.unwrap());
+    drop(p);
+    drop(server);
+    drop(mem);
+}
