@@ -425,7 +425,8 @@ impl Pager {
         self.shared.present_pages()
     }
 
-    /// Whether page `i` is present.
+    /// Whether page `i` is present. Set just after the page is installed: a thread woken by
+    /// the install may see `false` for a few microseconds.
     pub fn is_present(&self, i: u64) -> bool {
         self.shared.received.get(i)
     }
