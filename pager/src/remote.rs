@@ -571,7 +571,7 @@ fn fault_loop(r: Arc<Remote>, urgent: Sock, generation: u64) {
             let until = Instant::now() + cfg.reply_spin;
             while t.policy.outstanding() > 0 && t.conn.is_some() && Instant::now() < until {
                 if !t.handle_replies() {
-                    std::hint::spin_loop();
+                    std::thread::yield_now();
                 }
                 t.handle_faults();
             }
