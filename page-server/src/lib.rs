@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 
 use thiserror::Error;
 
-pub use memory::{FileImage, ImageError, MemoryProvider, RawRegions};
+pub use memory::{is_zero_page, FileImage, ImageError, MemoryProvider, RawRegions};
 pub use sock::{Addr, Sock};
 
 /// Server tunables.

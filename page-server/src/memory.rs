@@ -239,7 +239,7 @@ impl<'a> PageMap<'a> {
 /// Whether a page is all zero. Data pages usually differ in their first bytes and return at
 /// once; zero pages are scanned 64 bytes per step with no branch inside a step (vectorizes).
 #[inline]
-pub(crate) fn is_zero(page: &[u8]) -> bool {
+pub fn is_zero_page(page: &[u8]) -> bool {
     // SAFETY: u64 has no invalid bit patterns; align_to handles the unaligned ends.
     let (pre, mid, post) = unsafe { page.align_to::<u64>() };
     if pre.iter().chain(post).any(|&b| b != 0) {

@@ -9,7 +9,7 @@ use std::sync::{Condvar, Mutex};
 use proto::bitmap::AtomicBitmap;
 use proto::{encode_pages_prefix, mask_len, Origin, PageIndex, MAX_PAGES_PER_FRAME};
 
-use crate::memory::{is_zero, PageMap};
+use crate::memory::{is_zero_page, PageMap};
 use crate::sock::Sock;
 
 #[derive(Debug, Default)]
@@ -238,7 +238,7 @@ pub(crate) fn build_frame<'m>(
     let mut zeros = 0u64;
     for i in 0..n as usize {
         let page = &bytes[i * ps..(i + 1) * ps];
-        if is_zero(page) {
+        if is_zero_page(page) {
             mask[i / 8] |= 1 << (i % 8);
             zeros += 1;
             if let Some(s) = seg_start.take() {

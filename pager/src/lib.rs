@@ -22,7 +22,6 @@ mod stats;
 mod stream_rx;
 pub mod uffd;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -145,16 +144,8 @@ pub enum PagerError {
         missing: u64,
     },
     /// The local image could not be used.
-    #[error("local image {path}: {what}")]
-    Image {
-        /// The image.
-        path: PathBuf,
-        /// What is wrong.
-        what: String,
-        /// Why.
-        #[source]
-        source: Option<std::io::Error>,
-    },
+    #[error("local image")]
+    Image(#[from] page_server::ImageError),
     /// A thread could not be started.
     #[error("cannot start a pager thread")]
     Spawn(#[source] std::io::Error),
@@ -327,6 +318,50 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// Reads every pending fault event and feeds it to `policy`: waiters of pages already
+    /// present are woken, each new request goes to `request`. Returns false on a fatal error
+    /// (already reported through [`Shared::fail`]).
+    pub(crate) fn dispatch_faults(
+        &self,
+        policy: &mut Policy,
+        faults: &mut Vec<u64>,
+        mut request: impl FnMut(&mut Policy, Req),
+    ) -> bool {
+        faults.clear();
+        loop {
+            match self.uffd.read_faults(faults) {
+                Ok(n) if n < Uffd::READ_BATCH => break,
+                Ok(_) => {}
+                Err(e) => {
+                    self.fail(e.into());
+                    return false;
+                }
+            }
+        }
+        let now = Instant::now();
+        for &addr in faults.iter() {
+            self.stats.fault_events.fetch_add(1, Ordering::Relaxed);
+            let Some(page) = self.mem.page_of(addr) else {
+                log::warn!("fault at {addr:#x} outside the region");
+                continue;
+            };
+            let left = self.mem.host(page).map_or(1, |(_, l)| l);
+            match policy.on_fault(page.0, now, |p| self.received.get(p), left) {
+                Some(Action::Request(req)) => {
+                    self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                    request(policy, req);
+                }
+                Some(Action::Wake(p)) => {
+                    if let Some((host, _)) = self.mem.host(PageIndex(p)) {
+                        let _ = self.uffd.wake(host, self.mem.page_size());
+                    }
+                }
+                None => {}
+            }
+        }
+        true
     }
 
     /// Records a fault that waited from `since` until now.

@@ -16,9 +16,8 @@ use proto::{
     MAX_PAYLOAD_BYTES,
 };
 
-use crate::policy::{Action, Policy, Req};
+use crate::policy::{Policy, Req};
 use crate::stream_rx::{RxError, StreamRx};
-use crate::uffd::Uffd;
 use crate::{HostMemory, Origin, Pager, PagerConfig, PagerError, PagerEvent, Shared};
 
 /// An eventfd that wakes the fault thread out of poll(2).
@@ -48,6 +47,22 @@ impl Waker {
     pub(crate) fn fd(&self) -> i32 {
         self.0.as_raw_fd()
     }
+}
+
+/// poll(2) for input on up to three descriptors (-1: none) for at most `timeout_ms`. Returns
+/// which are readable (all false on timeout or EINTR).
+pub(crate) fn poll_in(fds: [i32; 3], timeout_ms: i32) -> [bool; 3] {
+    let mut p = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: polling three pollfd structs we own (negative fds are ignored by the kernel).
+    let n = unsafe { libc::poll(p.as_mut_ptr(), 3, timeout_ms) };
+    if n <= 0 {
+        return [false; 3];
+    }
+    p.map(|x| x.revents != 0)
 }
 
 /// Shuts down every connection of a pager (wakes threads blocked on them).
@@ -329,6 +344,7 @@ struct FaultThread {
     rbuf: Vec<u8>,
     filled: usize,
     faults: Vec<u64>,
+    reqs: Vec<Req>,
     out: Vec<u8>,
 }
 
@@ -341,7 +357,6 @@ impl FaultThread {
     }
 
     fn send(&mut self, req: Req) {
-        self.r.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         let Some((sock, _)) = self.conn.as_mut() else {
             return; // resent after the reconnect
         };
@@ -357,45 +372,17 @@ impl FaultThread {
         }
     }
 
-    /// Reads and handles every pending fault event. Returns whether there were any.
-    fn handle_faults(&mut self) -> bool {
+    /// Reads and handles every pending fault event.
+    fn handle_faults(&mut self) {
         let sh = self.r.shared.clone();
-        self.faults.clear();
-        loop {
-            match sh.uffd.read_faults(&mut self.faults) {
-                Ok(n) if n < Uffd::READ_BATCH => break,
-                Ok(_) => {}
-                Err(e) => {
-                    sh.fail(e.into());
-                    break;
-                }
-            }
-        }
-        let now = Instant::now();
-        let any = !self.faults.is_empty();
-        let faults = std::mem::take(&mut self.faults);
-        for &addr in &faults {
-            sh.stats.fault_events.fetch_add(1, Ordering::Relaxed);
-            let Some(page) = sh.mem.page_of(addr) else {
-                warn!("fault at {addr:#x} outside the region");
-                continue;
-            };
-            let left = sh.mem.host(page).map_or(1, |(_, l)| l);
-            match self
-                .policy
-                .on_fault(page.0, now, |p| sh.received.get(p), left)
-            {
-                Some(Action::Request(req)) => self.send(req),
-                Some(Action::Wake(p)) => {
-                    if let Some((host, _)) = sh.mem.host(PageIndex(p)) {
-                        let _ = sh.uffd.wake(host, sh.mem.page_size());
-                    }
-                }
-                None => {}
-            }
+        let mut faults = std::mem::take(&mut self.faults);
+        let mut reqs = std::mem::take(&mut self.reqs);
+        sh.dispatch_faults(&mut self.policy, &mut faults, |_, req| reqs.push(req));
+        for req in reqs.drain(..) {
+            self.send(req);
         }
         self.faults = faults;
-        any
+        self.reqs = reqs;
     }
 
     /// Reads whatever reply bytes are available and handles complete frames. Returns whether
@@ -528,32 +515,13 @@ fn fault_loop(r: Arc<Remote>, urgent: Sock, generation: u64) {
         rbuf: vec![0u8; HEADER_LEN + MAX_PAYLOAD_BYTES as usize],
         filled: 0,
         faults: Vec::with_capacity(64),
+        reqs: Vec::new(),
         out: Vec::with_capacity(64),
     };
     while !sh.stop.load(Ordering::Acquire) {
-        let mut fds = [
-            libc::pollfd {
-                fd: sh.uffd.raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: r.waker.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: t.conn.as_ref().map_or(-1, |(s, _)| s.as_raw_fd()),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: polling three pollfd structs we own.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, 1000) };
-        if n < 0 {
-            continue; // EINTR
-        }
-        if fds[1].revents != 0 {
+        let conn_fd = t.conn.as_ref().map_or(-1, |(s, _)| s.as_raw_fd());
+        let ready = poll_in([sh.uffd.raw_fd(), r.waker.fd(), conn_fd], 1000);
+        if ready[1] {
             r.waker.drain();
             if let Some((s, g)) = r.inbox.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 t.conn = Some((s, g));
