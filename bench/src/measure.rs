@@ -228,7 +228,9 @@ pub fn raw_local_faults(
     n: usize,
     cpu: Option<usize>,
 ) -> anyhow::Result<Samples> {
-    let src = vec![0x3cu8; region_bytes];
+    // a small source buffer, hot in cache: the floor, not a second 256 MiB allocation
+    const SRC_BYTES: usize = 1 << 20;
+    let src = vec![0x3cu8; SRC_BYTES];
     // SAFETY: a fresh private anonymous mapping.
     let p = unsafe {
         libc::mmap(
@@ -270,11 +272,11 @@ pub fn raw_local_faults(
             let _ = u.read_faults(&mut faults);
             for &a in &faults {
                 let page = (a - base as u64) & !4095;
-                // SAFETY: `src` holds region_bytes bytes; page < region_bytes.
+                // SAFETY: `src` holds SRC_BYTES bytes; the offset is a page inside it.
                 let _ = unsafe {
                     u.install(
                         base as u64 + page,
-                        Some((src_addr + page as usize) as *const u8),
+                        Some((src_addr + page as usize % SRC_BYTES) as *const u8),
                         4096,
                         4096,
                     )
