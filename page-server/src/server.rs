@@ -585,7 +585,9 @@ fn serve_request(
     // one reply frame; in the counters, its pages past the fault pages are prefetch
     let prefetch = u64::from(n.saturating_sub(fault_pages.max(1)));
     s.stats.fault_pages.fetch_sub(prefetch, Ordering::Relaxed);
-    s.stats.prefetch_pages.fetch_add(prefetch, Ordering::Relaxed);
+    s.stats
+        .prefetch_pages
+        .fetch_add(prefetch, Ordering::Relaxed);
     out.extend_from_slice(&prefix);
     for seg in &segs {
         out.extend_from_slice(seg);
