@@ -165,17 +165,21 @@ fn touch_random(p: &Pager, n: usize, seed: u64, deadline: Instant) -> Samples {
     Samples(out).sorted()
 }
 
+/// `base` with the stream off: every page comes in through a fault.
+fn demand_only(base: &PagerConfig) -> PagerConfig {
+    PagerConfig {
+        stream: false,
+        ..base.clone()
+    }
+}
+
 /// Remote faults with the stream off (pure demand), random order.
 pub fn remote_faults(
     addr: &Addr,
     n: usize,
     base: &PagerConfig,
 ) -> anyhow::Result<(Samples, pager::Report)> {
-    let cfg = PagerConfig {
-        stream: false,
-        ..base.clone()
-    };
-    let p = Pager::connect(addr, cfg).context("connect to page-server")?;
+    let p = Pager::connect(addr, demand_only(base)).context("connect to page-server")?;
     let s = touch_random(&p, n, 7, Instant::now() + Duration::from_secs(60));
     Ok((s, p.report()))
 }
@@ -212,11 +216,7 @@ pub fn local_faults(
     n: usize,
     base: &PagerConfig,
 ) -> anyhow::Result<(Samples, pager::Report)> {
-    let cfg = PagerConfig {
-        stream: false,
-        ..base.clone()
-    };
-    let p = Pager::local(image, cfg).context("local restore")?;
+    let p = Pager::local(image, demand_only(base)).context("local restore")?;
     let s = touch_random(&p, n, 13, Instant::now() + Duration::from_secs(60));
     Ok((s, p.report()))
 }

@@ -7,9 +7,8 @@ use std::time::Duration;
 use log::{debug, warn};
 use proto::Origin;
 
-use crate::memory::PageMap;
 use crate::server::Core;
-use crate::session::{build_frame, Session};
+use crate::session::{build_frame, Frame, Session};
 use crate::sock::Sock;
 
 pub(crate) fn run(core: Arc<Core>, mut sock: Sock, peer: String, session: Arc<Session>) {
@@ -21,10 +20,9 @@ pub(crate) fn run(core: Arc<Core>, mut sock: Sock, peer: String, session: Arc<Se
     crate::sched::set_nice(10);
     sock.set_buffers(4 << 20);
     let _ = sock.set_write_timeout(Some(Duration::from_secs(60)));
-    let map = PageMap::new(&*core.mem);
+    let map = &core.map;
     let chunk = core.config.stream_chunk_pages;
-    let mut prefix = Vec::with_capacity(512);
-    let mut segs = Vec::new();
+    let mut frame = Frame::default();
     'outer: while session.wait_stream() {
         let runs = session.claim_stream(chunk);
         if runs.is_empty() {
@@ -36,21 +34,18 @@ pub(crate) fn run(core: Arc<Core>, mut sock: Sock, peer: String, session: Arc<Se
             let mut done = 0;
             while done < count {
                 let n = build_frame(
-                    &map,
+                    map,
                     first + u64::from(done),
                     count - done,
                     Origin::Stream,
-                    &mut prefix,
-                    &mut segs,
+                    0,
+                    &mut frame,
                     &session.stats,
                 );
                 if n == 0 {
                     break;
                 }
-                let mut bufs: Vec<&[u8]> = Vec::with_capacity(segs.len() + 1);
-                bufs.push(&prefix);
-                bufs.extend(segs.iter().copied());
-                if let Err(e) = sock.write_all_vectored(&bufs) {
+                if let Err(e) = sock.write_all_vectored(&frame.parts()) {
                     if !session.is_closed() {
                         warn!("client {peer}: bulk connection dropped: {e}");
                     }

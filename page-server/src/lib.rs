@@ -129,7 +129,7 @@ pub fn serve(
     let (poll, waker) = server::new_poll().map_err(ServerError::Poll)?;
     let stop = Arc::new(AtomicBool::new(false));
     let core = Arc::new(server::Core {
-        mem,
+        map: memory::PageMap::new(mem),
         config,
         next_session: AtomicU64::new(1),
     });

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use proto::{Layout, PageIndex};
 use thiserror::Error;
@@ -188,16 +189,17 @@ impl MemoryProvider for RawRegions {
     }
 }
 
-/// Flat page index → bytes, splitting at region boundaries.
-pub(crate) struct PageMap<'a> {
-    mem: &'a dyn MemoryProvider,
+/// Flat page index → bytes of a provider, splitting at region boundaries. Built once per
+/// server (the region table never changes), not per request.
+pub(crate) struct PageMap {
+    mem: Arc<dyn MemoryProvider>,
     /// First page of each region, plus the total at the end.
     starts: Vec<u64>,
     page_size: u32,
 }
 
-impl<'a> PageMap<'a> {
-    pub(crate) fn new(mem: &'a dyn MemoryProvider) -> Self {
+impl PageMap {
+    pub(crate) fn new(mem: Arc<dyn MemoryProvider>) -> Self {
         let ps = u64::from(mem.page_size());
         let mut starts = vec![0];
         let mut acc = 0;
@@ -205,11 +207,17 @@ impl<'a> PageMap<'a> {
             acc += r.len_bytes / ps;
             starts.push(acc);
         }
+        let page_size = mem.page_size();
         PageMap {
             mem,
             starts,
-            page_size: mem.page_size(),
+            page_size,
         }
+    }
+
+    /// The provider.
+    pub(crate) fn mem(&self) -> &dyn MemoryProvider {
+        &*self.mem
     }
 
     pub(crate) fn page_size(&self) -> u32 {
@@ -222,7 +230,7 @@ impl<'a> PageMap<'a> {
 
     /// Bytes of up to `count` pages from `first`, stopping at the end of `first`'s region.
     /// None if `first` is out of range.
-    pub(crate) fn run(&self, first: PageIndex, count: u32) -> Option<&'a [u8]> {
+    pub(crate) fn run(&self, first: PageIndex, count: u32) -> Option<&[u8]> {
         let p = first.0;
         if p >= self.total_pages() {
             return None;

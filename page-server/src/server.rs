@@ -15,8 +15,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use proto::handshake::{check, offer, Offer};
 use proto::{error_code, Channel, Header, Message, Origin, Welcome, HEADER_LEN, PROTOCOL_VERSION};
 
-use crate::memory::{MemoryProvider, PageMap};
-use crate::session::{build_frame, Session};
+use crate::memory::PageMap;
+use crate::session::{build_frame, Frame, Session};
 use crate::sock::{Addr, Sock};
 use crate::{bulk, ServerConfig, ServerError};
 
@@ -111,7 +111,8 @@ enum Next {
 
 /// The running server's shared parts.
 pub(crate) struct Core {
-    pub(crate) mem: Arc<dyn MemoryProvider>,
+    /// The memory served, with its page table.
+    pub(crate) map: PageMap,
     pub(crate) config: ServerConfig,
     pub(crate) next_session: AtomicU64,
 }
@@ -399,7 +400,7 @@ fn handle_frames(
     c: &mut Conn,
     sessions: &mut HashMap<u64, Arc<Session>>,
 ) -> Option<Next> {
-    let page_size = core.mem.page_size();
+    let page_size = core.map.mem().page_size();
     let mut used = 0;
     let mut result = None;
     while c.rbuf.len() - used >= HEADER_LEN && c.wbuf.len() - c.wpos <= MAX_PENDING_WRITE {
@@ -480,8 +481,8 @@ fn welcome(core: &Core, session: u64) -> Vec<u8> {
     Message::Welcome(Welcome {
         version: PROTOCOL_VERSION,
         session,
-        page_size: core.mem.page_size(),
-        layout: core.mem.layout().clone(),
+        page_size: core.map.mem().page_size(),
+        layout: core.map.mem().layout().clone(),
     })
     .to_vec()
 }
@@ -492,7 +493,7 @@ fn classify(
     msg: Message<'_>,
     sessions: &mut HashMap<u64, Arc<Session>>,
 ) -> Action {
-    let total_pages = core.mem.layout().total_pages(core.mem.page_size());
+    let total_pages = core.map.total_pages();
     match (role, msg) {
         (Role::New, Message::Hello(h)) => {
             let theirs = Offer {
@@ -500,7 +501,10 @@ fn classify(
                 page_size: h.page_size,
                 layout: &h.layout,
             };
-            if let Err(e) = check(offer(core.mem.page_size(), core.mem.layout()), theirs) {
+            if let Err(e) = check(
+                offer(core.map.mem().page_size(), core.map.mem().layout()),
+                theirs,
+            ) {
                 return Action::Fail(error_code::HANDSHAKE, format!("handshake refused: {e}"));
             }
             if h.channel == Channel::Control {
@@ -567,30 +571,22 @@ fn serve_request(
     fault_pages: u32,
 ) {
     let (first, count) = s.claim_request(first, count, fault_pages);
-    let map = PageMap::new(&*core.mem);
-    let mut prefix = Vec::with_capacity(64);
-    let mut segs = Vec::new();
+    let mut frame = Frame::default();
+    let fault = fault_pages.max(1);
     let n = build_frame(
-        &map,
+        &core.map,
         first,
         count,
         Origin::Fault,
-        &mut prefix,
-        &mut segs,
+        fault,
+        &mut frame,
         &s.stats,
     );
     if n == 0 {
         return;
     }
-    // one reply frame; in the counters, its pages past the fault pages are prefetch
-    let prefetch = u64::from(n.saturating_sub(fault_pages.max(1)));
-    s.stats.fault_pages.fetch_sub(prefetch, Ordering::Relaxed);
-    s.stats
-        .prefetch_pages
-        .fetch_add(prefetch, Ordering::Relaxed);
-    out.extend_from_slice(&prefix);
-    for seg in &segs {
-        out.extend_from_slice(seg);
+    for part in frame.parts() {
+        out.extend_from_slice(part);
     }
 }
 

@@ -212,19 +212,37 @@ impl Session {
     }
 }
 
-/// Builds a `Pages` frame for up to `count` pages from `first` (clipped to the end of the region
-/// and to [`MAX_PAGES_PER_FRAME`]): the encoded prefix goes into `prefix`, the non-zero pages'
-/// bytes into `segs` as slices of the memory (contiguous pages merged). Returns the pages
-/// covered (0 if `first` is out of range).
+/// An encoded `Pages` frame that points into the memory instead of copying it: the header,
+/// fixed part and zero mask, then the non-zero pages as slices (contiguous pages merged).
+#[derive(Default)]
+pub(crate) struct Frame<'m> {
+    pub(crate) prefix: Vec<u8>,
+    pub(crate) segs: Vec<&'m [u8]>,
+}
+
+impl Frame<'_> {
+    /// Every byte of the frame, in order, as slices (for `writev`).
+    pub(crate) fn parts(&self) -> Vec<&[u8]> {
+        std::iter::once(&self.prefix[..])
+            .chain(self.segs.iter().copied())
+            .collect()
+    }
+}
+
+/// Builds into `frame` a `Pages` frame for up to `count` pages from `first` (clipped to the end
+/// of the region and to [`MAX_PAGES_PER_FRAME`]). Returns the pages
+/// covered (0 if `first` is out of range). In the counters, a `Fault` frame's first
+/// `fault_pages` pages are fault pages and the rest prefetch.
 pub(crate) fn build_frame<'m>(
-    map: &PageMap<'m>,
+    map: &'m PageMap,
     first: u64,
     count: u32,
     origin: Origin,
-    prefix: &mut Vec<u8>,
-    segs: &mut Vec<&'m [u8]>,
+    fault_pages: u32,
+    frame: &mut Frame<'m>,
     stats: &SessionStats,
 ) -> u32 {
+    let Frame { prefix, segs } = frame;
     prefix.clear();
     segs.clear();
     let Some(bytes) = map.run(PageIndex(first), count.min(MAX_PAGES_PER_FRAME)) else {
@@ -253,12 +271,14 @@ pub(crate) fn build_frame<'m>(
         segs.push(&bytes[s * ps..n as usize * ps]);
     }
     encode_pages_prefix(PageIndex(first), n, origin, &mask, data_len, prefix);
-    let counter = match origin {
-        Origin::Fault => &stats.fault_pages,
-        Origin::Prefetch => &stats.prefetch_pages,
-        Origin::Stream => &stats.stream_pages,
+    let (lead, rest) = match origin {
+        Origin::Fault => (&stats.fault_pages, &stats.prefetch_pages),
+        Origin::Prefetch => (&stats.prefetch_pages, &stats.prefetch_pages),
+        Origin::Stream => (&stats.stream_pages, &stats.stream_pages),
     };
-    counter.fetch_add(u64::from(n), Ordering::Relaxed);
+    let led = fault_pages.min(n);
+    lead.fetch_add(u64::from(led), Ordering::Relaxed);
+    rest.fetch_add(u64::from(n - led), Ordering::Relaxed);
     stats.zero_pages.fetch_add(zeros, Ordering::Relaxed);
     stats
         .data_bytes
