@@ -1,0 +1,297 @@
+//! The control socket: JSON lines over a Unix socket (mode 0600, peers of
+//! another user refused), one request and one reply per line.
+//!
+//! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
+//! `{"cmd":"snapshot","state":PATH,"memory":PATH}`, `{"cmd":"shutdown"}`,
+//! `{"cmd":"serial_input","data":TEXT}`, `{"cmd":"checksum"}`.
+//! Replies: `{"ok":true,...}` or `{"ok":false,"error":{"kind":K,"message":M}}`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+/// Longest request line.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// State, shape, timings.
+    Status,
+    /// Stop every vCPU.
+    Pause,
+    /// Run every vCPU.
+    Resume,
+    /// Pause and write state + memory.
+    Snapshot {
+        /// State file.
+        state: PathBuf,
+        /// Memory file.
+        memory: PathBuf,
+    },
+    /// End the VM.
+    Shutdown,
+    /// Bytes for the guest's serial input.
+    SerialInput {
+        /// The bytes (UTF-8 text).
+        data: String,
+    },
+    /// Checksum of guest RAM (meaningful while paused).
+    Checksum,
+}
+
+/// A structured error reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// Machine-matchable kind (`bad_request`, `state`, `memory`, `busy`, `internal`).
+    pub kind: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// A reply: `ok` plus fields, or an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Success.
+    pub ok: bool,
+    /// On failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorReply>,
+    /// Fields of a successful reply.
+    #[serde(flatten)]
+    pub fields: serde_json::Map<String, Value>,
+}
+
+impl Reply {
+    /// Success with `fields` (a JSON object).
+    pub fn ok(fields: Value) -> Reply {
+        Reply {
+            ok: true,
+            error: None,
+            fields: match fields {
+                Value::Object(m) => m,
+                _ => serde_json::Map::new(),
+            },
+        }
+    }
+
+    /// Failure.
+    pub fn err(kind: &str, message: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            error: Some(ErrorReply {
+                kind: kind.to_owned(),
+                message: message.into(),
+            }),
+            fields: serde_json::Map::new(),
+        }
+    }
+}
+
+/// A request from a connection, with where to send its reply.
+pub type Incoming = (Request, Sender<Reply>);
+
+/// The control socket failed.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// Binding or securing the socket.
+    #[error("control socket {path}: {what}")]
+    Socket {
+        /// The path.
+        path: String,
+        /// What failed.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process serves this path.
+    #[error("control socket {path} is in use by another process")]
+    InUse {
+        /// The path.
+        path: String,
+    },
+    /// Talking to a VMM.
+    #[error("talking to {path}")]
+    Client {
+        /// The path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM's reply was not valid.
+    #[error("bad reply from {path}: {reply:?}")]
+    BadReply {
+        /// The path.
+        path: String,
+        /// What came back.
+        reply: String,
+    },
+}
+
+/// Binds the control socket (0600) and serves it on a thread, handing each
+/// request to `to_vm` (which `forward` wraps into the VM's event type).
+pub fn serve<E: Send + 'static>(
+    path: &Path,
+    to_vm: Sender<E>,
+    forward: fn(Incoming) -> E,
+) -> Result<(), ControlError> {
+    let p = path.display().to_string();
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ControlError::InUse { path: p });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let sock_err = |what, source| ControlError::Socket {
+        path: p.clone(),
+        what,
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(|e| sock_err("bind", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| sock_err("chmod 0600", e))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let tx = to_vm.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || connection(conn, tx, forward));
+            }
+        })
+        .map_err(|e| sock_err("spawn thread", e))?;
+    Ok(())
+}
+
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt(SO_PEERCRED) writes at most `len` bytes into `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
+}
+
+fn connection<E>(conn: UnixStream, to_vm: Sender<E>, forward: fn(Incoming) -> E) {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let mut out = match conn.try_clone() {
+        Ok(c) => c,
+        Err(_) => return,
+    };
+    match peer_uid(&conn) {
+        Some(uid) if uid == me || uid == 0 => {}
+        other => {
+            log::warn!("control socket: refused peer uid {other:?}");
+            let _ = write_reply(&mut out, &Reply::err("denied", "peer is another user"));
+            return;
+        }
+    }
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut line = Vec::new();
+        match (&mut reader)
+            .take(MAX_REQUEST_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.len() > MAX_REQUEST_BYTES {
+            let _ = write_reply(
+                &mut out,
+                &Reply::err("bad_request", format!("request longer than {MAX_REQUEST_BYTES} bytes")),
+            );
+            return;
+        }
+        let reply = match serde_json::from_slice::<Request>(&line) {
+            Err(e) => Reply::err("bad_request", format!("cannot parse request: {e}")),
+            Ok(req) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                if to_vm.send(forward((req, tx))).is_err() {
+                    Reply::err("internal", "the VM is gone")
+                } else {
+                    rx.recv_timeout(Duration::from_secs(600))
+                        .unwrap_or_else(|_| Reply::err("internal", "no reply from the VM"))
+                }
+            }
+        };
+        if write_reply(&mut out, &reply).is_err() {
+            return;
+        }
+    }
+}
+
+fn write_reply(out: &mut UnixStream, r: &Reply) -> std::io::Result<()> {
+    let mut s = serde_json::to_vec(r).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    s.push(b'\n');
+    out.write_all(&s)
+}
+
+use std::io::Read;
+
+/// Sends one request to the VMM at `path` and returns its reply.
+pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, ControlError> {
+    let p = path.display().to_string();
+    let cerr = |source| ControlError::Client {
+        path: p.clone(),
+        source,
+    };
+    let mut s = UnixStream::connect(path).map_err(cerr)?;
+    s.set_read_timeout(Some(timeout)).map_err(cerr)?;
+    let mut line = serde_json::to_vec(req).map_err(|e| cerr(std::io::Error::other(e)))?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(cerr)?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).map_err(cerr)?;
+    serde_json::from_str(&reply).map_err(|_| ControlError::BadReply {
+        path: p.clone(),
+        reply: reply.trim().to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_unknown_ones_are_refused() {
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"snapshot","state":"/a","memory":"/b"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Snapshot {
+                state: "/a".into(),
+                memory: "/b".into()
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"pause","x":1}"#).is_err());
+        let e = serde_json::to_string(&Reply::err("busy", "no")).unwrap();
+        assert_eq!(e, r#"{"ok":false,"error":{"kind":"busy","message":"no"}}"#);
+    }
+}

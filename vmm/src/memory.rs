@@ -1,0 +1,240 @@
+//! Guest RAM: its layout around the PCI hole, the host mappings (vm-memory,
+//! private anonymous, MAP_NORESERVE, so the pager can register them with
+//! userfaultfd), and whole-RAM operations (checksum, save, load).
+//!
+//! The memory file of a snapshot is the RAM regions concatenated in
+//! guest-physical order; the flat page index of `proto` (regions
+//! concatenated) therefore addresses it directly, which is how
+//! `page-server --serve FILE` can serve it without knowing the hole.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+
+use proto::{GuestPhysAddr, Layout, Region};
+use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Start of the PCI hole (MMIO: IOAPIC, LAPIC, ...): RAM beyond 3 GiB moves above 4 GiB.
+pub const PCI_HOLE_START: u64 = 3 << 30;
+/// End of the PCI hole.
+pub const PCI_HOLE_END: u64 = 4 << 30;
+/// Page size of guest RAM.
+pub const PAGE_SIZE: u32 = 4096;
+
+/// Guest RAM failed.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// The size is not a positive multiple of 2 MiB.
+    #[error("guest memory size {bytes} bytes is not a positive multiple of 2 MiB")]
+    BadSize {
+        /// Requested bytes.
+        bytes: u64,
+    },
+    /// vm-memory could not map it.
+    #[error("cannot map {bytes} bytes of guest memory")]
+    Map {
+        /// Requested bytes.
+        bytes: u64,
+        /// Cause.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// Reading or writing a memory file.
+    #[error("{what} memory file {path}")]
+    File {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The memory file is not the size of guest RAM.
+    #[error("memory file {path} has {file_bytes} bytes, guest RAM has {ram_bytes}")]
+    FileSize {
+        /// The file.
+        path: String,
+        /// Its size.
+        file_bytes: u64,
+        /// RAM size.
+        ram_bytes: u64,
+    },
+}
+
+/// Guest-physical RAM ranges `(gpa, bytes)` for `bytes` of RAM.
+pub fn ram_ranges(bytes: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
+    if bytes == 0 || bytes % (2 << 20) != 0 {
+        return Err(MemoryError::BadSize { bytes });
+    }
+    if bytes <= PCI_HOLE_START {
+        Ok(vec![(0, bytes)])
+    } else {
+        Ok(vec![(0, PCI_HOLE_START), (PCI_HOLE_END, bytes - PCI_HOLE_START)])
+    }
+}
+
+/// The guest's RAM.
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap<()>,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl GuestRam {
+    /// Maps `bytes` of zeroed RAM split around the PCI hole.
+    pub fn new(bytes: u64) -> Result<GuestRam, MemoryError> {
+        let ranges = ram_ranges(bytes)?;
+        let vm_ranges: Vec<(GuestAddress, usize)> = ranges
+            .iter()
+            .map(|&(g, l)| (GuestAddress(g), l as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&vm_ranges)
+            .map_err(|source| MemoryError::Map { bytes, source })?;
+        Ok(GuestRam { mem, ranges })
+    }
+
+    /// The vm-memory view.
+    pub fn mem(&self) -> &GuestMemoryMmap<()> {
+        &self.mem
+    }
+
+    /// Total bytes.
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.1).sum()
+    }
+
+    /// Guest-physical ranges `(gpa, bytes)`.
+    pub fn ranges(&self) -> &[(u64, u64)] {
+        &self.ranges
+    }
+
+    /// `(gpa, host address, bytes)` of each region, in guest-physical order.
+    pub fn host_regions(&self) -> Vec<(u64, u64, u64)> {
+        self.mem
+            .iter()
+            .map(|r| {
+                let host = r.as_ptr() as u64;
+                (r.start_addr().0, host, r.len())
+            })
+            .collect()
+    }
+
+    /// The layout in `proto` terms.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            regions: self
+                .ranges
+                .iter()
+                .map(|&(g, l)| Region {
+                    gpa_start: GuestPhysAddr(g),
+                    len_bytes: l,
+                })
+                .collect(),
+        }
+    }
+
+    /// Each region as a byte slice.
+    fn slices(&self) -> Vec<&[u8]> {
+        self.host_regions()
+            .into_iter()
+            .map(|(_, host, len)| {
+                // SAFETY: vm-memory keeps the mapping alive as long as self; the guest may write
+                // concurrently (callers pause it first when they need a stable view), and u8
+                // reads of shared memory have no invalid values.
+                unsafe { std::slice::from_raw_parts(host as *const u8, len as usize) }
+            })
+            .collect()
+    }
+
+    /// Checksum of all RAM (u64 little-endian words, the guest's own function).
+    pub fn checksum(&self) -> u64 {
+        let mut h = guest::CHECKSUM_INIT;
+        for s in self.slices() {
+            h = guest::checksum_words(
+                s.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))),
+                h,
+            );
+        }
+        h
+    }
+
+    /// Writes all RAM to `path` (regions concatenated).
+    pub fn save(&self, path: &Path) -> Result<(), MemoryError> {
+        let err = |source| MemoryError::File {
+            what: "writing",
+            path: path.display().to_string(),
+            source,
+        };
+        let mut f = File::create(path).map_err(err)?;
+        for s in self.slices() {
+            f.write_all(s).map_err(err)?;
+        }
+        f.sync_all().map_err(err)
+    }
+
+    /// Reads all RAM from `path` (eager restore).
+    pub fn load(&self, path: &Path) -> Result<(), MemoryError> {
+        let err = |source| MemoryError::File {
+            what: "reading",
+            path: path.display().to_string(),
+            source,
+        };
+        let mut f = File::open(path).map_err(err)?;
+        let file_bytes = f.metadata().map_err(err)?.len();
+        if file_bytes != self.bytes() {
+            return Err(MemoryError::FileSize {
+                path: path.display().to_string(),
+                file_bytes,
+                ram_bytes: self.bytes(),
+            });
+        }
+        for (_, host, len) in self.host_regions() {
+            // SAFETY: our own live mapping; the guest is not running during a restore.
+            let s = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, len as usize) };
+            f.read_exact(s).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Releases all RAM back to the host (MADV_DONTNEED), e.g. after it was migrated.
+    pub fn discard(&self) {
+        for (_, host, len) in self.host_regions() {
+            // SAFETY: our own private anonymous mapping; it stays mapped and reads as zero.
+            unsafe { libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
+        }
+    }
+
+    /// Resident bytes of guest RAM (mincore).
+    pub fn resident_bytes(&self) -> u64 {
+        let mut total = 0;
+        for (_, host, len) in self.host_regions() {
+            let pages = (len / u64::from(PAGE_SIZE)) as usize;
+            let mut vec = vec![0u8; pages];
+            // SAFETY: vec has one byte per page of our live mapping.
+            let rc = unsafe { libc::mincore(host as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
+            if rc == 0 {
+                total += vec.iter().filter(|b| **b & 1 != 0).count() as u64 * u64::from(PAGE_SIZE);
+            }
+        }
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_split_around_the_hole() {
+        assert_eq!(ram_ranges(1 << 30).unwrap(), vec![(0, 1 << 30)]);
+        assert_eq!(
+            ram_ranges(4 << 30).unwrap(),
+            vec![(0, 3 << 30), (4 << 30, 1 << 30)]
+        );
+        assert!(matches!(ram_ranges(0), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(ram_ranges(4097), Err(MemoryError::BadSize { .. })));
+    }
+}

@@ -1,0 +1,264 @@
+//! The complete non-memory state of a VM and its file / wire form.
+//!
+//! Every component keeps its saved state next to it behind [`Persist`]
+//! (no default methods: a component that forgets its state does not compile).
+//! Live resources (guest memory, file descriptors, the console's output)
+//! come in as restore arguments, never inside the state.
+//!
+//! Envelope: one `proto` frame of kind `State` (magic, protocol version,
+//! length checked against the frame cap before anything is read, CRC32 over
+//! the blob). The blob starts with [`STATE_VERSION`] (u32 LE), then the
+//! postcard encoding of [`Snapshot`]. A reader refuses another version.
+
+use std::io::Read;
+use std::path::Path;
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+use proto::{Message, HEADER_LEN, MAX_PAYLOAD_BYTES};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::devices::DevicesState;
+
+/// Version of the [`Snapshot`] encoding.
+pub const STATE_VERSION: u32 = 1;
+
+/// Saving or restoring state failed.
+#[derive(Debug, Error)]
+pub enum StateError {
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed")]
+    Kvm {
+        /// The ioctl.
+        op: &'static str,
+        /// errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM accepted only part of the MSRs.
+    #[error("KVM {op}: {done} of {want} MSRs (stopped at index {index:#x})")]
+    Msrs {
+        /// Get or set.
+        op: &'static str,
+        /// Accepted.
+        done: usize,
+        /// Asked.
+        want: usize,
+        /// First MSR not accepted.
+        index: u32,
+    },
+    /// The state does not fit what it is restored into.
+    #[error("invalid state: {0}")]
+    Invalid(String),
+    /// The state file could not be read or written.
+    #[error("state file {path}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file is larger than a state frame may be.
+    #[error("state file {path} has {len} bytes, more than the {cap}-byte cap")]
+    TooLarge {
+        /// The file.
+        path: String,
+        /// Its size.
+        len: u64,
+        /// The cap.
+        cap: u64,
+    },
+    /// The envelope is not a valid state frame (magic, version, length, CRC).
+    #[error("state file {path} is not a valid state frame")]
+    Frame {
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: proto::DecodeError,
+    },
+    /// Bytes after the frame.
+    #[error("state file {path} has {extra} bytes after the state frame")]
+    Trailing {
+        /// The file.
+        path: String,
+        /// How many.
+        extra: usize,
+    },
+    /// Another state version.
+    #[error("state version {found} (this vmm reads version {STATE_VERSION})")]
+    Version {
+        /// Found in the blob.
+        found: u32,
+    },
+    /// The blob does not decode.
+    #[error("state blob does not decode")]
+    Decode(#[source] postcard::Error),
+}
+
+/// A component whose state is saved and restored.
+pub trait Persist: Sized {
+    /// The saved form.
+    type State;
+    /// Live resources needed to rebuild it.
+    type Args;
+    /// Captures the state (the VM is paused).
+    fn save(&self) -> Result<Self::State, StateError>;
+    /// Rebuilds the component from `state`.
+    fn restore(args: Self::Args, state: &Self::State) -> Result<Self, StateError>;
+}
+
+/// One vCPU's complete state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// vCPU index (= APIC id).
+    pub index: u32,
+    /// CPUID as set on the vCPU.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// FPU / SSE / AVX state.
+    pub xsave: kvm_xsave,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_xcrs,
+    /// Every MSR KVM reports as saveable and could read, `(index, value)`.
+    pub msrs: Vec<(u32, u64)>,
+    /// Local APIC registers (incl. timer).
+    pub lapic: kvm_lapic_state,
+    /// Pending exceptions, interrupts, NMI, SMI.
+    pub vcpu_events: kvm_vcpu_events,
+    /// Runnable / halted / waiting for SIPI.
+    pub mp_state: kvm_mp_state,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// Guest TSC frequency.
+    pub tsc_khz: u32,
+}
+
+/// VM-wide KVM state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    /// i8254 (PIT2).
+    pub pit: kvm_pit_state2,
+    /// 8259 master.
+    pub pic_master: kvm_irqchip,
+    /// 8259 slave.
+    pub pic_slave: kvm_irqchip,
+    /// IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// kvmclock.
+    pub clock: kvm_clock_data,
+}
+
+/// What the VM is made of (rebuilt before the state is applied).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    /// Guest RAM bytes.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// RAM ranges `(gpa, bytes)`.
+    pub ram: Vec<(u64, u64)>,
+    /// What was booted (for `status`).
+    pub boot: String,
+}
+
+/// Everything but memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Machine shape.
+    pub config: MachineConfig,
+    /// VM-wide KVM state.
+    pub vm: VmState,
+    /// Per vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// Devices.
+    pub devices: DevicesState,
+}
+
+/// Encodes a snapshot into its envelope (one State frame).
+pub fn encode(s: &Snapshot) -> Result<Vec<u8>, StateError> {
+    let mut blob = STATE_VERSION.to_le_bytes().to_vec();
+    blob.extend(postcard::to_stdvec(s).map_err(StateError::Decode)?);
+    if blob.len() + 4 > MAX_PAYLOAD_BYTES as usize {
+        return Err(StateError::Invalid(format!(
+            "state of {} bytes exceeds the frame cap",
+            blob.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(blob.len() + 32);
+    Message::State { blob: &blob }.encode(&mut out);
+    Ok(out)
+}
+
+/// Decodes an envelope.
+pub fn decode(bytes: &[u8], path: &str) -> Result<Snapshot, StateError> {
+    let (msg, used) =
+        Message::decode_frame(bytes, crate::memory::PAGE_SIZE).map_err(|source| {
+            StateError::Frame {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    if used != bytes.len() {
+        return Err(StateError::Trailing {
+            path: path.to_owned(),
+            extra: bytes.len() - used,
+        });
+    }
+    let Message::State { blob } = msg else {
+        return Err(StateError::Invalid(format!(
+            "{path}: frame is a {:?}, not a state frame",
+            msg.kind()
+        )));
+    };
+    let Some((v, rest)) = blob.split_first_chunk::<4>() else {
+        return Err(StateError::Invalid(format!("{path}: empty state blob")));
+    };
+    let found = u32::from_le_bytes(*v);
+    if found != STATE_VERSION {
+        return Err(StateError::Version { found });
+    }
+    let (s, left) = postcard::take_from_bytes::<Snapshot>(rest).map_err(StateError::Decode)?;
+    if !left.is_empty() {
+        return Err(StateError::Invalid(format!(
+            "{path}: {} bytes after the snapshot in the blob",
+            left.len()
+        )));
+    }
+    Ok(s)
+}
+
+/// Writes a snapshot's envelope to `path`.
+pub fn write_file(s: &Snapshot, path: &Path) -> Result<u64, StateError> {
+    let bytes = encode(s)?;
+    std::fs::write(path, &bytes).map_err(|source| StateError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(bytes.len() as u64)
+}
+
+/// Reads a snapshot from `path`, checking its size against the cap first.
+pub fn read_file(path: &Path) -> Result<Snapshot, StateError> {
+    let p = path.display().to_string();
+    let io = |source| StateError::Io {
+        path: p.clone(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let cap = (HEADER_LEN as u64) + u64::from(MAX_PAYLOAD_BYTES);
+    if len > cap {
+        return Err(StateError::TooLarge { path: p, len, cap });
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(cap).read_to_end(&mut bytes).map_err(io)?;
+    decode(&bytes, &p)
+}

@@ -1,0 +1,406 @@
+//! vCPUs: initial setup, complete state save / restore, and the vCPU thread.
+//!
+//! Each vCPU has its own thread that owns the `VcpuFd`. The controller talks
+//! to it through a command channel and "kicks" it out of `KVM_RUN` with a
+//! signal (re-sent until the thread answers, which closes the race between
+//! checking the channel and entering the guest).
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::Devices;
+use crate::state::{Persist, StateError, VcpuState};
+
+/// MSRs never saved: KVM lists them, but hosts refuse them (arch capabilities
+/// on nested hosts) or they are read-only views.
+const SKIPPED_MSRS: &[u32] = &[0x10a];
+/// Restored last: the TSC deadline is relative to the TSC, restored first.
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+/// IA32_TSC.
+const MSR_TSC: u32 = 0x10;
+
+fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
+    move |source| StateError::Kvm { op, source }
+}
+
+/// Orders the saveable MSR list: TSC first, TSC deadline last, skipped ones out.
+pub fn order_msrs(list: &[u32]) -> Vec<u32> {
+    let mut v: Vec<u32> = list
+        .iter()
+        .copied()
+        .filter(|i| !SKIPPED_MSRS.contains(i))
+        .collect();
+    v.sort_by_key(|&i| match i {
+        MSR_TSC => 0,
+        MSR_TSC_DEADLINE => 2,
+        _ => 1,
+    });
+    v
+}
+
+/// Keeps the MSRs of `list` this vCPU can read (KVM may list MSRs the host
+/// CPU or a nested hypervisor does not support).
+pub fn readable_msrs(fd: &VcpuFd, list: &[u32]) -> Vec<u32> {
+    list.iter()
+        .copied()
+        .filter(|&index| {
+            let mut one = match Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                ..Default::default()
+            }]) {
+                Ok(m) => m,
+                Err(_) => return false,
+            };
+            matches!(fd.get_msrs(&mut one), Ok(1))
+        })
+        .collect()
+}
+
+fn msrs_of(entries: &[(u32, u64)]) -> Result<Msrs, StateError> {
+    let e: Vec<kvm_msr_entry> = entries
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&e).map_err(|e| StateError::Invalid(format!("MSR list: {e:?}")))
+}
+
+/// A vCPU and the MSR list it saves.
+pub struct Vcpu {
+    /// vCPU index (= APIC id).
+    pub index: u32,
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// MSRs saved for this vCPU, in restore order.
+    pub msr_list: Vec<u32>,
+}
+
+impl Vcpu {
+    /// Initial state for a fresh boot (any vCPU): CPUID, FPU defaults, LAPIC
+    /// LINT0 = ExtINT / LINT1 = NMI, a few MSRs firmware would set.
+    pub fn init_fresh(&self, cpuid: &CpuId) -> Result<(), StateError> {
+        self.fd.set_cpuid2(cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?;
+        // IA32_MISC_ENABLE: fast strings; MTRR default type: write-back, enabled.
+        let m = msrs_of(&[(0x1a0, 1), (0x2ff, (1 << 11) | 6)])?;
+        self.fd.set_msrs(&m).map_err(kvm("KVM_SET_MSRS"))?;
+        let mut lapic = self.fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+        set_lapic_reg(&mut lapic, 0x350, 0x700); // LINT0: ExtINT
+        set_lapic_reg(&mut lapic, 0x360, 0x400); // LINT1: NMI
+        self.fd.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+        Ok(())
+    }
+
+    /// Sets the boot registers (the BSP of a fresh boot).
+    pub fn set_boot_regs(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Result<(), StateError> {
+        self.fd.set_sregs(sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        self.fd.set_regs(regs).map_err(kvm("KVM_SET_REGS"))?;
+        Ok(())
+    }
+}
+
+fn set_lapic_reg(l: &mut kvm_bindings::kvm_lapic_state, off: usize, v: u32) {
+    for (i, b) in v.to_le_bytes().iter().enumerate() {
+        l.regs[off + i] = *b as _;
+    }
+}
+
+impl Persist for Vcpu {
+    type State = VcpuState;
+    type Args = (u32, VcpuFd);
+
+    fn save(&self) -> Result<VcpuState, StateError> {
+        let fd = &self.fd;
+        // mp_state first: KVM folds pending events into it.
+        let mp_state = fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?;
+        let regs = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+        let xsave = fd.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?;
+        let xcrs = fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?;
+        let lapic = fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+        let vcpu_events = fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
+        let debugregs = fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?;
+        let tsc_khz = fd.get_tsc_khz().map_err(kvm("KVM_GET_TSC_KHZ"))?;
+        let cpuid = fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let mut msrs = msrs_of(&self.msr_list.iter().map(|&i| (i, 0)).collect::<Vec<_>>())?;
+        let n = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+        if n != self.msr_list.len() {
+            return Err(StateError::Msrs {
+                op: "KVM_GET_MSRS",
+                done: n,
+                want: self.msr_list.len(),
+                index: self.msr_list[n],
+            });
+        }
+        Ok(VcpuState {
+            index: self.index,
+            cpuid,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
+            lapic,
+            vcpu_events,
+            mp_state,
+            debugregs,
+            tsc_khz,
+        })
+    }
+
+    fn restore((index, fd): Self::Args, s: &VcpuState) -> Result<Vcpu, StateError> {
+        if s.index != index {
+            return Err(StateError::Invalid(format!(
+                "vCPU {index} given the state of vCPU {}",
+                s.index
+            )));
+        }
+        let cpuid = CpuId::from_entries(&s.cpuid)
+            .map_err(|e| StateError::Invalid(format!("CPUID: {e:?}")))?;
+        fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        if let Err(e) = fd.set_tsc_khz(s.tsc_khz) {
+            // Same-host restores keep the frequency; a host that cannot scale is an error only
+            // when the frequency differs.
+            let here = fd.get_tsc_khz().map_err(kvm("KVM_GET_TSC_KHZ"))?;
+            if here != s.tsc_khz {
+                return Err(StateError::Kvm {
+                    op: "KVM_SET_TSC_KHZ",
+                    source: e,
+                });
+            }
+        }
+        fd.set_sregs(&s.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        fd.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
+        // SAFETY: s.xsave is a kvm_xsave of the size KVM_SET_XSAVE reads.
+        unsafe { fd.set_xsave(&s.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&s.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        let msrs = msrs_of(&s.msrs)?;
+        let n = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        if n != s.msrs.len() {
+            return Err(StateError::Msrs {
+                op: "KVM_SET_MSRS",
+                done: n,
+                want: s.msrs.len(),
+                index: s.msrs[n].0,
+            });
+        }
+        fd.set_debug_regs(&s.debugregs).map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&s.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+        fd.set_mp_state(s.mp_state).map_err(kvm("KVM_SET_MP_STATE"))?;
+        fd.set_vcpu_events(&s.vcpu_events).map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        Ok(Vcpu {
+            index,
+            fd,
+            msr_list: s.msrs.iter().map(|m| m.0).collect(),
+        })
+    }
+}
+
+/// A command for a vCPU thread.
+pub enum Command {
+    /// Leave the guest and wait.
+    Pause,
+    /// Run the guest again.
+    Resume,
+    /// Save the state (only while paused).
+    Save(Sender<Result<VcpuState, StateError>>),
+    /// End the thread.
+    Exit,
+}
+
+/// What a vCPU thread reports.
+#[derive(Debug)]
+pub enum VcpuReport {
+    /// Now paused.
+    Paused(u32),
+    /// Running (again).
+    Running(u32),
+    /// The guest triple-faulted or asked for a reset.
+    Reset(u32),
+    /// KVM could not run the guest any further.
+    Fatal(u32, String),
+}
+
+/// The controller's handle on a vCPU thread.
+pub struct VcpuHandle {
+    /// vCPU index.
+    pub index: u32,
+    commands: Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the (empty) kick handler; once per process.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+impl VcpuHandle {
+    /// Starts the thread for `vcpu`, paused; `reports` receives its reports.
+    pub fn spawn(
+        vcpu: Vcpu,
+        devices: Arc<Devices>,
+        reports: Sender<VcpuReport>,
+    ) -> std::io::Result<VcpuHandle> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let index = vcpu.index;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || vcpu_thread(vcpu, devices, rx, reports))?;
+        Ok(VcpuHandle {
+            index,
+            commands: tx,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sends a command and kicks the thread.
+    pub fn send(&self, c: Command) {
+        let _ = self.commands.send(c);
+        self.kick();
+    }
+
+    /// Interrupts KVM_RUN on the thread.
+    pub fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // SAFETY: pthread_kill on a thread we own and have not joined; the signal has a
+            // handler (installed before any vCPU thread starts) that does nothing.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+    }
+
+    /// Ends the thread and waits for it.
+    pub fn stop(&mut self) {
+        let _ = self.commands.send(Command::Exit);
+        if let Some(t) = self.thread.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !t.is_finished() && Instant::now() < deadline {
+                // SAFETY: as in kick: our live thread, a no-op handler.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                log::error!("vcpu{} did not stop", self.index);
+            }
+        }
+    }
+}
+
+fn vcpu_thread(
+    mut vcpu: Vcpu,
+    devices: Arc<Devices>,
+    commands: Receiver<Command>,
+    reports: Sender<VcpuReport>,
+) {
+    let index = vcpu.index;
+    let mut running = false;
+    loop {
+        // Commands first; block only while paused.
+        let cmd = if running {
+            match commands.try_recv() {
+                Ok(c) => Some(c),
+                Err(std::sync::mpsc::TryRecvError::Empty) => None,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+            }
+        } else {
+            match commands.recv_timeout(Duration::from_secs(1)) {
+                Ok(c) => Some(c),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        if let Some(c) = cmd {
+            match c {
+                Command::Pause => {
+                    running = false;
+                    let _ = reports.send(VcpuReport::Paused(index));
+                }
+                Command::Resume => {
+                    running = true;
+                    let _ = reports.send(VcpuReport::Running(index));
+                }
+                Command::Save(reply) => {
+                    let r = if running {
+                        Err(StateError::Invalid(format!("vcpu{index} is running")))
+                    } else {
+                        vcpu.save()
+                    };
+                    let _ = reply.send(r);
+                }
+                Command::Exit => return,
+            }
+            continue;
+        }
+        match vcpu.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => devices.pio_write(port, data),
+            Ok(VcpuExit::IoIn(port, data)) => devices.pio_read(port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                log::debug!("vcpu{index}: MMIO read of unbacked {addr:#x}");
+                data.fill(0xff);
+            }
+            Ok(VcpuExit::MmioWrite(addr, _)) => {
+                log::debug!("vcpu{index}: MMIO write to unbacked {addr:#x}");
+            }
+            Ok(VcpuExit::Hlt) => std::thread::yield_now(),
+            Ok(VcpuExit::Shutdown) => {
+                if let (Ok(r), Ok(sr)) = (vcpu.fd.get_regs(), vcpu.fd.get_sregs()) {
+                    log::info!(
+                        "vcpu{index}: shutdown at rip={:#x} rsp={:#x} cs={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                        r.rip, r.rsp, sr.cs.selector, sr.cr0, sr.cr3, sr.cr4, sr.efer
+                    );
+                }
+                running = false;
+                let _ = reports.send(VcpuReport::Reset(index));
+            }
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => {
+                let what = format!("{other:?}");
+                let regs = vcpu.fd.get_regs().ok();
+                let sregs = vcpu.fd.get_sregs().ok();
+                running = false;
+                let _ = reports.send(VcpuReport::Fatal(
+                    index,
+                    format!(
+                        "unhandled exit {what}; rip={:#x} cs={:#x} cr0={:#x} cr4={:#x}",
+                        regs.map(|r| r.rip).unwrap_or(0),
+                        sregs.map(|s| s.cs.selector).unwrap_or(0),
+                        sregs.map(|s| s.cr0).unwrap_or(0),
+                        sregs.map(|s| s.cr4).unwrap_or(0),
+                    ),
+                ));
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                running = false;
+                let _ = reports.send(VcpuReport::Fatal(index, format!("KVM_RUN: {e}")));
+            }
+        }
+    }
+}

@@ -1,0 +1,868 @@
+//! The VM: KVM objects, guest RAM, devices and vCPU threads, built fresh
+//! (boot) or from a snapshot (eager or lazy restore), and the controller loop
+//! that serves the control socket and reacts to vCPUs, devices and the pager.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use page_server::Addr;
+use pager::{Pager, PagerConfig, PagerEvent};
+use serde_json::json;
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError};
+use crate::control::{self, Incoming, Reply, Request};
+use crate::devices::{Console, ConsoleOut, DeviceEvent, Devices, COM1_GSI};
+use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
+use crate::state::{self, MachineConfig, Persist, Snapshot, StateError, VmState};
+use crate::vcpu::{self, Command, Vcpu, VcpuHandle, VcpuReport};
+
+/// Set as early as possible in `main`: restore timings count from here.
+pub static PROCESS_START: OnceLock<Instant> = OnceLock::new();
+
+fn since_start() -> Duration {
+    PROCESS_START.get_or_init(Instant::now).elapsed()
+}
+
+/// Building or running the VM failed.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// /dev/kvm or a VM-level ioctl.
+    #[error("KVM {op} failed")]
+    Kvm {
+        /// The operation.
+        op: &'static str,
+        /// errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Boot image.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Saving / restoring state.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The control socket.
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    /// Lazy restore could not start paging.
+    #[error("lazy restore from {addr}")]
+    Pager {
+        /// The page-server.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: pager::PagerError,
+    },
+    /// A configuration the VMM refuses.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Threads, eventfds.
+    #[error("{what}")]
+    Os {
+        /// What failed.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// vCPUs did not pause.
+    #[error("vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { op, source }
+}
+
+/// Largest vCPU count (our guest's limit, and the xAPIC id space we use).
+pub const MAX_VCPUS: u32 = 16;
+
+/// What a fresh VM boots.
+#[derive(Debug, Clone)]
+pub enum BootSource {
+    /// A PVH ELF (`None`: our embedded guest).
+    Guest {
+        /// The ELF, or the embedded guest.
+        elf: Option<PathBuf>,
+        /// Command line (our guest: workload parameters).
+        cmdline: String,
+    },
+    /// A Linux bzImage or vmlinux.
+    Linux {
+        /// Kernel image.
+        kernel: PathBuf,
+        /// Initial ramdisk.
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        cmdline: String,
+    },
+}
+
+/// Where the console writes.
+#[derive(Debug, Clone)]
+pub enum SerialOut {
+    /// This process's stdout (and stdin is forwarded as input).
+    Stdout,
+    /// A file (created / truncated).
+    File(PathBuf),
+}
+
+/// A fresh VM.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Guest RAM bytes.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// What to boot.
+    pub boot: BootSource,
+    /// Console output.
+    pub serial: SerialOut,
+    /// Control socket path.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// Where a restored VM's memory comes from.
+#[derive(Debug, Clone)]
+pub enum RestoreMemory {
+    /// Read the whole memory file before resuming (eager).
+    File(PathBuf),
+    /// Page it in from a page-server after resuming (lazy).
+    Remote(Addr, PagerConfig),
+}
+
+/// A VM from a snapshot.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// State file.
+    pub state: PathBuf,
+    /// Memory.
+    pub memory: RestoreMemory,
+    /// Console output.
+    pub serial: SerialOut,
+    /// Control socket path.
+    pub api_socket: Option<PathBuf>,
+    /// Leave the vCPUs paused after the restore.
+    pub paused: bool,
+}
+
+/// Everything the controller reacts to.
+pub enum Event {
+    /// From a vCPU thread.
+    Vcpu(VcpuReport),
+    /// From a device.
+    Device(DeviceEvent),
+    /// From the control socket.
+    Control(Incoming),
+    /// Console input from stdin.
+    Input(Vec<u8>),
+    /// From the pager (lazy restore).
+    Pager(PagerEvent),
+    /// SIGINT / SIGTERM.
+    Signal(i32),
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// `shutdown` request or a signal.
+    Shutdown,
+    /// The guest reset / powered off.
+    GuestReset,
+    /// A vCPU could not go on.
+    Fatal(String),
+    /// Lazy restore lost its memory source for good: the VM is paused.
+    SourceLost(String),
+}
+
+impl Exit {
+    /// The process exit code (documented in README).
+    pub fn code(&self) -> i32 {
+        match self {
+            Exit::Shutdown | Exit::GuestReset => 0,
+            Exit::Fatal(_) => 2,
+            Exit::SourceLost(_) => 3,
+        }
+    }
+}
+
+/// Timings of how the VM came up.
+#[derive(Debug, Clone, Default)]
+pub struct StartTimes {
+    /// Process start → vCPUs running.
+    pub running_after: Duration,
+    /// Reading / applying the state file.
+    pub state_load: Duration,
+    /// Loading memory (eager) or connecting the pager (lazy).
+    pub memory_load: Duration,
+}
+
+/// A VM.
+pub struct Vm {
+    _kvm: Kvm,
+    fd: VmFd,
+    ram: GuestRam,
+    devices: Arc<Devices>,
+    vcpus: Vec<VcpuHandle>,
+    events: Receiver<Event>,
+    tx: Sender<Event>,
+    stash: VecDeque<Event>,
+    config: MachineConfig,
+    paused: bool,
+    pager: Option<Pager>,
+    memory_complete_after: Option<Duration>,
+    times: StartTimes,
+    created: Instant,
+}
+
+fn console_out(s: &SerialOut) -> Result<ConsoleOut, VmError> {
+    Ok(match s {
+        SerialOut::Stdout => Box::new(std::io::stdout()),
+        SerialOut::File(p) => Box::new(std::fs::File::create(p).map_err(|source| VmError::Os {
+            what: "creating the serial output file",
+            source,
+        })?),
+    })
+}
+
+struct Shell {
+    kvm: Kvm,
+    fd: VmFd,
+    ram: GuestRam,
+    irq: EventFd,
+}
+
+/// /dev/kvm, the VM, in-kernel irqchip + PIT, guest RAM in memory slots.
+fn shell(mem_bytes: u64) -> Result<Shell, VmError> {
+    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+    let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    fd.set_tss_address(0xfffb_d000)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    let ram = GuestRam::new(mem_bytes)?;
+    for (slot, (gpa, host, len)) in ram.host_regions().into_iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host,
+            flags: 0,
+        };
+        // SAFETY: the region is our live mapping of `len` bytes, owned by `ram`, which the Vm
+        // keeps until after the VM fd is closed (field order in Vm: fd drops before ram).
+        unsafe { fd.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
+        what: "eventfd for the serial IRQ",
+        source,
+    })?;
+    fd.register_irqfd(&irq, COM1_GSI)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    Ok(Shell { kvm, fd, ram, irq })
+}
+
+fn check_shape(mem_bytes: u64, vcpus: u32) -> Result<(), VmError> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(VmError::Config(format!(
+            "{vcpus} vCPUs (1 to {MAX_VCPUS} supported)"
+        )));
+    }
+    if mem_bytes < (32 << 20) {
+        return Err(VmError::Config(format!(
+            "{mem_bytes} bytes of memory (at least 32 MiB)"
+        )));
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Builds and boots a fresh VM (vCPUs running on return).
+    pub fn boot(cfg: &RunConfig) -> Result<Vm, VmError> {
+        check_shape(cfg.mem_bytes, cfg.vcpus)?;
+        let sh = shell(cfg.mem_bytes)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let devices = Arc::new(Devices::new(
+            Console::new(clone_fd(&sh.irq)?, console_out(&cfg.serial)?),
+            device_sender(&tx),
+        ));
+        let supported = sh
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let msr_index = sh
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let mut vcpus = Vec::new();
+        let mut msr_list = Vec::new();
+        for i in 0..cfg.vcpus {
+            let fd = sh
+                .fd
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let mut cpuid = supported.clone();
+            crate::cpuid::apply(&mut cpuid, i, cfg.vcpus);
+            let mut v = Vcpu {
+                index: i,
+                fd,
+                msr_list: Vec::new(),
+            };
+            v.init_fresh(&cpuid)?;
+            if i == 0 {
+                msr_list =
+                    vcpu::readable_msrs(&v.fd, &vcpu::order_msrs(msr_index.as_slice()));
+                log::debug!("saving {} MSRs per vCPU", msr_list.len());
+            }
+            v.msr_list = msr_list.clone();
+            vcpus.push(v);
+        }
+        let base = vcpus[0].fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let (setup, what) = match &cfg.boot {
+            BootSource::Guest { elf, cmdline } => {
+                let (bytes, what) = match elf {
+                    None => (guest::ELF.to_vec(), "embedded guest".to_owned()),
+                    Some(p) => (
+                        std::fs::read(p).map_err(|source| BootError::Read {
+                            path: p.display().to_string(),
+                            source,
+                        })?,
+                        p.display().to_string(),
+                    ),
+                };
+                let mut line = cmdline.clone();
+                if elf.is_none() && !line.split(' ').any(|w| w.starts_with("cpus=")) {
+                    line = format!("cpus={} {line}", cfg.vcpus).trim().to_owned();
+                }
+                (boot::load_pvh(&sh.ram, &bytes, &what, &line, base)?, what)
+            }
+            BootSource::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => (
+                crate::linux::load(&sh.ram, kernel, initrd.as_deref(), cmdline, cfg.vcpus, base)?,
+                kernel.display().to_string(),
+            ),
+        };
+        vcpus[0].set_boot_regs(&setup.regs, &setup.sregs)?;
+        let config = MachineConfig {
+            mem_bytes: cfg.mem_bytes,
+            vcpus: cfg.vcpus,
+            ram: sh.ram.ranges().to_vec(),
+            boot: what,
+        };
+        let mut vm = Vm::assemble(sh, devices, vcpus, tx, rx, config)?;
+        if let Some(p) = &cfg.api_socket {
+            control::serve(p, vm.tx.clone(), Event::Control)?;
+        }
+        if matches!(cfg.serial, SerialOut::Stdout) {
+            forward_stdin(vm.tx.clone());
+        }
+        vm.resume();
+        vm.times.running_after = since_start();
+        log::info!(
+            "booted {} with {} vCPUs, {} MiB; running {:.1} ms after process start",
+            vm.config.boot,
+            vm.config.vcpus,
+            vm.config.mem_bytes >> 20,
+            vm.times.running_after.as_secs_f64() * 1e3
+        );
+        Ok(vm)
+    }
+
+    /// Rebuilds a VM from a snapshot (vCPUs running on return unless `paused`).
+    pub fn restore(cfg: &RestoreConfig) -> Result<Vm, VmError> {
+        let t0 = Instant::now();
+        let snap = state::read_file(&cfg.state)?;
+        let c = snap.config.clone();
+        check_shape(c.mem_bytes, c.vcpus)?;
+        if snap.vcpus.len() != c.vcpus as usize {
+            return Err(StateError::Invalid(format!(
+                "{} vCPU states for {} vCPUs",
+                snap.vcpus.len(),
+                c.vcpus
+            ))
+            .into());
+        }
+        let sh = shell(c.mem_bytes)?;
+        if sh.ram.ranges() != c.ram.as_slice() {
+            return Err(StateError::Invalid(format!(
+                "RAM layout {:?} differs from this vmm's {:?}",
+                c.ram,
+                sh.ram.ranges()
+            ))
+            .into());
+        }
+        let state_load = t0.elapsed();
+        let t1 = Instant::now();
+        let pager = match &cfg.memory {
+            RestoreMemory::File(p) => {
+                sh.ram.load(p)?;
+                None
+            }
+            RestoreMemory::Remote(addr, pcfg) => {
+                let regions: Vec<(u64, u64)> = sh
+                    .ram
+                    .host_regions()
+                    .iter()
+                    .map(|&(_, host, len)| (host, len))
+                    .collect();
+                // SAFETY: the regions are guest RAM mappings (private anonymous, page aligned)
+                // owned by `ram`, which outlives the pager (dropped first in Vm::drop).
+                let mem = unsafe { pager::HostMemory::adopt(regions, PAGE_SIZE) };
+                // The memory file is the RAM regions concatenated: served as one flat region.
+                let layout = proto::Layout::single(sh.ram.bytes());
+                let p = Pager::connect_adopt(addr, mem, layout, pcfg.clone()).map_err(|source| {
+                    VmError::Pager {
+                        addr: addr.to_string(),
+                        source,
+                    }
+                })?;
+                Some(p)
+            }
+        };
+        let memory_load = t1.elapsed();
+        let t2 = Instant::now();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let devices = Arc::new(Devices::restore(
+            &snap.devices,
+            clone_fd(&sh.irq)?,
+            console_out(&cfg.serial)?,
+            device_sender(&tx),
+        )?);
+        restore_vm_state(&sh.fd, &snap.vm)?;
+        let mut vcpus = Vec::new();
+        for s in &snap.vcpus {
+            let fd = sh
+                .fd
+                .create_vcpu(u64::from(s.index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpus.push(Vcpu::restore((s.index, fd), s)?);
+        }
+        let mut vm = Vm::assemble(sh, devices, vcpus, tx, rx, c)?;
+        if let Some(p) = &pager {
+            if let Some(ev) = p.events() {
+                let tx = vm.tx.clone();
+                let _ = std::thread::Builder::new()
+                    .name("pager-events".into())
+                    .spawn(move || {
+                        for e in ev {
+                            if tx.send(Event::Pager(e)).is_err() {
+                                return;
+                            }
+                        }
+                    });
+            }
+        }
+        vm.pager = pager;
+        if let Some(p) = &cfg.api_socket {
+            control::serve(p, vm.tx.clone(), Event::Control)?;
+        }
+        if matches!(cfg.serial, SerialOut::Stdout) {
+            forward_stdin(vm.tx.clone());
+        }
+        let state_apply = t2.elapsed();
+        if !cfg.paused {
+            vm.resume();
+        }
+        vm.times = StartTimes {
+            running_after: since_start(),
+            state_load: state_load + state_apply,
+            memory_load,
+        };
+        log::info!(
+            "restored {} ({} vCPUs, {} MiB, memory {}): state {:.1} ms, memory {:.1} ms; {} {:.1} ms after process start",
+            vm.config.boot,
+            vm.config.vcpus,
+            vm.config.mem_bytes >> 20,
+            if vm.pager.is_some() { "lazy" } else { "eager" },
+            vm.times.state_load.as_secs_f64() * 1e3,
+            vm.times.memory_load.as_secs_f64() * 1e3,
+            if cfg.paused { "paused" } else { "running" },
+            vm.times.running_after.as_secs_f64() * 1e3
+        );
+        Ok(vm)
+    }
+
+    fn assemble(
+        sh: Shell,
+        devices: Arc<Devices>,
+        vcpus: Vec<Vcpu>,
+        tx: Sender<Event>,
+        rx: Receiver<Event>,
+        config: MachineConfig,
+    ) -> Result<Vm, VmError> {
+        vcpu::install_kick_handler().map_err(|source| VmError::Os {
+            what: "installing the vCPU kick signal handler",
+            source,
+        })?;
+        let mut handles = Vec::new();
+        for v in vcpus {
+            let reports = tx.clone();
+            let (rtx, rrx) = std::sync::mpsc::channel();
+            let h = VcpuHandle::spawn(v, devices.clone(), rtx).map_err(|source| VmError::Os {
+                what: "spawning a vCPU thread",
+                source,
+            })?;
+            // Forward this vCPU's reports into the controller's queue.
+            let _ = std::thread::Builder::new()
+                .name(format!("vcpu{}-reports", h.index))
+                .spawn(move || {
+                    for r in rrx {
+                        if reports.send(Event::Vcpu(r)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            handles.push(h);
+        }
+        Ok(Vm {
+            _kvm: sh.kvm,
+            fd: sh.fd,
+            ram: sh.ram,
+            devices,
+            vcpus: handles,
+            events: rx,
+            tx,
+            stash: VecDeque::new(),
+            config,
+            paused: true,
+            pager: None,
+            memory_complete_after: None,
+            times: StartTimes::default(),
+            created: Instant::now(),
+        })
+    }
+
+    /// A sender for events (signals, tests).
+    pub fn sender(&self) -> Sender<Event> {
+        self.tx.clone()
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// How the VM came up.
+    pub fn times(&self) -> &StartTimes {
+        &self.times
+    }
+
+    /// Runs every vCPU.
+    pub fn resume(&mut self) {
+        for v in &self.vcpus {
+            v.send(Command::Resume);
+        }
+        self.paused = false;
+    }
+
+    /// Stops every vCPU and waits until each has left the guest.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        if self.paused {
+            return Ok(());
+        }
+        for v in &self.vcpus {
+            v.send(Command::Pause);
+        }
+        let timeout = Duration::from_secs(5);
+        let deadline = Instant::now() + timeout;
+        let mut waiting: Vec<u32> = self.vcpus.iter().map(|v| v.index).collect();
+        while !waiting.is_empty() {
+            if Instant::now() > deadline {
+                return Err(VmError::PauseTimeout(timeout));
+            }
+            match self.events.recv_timeout(Duration::from_millis(1)) {
+                Ok(Event::Vcpu(VcpuReport::Paused(i))) => waiting.retain(|&w| w != i),
+                Ok(Event::Vcpu(VcpuReport::Running(_))) => {}
+                Ok(other) => self.stash.push_back(other),
+                Err(_) => {
+                    for v in self.vcpus.iter().filter(|v| waiting.contains(&v.index)) {
+                        v.kick();
+                    }
+                }
+            }
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Captures the complete non-memory state (pauses first).
+    pub fn save(&mut self) -> Result<Snapshot, VmError> {
+        self.pause()?;
+        let mut vcpus = Vec::new();
+        for v in &self.vcpus {
+            let (tx, rx) = std::sync::mpsc::channel();
+            v.send(Command::Save(tx));
+            let s = rx
+                .recv_timeout(Duration::from_secs(5))
+                .map_err(|_| VmError::PauseTimeout(Duration::from_secs(5)))??;
+            vcpus.push(s);
+        }
+        Ok(Snapshot {
+            config: self.config.clone(),
+            vm: save_vm_state(&self.fd)?,
+            vcpus,
+            devices: self.devices.save()?,
+        })
+    }
+
+    /// Pauses, then writes the state and memory files. Stays paused.
+    pub fn snapshot(&mut self, state_path: &PathBuf, memory_path: &PathBuf) -> Result<Reply, VmError> {
+        let t0 = Instant::now();
+        let snap = self.save()?;
+        let state_bytes = state::write_file(&snap, state_path)?;
+        self.ram.save(memory_path)?;
+        let checksum = self.ram.checksum();
+        Ok(Reply::ok(json!({
+            "state_bytes": state_bytes,
+            "memory_bytes": self.ram.bytes(),
+            "ram_checksum": format!("{checksum:016x}"),
+            "ms": t0.elapsed().as_secs_f64() * 1e3,
+            "paused": true,
+        })))
+    }
+
+    fn status(&self) -> Reply {
+        let (present, total) = match &self.pager {
+            Some(p) => (p.present_pages(), p.total_pages()),
+            None => (0, 0),
+        };
+        Reply::ok(json!({
+            "state": if self.paused { "paused" } else { "running" },
+            "vcpus": self.config.vcpus,
+            "mem_bytes": self.config.mem_bytes,
+            "boot": self.config.boot,
+            "uptime_ms": self.created.elapsed().as_millis() as u64,
+            "running_after_start_ms": self.times.running_after.as_secs_f64() * 1e3,
+            "state_load_ms": self.times.state_load.as_secs_f64() * 1e3,
+            "memory_load_ms": self.times.memory_load.as_secs_f64() * 1e3,
+            "lazy": self.pager.is_some(),
+            "pages_present": present,
+            "pages_total": total,
+            "memory_complete_ms": self.memory_complete_after.map(|d| d.as_secs_f64() * 1e3),
+            "pager": self.pager.as_ref().map(|p| serde_json::to_value(p.report()).unwrap_or_default()),
+        }))
+    }
+
+    fn handle_request(&mut self, req: Request) -> (Reply, Option<Exit>) {
+        let r = match req {
+            Request::Status => Ok(self.status()),
+            Request::Pause => self.pause().map(|_| Reply::ok(json!({"state": "paused"}))),
+            Request::Resume => {
+                self.resume();
+                Ok(Reply::ok(json!({"state": "running"})))
+            }
+            Request::Snapshot { state, memory } => self.snapshot(&state, &memory),
+            Request::Shutdown => return (Reply::ok(json!({"state": "shutdown"})), Some(Exit::Shutdown)),
+            Request::SerialInput { data } => {
+                let n = self
+                    .devices
+                    .console
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .input(data.as_bytes());
+                Ok(Reply::ok(json!({"queued": n})))
+            }
+            Request::Checksum => Ok(Reply::ok(json!({
+                "ram_checksum": format!("{:016x}", self.ram.checksum()),
+                "paused": self.paused,
+            }))),
+        };
+        match r {
+            Ok(reply) => (reply, None),
+            Err(e) => {
+                let kind = match &e {
+                    VmError::State(_) => "state",
+                    VmError::Memory(_) => "memory",
+                    VmError::PauseTimeout(_) => "busy",
+                    _ => "internal",
+                };
+                (Reply::err(kind, error_chain(&e)), None)
+            }
+        }
+    }
+
+    /// Serves events until the VM ends.
+    pub fn run(&mut self) -> Exit {
+        loop {
+            let ev = match self.stash.pop_front() {
+                Some(e) => e,
+                None => match self.events.recv() {
+                    Ok(e) => e,
+                    Err(_) => return Exit::Fatal("event channel closed".into()),
+                },
+            };
+            match ev {
+                Event::Control((req, reply)) => {
+                    let (r, exit) = self.handle_request(req);
+                    let _ = reply.send(r);
+                    if let Some(e) = exit {
+                        return e;
+                    }
+                }
+                Event::Vcpu(VcpuReport::Reset(i)) => {
+                    log::info!("vcpu{i}: guest reset / triple fault; the VM ends");
+                    return Exit::GuestReset;
+                }
+                Event::Device(DeviceEvent::Reset) => {
+                    log::info!("guest reset through the i8042; the VM ends");
+                    return Exit::GuestReset;
+                }
+                Event::Vcpu(VcpuReport::Fatal(i, what)) => {
+                    let _ = self.pause();
+                    return Exit::Fatal(format!("vcpu{i}: {what}"));
+                }
+                Event::Vcpu(_) => {}
+                Event::Input(bytes) => {
+                    self.devices
+                        .console
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .input(&bytes);
+                }
+                Event::Pager(PagerEvent::Complete) => {
+                    let d = self.created.elapsed();
+                    self.memory_complete_after = Some(d);
+                    if let Some(p) = &self.pager {
+                        log::info!("all guest memory present {:.1} ms after resume\n{}", d.as_secs_f64() * 1e3, p.report());
+                    }
+                }
+                Event::Pager(PagerEvent::SourceLost { cause: why }) => {
+                    log::warn!("memory source lost ({why}); faulting vCPUs wait while the pager reconnects");
+                }
+                Event::Pager(PagerEvent::Reconnected { count }) => {
+                    log::info!("memory source reconnected ({count} so far)")
+                }
+                Event::Pager(PagerEvent::Failed { reason: why }) => {
+                    let _ = self.pause();
+                    return Exit::SourceLost(why);
+                }
+                Event::Signal(s) => {
+                    log::info!("signal {s}: shutting down");
+                    return Exit::Shutdown;
+                }
+            }
+        }
+    }
+
+    /// Stops every vCPU thread.
+    pub fn stop(&mut self) {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+        // The pager goes before the RAM it pages.
+        self.pager = None;
+    }
+}
+
+/// `err: cause: cause` on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+fn clone_fd(e: &EventFd) -> Result<EventFd, VmError> {
+    e.try_clone().map_err(|source| VmError::Os {
+        what: "duplicating an eventfd",
+        source,
+    })
+}
+
+fn device_sender(tx: &Sender<Event>) -> Sender<DeviceEvent> {
+    let (dtx, drx) = std::sync::mpsc::channel();
+    let tx = tx.clone();
+    let _ = std::thread::Builder::new()
+        .name("device-events".into())
+        .spawn(move || {
+            for e in drx {
+                if tx.send(Event::Device(e)).is_err() {
+                    return;
+                }
+            }
+        });
+    dtx
+}
+
+fn forward_stdin(tx: Sender<Event>) {
+    let _ = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 256];
+            let mut stdin = std::io::stdin();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 || tx.send(Event::Input(buf[..n].to_vec())).is_err() {
+                    return;
+                }
+            }
+        });
+}
+
+fn chip(id: u32) -> kvm_irqchip {
+    kvm_irqchip {
+        chip_id: id,
+        ..Default::default()
+    }
+}
+
+fn save_vm_state(fd: &VmFd) -> Result<VmState, StateError> {
+    let k = |op| move |source| StateError::Kvm { op, source };
+    let mut pic_master = chip(KVM_IRQCHIP_PIC_MASTER);
+    let mut pic_slave = chip(KVM_IRQCHIP_PIC_SLAVE);
+    let mut ioapic = chip(KVM_IRQCHIP_IOAPIC);
+    fd.get_irqchip(&mut pic_master).map_err(k("KVM_GET_IRQCHIP"))?;
+    fd.get_irqchip(&mut pic_slave).map_err(k("KVM_GET_IRQCHIP"))?;
+    fd.get_irqchip(&mut ioapic).map_err(k("KVM_GET_IRQCHIP"))?;
+    Ok(VmState {
+        pit: fd.get_pit2().map_err(k("KVM_GET_PIT2"))?,
+        pic_master,
+        pic_slave,
+        ioapic,
+        clock: fd.get_clock().map_err(k("KVM_GET_CLOCK"))?,
+    })
+}
+
+fn restore_vm_state(fd: &VmFd, s: &VmState) -> Result<(), StateError> {
+    let k = |op| move |source| StateError::Kvm { op, source };
+    fd.set_pit2(&s.pit).map_err(k("KVM_SET_PIT2"))?;
+    // Guest time continues from the snapshot (no jump for the time it was saved).
+    let mut clock = s.clock;
+    clock.flags = 0;
+    fd.set_clock(&clock).map_err(k("KVM_SET_CLOCK"))?;
+    for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+        fd.set_irqchip(c).map_err(k("KVM_SET_IRQCHIP"))?;
+    }
+    Ok(())
+}
