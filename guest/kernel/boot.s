@@ -66,6 +66,10 @@ pvh_start32:
 ap_start32:
     cli
     cld
+    mov ax, SEL_KDATA               # real-mode segment caches still have 64 KiB limits
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
 common32:
     lgdt [gdt_ptr]
     mov ax, SEL_KDATA
@@ -121,6 +125,21 @@ start64:
     add rsp, offset kstacks      # top of this cpu's kernel stack
     test edi, edi
     jnz ap64
+    # How fast does this host run guest kernel-mode code?  20000 instructions,
+    # timed with the TSC (natively ~10 us; emulated, as on PVM, ~10 ms).
+    rdtsc
+    mov esi, eax
+    mov r8d, edx
+    mov ecx, 10000
+1:  dec ecx
+    jnz 1b
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    shl r8, 32
+    or rsi, r8
+    sub rax, rsi
+    mov qword ptr [kmode_loop_tsc], rax
     call build_tables
     call cpu_init
     # start every AP: INIT, then SIPI to 0x8000, to all but self
@@ -416,9 +435,10 @@ idt_ptr:
     .word 256 * 16 - 1
     .quad idt
 
-.global start_info_ptr, aps_online, ticks, pvclock, kvmclock_ok, avx_ok, timer_initial_count
+.global kmode_loop_tsc, start_info_ptr, aps_online, ticks, pvclock, kvmclock_ok, avx_ok, timer_initial_count
 .p2align 3
 start_info_ptr: .quad 0
+kmode_loop_tsc: .quad 0
 aps_online:     .quad 0
 # 1 kHz with KVM's 1 GHz APIC bus and divide-by-16
 timer_initial_count: .long 62500

@@ -33,6 +33,7 @@ const COM1: u16 = 0x3f8;
 
 extern "C" {
     static start_info_ptr: u64;
+    static kmode_loop_tsc: u64;
     static aps_online: AtomicU64;
     static ticks: [AtomicU64; MAX_CPUS];
     static pvclock: [[u8; 64]; MAX_CPUS];
@@ -530,6 +531,16 @@ fn bsp_main() -> ! {
         outb(0x80, 0);
     }
     let pio_ns = (now_ns(0) - t0) / 200;
+    // Kernel-mode speed: 20000 instructions took kmode_loop_tsc TSC ticks.
+    let t1 = now_ns(0);
+    let c1 = rdtsc();
+    while now_ns(0) < t1 + 1_000_000 {
+        core::hint::spin_loop();
+    }
+    let tsc_per_ms = (rdtsc() - c1).max(1);
+    // SAFETY: written once by ring 0 before user mode started.
+    let k_tsc = unsafe { kmode_loop_tsc }.max(1);
+    let kmode_mips = 20_000 * tsc_per_ms / k_tsc / 1000;
     // Wait (bounded) for the APs started by the kernel.
     let mut online = 0;
     let deadline = t0 + 2_000_000_000;
@@ -557,6 +568,8 @@ fn bsp_main() -> ! {
         .s(if unsafe { kvmclock_ok.load(Relaxed) } != 0 { "yes" } else { "no" })
         .s(" avx=")
         .s(if avx() { "yes" } else { "no" })
+        .s(" kmode_mips=")
+        .u(kmode_mips)
         .s(" pio_ns=")
         .u(pio_ns)
         .s(" x2apic=")

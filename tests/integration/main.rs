@@ -2,5 +2,7 @@
 //! check for it at run time and print `SKIPPED: <test>: <reason>` where it is missing.
 
 mod common;
+mod linux_boot;
 mod paging;
 mod server_robustness;
+mod vm;

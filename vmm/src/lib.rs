@@ -8,6 +8,7 @@
 //! socket, and small forwarders (stdin, pager events, signals).
 
 pub mod boot;
+pub mod cli;
 pub mod control;
 pub mod cpuid;
 pub mod devices;

@@ -1,0 +1,1 @@
+//! vmm: boot our guest, snapshot, eager and lazy restore, bad state files.

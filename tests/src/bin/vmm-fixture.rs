@@ -1,0 +1,6 @@
+//! The `vmm` command line, built inside the tests package so integration tests can run it
+//! (`CARGO_BIN_EXE_vmm-fixture`).
+
+fn main() -> std::process::ExitCode {
+    vmm::cli::main()
+}

@@ -1,0 +1,301 @@
+//! The `vmm` command line (a library module so test fixtures run the very same code).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use page_server::Addr;
+use pager::PagerConfig;
+use crate::control::{self, Request};
+use crate::vm::{self, BootSource, Event, RestoreConfig, RestoreMemory, RunConfig, SerialOut, Vm};
+
+/// A KVM VMM with snapshot / restore (eager, or lazy through userfaultfd).
+///
+/// Exit codes: 0 the VM ended cleanly (shutdown, guest reset or poweroff);
+/// 1 bad arguments or the VM could not be built / restored; 2 a vCPU hit an
+/// error KVM cannot go on from; 3 lazy restore lost its memory source for
+/// good (the VM was paused, never run on missing memory).
+#[derive(Parser, Debug)]
+#[command(name = "vmm", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Boot a VM: our embedded test guest by default, a PVH ELF with --guest, or Linux with
+    /// --kernel.
+    Run(RunArgs),
+    /// Resume a VM from a snapshot in this new process.
+    Restore(RestoreArgs),
+    /// Send one command to a running vmm over its control socket.
+    Ctl(CtlArgs),
+    /// Write the embedded guest ELF to a file (e.g. for `qemu -kernel`).
+    GuestElf {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    /// Control socket (JSON lines, created with mode 0600).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Serial console: `stdout` (stdin is forwarded as input) or a file path.
+    #[arg(long, default_value = "stdout")]
+    serial: String,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Guest memory, e.g. 512M, 1G, 4G (split around the PCI hole at 3 GiB).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    mem: u64,
+    /// Number of vCPUs (1-16).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// A PVH ELF to boot instead of the embedded guest.
+    #[arg(long, conflicts_with = "kernel")]
+    guest: Option<PathBuf>,
+    /// A Linux bzImage or vmlinux.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for --kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Command line. Our guest takes `fill=MIB rate=PAGES/S hot=PERCENT hb=MS` (cpus= is
+    /// added); Linux defaults to `console=ttyS0 earlyprintk=serial`.
+    #[arg(long)]
+    cmdline: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// State file written by `vmm ctl snapshot`.
+    #[arg(long)]
+    state: PathBuf,
+    /// Memory file: read all of it before resuming (eager restore).
+    #[arg(long, conflicts_with = "memory_from", required_unless_present = "memory_from")]
+    memory: Option<PathBuf>,
+    /// page-server address (host:port, tcp:host:port, or a Unix socket path): resume at once
+    /// and page memory in on demand, the rest streamed in the background (lazy restore).
+    #[arg(long)]
+    memory_from: Option<String>,
+    /// Lazy restore: no background stream, faults only.
+    #[arg(long)]
+    no_stream: bool,
+    /// Lazy restore: give up on a lost page-server after this many seconds.
+    #[arg(long, default_value_t = 10)]
+    reconnect_timeout_s: u64,
+    /// Leave the vCPUs paused (resume with `vmm ctl resume`).
+    #[arg(long)]
+    paused: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct CtlArgs {
+    /// The vmm's control socket.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// Print the raw JSON reply.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: CtlCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCmd {
+    /// State, shape and timings.
+    Status,
+    /// Stop every vCPU.
+    Pause,
+    /// Run every vCPU.
+    Resume,
+    /// Pause and write state + memory (the VM stays paused).
+    Snapshot {
+        /// State file.
+        #[arg(long)]
+        state: PathBuf,
+        /// Memory file.
+        #[arg(long)]
+        memory: PathBuf,
+    },
+    /// End the VM.
+    Shutdown,
+    /// Send text to the guest's serial input.
+    SerialInput {
+        /// The text.
+        data: String,
+    },
+    /// Checksum of guest RAM (pause first for a stable value).
+    Checksum,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512M or 4G"))?;
+    n.checked_mul(mul).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn serial(s: &str) -> SerialOut {
+    if s == "stdout" {
+        SerialOut::Stdout
+    } else {
+        SerialOut::File(PathBuf::from(s))
+    }
+}
+
+fn forward_signals(tx: std::sync::mpsc::Sender<Event>) -> Result<()> {
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+            .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for s in signals.forever() {
+                if tx.send(Event::Signal(s)).is_err() {
+                    return;
+                }
+            }
+        })
+        .context("spawning the signal thread")?;
+    Ok(())
+}
+
+fn serve(mut vm: Vm) -> Result<ExitCode> {
+    forward_signals(vm.sender())?;
+    let exit = vm.run();
+    match &exit {
+        vm::Exit::Shutdown | vm::Exit::GuestReset => log::info!("VM ended: {exit:?}"),
+        vm::Exit::Fatal(w) => log::error!("VM stopped: {w}"),
+        vm::Exit::SourceLost(w) => {
+            log::error!("memory source lost for good: {w}; the VM stays paused and is not run")
+        }
+    }
+    vm.stop();
+    Ok(ExitCode::from(exit.code() as u8))
+}
+
+fn run(a: RunArgs) -> Result<ExitCode> {
+    let boot = match (a.kernel, a.guest) {
+        (Some(kernel), _) => BootSource::Linux {
+            kernel,
+            initrd: a.initrd,
+            cmdline: a
+                .cmdline
+                .unwrap_or_else(|| "console=ttyS0 earlyprintk=serial".into()),
+        },
+        (None, elf) => BootSource::Guest {
+            elf,
+            cmdline: a.cmdline.unwrap_or_default(),
+        },
+    };
+    let cfg = RunConfig {
+        mem_bytes: a.mem,
+        vcpus: a.vcpus,
+        boot,
+        serial: serial(&a.common.serial),
+        api_socket: a.common.api_socket,
+    };
+    let vm = Vm::boot(&cfg).context("booting the VM")?;
+    serve(vm)
+}
+
+fn restore(a: RestoreArgs) -> Result<ExitCode> {
+    let memory = match (a.memory, a.memory_from) {
+        (Some(f), _) => RestoreMemory::File(f),
+        (None, Some(addr)) => {
+            let addr: Addr = addr
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--memory-from {addr:?}: {e}"))?;
+            let cfg = PagerConfig {
+                stream: !a.no_stream,
+                reconnect_timeout: Duration::from_secs(a.reconnect_timeout_s),
+                ..PagerConfig::default()
+            };
+            RestoreMemory::Remote(addr, cfg)
+        }
+        (None, None) => bail!("one of --memory or --memory-from is required"),
+    };
+    let cfg = RestoreConfig {
+        state: a.state,
+        memory,
+        serial: serial(&a.common.serial),
+        api_socket: a.common.api_socket,
+        paused: a.paused,
+    };
+    let vm = Vm::restore(&cfg).context("restoring the VM")?;
+    serve(vm)
+}
+
+fn ctl(a: CtlArgs) -> Result<ExitCode> {
+    let req = match a.cmd {
+        CtlCmd::Status => Request::Status,
+        CtlCmd::Pause => Request::Pause,
+        CtlCmd::Resume => Request::Resume,
+        CtlCmd::Snapshot { state, memory } => Request::Snapshot {
+            state: std::path::absolute(&state).unwrap_or(state),
+            memory: std::path::absolute(&memory).unwrap_or(memory),
+        },
+        CtlCmd::Shutdown => Request::Shutdown,
+        CtlCmd::SerialInput { data } => Request::SerialInput { data },
+        CtlCmd::Checksum => Request::Checksum,
+    };
+    let reply = control::request(&a.api_socket, &req, Duration::from_secs(600))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&reply)?);
+    } else if let Some(e) = &reply.error {
+        eprintln!("error ({}): {}", e.kind, e.message);
+    } else {
+        for (k, v) in &reply.fields {
+            println!("{k}: {v}");
+        }
+    }
+    Ok(if reply.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Parses argv and runs; returns the documented exit code.
+pub fn main() -> ExitCode {
+    let _ = vm::PROCESS_START.set(std::time::Instant::now());
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_micros()
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Restore(a) => restore(a),
+        Cmd::Ctl(a) => ctl(a),
+        Cmd::GuestElf { out } => std::fs::write(&out, guest::ELF)
+            .with_context(|| format!("writing {}", out.display()))
+            .map(|_| ExitCode::SUCCESS),
+    };
+    match r {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmm: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
