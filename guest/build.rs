@@ -14,11 +14,44 @@ fn main() {
         println!("cargo:rerun-if-changed={f}");
     }
     let status = Command::new(&rustc)
-        .args(["--edition", "2021", "--crate-type", "bin", "--crate-name", "guest_kernel"])
-        .args(["-C", "panic=abort", "-C", "opt-level=2", "-C", "relocation-model=static"])
-        .args(["-C", "target-cpu=x86-64", "-C", "debuginfo=0", "-C", "codegen-units=1"])
-        .args(["-C", "link-arg=-nostdlib", "-C", "link-arg=-static", "-C", "link-arg=-no-pie"])
-        .args(["-C", "link-arg=-Wl,--build-id=none", "-C", "link-arg=-Wl,-n"])
+        .args([
+            "--edition",
+            "2021",
+            "--crate-type",
+            "bin",
+            "--crate-name",
+            "guest_kernel",
+        ])
+        .args([
+            "-C",
+            "panic=abort",
+            "-C",
+            "opt-level=2",
+            "-C",
+            "relocation-model=static",
+        ])
+        .args([
+            "-C",
+            "target-cpu=x86-64",
+            "-C",
+            "debuginfo=0",
+            "-C",
+            "codegen-units=1",
+        ])
+        .args([
+            "-C",
+            "link-arg=-nostdlib",
+            "-C",
+            "link-arg=-static",
+            "-C",
+            "link-arg=-no-pie",
+        ])
+        .args([
+            "-C",
+            "link-arg=-Wl,--build-id=none",
+            "-C",
+            "link-arg=-Wl,-n",
+        ])
         .arg("-C")
         .arg(format!("link-arg=-Wl,-T,{}", ld.display()))
         .arg(dir.join("kernel/main.rs"))

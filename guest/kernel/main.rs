@@ -543,7 +543,7 @@ fn bsp_main() -> ! {
     let kmode_mips = 20_000 * tsc_per_ms / k_tsc / 1000;
     // Wait (bounded) for the APs started by the kernel.
     let mut online = 0;
-    let deadline = t0 + 2_000_000_000;
+    let deadline = t0 + 20_000_000_000;
     while now_ns(0) < deadline {
         // SAFETY: counter incremented by APs in ring 0.
         online = unsafe { aps_online.load(Acquire) } + 1;

@@ -121,7 +121,10 @@ pub fn write_boot_gdt(ram: &GuestRam, code: u64) -> Result<(), BootError> {
 /// The e820-style map shared by PVH and Linux: low RAM, the BIOS hole,
 /// RAM from 1 MiB, the RAM above 4 GiB.
 pub fn memory_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
-    let mut map = vec![(0, 0x9fc00, E820_RAM), (0x9fc00, 0x100000 - 0x9fc00, E820_RESERVED)];
+    let mut map = vec![
+        (0, 0x9fc00, E820_RAM),
+        (0x9fc00, 0x100000 - 0x9fc00, E820_RESERVED),
+    ];
     for &(gpa, len) in ram.ranges() {
         if gpa == 0 {
             if len > 0x100000 {
@@ -142,7 +145,9 @@ fn write_cmdline(ram: &GuestRam, cmdline: &str) -> Result<(), BootError> {
     b.push(0);
     ram.mem()
         .write_slice(&b, GuestAddress(CMDLINE))
-        .map_err(|_| BootError::Memory { what: "command line" })
+        .map_err(|_| BootError::Memory {
+            what: "command line",
+        })
 }
 
 /// Loads a PVH ELF image and sets up its start info.
@@ -154,10 +159,11 @@ pub fn load_pvh(
     base_sregs: kvm_sregs,
 ) -> Result<BootSetup, BootError> {
     let mut image = Cursor::new(elf);
-    let loaded = Elf::load(ram.mem(), None, &mut image, None).map_err(|source| BootError::Load {
-        what: what.to_owned(),
-        source,
-    })?;
+    let loaded =
+        Elf::load(ram.mem(), None, &mut image, None).map_err(|source| BootError::Load {
+            what: what.to_owned(),
+            source,
+        })?;
     let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
         return Err(BootError::NoPvhEntry {
             what: what.to_owned(),

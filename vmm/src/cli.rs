@@ -4,12 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::control::{self, Request};
+use crate::vm::{self, BootSource, Event, RestoreConfig, RestoreMemory, RunConfig, SerialOut, Vm};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use page_server::Addr;
 use pager::PagerConfig;
-use crate::control::{self, Request};
-use crate::vm::{self, BootSource, Event, RestoreConfig, RestoreMemory, RunConfig, SerialOut, Vm};
 
 /// A KVM VMM with snapshot / restore (eager, or lazy through userfaultfd).
 ///
@@ -82,7 +82,11 @@ struct RestoreArgs {
     #[arg(long)]
     state: PathBuf,
     /// Memory file: read all of it before resuming (eager restore).
-    #[arg(long, conflicts_with = "memory_from", required_unless_present = "memory_from")]
+    #[arg(
+        long,
+        conflicts_with = "memory_from",
+        required_unless_present = "memory_from"
+    )]
     memory: Option<PathBuf>,
     /// page-server address (host:port, tcp:host:port, or a Unix socket path): resume at once
     /// and page memory in on demand, the rest streamed in the background (lazy restore).
@@ -152,7 +156,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a size like 512M or 4G"))?;
-    n.checked_mul(mul).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn serial(s: &str) -> SerialOut {
@@ -164,9 +169,11 @@ fn serial(s: &str) -> SerialOut {
 }
 
 fn forward_signals(tx: std::sync::mpsc::Sender<Event>) -> Result<()> {
-    let mut signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-            .context("installing signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("installing signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -282,7 +289,14 @@ pub fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_micros()
         .init();
-    let cli = Cli::parse();
+    // Usage errors exit 1 like every other setup error (2 is reserved for a fatal vCPU error).
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Restore(a) => restore(a),

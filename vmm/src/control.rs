@@ -224,7 +224,10 @@ fn connection<E>(conn: UnixStream, to_vm: Sender<E>, forward: fn(Incoming) -> E)
         if line.len() > MAX_REQUEST_BYTES {
             let _ = write_reply(
                 &mut out,
-                &Reply::err("bad_request", format!("request longer than {MAX_REQUEST_BYTES} bytes")),
+                &Reply::err(
+                    "bad_request",
+                    format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+                ),
             );
             return;
         }

@@ -93,8 +93,8 @@ mod tests {
 
     #[test]
     fn policy_sets_ids_and_hides_arch_capabilities() {
-        let mut c = CpuId::from_entries(&[entry(1, 0), entry(7, 0), entry(0xb, 1), entry(0xa, 0)])
-            .unwrap();
+        let mut c =
+            CpuId::from_entries(&[entry(1, 0), entry(7, 0), entry(0xb, 1), entry(0xa, 0)]).unwrap();
         apply(&mut c, 3, 4);
         let s = c.as_slice();
         assert_eq!(s[0].ebx >> 24, 3);

@@ -65,13 +65,16 @@ pub enum MemoryError {
 
 /// Guest-physical RAM ranges `(gpa, bytes)` for `bytes` of RAM.
 pub fn ram_ranges(bytes: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
-    if bytes == 0 || bytes % (2 << 20) != 0 {
+    if bytes == 0 || !bytes.is_multiple_of(2 << 20) {
         return Err(MemoryError::BadSize { bytes });
     }
     if bytes <= PCI_HOLE_START {
         Ok(vec![(0, bytes)])
     } else {
-        Ok(vec![(0, PCI_HOLE_START), (PCI_HOLE_END, bytes - PCI_HOLE_START)])
+        Ok(vec![
+            (0, PCI_HOLE_START),
+            (PCI_HOLE_END, bytes - PCI_HOLE_START),
+        ])
     }
 }
 
@@ -214,7 +217,8 @@ impl GuestRam {
             let pages = (len / u64::from(PAGE_SIZE)) as usize;
             let mut vec = vec![0u8; pages];
             // SAFETY: vec has one byte per page of our live mapping.
-            let rc = unsafe { libc::mincore(host as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
+            let rc =
+                unsafe { libc::mincore(host as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
             if rc == 0 {
                 total += vec.iter().filter(|b| **b & 1 != 0).count() as u64 * u64::from(PAGE_SIZE);
             }

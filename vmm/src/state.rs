@@ -199,13 +199,12 @@ pub fn encode(s: &Snapshot) -> Result<Vec<u8>, StateError> {
 
 /// Decodes an envelope.
 pub fn decode(bytes: &[u8], path: &str) -> Result<Snapshot, StateError> {
-    let (msg, used) =
-        Message::decode_frame(bytes, crate::memory::PAGE_SIZE).map_err(|source| {
-            StateError::Frame {
-                path: path.to_owned(),
-                source,
-            }
-        })?;
+    let (msg, used) = Message::decode_frame(bytes, crate::memory::PAGE_SIZE).map_err(|source| {
+        StateError::Frame {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
     if used != bytes.len() {
         return Err(StateError::Trailing {
             path: path.to_owned(),

@@ -202,10 +202,13 @@ impl Persist for Vcpu {
                 index: s.msrs[n].0,
             });
         }
-        fd.set_debug_regs(&s.debugregs).map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        fd.set_debug_regs(&s.debugregs)
+            .map_err(kvm("KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&s.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
-        fd.set_mp_state(s.mp_state).map_err(kvm("KVM_SET_MP_STATE"))?;
-        fd.set_vcpu_events(&s.vcpu_events).map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        fd.set_mp_state(s.mp_state)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        fd.set_vcpu_events(&s.vcpu_events)
+            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
         Ok(Vcpu {
             index,
             fd,

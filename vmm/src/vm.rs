@@ -3,7 +3,7 @@
 //! that serves the control socket and reacts to vCPUs, devices and the pager.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -222,6 +222,9 @@ pub struct Vm {
     stash: VecDeque<Event>,
     config: MachineConfig,
     paused: bool,
+    /// kvmclock when the vCPUs stopped: set again on resume, so guest time does not advance
+    /// while the VM is paused (or saved).
+    paused_clock: Option<kvm_bindings::kvm_clock_data>,
     pager: Option<Pager>,
     memory_complete_after: Option<Duration>,
     times: StartTimes,
@@ -251,7 +254,8 @@ fn shell(mem_bytes: u64) -> Result<Shell, VmError> {
     let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     fd.set_tss_address(0xfffb_d000)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    fd.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
@@ -328,8 +332,7 @@ impl Vm {
             };
             v.init_fresh(&cpuid)?;
             if i == 0 {
-                msr_list =
-                    vcpu::readable_msrs(&v.fd, &vcpu::order_msrs(msr_index.as_slice()));
+                msr_list = vcpu::readable_msrs(&v.fd, &vcpu::order_msrs(msr_index.as_slice()));
                 log::debug!("saving {} MSRs per vCPU", msr_list.len());
             }
             v.msr_list = msr_list.clone();
@@ -414,11 +417,11 @@ impl Vm {
         }
         let state_load = t0.elapsed();
         let t1 = Instant::now();
+        // Lazy: the pager owns RAM before anything (KVM included) touches it. Eager: the file is
+        // read after the KVM state is applied, so it also overwrites what KVM itself writes into
+        // guest memory while state is set (the kvmclock page): RAM then equals the file exactly.
         let pager = match &cfg.memory {
-            RestoreMemory::File(p) => {
-                sh.ram.load(p)?;
-                None
-            }
+            RestoreMemory::File(_) => None,
             RestoreMemory::Remote(addr, pcfg) => {
                 let regions: Vec<(u64, u64)> = sh
                     .ram
@@ -431,16 +434,17 @@ impl Vm {
                 let mem = unsafe { pager::HostMemory::adopt(regions, PAGE_SIZE) };
                 // The memory file is the RAM regions concatenated: served as one flat region.
                 let layout = proto::Layout::single(sh.ram.bytes());
-                let p = Pager::connect_adopt(addr, mem, layout, pcfg.clone()).map_err(|source| {
-                    VmError::Pager {
-                        addr: addr.to_string(),
-                        source,
-                    }
-                })?;
+                let p =
+                    Pager::connect_adopt(addr, mem, layout, pcfg.clone()).map_err(|source| {
+                        VmError::Pager {
+                            addr: addr.to_string(),
+                            source,
+                        }
+                    })?;
                 Some(p)
             }
         };
-        let memory_load = t1.elapsed();
+        let mut memory_load = t1.elapsed();
         let t2 = Instant::now();
         let (tx, rx) = std::sync::mpsc::channel();
         let devices = Arc::new(Devices::restore(
@@ -458,7 +462,15 @@ impl Vm {
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             vcpus.push(Vcpu::restore((s.index, fd), s)?);
         }
+        let mut state_apply = t2.elapsed();
+        if let RestoreMemory::File(p) = &cfg.memory {
+            let t = Instant::now();
+            sh.ram.load(p)?;
+            memory_load += t.elapsed();
+        }
+        let t3 = Instant::now();
         let mut vm = Vm::assemble(sh, devices, vcpus, tx, rx, c)?;
+        vm.paused_clock = Some(snap.vm.clock);
         if let Some(p) = &pager {
             if let Some(ev) = p.events() {
                 let tx = vm.tx.clone();
@@ -480,7 +492,7 @@ impl Vm {
         if matches!(cfg.serial, SerialOut::Stdout) {
             forward_stdin(vm.tx.clone());
         }
-        let state_apply = t2.elapsed();
+        state_apply += t3.elapsed();
         if !cfg.paused {
             vm.resume();
         }
@@ -546,6 +558,7 @@ impl Vm {
             stash: VecDeque::new(),
             config,
             paused: true,
+            paused_clock: None,
             pager: None,
             memory_complete_after: None,
             times: StartTimes::default(),
@@ -570,6 +583,12 @@ impl Vm {
 
     /// Runs every vCPU.
     pub fn resume(&mut self) {
+        if let Some(mut clock) = self.paused_clock.take() {
+            clock.flags = 0;
+            if let Err(e) = self.fd.set_clock(&clock) {
+                log::warn!("KVM_SET_CLOCK on resume: {e}; guest time includes the pause");
+            }
+        }
         for v in &self.vcpus {
             v.send(Command::Resume);
         }
@@ -603,6 +622,10 @@ impl Vm {
             }
         }
         self.paused = true;
+        match self.fd.get_clock() {
+            Ok(c) => self.paused_clock = Some(c),
+            Err(e) => log::warn!("KVM_GET_CLOCK on pause: {e}; guest time will include the pause"),
+        }
         Ok(())
     }
 
@@ -618,16 +641,25 @@ impl Vm {
                 .map_err(|_| VmError::PauseTimeout(Duration::from_secs(5)))??;
             vcpus.push(s);
         }
+        let mut vm = save_vm_state(&self.fd)?;
+        // Guest time stopped when the vCPUs did.
+        if let Some(c) = self.paused_clock {
+            vm.clock = c;
+        }
         Ok(Snapshot {
             config: self.config.clone(),
-            vm: save_vm_state(&self.fd)?,
+            vm,
             vcpus,
             devices: self.devices.save()?,
         })
     }
 
     /// Pauses, then writes the state and memory files. Stays paused.
-    pub fn snapshot(&mut self, state_path: &PathBuf, memory_path: &PathBuf) -> Result<Reply, VmError> {
+    pub fn snapshot(
+        &mut self,
+        state_path: &Path,
+        memory_path: &Path,
+    ) -> Result<Reply, VmError> {
         let t0 = Instant::now();
         let snap = self.save()?;
         let state_bytes = state::write_file(&snap, state_path)?;
@@ -673,7 +705,12 @@ impl Vm {
                 Ok(Reply::ok(json!({"state": "running"})))
             }
             Request::Snapshot { state, memory } => self.snapshot(&state, &memory),
-            Request::Shutdown => return (Reply::ok(json!({"state": "shutdown"})), Some(Exit::Shutdown)),
+            Request::Shutdown => {
+                return (
+                    Reply::ok(json!({"state": "shutdown"})),
+                    Some(Exit::Shutdown),
+                )
+            }
             Request::SerialInput { data } => {
                 let n = self
                     .devices
@@ -744,7 +781,11 @@ impl Vm {
                     let d = self.created.elapsed();
                     self.memory_complete_after = Some(d);
                     if let Some(p) = &self.pager {
-                        log::info!("all guest memory present {:.1} ms after resume\n{}", d.as_secs_f64() * 1e3, p.report());
+                        log::info!(
+                            "all guest memory present {:.1} ms after resume\n{}",
+                            d.as_secs_f64() * 1e3,
+                            p.report()
+                        );
                     }
                 }
                 Event::Pager(PagerEvent::SourceLost { cause: why }) => {
@@ -842,8 +883,10 @@ fn save_vm_state(fd: &VmFd) -> Result<VmState, StateError> {
     let mut pic_master = chip(KVM_IRQCHIP_PIC_MASTER);
     let mut pic_slave = chip(KVM_IRQCHIP_PIC_SLAVE);
     let mut ioapic = chip(KVM_IRQCHIP_IOAPIC);
-    fd.get_irqchip(&mut pic_master).map_err(k("KVM_GET_IRQCHIP"))?;
-    fd.get_irqchip(&mut pic_slave).map_err(k("KVM_GET_IRQCHIP"))?;
+    fd.get_irqchip(&mut pic_master)
+        .map_err(k("KVM_GET_IRQCHIP"))?;
+    fd.get_irqchip(&mut pic_slave)
+        .map_err(k("KVM_GET_IRQCHIP"))?;
     fd.get_irqchip(&mut ioapic).map_err(k("KVM_GET_IRQCHIP"))?;
     Ok(VmState {
         pit: fd.get_pit2().map_err(k("KVM_GET_PIT2"))?,
