@@ -293,7 +293,7 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"pause","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"snapshot","state":"/a"}"#).is_err());
         let e = serde_json::to_string(&Reply::err("busy", "no")).unwrap();
         assert_eq!(e, r#"{"ok":false,"error":{"kind":"busy","message":"no"}}"#);
     }

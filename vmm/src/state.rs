@@ -261,3 +261,110 @@ pub fn read_file(path: &Path) -> Result<Snapshot, StateError> {
     f.take(cap).read_to_end(&mut bytes).map_err(io)?;
     decode(&bytes, &p)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::{ConsoleState, I8042};
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            config: MachineConfig {
+                mem_bytes: 64 << 20,
+                vcpus: 1,
+                ram: vec![(0, 64 << 20)],
+                boot: "test".into(),
+            },
+            vm: VmState {
+                pit: Default::default(),
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                clock: Default::default(),
+            },
+            vcpus: vec![VcpuState {
+                index: 0,
+                cpuid: vec![Default::default()],
+                regs: kvm_regs {
+                    rip: 0x1234,
+                    ..Default::default()
+                },
+                sregs: Default::default(),
+                xsave: Default::default(),
+                xcrs: Default::default(),
+                msrs: vec![(0x10, 99)],
+                lapic: Default::default(),
+                vcpu_events: Default::default(),
+                mp_state: Default::default(),
+                debugregs: Default::default(),
+                tsc_khz: 2_000_000,
+            }],
+            devices: DevicesState {
+                console: ConsoleState {
+                    baud_divisor_low: 12,
+                    baud_divisor_high: 0,
+                    interrupt_enable: 0,
+                    interrupt_identification: 1,
+                    line_control: 3,
+                    line_status: 0x60,
+                    modem_control: 8,
+                    modem_status: 0xb0,
+                    scratch: 0,
+                    in_buffer: b"q".to_vec(),
+                },
+                i8042: I8042::default(),
+            },
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = encode(&sample()).unwrap();
+        let back = decode(&bytes, "mem").unwrap();
+        assert_eq!(back.config, sample().config);
+        assert_eq!(back.vcpus[0].regs.rip, 0x1234);
+        assert_eq!(back.vcpus[0].msrs, vec![(0x10, 99)]);
+        assert_eq!(back.devices, sample().devices);
+    }
+
+    #[test]
+    fn other_state_version_is_refused() {
+        let mut blob = 2u32.to_le_bytes().to_vec();
+        blob.extend(postcard::to_stdvec(&sample()).unwrap());
+        let mut out = Vec::new();
+        Message::State { blob: &blob }.encode(&mut out);
+        assert!(matches!(decode(&out, "x"), Err(StateError::Version { found: 2 })));
+    }
+
+    #[test]
+    fn damaged_envelopes_are_refused() {
+        let good = encode(&sample()).unwrap();
+        for cut in [0, 1, 15, 16, good.len() / 2, good.len() - 1] {
+            assert!(matches!(decode(&good[..cut], "x"), Err(StateError::Frame { .. })), "{cut}");
+        }
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert!(matches!(decode(&trailing, "x"), Err(StateError::Trailing { extra: 1, .. })));
+        let mut flipped = good.clone();
+        let n = flipped.len();
+        flipped[n - 10] ^= 1;
+        assert!(matches!(decode(&flipped, "x"), Err(StateError::Frame { .. })));
+        // A blob that passes the CRC but is not a snapshot.
+        let mut out = Vec::new();
+        Message::State {
+            blob: &[1, 0, 0, 0, 0xff, 0xff],
+        }
+        .encode(&mut out);
+        assert!(matches!(decode(&out, "x"), Err(StateError::Decode(_))));
+    }
+
+    #[test]
+    fn oversized_file_is_refused_before_reading() {
+        let path = std::env::temp_dir().join(format!("vmm-state-big-{}", std::process::id()));
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(u64::from(MAX_PAYLOAD_BYTES) + 1024).unwrap();
+        let r = read_file(&path);
+        let _ = std::fs::remove_file(&path);
+        assert!(matches!(r, Err(StateError::TooLarge { .. })));
+    }
+}
