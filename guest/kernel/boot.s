@@ -141,12 +141,19 @@ start64:
     sub rax, rsi
     mov qword ptr [kmode_loop_tsc], rax
     call build_tables
+    # Mask the legacy PICs: firmware (SeaBIOS under QEMU) leaves IRQ0 unmasked at vector 8.
+    mov al, 0xff
+    out 0xa1, al
+    out 0x21, al
     call cpu_init
     # start every AP: INIT, then SIPI to 0x8000, to all but self
     mov rax, LAPIC
     mov dword ptr [rax + 0x310], 0
     mov dword ptr [rax + 0x300], 0xC4500
+    call short_delay             # INIT must land before the SIPI
     mov dword ptr [rax + 0x300], 0xC4608
+    call short_delay
+    mov dword ptr [rax + 0x300], 0xC4608   # second SIPI, as the MP spec asks
     xor edi, edi
     jmp enter_user
 
@@ -233,6 +240,7 @@ cpu_init:
     # LAPIC: software enable (spurious vector 0xFF), periodic timer on 0x20
     mov rax, LAPIC
     mov dword ptr [rax + 0xF0], 0x1FF
+    mov dword ptr [rax + 0x350], 0x10000   # LINT0 masked (no ExtINT from the PIC)
     mov dword ptr [rax + 0x3E0], 0x3
     mov dword ptr [rax + 0x320], 0x20020
     mov edx, dword ptr [timer_initial_count]
@@ -292,6 +300,14 @@ enter_user:
     mov rax, offset user_main
     push rax
     iretq
+
+# A few ms (emulated ring 0) to microseconds (hardware); keeps rax.
+short_delay:
+    mov ecx, 20000
+1:  pause
+    dec ecx
+    jnz 1b
+    ret
 
 halt_forever:
     cli

@@ -551,12 +551,18 @@ fn bsp_main() -> ! {
             break;
         }
     }
+    // Work with the vCPUs that came up (the boot line says how many of how many).
+    let wanted = p.cpus;
+    let mut p = p;
+    p.cpus = online.clamp(1, wanted);
+    // SAFETY: only cpu 0 writes PARAMS, before GO.
+    unsafe { PARAMS = p };
     let (_, _, ecx, _) = cpuid(1);
     Line::new()
         .s("GUEST boot cpus=")
         .u(online)
         .s("/")
-        .u(p.cpus)
+        .u(wanted)
         .s(" work_mib=")
         .u(p.pages / 256)
         .s(" rate=")
