@@ -1,2 +1,299 @@
 //! Linux boot through `vmm run --kernel` (early boot here; full boot where the host KVM runs
 //! guest kernel code natively).
+//!
+//! The kernel is the Debian cloud kernel that `scripts/fetch-linux-kernel.sh` puts at
+//! `target/linux/vmlinuz`; where it (or /dev/kvm) is missing the tests print `SKIPPED: ...`.
+//! On hosts whose KVM emulates guest kernel code (nested setups without hardware
+//! virtualization for the guest) the kernel needs about a minute and a half just to
+//! decompress itself, so the early-boot test waits generously and the full-boot test runs only
+//! where our own guest measures native kernel-mode speed.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{temp_path, TempFile};
+
+const KERNEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/linux/vmlinuz");
+/// Early boot: the first kernel lines took ~90 s on an emulating host; three times that.
+const EARLY_BOOT_TIMEOUT: Duration = Duration::from_secs(270);
+/// Full boot where guest kernel code runs natively (it takes a few seconds there).
+const FULL_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Our own guest prints its first line within milliseconds; generous for loaded hosts.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Below this kernel-mode speed (million instructions / s) the host emulates guest kernel mode.
+const NATIVE_KMODE_MIPS: u64 = 100;
+
+/// A vmm we started, killed (by its PID, through `Child`) and reaped on drop: also when an
+/// assertion fails.
+struct VmmProc {
+    child: Child,
+    serial: TempFile,
+    stderr: TempFile,
+}
+
+impl Drop for VmmProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl VmmProc {
+    /// `vmm-fixture run --serial FILE ARGS...`, stderr to a file (quoted on failure).
+    fn start(tag: &str, args: &[&str]) -> VmmProc {
+        let serial = TempFile(temp_path(&format!("{tag}-serial")));
+        let stderr = TempFile(temp_path(&format!("{tag}-stderr")));
+        let err = File::create(&stderr.0).expect("create the vmm stderr file");
+        let serial_arg = serial.0.to_str().expect("temp path is UTF-8").to_owned();
+        let child = Command::new(env!("CARGO_BIN_EXE_vmm-fixture"))
+            .arg("run")
+            .args(args)
+            .args(["--serial", &serial_arg])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("start vmm-fixture");
+        VmmProc {
+            child,
+            serial,
+            stderr,
+        }
+    }
+
+    fn serial_log(&self) -> String {
+        std::fs::read(&self.serial.0)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The last lines of the serial log and of the vmm's stderr, for assertion messages.
+    fn tails(&self) -> String {
+        let stderr = std::fs::read(&self.stderr.0)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        format!(
+            "--- serial log (last 40 lines) ---\n{}\n--- vmm stderr (last 20 lines) ---\n{}",
+            tail(&self.serial_log(), 40),
+            tail(&stderr, 20)
+        )
+    }
+
+    /// Polls the serial log until `done` says so, the vmm exits or `timeout` passes.
+    fn wait_serial(
+        &mut self,
+        timeout: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> Result<(String, Duration), String> {
+        let start = Instant::now();
+        loop {
+            let log = self.serial_log();
+            if done(&log) {
+                return Ok((log, start.elapsed()));
+            }
+            let exited: Option<ExitStatus> = self.child.try_wait().ok().flatten();
+            if let Some(status) = exited {
+                // One last look: output written just before the exit.
+                let log = self.serial_log();
+                if done(&log) {
+                    return Ok((log, start.elapsed()));
+                }
+                return Err(format!(
+                    "the vmm exited ({status}) after {:.1} s\n{}",
+                    start.elapsed().as_secs_f64(),
+                    self.tails()
+                ));
+            }
+            if start.elapsed() > timeout {
+                return Err(format!("timed out after {timeout:?}\n{}", self.tails()));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// /dev/kvm and the fetched kernel, or the SKIPPED line.
+fn kvm_and_kernel_or_skip(test: &str) -> Option<PathBuf> {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        println!("SKIPPED: {test}: /dev/kvm unavailable: {e}");
+        return None;
+    }
+    let kernel = Path::new(KERNEL);
+    if !kernel.is_file() {
+        println!(
+            "SKIPPED: {test}: no Linux kernel at {} (run scripts/fetch-linux-kernel.sh)",
+            kernel.display()
+        );
+        return None;
+    }
+    Some(kernel.to_path_buf())
+}
+
+/// The `BIOS-e820:` lines Linux prints for the map our VMM gives a VM of `mem_bytes`.
+fn expected_e820_lines(mem_bytes: u64) -> Vec<String> {
+    let ram = vmm::memory::GuestRam::new(mem_bytes).expect("map guest RAM for the expected map");
+    vmm::boot::memory_map(&ram)
+        .into_iter()
+        .map(|(addr, size, type_)| {
+            let kind = match type_ {
+                1 => "usable",
+                2 => "reserved",
+                other => panic!("unexpected e820 type {other} in our map"),
+            };
+            format!(
+                "BIOS-e820: [mem {addr:#018x}-{:#018x}] {kind}",
+                addr + size - 1
+            )
+        })
+        .collect()
+}
+
+fn unique_token() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("t{}x{nanos:08x}", std::process::id())
+}
+
+#[test]
+fn linux_early_boot_prints_version_e820_and_cmdline() {
+    let test = "linux_early_boot_prints_version_e820_and_cmdline";
+    let Some(kernel) = kvm_and_kernel_or_skip(test) else {
+        return;
+    };
+    let token = unique_token();
+    let cmdline =
+        format!("console=ttyS0 earlyprintk=serial,ttyS0,115200 loglevel=8 ufvmm.test={token}");
+    let e820 = expected_e820_lines(512 << 20);
+    let command_line = format!("Command line: {cmdline}");
+    let mut vmm = VmmProc::start(
+        "linux-early",
+        &[
+            "--mem",
+            "512M",
+            "--vcpus",
+            "1",
+            "--kernel",
+            kernel.to_str().expect("kernel path is UTF-8"),
+            "--cmdline",
+            &cmdline,
+        ],
+    );
+    let wanted = |log: &str| {
+        log.contains("Linux version")
+            && log.contains(&command_line)
+            && e820.iter().all(|l| log.contains(l.as_str()))
+    };
+    let (log, took) = match vmm.wait_serial(EARLY_BOOT_TIMEOUT, wanted) {
+        Ok(r) => r,
+        Err(why) => {
+            let log = vmm.serial_log();
+            let missing: Vec<&str> = std::iter::once("Linux version")
+                .chain(std::iter::once(command_line.as_str()))
+                .chain(e820.iter().map(String::as_str))
+                .filter(|l| !log.contains(l))
+                .collect();
+            panic!("{test}: the kernel did not print {missing:?}: {why}");
+        }
+    };
+    println!(
+        "{test}: version, e820 map and command line after {:.1} s; first lines:\n{}",
+        took.as_secs_f64(),
+        log.lines().take(15).collect::<Vec<_>>().join("\n")
+    );
+    // The usable RAM above 1 MiB is what memory_map() gives for 512M.
+    assert!(
+        log.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"),
+        "{test}: no usable range 1 MiB..512 MiB\n{}",
+        vmm.tails()
+    );
+    // Our token reached the kernel exactly as given.
+    assert!(
+        log.lines().any(|l| l.contains("Command line:")
+            && l.trim_end().ends_with(&format!("ufvmm.test={token}"))),
+        "{test}: no command line with ufvmm.test={token}\n{}",
+        vmm.tails()
+    );
+    drop(vmm); // kills it: it will not finish booting on an emulating host
+}
+
+/// Our own guest's `kmode_mips` (from its first line), or an error quoting its output.
+fn kernel_mode_mips() -> Result<u64, String> {
+    let mut probe = VmmProc::start("kmode-probe", &["--mem", "128M"]);
+    let (log, _) = probe.wait_serial(PROBE_TIMEOUT, |log| {
+        log.lines()
+            .any(|l| l.starts_with("GUEST boot") && l.contains("kmode_mips="))
+    })?;
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("GUEST boot"))
+        .unwrap_or_default();
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("kmode_mips="))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no kmode_mips number in {line:?}"))
+}
+
+#[test]
+fn linux_full_boot_where_kernel_mode_is_native() {
+    let test = "linux_full_boot_where_kernel_mode_is_native";
+    let Some(kernel) = kvm_and_kernel_or_skip(test) else {
+        return;
+    };
+    let mips = kernel_mode_mips().unwrap_or_else(|e| panic!("{test}: the kmode probe failed: {e}"));
+    if mips < NATIVE_KMODE_MIPS {
+        println!("SKIPPED: {test}: host KVM emulates guest kernel mode (kmode_mips={mips})");
+        return;
+    }
+    // No initrd and no disk: a complete boot ends in the root-fs panic (or runs an init).
+    let late = [
+        "Kernel panic - not syncing: VFS: Unable to mount root fs",
+        "Run /init as init process",
+        "Run /sbin/init as init process",
+    ];
+    let mut vmm = VmmProc::start(
+        "linux-full",
+        &[
+            "--mem",
+            "512M",
+            "--vcpus",
+            "1",
+            "--kernel",
+            kernel.to_str().expect("kernel path is UTF-8"),
+            "--cmdline",
+            "console=ttyS0 loglevel=8",
+        ],
+    );
+    match vmm.wait_serial(FULL_BOOT_TIMEOUT, |log| {
+        late.iter().any(|l| log.contains(l))
+    }) {
+        Ok((log, took)) => {
+            let reached = late
+                .iter()
+                .find(|l| log.contains(*l))
+                .copied()
+                .unwrap_or("");
+            println!(
+                "{test}: kmode_mips={mips}; reached {reached:?} after {:.1} s",
+                took.as_secs_f64()
+            );
+        }
+        Err(why) => panic!("{test}: no late-boot line (one of {late:?}): {why}"),
+    }
+    drop(vmm);
+}

@@ -14,6 +14,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod linux;
 pub mod memory;
+pub mod mptable;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

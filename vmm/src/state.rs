@@ -333,22 +333,34 @@ mod tests {
         blob.extend(postcard::to_stdvec(&sample()).unwrap());
         let mut out = Vec::new();
         Message::State { blob: &blob }.encode(&mut out);
-        assert!(matches!(decode(&out, "x"), Err(StateError::Version { found: 2 })));
+        assert!(matches!(
+            decode(&out, "x"),
+            Err(StateError::Version { found: 2 })
+        ));
     }
 
     #[test]
     fn damaged_envelopes_are_refused() {
         let good = encode(&sample()).unwrap();
         for cut in [0, 1, 15, 16, good.len() / 2, good.len() - 1] {
-            assert!(matches!(decode(&good[..cut], "x"), Err(StateError::Frame { .. })), "{cut}");
+            assert!(
+                matches!(decode(&good[..cut], "x"), Err(StateError::Frame { .. })),
+                "{cut}"
+            );
         }
         let mut trailing = good.clone();
         trailing.push(0);
-        assert!(matches!(decode(&trailing, "x"), Err(StateError::Trailing { extra: 1, .. })));
+        assert!(matches!(
+            decode(&trailing, "x"),
+            Err(StateError::Trailing { extra: 1, .. })
+        ));
         let mut flipped = good.clone();
         let n = flipped.len();
         flipped[n - 10] ^= 1;
-        assert!(matches!(decode(&flipped, "x"), Err(StateError::Frame { .. })));
+        assert!(matches!(
+            decode(&flipped, "x"),
+            Err(StateError::Frame { .. })
+        ));
         // A blob that passes the CRC but is not a snapshot.
         let mut out = Vec::new();
         Message::State {

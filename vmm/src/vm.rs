@@ -655,11 +655,7 @@ impl Vm {
     }
 
     /// Pauses, then writes the state and memory files. Stays paused.
-    pub fn snapshot(
-        &mut self,
-        state_path: &Path,
-        memory_path: &Path,
-    ) -> Result<Reply, VmError> {
+    pub fn snapshot(&mut self, state_path: &Path, memory_path: &Path) -> Result<Reply, VmError> {
         let t0 = Instant::now();
         let snap = self.save()?;
         let state_bytes = state::write_file(&snap, state_path)?;
