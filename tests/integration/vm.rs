@@ -104,7 +104,9 @@ impl VmmProc {
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.serial_text();
-            if let Some(l) = text.lines().find(|l| pred(l)) {
+            // Complete lines only: the guest prints a byte at a time.
+            let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(l) = complete.lines().find(|l| pred(l)) {
                 return l.to_owned();
             }
             let tail: String = text.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
@@ -223,6 +225,7 @@ fn checksum_line(p: &VmmProc, since: usize) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let text = p.serial_text();
+        let text = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
         if let Some(l) = text
             .get(since..)
             .unwrap_or("")
