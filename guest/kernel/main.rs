@@ -13,7 +13,7 @@
 //!
 //! Serial output (COM1), one line each:
 //! `GUEST boot ...`, `READY fill_ms=...`, every period
-//! `HB seq=S t_us=T tick=A,B,.. w=W simd=ok|FAIL`, and on input bytes:
+//! `HB seq=S t_us=T tick=A,B,.. w=W [behind=N] simd=ok|FAIL`, and on input bytes:
 //! `q` stop writes + `CK <hex> pages=N`, `c` checksum only, `r` resume
 //! writes (`RESUMED`), `x` power off through the i8042 (`POWEROFF`); every byte
 //! received is echoed as `RX <hex>`.
@@ -48,6 +48,8 @@ static WRITES_ON: AtomicBool = AtomicBool::new(true);
 static QUIESCE_GEN: AtomicU64 = AtomicU64::new(0);
 static SEEN_GEN: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static WRITES: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Writes dropped because the vCPU fell more than a period behind.
+static SKIPPED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static SIMD_FAIL: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static FILLED: AtomicU64 = AtomicU64::new(0);
 /// TSC ticks per microsecond when there is no kvmclock.
@@ -597,6 +599,8 @@ fn worker_loop(cpu: usize) -> ! {
     let start = now_ns(cpu);
     let rate = p.rate / p.cpus;
     let mut done = 0u64;
+    let mut written = 0u64;
+    let mut skipped = 0u64;
     let mut round = 0u64;
     let mut seq = 0u64;
     let mut next_hb = start;
@@ -605,18 +609,26 @@ fn worker_loop(cpu: usize) -> ! {
         let now = now_ns(cpu);
         let gen = QUIESCE_GEN.load(Acquire);
         if WRITES_ON.load(Acquire) {
-            let due = (now - start) as u128 * rate as u128 / 1_000_000_000;
-            let mut n = 0;
-            while (done as u128) < due && n < 100_000 {
+            let due = ((now - start) as u128 * rate as u128 / 1_000_000_000) as u64;
+            // At most one period behind: a vCPU that was slowed down (e.g. by faults on missing
+            // pages) drops the backlog instead of writing it in one burst, so heartbeats stay
+            // regular and their gaps show real stalls.
+            let per_period = (rate * p.hb_ms / 1000).max(1);
+            if due > done + per_period {
+                skipped += due - done - per_period;
+                done = due - per_period;
+            }
+            while done < due {
                 write_page(&p, cpu, &mut rng, done);
                 done += 1;
-                n += 1;
+                written += 1;
             }
-            WRITES[cpu].store(done, Relaxed);
+            WRITES[cpu].store(written, Relaxed);
         } else {
             // Skip what was not written while quiesced.
             done = ((now - start) as u128 * rate as u128 / 1_000_000_000) as u64;
         }
+        SKIPPED[cpu].store(skipped, Relaxed);
         SEEN_GEN[cpu].store(gen, Release);
         if cpu == 0 && now >= next_hb {
             heartbeat(&p, seq, now, &mut reported_fail);
@@ -638,6 +650,7 @@ fn heartbeat(p: &Params, seq: u64, now: u64, reported: &mut [u64; MAX_CPUS]) {
     let mut l = Line::new();
     l.s("HB seq=").u(seq).s(" t_us=").u(now / 1000).s(" tick=");
     let mut writes = 0;
+    let mut skipped = 0;
     let mut fail = false;
     for c in 0..p.cpus as usize {
         if c > 0 {
@@ -646,13 +659,18 @@ fn heartbeat(p: &Params, seq: u64, now: u64, reported: &mut [u64; MAX_CPUS]) {
         // SAFETY: tick counters are only incremented by the timer handler.
         l.u(unsafe { ticks[c].load(Relaxed) });
         writes += WRITES[c].load(Relaxed);
+        skipped += SKIPPED[c].load(Relaxed);
         let f = SIMD_FAIL[c].load(Relaxed);
         if f != reported[c] {
             reported[c] = f;
             fail = true;
         }
     }
-    l.s(" w=").u(writes).s(" simd=").s(if fail { "FAIL" } else { "ok" }).send();
+    l.s(" w=").u(writes);
+    if skipped > 0 {
+        l.s(" behind=").u(skipped);
+    }
+    l.s(" simd=").s(if fail { "FAIL" } else { "ok" }).send();
 }
 
 fn poll_serial(p: &Params) {
