@@ -261,7 +261,10 @@ fn shell(mem_bytes: u64) -> Result<Shell, VmError> {
         ..Default::default()
     };
     fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    let t = Instant::now();
     let ram = GuestRam::new(mem_bytes)?;
+    log::debug!("guest RAM mapped in {:?}", t.elapsed());
+    let t = Instant::now();
     for (slot, (gpa, host, len)) in ram.host_regions().into_iter().enumerate() {
         let region = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -275,6 +278,7 @@ fn shell(mem_bytes: u64) -> Result<Shell, VmError> {
         unsafe { fd.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
+    log::debug!("memory slots set in {:?}", t.elapsed());
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
         what: "eventfd for the serial IRQ",
         source,
@@ -406,7 +410,9 @@ impl Vm {
             ))
             .into());
         }
+        log::debug!("state file read in {:?}", t0.elapsed());
         let sh = shell(c.mem_bytes)?;
+        log::debug!("VM shell built after {:?}", t0.elapsed());
         if sh.ram.ranges() != c.ram.as_slice() {
             return Err(StateError::Invalid(format!(
                 "RAM layout {:?} differs from this vmm's {:?}",
@@ -453,6 +459,7 @@ impl Vm {
             console_out(&cfg.serial)?,
             device_sender(&tx),
         )?);
+        log::debug!("pager connected, devices restored after {:?}", t2.elapsed());
         restore_vm_state(&sh.fd, &snap.vm)?;
         let mut vcpus = Vec::new();
         for s in &snap.vcpus {
@@ -463,6 +470,7 @@ impl Vm {
             vcpus.push(Vcpu::restore((s.index, fd), s)?);
         }
         let mut state_apply = t2.elapsed();
+        log::debug!("VM and vCPU state applied after {state_apply:?}");
         if let RestoreMemory::File(p) = &cfg.memory {
             let t = Instant::now();
             sh.ram.load(p)?;
