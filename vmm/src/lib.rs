@@ -7,6 +7,7 @@
 //! [`vm::Vm::run`]) which alone pauses, saves and resumes, the control
 //! socket, and small forwarders (stdin, pager events, signals).
 
+pub mod acpi;
 pub mod boot;
 pub mod cli;
 pub mod control;

@@ -11,6 +11,7 @@
 //! | 0xA000     | PDPT                                          |
 //! | 0xB000     | PD: the first 1 GiB identity-mapped, 2 MiB pages |
 //! | 0x20000    | command line                                  |
+//! | 0xE0000    | ACPI tables, RSDP first ([`crate::acpi`])     |
 //! | 0xF0000    | MP table ([`crate::mptable`])                 |
 //!
 //! A bzImage goes to its `code32_start` (1 MiB) and starts at its 64-bit
@@ -18,6 +19,11 @@
 //! addresses and starts at `e_entry`. The initrd goes page-aligned as high
 //! as the kernel accepts in the first RAM range. The BSP starts in long
 //! mode, `rsi` = zero page.
+//!
+//! The vCPUs, IOAPIC and interrupt routing are described twice: by ACPI
+//! tables (the RSDP's address also in the zero page's `acpi_rsdp_addr`) for
+//! kernels built without `CONFIG_X86_MPPARSE`, and by an MP table for
+//! kernels that boot with `acpi=off` or have no ACPI.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -228,6 +234,7 @@ fn zero_page(
     kernel: &Kernel,
     cmdline_bytes: u32,
     initrd: Option<(u32, u32)>,
+    rsdp: u64,
 ) -> Result<boot_params, BootError> {
     let mut params = boot_params {
         hdr: kernel.header,
@@ -237,6 +244,8 @@ fn zero_page(
     params.hdr.loadflags |= LOADED_HIGH;
     params.hdr.cmd_line_ptr = CMDLINE as u32;
     params.hdr.cmdline_size = cmdline_bytes;
+    // In the zero page proper (0x070), read by kernels since boot protocol 2.14.
+    params.acpi_rsdp_addr = rsdp;
     if let Some((addr, size)) = initrd {
         params.hdr.ramdisk_image = addr;
         params.hdr.ramdisk_size = size;
@@ -281,7 +290,8 @@ pub fn load(
         );
     }
     let initrd = initrd.map(|p| load_initrd(ram, p, &k)).transpose()?;
-    let params = zero_page(ram, &k, cmdline_bytes, initrd)?;
+    let rsdp = crate::acpi::write(ram, vcpus)?;
+    let params = zero_page(ram, &k, cmdline_bytes, initrd, rsdp)?;
     LinuxBootConfigurator::write_bootparams::<vm_memory::GuestMemoryMmap<()>>(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
         ram.mem(),
@@ -432,6 +442,10 @@ mod tests {
             .read_obj(GuestAddress(crate::mptable::MPTABLE_START))
             .unwrap();
         assert_eq!(&mp, b"_MP_");
+        let rsdp_addr = p.acpi_rsdp_addr;
+        assert_eq!(rsdp_addr, crate::acpi::ACPI_START);
+        let rsdp: [u8; 8] = mem.read_obj(GuestAddress(rsdp_addr)).unwrap();
+        assert_eq!(&rsdp, b"RSD PTR ");
     }
 
     #[test]
