@@ -351,7 +351,7 @@ fn linux_full_boot_where_kernel_mode_is_native() {
             "--mem",
             "512M",
             "--vcpus",
-            "1",
+            "2",
             "--kernel",
             kernel.to_str().expect("kernel path is UTF-8"),
             "--cmdline",
@@ -362,6 +362,11 @@ fn linux_full_boot_where_kernel_mode_is_native() {
         late.iter().any(|l| log.contains(l))
     }) {
         Ok((log, took)) => {
+            // Both vCPUs came up through our MADT.
+            assert!(
+                log.contains("Brought up 1 node, 2 CPUs"),
+                "{test}: the second vCPU did not come up"
+            );
             let reached = late
                 .iter()
                 .find(|l| log.contains(*l))

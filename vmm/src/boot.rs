@@ -118,6 +118,41 @@ pub fn write_boot_gdt(ram: &GuestRam, code: u64) -> Result<(), BootError> {
     Ok(())
 }
 
+/// Writes the boot GDT and points `base`'s segment registers at it: code 0x08 (64-bit when
+/// `long_mode`, else 32-bit), flat data 0x10 in every data segment, TSS 0x18.
+pub fn boot_segments(
+    ram: &GuestRam,
+    base: kvm_sregs,
+    long_mode: bool,
+) -> Result<kvm_sregs, BootError> {
+    let (code_desc, code) = if long_mode {
+        (0x00af_9b00_0000_ffff, segment(0x08, 0xb, 0, 1))
+    } else {
+        (0x00cf_9b00_0000_ffff, segment(0x08, 0xb, 1, 0))
+    };
+    write_boot_gdt(ram, code_desc)?;
+    let mut sregs = base;
+    sregs.cs = code;
+    let data = segment(0x10, 0x3, 1, 0);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = kvm_segment {
+        base: 0,
+        limit: 0x67,
+        selector: 0x18,
+        type_: 0xb,
+        present: 1,
+        s: 0,
+        ..Default::default()
+    };
+    sregs.gdt.base = BOOT_GDT;
+    sregs.gdt.limit = 4 * 8 - 1;
+    Ok(sregs)
+}
+
 /// The e820-style map shared by PVH and Linux: low RAM, the BIOS hole,
 /// RAM from 1 MiB, the RAM above 4 GiB.
 pub fn memory_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
@@ -192,26 +227,7 @@ pub fn load_pvh(
     PvhBootConfigurator::write_bootparams::<vm_memory::GuestMemoryMmap<()>>(&params, ram.mem())
         .map_err(|e| BootError::Other(format!("PVH start info: {e}")))?;
     // 32-bit flat code 0x08, data 0x10, TSS 0x18.
-    write_boot_gdt(ram, 0x00cf_9b00_0000_ffff)?;
-    let mut sregs = base_sregs;
-    sregs.cs = segment(0x08, 0xb, 1, 0);
-    let data = segment(0x10, 0x3, 1, 0);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = kvm_segment {
-        base: 0,
-        limit: 0x67,
-        selector: 0x18,
-        type_: 0xb,
-        present: 1,
-        s: 0,
-        ..Default::default()
-    };
-    sregs.gdt.base = BOOT_GDT;
-    sregs.gdt.limit = 4 * 8 - 1;
+    let mut sregs = boot_segments(ram, base_sregs, false)?;
     sregs.cr0 = 0x11; // PE | ET
     sregs.cr4 = 0;
     sregs.efer = 0;

@@ -28,7 +28,7 @@
 use std::io::Cursor;
 use std::path::Path;
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_params, setup_header, LOADED_HIGH};
@@ -300,27 +300,7 @@ pub fn load(
     crate::mptable::write(ram, vcpus)?;
     write_page_tables(ram)?;
     // 64-bit code 0x08, data 0x10, TSS 0x18.
-    boot::write_boot_gdt(ram, 0x00af_9b00_0000_ffff)?;
-
-    let mut sregs = base;
-    sregs.cs = boot::segment(0x08, 0xb, 0, 1);
-    let data = boot::segment(0x10, 0x3, 1, 0);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = kvm_segment {
-        base: 0,
-        limit: 0x67,
-        selector: 0x18,
-        type_: 0xb,
-        present: 1,
-        s: 0,
-        ..Default::default()
-    };
-    sregs.gdt.base = boot::BOOT_GDT;
-    sregs.gdt.limit = 4 * 8 - 1;
+    let mut sregs = boot::boot_segments(ram, base, true)?;
     sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
     sregs.cr3 = PML4;
     sregs.cr4 = CR4_PAE;
