@@ -10,6 +10,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod cpuid;
 pub mod devices;

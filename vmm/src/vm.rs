@@ -3,27 +3,25 @@
 //! that serves the control socket and reacts to vCPUs, devices and the pager.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use page_server::Addr;
-use pager::{Pager, PagerConfig, PagerEvent};
+
+use pager::{Pager, PagerEvent};
 use serde_json::json;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
+pub use crate::config::{BootSource, Exit, RestoreConfig, RestoreMemory, RunConfig, SerialOut};
 use crate::control::{self, Incoming, Reply, Request};
 use crate::devices::{Console, ConsoleOut, DeviceEvent, Devices, COM1_GSI};
 use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
-use crate::state::{self, MachineConfig, Persist, Snapshot, StateError, VmState};
+use crate::state::{self, MachineConfig, Persist, Snapshot, StateError};
 use crate::vcpu::{self, Command, Vcpu, VcpuHandle, VcpuReport};
 
 /// Set as early as possible in `main`: restore timings count from here.
@@ -90,75 +88,6 @@ fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 /// Largest vCPU count (our guest's limit, and the xAPIC id space we use).
 pub const MAX_VCPUS: u32 = 16;
 
-/// What a fresh VM boots.
-#[derive(Debug, Clone)]
-pub enum BootSource {
-    /// A PVH ELF (`None`: our embedded guest).
-    Guest {
-        /// The ELF, or the embedded guest.
-        elf: Option<PathBuf>,
-        /// Command line (our guest: workload parameters).
-        cmdline: String,
-    },
-    /// A Linux bzImage or vmlinux.
-    Linux {
-        /// Kernel image.
-        kernel: PathBuf,
-        /// Initial ramdisk.
-        initrd: Option<PathBuf>,
-        /// Kernel command line.
-        cmdline: String,
-    },
-}
-
-/// Where the console writes.
-#[derive(Debug, Clone)]
-pub enum SerialOut {
-    /// This process's stdout (and stdin is forwarded as input).
-    Stdout,
-    /// A file (created / truncated).
-    File(PathBuf),
-}
-
-/// A fresh VM.
-#[derive(Debug, Clone)]
-pub struct RunConfig {
-    /// Guest RAM bytes.
-    pub mem_bytes: u64,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// What to boot.
-    pub boot: BootSource,
-    /// Console output.
-    pub serial: SerialOut,
-    /// Control socket path.
-    pub api_socket: Option<PathBuf>,
-}
-
-/// Where a restored VM's memory comes from.
-#[derive(Debug, Clone)]
-pub enum RestoreMemory {
-    /// Read the whole memory file before resuming (eager).
-    File(PathBuf),
-    /// Page it in from a page-server after resuming (lazy).
-    Remote(Addr, PagerConfig),
-}
-
-/// A VM from a snapshot.
-#[derive(Debug, Clone)]
-pub struct RestoreConfig {
-    /// State file.
-    pub state: PathBuf,
-    /// Memory.
-    pub memory: RestoreMemory,
-    /// Console output.
-    pub serial: SerialOut,
-    /// Control socket path.
-    pub api_socket: Option<PathBuf>,
-    /// Leave the vCPUs paused after the restore.
-    pub paused: bool,
-}
-
 /// Everything the controller reacts to.
 pub enum Event {
     /// From a vCPU thread.
@@ -173,30 +102,6 @@ pub enum Event {
     Pager(PagerEvent),
     /// SIGINT / SIGTERM.
     Signal(i32),
-}
-
-/// How the VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exit {
-    /// `shutdown` request or a signal.
-    Shutdown,
-    /// The guest reset / powered off.
-    GuestReset,
-    /// A vCPU could not go on.
-    Fatal(String),
-    /// Lazy restore lost its memory source for good: the VM is paused.
-    SourceLost(String),
-}
-
-impl Exit {
-    /// The process exit code (documented in README).
-    pub fn code(&self) -> i32 {
-        match self {
-            Exit::Shutdown | Exit::GuestReset => 0,
-            Exit::Fatal(_) => 2,
-            Exit::SourceLost(_) => 3,
-        }
-    }
 }
 
 /// Timings of how the VM came up.
@@ -460,7 +365,7 @@ impl Vm {
             device_sender(&tx),
         )?);
         log::debug!("pager connected, devices restored after {:?}", t2.elapsed());
-        restore_vm_state(&sh.fd, &snap.vm)?;
+        state::restore_vm(&sh.fd, &snap.vm)?;
         let mut vcpus = Vec::new();
         for s in &snap.vcpus {
             let fd = sh
@@ -649,7 +554,7 @@ impl Vm {
                 .map_err(|_| VmError::PauseTimeout(Duration::from_secs(5)))??;
             vcpus.push(s);
         }
-        let mut vm = save_vm_state(&self.fd)?;
+        let mut vm = state::save_vm(&self.fd)?;
         // Guest time stopped when the vCPUs did.
         if let Some(c) = self.paused_clock {
             vm.clock = c;
@@ -873,43 +778,4 @@ fn forward_stdin(tx: Sender<Event>) {
                 }
             }
         });
-}
-
-fn chip(id: u32) -> kvm_irqchip {
-    kvm_irqchip {
-        chip_id: id,
-        ..Default::default()
-    }
-}
-
-fn save_vm_state(fd: &VmFd) -> Result<VmState, StateError> {
-    let k = |op| move |source| StateError::Kvm { op, source };
-    let mut pic_master = chip(KVM_IRQCHIP_PIC_MASTER);
-    let mut pic_slave = chip(KVM_IRQCHIP_PIC_SLAVE);
-    let mut ioapic = chip(KVM_IRQCHIP_IOAPIC);
-    fd.get_irqchip(&mut pic_master)
-        .map_err(k("KVM_GET_IRQCHIP"))?;
-    fd.get_irqchip(&mut pic_slave)
-        .map_err(k("KVM_GET_IRQCHIP"))?;
-    fd.get_irqchip(&mut ioapic).map_err(k("KVM_GET_IRQCHIP"))?;
-    Ok(VmState {
-        pit: fd.get_pit2().map_err(k("KVM_GET_PIT2"))?,
-        pic_master,
-        pic_slave,
-        ioapic,
-        clock: fd.get_clock().map_err(k("KVM_GET_CLOCK"))?,
-    })
-}
-
-fn restore_vm_state(fd: &VmFd, s: &VmState) -> Result<(), StateError> {
-    let k = |op| move |source| StateError::Kvm { op, source };
-    fd.set_pit2(&s.pit).map_err(k("KVM_SET_PIT2"))?;
-    // Guest time continues from the snapshot (no jump for the time it was saved).
-    let mut clock = s.clock;
-    clock.flags = 0;
-    fd.set_clock(&clock).map_err(k("KVM_SET_CLOCK"))?;
-    for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
-        fd.set_irqchip(c).map_err(k("KVM_SET_IRQCHIP"))?;
-    }
-    Ok(())
 }
