@@ -122,11 +122,17 @@ impl Lines {
 struct Hb {
     seq: u64,
     t_us: u64,
+    /// Start of a line cut by a pause, after this heartbeat.
+    cut: String,
 }
 
 fn hb(l: &str) -> Option<Hb> {
     let rest = l.strip_prefix("HB ")?;
-    let mut h = Hb { seq: 0, t_us: 0 };
+    let mut h = Hb {
+        seq: 0,
+        t_us: 0,
+        cut: String::new(),
+    };
     for kv in rest.split(' ') {
         match kv.split_once('=')? {
             ("seq", v) => h.seq = v.parse().ok()?,
@@ -219,7 +225,8 @@ struct RestoreRow {
     memory_ms: f64,
     /// Spawn of the restoring process -> first heartbeat line of the restored guest.
     spawn_to_first_heartbeat_ms: f64,
-    /// Guest time between the last heartbeat before the snapshot and the first after restore.
+    /// Guest time between the last heartbeat begun before the snapshot and the first one begun
+    /// after the restore (the heartbeat period when nothing was lost).
     guest_time_gap_ms: f64,
     /// Longest wall-clock gap between heartbeats in the first second after restore.
     max_heartbeat_gap_first_s_ms: f64,
@@ -262,6 +269,13 @@ fn measure_restore(dir: &Path, mode: &str, args: Vec<String>, last: &Hb) -> Resu
         |l| hb(l).is_some_and(|h| h.seq > last.seq),
     )?;
     let first = hb(&line).context("heartbeat")?;
+    // A heartbeat line the pause cut, completed by the restored guest, is the last one before.
+    let head = std::fs::read_to_string(dir.join(format!("{mode}.serial"))).unwrap_or_default();
+    let joined = format!("{}{}", last.cut, head.split('\n').next().unwrap_or(""));
+    let last = match hb(&joined) {
+        Some(h) if !last.cut.is_empty() && h.seq == last.seq + 1 => h,
+        _ => last.clone(),
+    };
     let st0 = v.ctl(serde_json::json!({"cmd": "status"}))?;
     // One second of running, then the pager's view of it.
     let run_start = t_first;
@@ -342,12 +356,20 @@ fn one_size(a: &Args, mib: u64) -> Result<SizeRow> {
     std::thread::sleep(Duration::from_secs_f64(a.run_s));
     eprintln!("[vm-restore] {mib} MiB: snapshot while the guest writes");
     let snap = v.ctl(serde_json::json!({"cmd": "snapshot", "state": state, "memory": memory}))?;
+    // The last complete heartbeat before the pause, and the start of a line the pause cut (the
+    // restored guest prints the rest of it).
+    let text = std::fs::read_to_string(dir.join("boot.serial")).unwrap_or_default();
+    let cut = text.rsplit('\n').next().unwrap_or("").to_owned();
     let last = v
         .lines
         .snapshot()
         .iter()
         .rev()
         .find_map(|(_, l)| hb(l))
+        .map(|h| Hb {
+            cut: cut.clone(),
+            ..h
+        })
         .context("no heartbeat before the snapshot")?;
     let mut row = SizeRow {
         mem_mib: mib,
