@@ -108,12 +108,7 @@ pub struct AcpiTables {
     pub madt: u64,
 }
 
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |s, b| s.wrapping_add(*b))
-        .wrapping_neg()
-}
+use crate::boot::table_checksum as checksum;
 
 /// A table: the standard header (length and checksum filled by [`finish`]) and `body`.
 fn table(signature: &[u8; 4], revision: u8, oem_table_id: &[u8; 8], body: &[u8]) -> Vec<u8> {
@@ -410,23 +405,8 @@ pub fn write(ram: &GuestRam, vcpus: u32) -> Result<u64, BootError> {
 mod tests {
     use super::*;
 
-    fn sum(b: &[u8]) -> u8 {
-        b.iter().fold(0u8, |s, x| s.wrapping_add(*x))
-    }
-
-    fn u16_at(b: &[u8], at: usize) -> u16 {
-        u16::from_le_bytes([b[at], b[at + 1]])
-    }
-
-    fn u32_at(b: &[u8], at: usize) -> u32 {
-        u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-    }
-
-    fn u64_at(b: &[u8], at: usize) -> u64 {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[at..at + 8]);
-        u64::from_le_bytes(a)
-    }
+    use crate::boot::byte_sum as sum;
+    use crate::boot::le::*;
 
     /// The table at guest address `addr`: checks signature, length and checksum.
     fn table_at<'a>(t: &'a AcpiTables, addr: u64, sig: &[u8; 4]) -> &'a [u8] {

@@ -153,6 +153,16 @@ pub fn boot_segments(
     Ok(sregs)
 }
 
+/// The checksum byte of a firmware table (ACPI, MP): what makes all its bytes sum to 0 mod 256.
+pub fn table_checksum(bytes: &[u8]) -> u8 {
+    byte_sum(bytes).wrapping_neg()
+}
+
+/// Sum of `bytes` mod 256 (0 for a firmware table with a correct checksum).
+pub fn byte_sum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b))
+}
+
 /// The e820-style map shared by PVH and Linux: low RAM, the BIOS hole,
 /// RAM from 1 MiB, the RAM above 4 GiB.
 pub fn memory_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
@@ -238,4 +248,21 @@ pub fn load_pvh(
         ..Default::default()
     };
     Ok(BootSetup { regs, sregs })
+}
+
+/// Little-endian reads for tests of byte layouts.
+#[cfg(test)]
+pub(crate) mod le {
+    /// u16 at `at`.
+    pub fn u16_at(b: &[u8], at: usize) -> u16 {
+        u16::from_le_bytes([b[at], b[at + 1]])
+    }
+    /// u32 at `at`.
+    pub fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    }
+    /// u64 at `at`.
+    pub fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from(u32_at(b, at)) | (u64::from(u32_at(b, at + 4)) << 32)
+    }
 }

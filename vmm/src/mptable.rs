@@ -59,12 +59,7 @@ const CPU_FEATURES: u32 = 0x201;
 const ISA_BUS_ID: u8 = 0;
 const SPEC_REV_1_4: u8 = 4;
 
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |s, b| s.wrapping_add(*b))
-        .wrapping_neg()
-}
+use crate::boot::table_checksum as checksum;
 
 /// The ISA IRQ → IOAPIC pin routes the table announces.
 pub fn isa_routes() -> Vec<(u8, u8)> {
@@ -191,17 +186,8 @@ pub fn write(ram: &GuestRam, vcpus: u32) -> Result<(), BootError> {
 mod tests {
     use super::*;
 
-    fn sum(b: &[u8]) -> u8 {
-        b.iter().fold(0u8, |s, x| s.wrapping_add(*x))
-    }
-
-    fn u16_at(b: &[u8], at: usize) -> u16 {
-        u16::from_le_bytes([b[at], b[at + 1]])
-    }
-
-    fn u32_at(b: &[u8], at: usize) -> u32 {
-        u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-    }
+    use crate::boot::byte_sum as sum;
+    use crate::boot::le::*;
 
     #[test]
     fn signatures_checksums_and_entries() {
