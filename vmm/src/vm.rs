@@ -166,9 +166,20 @@ fn shell(mem_bytes: u64) -> Result<Shell, VmError> {
         ..Default::default()
     };
     fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    let t = Instant::now();
     let ram = GuestRam::new(mem_bytes)?;
-    log::debug!("guest RAM mapped in {:?}", t.elapsed());
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
+        what: "eventfd for the serial IRQ",
+        source,
+    })?;
+    fd.register_irqfd(&irq, COM1_GSI)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    Ok(Shell { kvm, fd, ram, irq })
+}
+
+/// Puts guest RAM into KVM memory slots. The first slot of a VM costs a few ms on some hosts
+/// (5-10 ms on the nested development host) whatever its size: restore overlaps it with other
+/// work.
+fn set_memslots(fd: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
     let t = Instant::now();
     for (slot, (gpa, host, len)) in ram.host_regions().into_iter().enumerate() {
         let region = kvm_userspace_memory_region {
@@ -184,13 +195,29 @@ fn shell(mem_bytes: u64) -> Result<Shell, VmError> {
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     log::debug!("memory slots set in {:?}", t.elapsed());
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
-        what: "eventfd for the serial IRQ",
+    Ok(())
+}
+
+/// Registers guest RAM with a pager fed by the page-server at `addr`.
+fn connect_pager(
+    ram: &GuestRam,
+    addr: &page_server::Addr,
+    cfg: &pager::PagerConfig,
+) -> Result<Pager, VmError> {
+    let regions: Vec<(u64, u64)> = ram
+        .host_regions()
+        .iter()
+        .map(|&(_, host, len)| (host, len))
+        .collect();
+    // SAFETY: the regions are guest RAM mappings (private anonymous, page aligned) owned by
+    // `ram`, which outlives the pager (dropped first in Vm::drop).
+    let mem = unsafe { pager::HostMemory::adopt(regions, PAGE_SIZE) };
+    // The memory file is the RAM regions concatenated: served as one flat region.
+    let layout = proto::Layout::single(ram.bytes());
+    Pager::connect_adopt(addr, mem, layout, cfg.clone()).map_err(|source| VmError::Pager {
+        addr: addr.to_string(),
         source,
-    })?;
-    fd.register_irqfd(&irq, COM1_GSI)
-        .map_err(kvm_err("KVM_IRQFD"))?;
-    Ok(Shell { kvm, fd, ram, irq })
+    })
 }
 
 fn check_shape(mem_bytes: u64, vcpus: u32) -> Result<(), VmError> {
@@ -212,6 +239,7 @@ impl Vm {
     pub fn boot(cfg: &RunConfig) -> Result<Vm, VmError> {
         check_shape(cfg.mem_bytes, cfg.vcpus)?;
         let sh = shell(cfg.mem_bytes)?;
+        set_memslots(&sh.fd, &sh.ram)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let devices = Arc::new(Devices::new(
             Console::new(clone_fd(&sh.irq)?, console_out(&cfg.serial)?),
@@ -328,33 +356,31 @@ impl Vm {
         }
         let state_load = t0.elapsed();
         let t1 = Instant::now();
+        // The memory slots go in on a second thread while the vCPUs are created and the pager
+        // connects; vCPU state is applied after both (KVM writes the kvmclock page then).
         // Lazy: the pager owns RAM before anything (KVM included) touches it. Eager: the file is
         // read after the KVM state is applied, so it also overwrites what KVM itself writes into
         // guest memory while state is set (the kvmclock page): RAM then equals the file exactly.
-        let pager = match &cfg.memory {
-            RestoreMemory::File(_) => None,
-            RestoreMemory::Remote(addr, pcfg) => {
-                let regions: Vec<(u64, u64)> = sh
-                    .ram
-                    .host_regions()
-                    .iter()
-                    .map(|&(_, host, len)| (host, len))
-                    .collect();
-                // SAFETY: the regions are guest RAM mappings (private anonymous, page aligned)
-                // owned by `ram`, which outlives the pager (dropped first in Vm::drop).
-                let mem = unsafe { pager::HostMemory::adopt(regions, PAGE_SIZE) };
-                // The memory file is the RAM regions concatenated: served as one flat region.
-                let layout = proto::Layout::single(sh.ram.bytes());
-                let p =
-                    Pager::connect_adopt(addr, mem, layout, pcfg.clone()).map_err(|source| {
-                        VmError::Pager {
-                            addr: addr.to_string(),
-                            source,
-                        }
-                    })?;
-                Some(p)
-            }
-        };
+        let (pager, vcpu_fds) = std::thread::scope(|scope| -> Result<_, VmError> {
+            let slots = scope.spawn(|| set_memslots(&sh.fd, &sh.ram));
+            let fds: Result<Vec<_>, VmError> = snap
+                .vcpus
+                .iter()
+                .map(|s| {
+                    sh.fd
+                        .create_vcpu(u64::from(s.index))
+                        .map_err(kvm_err("KVM_CREATE_VCPU"))
+                })
+                .collect();
+            let pager = match &cfg.memory {
+                RestoreMemory::File(_) => Ok(None),
+                RestoreMemory::Remote(addr, pcfg) => connect_pager(&sh.ram, addr, pcfg).map(Some),
+            };
+            slots
+                .join()
+                .map_err(|_| VmError::Config("the memory slot thread panicked".into()))??;
+            Ok((pager?, fds?))
+        })?;
         let mut memory_load = t1.elapsed();
         let t2 = Instant::now();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -367,11 +393,7 @@ impl Vm {
         log::debug!("pager connected, devices restored after {:?}", t2.elapsed());
         state::restore_vm(&sh.fd, &snap.vm)?;
         let mut vcpus = Vec::new();
-        for s in &snap.vcpus {
-            let fd = sh
-                .fd
-                .create_vcpu(u64::from(s.index))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        for (s, fd) in snap.vcpus.iter().zip(vcpu_fds) {
             vcpus.push(Vcpu::restore((s.index, fd), s)?);
         }
         let mut state_apply = t2.elapsed();
