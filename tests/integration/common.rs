@@ -18,6 +18,21 @@ pub fn uffd_or_skip(test: &str) -> bool {
     }
 }
 
+/// Whether /dev/kvm works here; prints the SKIPPED line when not.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIPPED: {test}: /dev/kvm unavailable: {e}");
+            false
+        }
+    }
+}
+
 fn mix(mut x: u64) -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51afd7ed558ccd);

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{temp_path, TempFile};
+use crate::common::{kvm_or_skip, temp_path, TempFile};
 
 const VMLINUZ: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/linux/vmlinuz");
 const VMLINUX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/linux/vmlinux");
@@ -143,12 +143,7 @@ fn tail(s: &str, lines: usize) -> String {
 
 /// /dev/kvm and the fetched kernel file `path`, or the SKIPPED line.
 fn kvm_and_kernel_or_skip(test: &str, path: &str) -> Option<PathBuf> {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        println!("SKIPPED: {test}: /dev/kvm unavailable: {e}");
+    if !kvm_or_skip(test) {
         return None;
     }
     let kernel = Path::new(path);

@@ -8,24 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{spawn_server, temp_path, uffd_or_skip, TempFile};
+use crate::common::{kvm_or_skip, spawn_server, temp_path, uffd_or_skip, TempFile};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm-fixture");
-
-/// Whether /dev/kvm works here; prints the SKIPPED line when not.
-pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            println!("SKIPPED: {test}: /dev/kvm unavailable: {e}");
-            false
-        }
-    }
-}
 
 /// A vmm process, killed (by PID, ours) on drop; its serial log and control socket.
 pub struct VmmProc {
