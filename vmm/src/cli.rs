@@ -5,23 +5,62 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::control::{self, Request};
+use crate::migration::incoming::{self, IncomingConfig};
 use crate::vm::{self, BootSource, Event, RestoreConfig, RestoreMemory, RunConfig, SerialOut, Vm};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use page_server::Addr;
 use pager::PagerConfig;
 
-/// A KVM VMM with snapshot / restore (eager, or lazy through userfaultfd).
+/// A KVM VMM with post-copy live migration, snapshot and restore (eager, or lazy through
+/// userfaultfd).
 ///
-/// Exit codes: 0 the VM ended cleanly (shutdown, guest reset or poweroff);
-/// 1 bad arguments or the VM could not be built / restored; 2 a vCPU hit an
-/// error KVM cannot go on from; 3 lazy restore lost its memory source for
-/// good (the VM was paused, never run on missing memory).
+/// Live migration: start `vmm --incoming tcp:HOST:PORT` on the destination, then
+/// `vmm ctl --api-socket SOURCE.sock migrate --to HOST:PORT` on the source.
+///
+/// Exit codes: 0 the VM ended cleanly (shutdown, guest reset or poweroff) or
+/// was migrated away; 1 bad arguments or the VM could not be built / restored
+/// / received; 2 a vCPU hit an error KVM cannot go on from; 3 lazy restore or
+/// an incoming migration lost its memory source for good (the VM was paused,
+/// never run on missing memory).
 #[derive(Parser, Debug)]
-#[command(name = "vmm", version)]
+#[command(name = "vmm", version, args_conflicts_with_subcommands = true)]
 struct Cli {
+    /// Wait for a live migration on this address (`tcp:HOST:PORT`, `HOST:PORT` or a Unix
+    /// socket path), then run the migrated VM. The VM's shape comes from the source.
+    #[arg(long, value_name = "ADDR")]
+    incoming: Option<String>,
+    #[command(flatten)]
+    incoming_args: IncomingArgs,
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
+}
+
+#[derive(Args, Debug)]
+struct IncomingArgs {
+    /// With --incoming: refuse VMs with more guest memory than this (e.g. 8G).
+    #[arg(long, value_parser = parse_size, requires = "incoming")]
+    max_mem: Option<u64>,
+    /// With --incoming: refuse VMs with more vCPUs than this.
+    #[arg(long, requires = "incoming")]
+    max_vcpus: Option<u32>,
+    /// With --incoming: give up if no migration arrived within this many seconds (default:
+    /// wait forever).
+    #[arg(long, requires = "incoming")]
+    wait_timeout_s: Option<u64>,
+    /// With --incoming: no background stream, pages come on faults only.
+    #[arg(long, requires = "incoming")]
+    no_stream: bool,
+    /// With --incoming: give up on a lost source after this many seconds (the VM is then
+    /// paused, exit 3).
+    #[arg(long, default_value_t = 10, requires = "incoming")]
+    reconnect_timeout_s: u64,
+    /// With --incoming: control socket (answers `status` while waiting).
+    #[arg(long, requires = "incoming")]
+    api_socket: Option<PathBuf>,
+    /// With --incoming: serial console of the migrated VM, `stdout` or a file.
+    #[arg(long, default_value = "stdout")]
+    serial: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -143,6 +182,18 @@ enum CtlCmd {
     },
     /// Checksum of guest RAM (pause first for a stable value).
     Checksum,
+    /// Live-migrate the VM to a `vmm --incoming` on another host: the VM pauses only while
+    /// its non-memory state crosses, resumes there at once, and its memory follows (faults
+    /// first, the rest streamed). Progress goes to stderr, the report to stdout; the source
+    /// vmm exits 0 when the destination has every page.
+    Migrate {
+        /// Destination: `HOST:PORT`, `tcp:HOST:PORT` or a Unix socket path.
+        #[arg(long)]
+        to: String,
+        /// `postcopy` (default).
+        #[arg(long, default_value = "postcopy")]
+        mode: String,
+    },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -192,6 +243,10 @@ fn serve(mut vm: Vm) -> Result<ExitCode> {
     let exit = vm.run();
     match &exit {
         vm::Exit::Shutdown | vm::Exit::GuestReset => log::info!("VM ended: {exit:?}"),
+        vm::Exit::Migrated => {
+            log::info!("VM migrated away; guest memory freed");
+            control::drain(Duration::from_secs(2));
+        }
         vm::Exit::Fatal(w) => log::error!("VM stopped: {w}"),
         vm::Exit::SourceLost(w) => {
             log::error!("memory source lost for good: {w}; the VM stays paused and is not run")
@@ -253,6 +308,31 @@ fn restore(a: RestoreArgs) -> Result<ExitCode> {
     serve(vm)
 }
 
+fn incoming(addr: &str, a: IncomingArgs) -> Result<ExitCode> {
+    let listen: Addr = addr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--incoming {addr:?}: {e}"))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for s in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(s, stop.clone()).context("installing signal handlers")?;
+    }
+    let cfg = IncomingConfig {
+        listen,
+        serial: serial(&a.serial),
+        api_socket: a.api_socket,
+        max_mem: a.max_mem,
+        max_vcpus: a.max_vcpus,
+        pager: PagerConfig {
+            stream: !a.no_stream,
+            reconnect_timeout: Duration::from_secs(a.reconnect_timeout_s),
+            ..PagerConfig::default()
+        },
+        timeout: a.wait_timeout_s.map(Duration::from_secs),
+    };
+    let vm = incoming::receive(&cfg, &stop).context("receiving the VM")?;
+    serve(vm)
+}
+
 fn ctl(a: CtlArgs) -> Result<ExitCode> {
     let req = match a.cmd {
         CtlCmd::Status => Request::Status,
@@ -265,9 +345,19 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
         CtlCmd::Shutdown => Request::Shutdown,
         CtlCmd::SerialInput { data } => Request::SerialInput { data },
         CtlCmd::Checksum => Request::Checksum,
+        CtlCmd::Migrate { to, mode } => Request::Migrate {
+            to,
+            mode: Some(mode),
+        },
     };
-    let reply = control::request(&a.api_socket, &req, Duration::from_secs(600))?;
-    if a.json {
+    let migrate = matches!(req, Request::Migrate { .. });
+    let reply =
+        control::request_with_progress(&a.api_socket, &req, Duration::from_secs(600), |p| {
+            crate::report::progress_line(&p.fields)
+        })?;
+    if migrate && reply.ok && !a.json {
+        crate::report::print_migration(&reply.fields);
+    } else if a.json {
         println!("{}", serde_json::to_string(&reply)?);
     } else if let Some(e) = &reply.error {
         eprintln!("error ({}): {}", e.kind, e.message);
@@ -297,13 +387,20 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
         }
     };
-    let r = match cli.cmd {
-        Cmd::Run(a) => run(a),
-        Cmd::Restore(a) => restore(a),
-        Cmd::Ctl(a) => ctl(a),
-        Cmd::GuestElf { out } => std::fs::write(&out, guest::ELF)
-            .with_context(|| format!("writing {}", out.display()))
-            .map(|_| ExitCode::SUCCESS),
+    let r = match (cli.incoming, cli.cmd) {
+        (Some(addr), _) => incoming(&addr, cli.incoming_args),
+        (None, None) => {
+            eprintln!("vmm: a subcommand or --incoming ADDR is required (try --help)");
+            return ExitCode::from(1);
+        }
+        (None, Some(cmd)) => match cmd {
+            Cmd::Run(a) => run(a),
+            Cmd::Restore(a) => restore(a),
+            Cmd::Ctl(a) => ctl(a),
+            Cmd::GuestElf { out } => std::fs::write(&out, guest::ELF)
+                .with_context(|| format!("writing {}", out.display()))
+                .map(|_| ExitCode::SUCCESS),
+        },
     };
     match r {
         Ok(c) => c,

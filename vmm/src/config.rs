@@ -85,13 +85,15 @@ pub enum Exit {
     Fatal(String),
     /// Lazy restore lost its memory source for good: the VM is paused.
     SourceLost(String),
+    /// The VM was migrated away (this was the source; its memory is freed).
+    Migrated,
 }
 
 impl Exit {
     /// The process exit code (documented in README).
     pub fn code(&self) -> i32 {
         match self {
-            Exit::Shutdown | Exit::GuestReset => 0,
+            Exit::Shutdown | Exit::GuestReset | Exit::Migrated => 0,
             Exit::Fatal(_) => 2,
             Exit::SourceLost(_) => 3,
         }

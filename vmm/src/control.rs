@@ -3,15 +3,19 @@
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
 //! `{"cmd":"snapshot","state":PATH,"memory":PATH}`, `{"cmd":"shutdown"}`,
-//! `{"cmd":"serial_input","data":TEXT}`, `{"cmd":"checksum"}`.
-//! Replies: `{"ok":true,...}` or `{"ok":false,"error":{"kind":K,"message":M}}`.
+//! `{"cmd":"serial_input","data":TEXT}`, `{"cmd":"checksum"}`,
+//! `{"cmd":"migrate","to":ADDR}`.
+//! Replies: `{"ok":true,...}` or `{"ok":false,"error":{"kind":K,"message":M}}`. A long request
+//! (`migrate`) first sends any number of progress lines, `{"ok":true,"progress":true,...}`, then
+//! its final reply.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -46,6 +50,15 @@ pub enum Request {
     },
     /// Checksum of guest RAM (meaningful while paused).
     Checksum,
+    /// Live-migrate the VM to a `vmm --incoming` at `to`; replies with progress lines, then
+    /// the report. On success the source VMM exits 0 after its final reply.
+    Migrate {
+        /// Destination: `host:port`, `tcp:host:port` or a Unix socket path.
+        to: String,
+        /// `postcopy` (the default and, for now, the only mode).
+        #[serde(default)]
+        mode: Option<String>,
+    },
 }
 
 /// A structured error reply.
@@ -83,6 +96,18 @@ impl Reply {
         }
     }
 
+    /// An intermediate progress line of a long request.
+    pub fn progress(fields: Value) -> Reply {
+        let mut r = Reply::ok(fields);
+        r.fields.insert("progress".into(), Value::Bool(true));
+        r
+    }
+
+    /// Whether this is a progress line (more replies follow).
+    pub fn is_progress(&self) -> bool {
+        self.fields.get("progress") == Some(&Value::Bool(true))
+    }
+
     /// Failure.
     pub fn err(kind: &str, message: impl Into<String>) -> Reply {
         Reply {
@@ -96,8 +121,21 @@ impl Reply {
     }
 }
 
-/// A request from a connection, with where to send its reply.
+/// A request from a connection, with where to send its reply (progress lines first, for a long
+/// request, then exactly one final reply).
 pub type Incoming = (Request, Sender<Reply>);
+
+/// Requests handed to the VM whose final reply is not written yet.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits (up to `timeout`) until every request handed to the VM had its final reply written:
+/// call before the process exits after answering (e.g. the source of a migration).
+pub fn drain(timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while IN_FLIGHT.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
 
 /// The control socket failed.
 #[derive(Debug, Error)]
@@ -231,21 +269,43 @@ fn connection<E>(conn: UnixStream, to_vm: Sender<E>, forward: fn(Incoming) -> E)
             );
             return;
         }
-        let reply = match serde_json::from_slice::<Request>(&line) {
-            Err(e) => Reply::err("bad_request", format!("cannot parse request: {e}")),
-            Ok(req) => {
-                let (tx, rx) = std::sync::mpsc::channel();
-                if to_vm.send(forward((req, tx))).is_err() {
-                    Reply::err("internal", "the VM is gone")
-                } else {
-                    rx.recv_timeout(Duration::from_secs(600))
-                        .unwrap_or_else(|_| Reply::err("internal", "no reply from the VM"))
+        let req = match serde_json::from_slice::<Request>(&line) {
+            Err(e) => {
+                let r = Reply::err("bad_request", format!("cannot parse request: {e}"));
+                if write_reply(&mut out, &r).is_err() {
+                    return;
                 }
+                continue;
             }
+            Ok(req) => req,
         };
-        if write_reply(&mut out, &reply).is_err() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
+        let _guard = InFlight;
+        if to_vm.send(forward((req, tx))).is_err() {
+            let _ = write_reply(&mut out, &Reply::err("internal", "the VM is gone"));
             return;
         }
+        loop {
+            let reply = rx
+                .recv_timeout(Duration::from_secs(600))
+                .unwrap_or_else(|_| Reply::err("internal", "no reply from the VM"));
+            if write_reply(&mut out, &reply).is_err() {
+                return;
+            }
+            if !reply.is_progress() {
+                break;
+            }
+        }
+    }
+}
+
+/// Counts a request in [`IN_FLIGHT`] until its connection handler is done with it.
+struct InFlight;
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -259,6 +319,17 @@ use std::io::Read;
 
 /// Sends one request to the VMM at `path` and returns its reply.
 pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, ControlError> {
+    request_with_progress(path, req, timeout, |_| {})
+}
+
+/// Like [`request`], handing each progress line to `progress`; `timeout` bounds the wait for
+/// each line.
+pub fn request_with_progress(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+    mut progress: impl FnMut(&Reply),
+) -> Result<Reply, ControlError> {
     let p = path.display().to_string();
     let cerr = |source| ControlError::Client {
         path: p.clone(),
@@ -269,12 +340,25 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, C
     let mut line = serde_json::to_vec(req).map_err(|e| cerr(std::io::Error::other(e)))?;
     line.push(b'\n');
     s.write_all(&line).map_err(cerr)?;
-    let mut reply = String::new();
-    BufReader::new(s).read_line(&mut reply).map_err(cerr)?;
-    serde_json::from_str(&reply).map_err(|_| ControlError::BadReply {
-        path: p.clone(),
-        reply: reply.trim().to_owned(),
-    })
+    let mut r = BufReader::new(s);
+    loop {
+        let mut reply = String::new();
+        let n = r.read_line(&mut reply).map_err(cerr)?;
+        if n == 0 {
+            return Err(cerr(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the VMM closed the connection without a final reply",
+            )));
+        }
+        let reply: Reply = serde_json::from_str(&reply).map_err(|_| ControlError::BadReply {
+            path: p.clone(),
+            reply: reply.trim().to_owned(),
+        })?;
+        if !reply.is_progress() {
+            return Ok(reply);
+        }
+        progress(&reply);
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 
 use pager::{Pager, PagerEvent};
@@ -18,10 +20,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
 pub use crate::config::{BootSource, Exit, RestoreConfig, RestoreMemory, RunConfig, SerialOut};
+pub use restore::{Finish, Prepared, ServedAs};
+
+mod migrate;
+mod restore;
 use crate::control::{self, Incoming, Reply, Request};
 use crate::devices::{Console, ConsoleOut, DeviceEvent, Devices, COM1_GSI};
-use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
-use crate::state::{self, MachineConfig, Persist, Snapshot, StateError};
+use crate::memory::{GuestRam, MemoryError};
+use crate::state::{self, MachineConfig, Snapshot, StateError};
 use crate::vcpu::{self, Command, Vcpu, VcpuHandle, VcpuReport};
 
 /// Set as early as possible in `main`: restore timings count from here.
@@ -102,6 +108,32 @@ pub enum Event {
     Pager(PagerEvent),
     /// SIGINT / SIGTERM.
     Signal(i32),
+    /// From the migration thread (source side).
+    Migration(crate::migration::outgoing::MigEvent),
+}
+
+/// The guest's CPU as a migration destination must provide it.
+#[derive(Debug, Clone, Default)]
+pub struct GuestCpu {
+    /// CPUID of vCPU 0.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// MSRs saved per vCPU.
+    pub msrs: Vec<u32>,
+    /// Guest TSC frequency.
+    pub tsc_khz: u32,
+}
+
+impl GuestCpu {
+    fn from_snapshot(s: &Snapshot) -> GuestCpu {
+        s.vcpus
+            .first()
+            .map(|v| GuestCpu {
+                cpuid: v.cpuid.clone(),
+                msrs: v.msrs.iter().map(|&(i, _)| i).collect(),
+                tsc_khz: v.tsc_khz,
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// Timings of how the VM came up.
@@ -134,6 +166,13 @@ pub struct Vm {
     memory_complete_after: Option<Duration>,
     times: StartTimes,
     created: Instant,
+    guest: GuestCpu,
+    /// Migrating away.
+    source: Option<migrate::Source>,
+    /// Arrived by migration, still paging in.
+    dest: Option<migrate::Dest>,
+    /// Serves guest RAM after a migration whose outcome is unknown.
+    kept_server: Option<page_server::ServerHandle>,
 }
 
 fn console_out(s: &SerialOut) -> Result<ConsoleOut, VmError> {
@@ -198,28 +237,6 @@ fn set_memslots(fd: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
     Ok(())
 }
 
-/// Registers guest RAM with a pager fed by the page-server at `addr`.
-fn connect_pager(
-    ram: &GuestRam,
-    addr: &page_server::Addr,
-    cfg: &pager::PagerConfig,
-) -> Result<Pager, VmError> {
-    let regions: Vec<(u64, u64)> = ram
-        .host_regions()
-        .iter()
-        .map(|&(_, host, len)| (host, len))
-        .collect();
-    // SAFETY: the regions are guest RAM mappings (private anonymous, page aligned) owned by
-    // `ram`, which outlives the pager (dropped first in Vm::drop).
-    let mem = unsafe { pager::HostMemory::adopt(regions, PAGE_SIZE) };
-    // The memory file is the RAM regions concatenated: served as one flat region.
-    let layout = proto::Layout::single(ram.bytes());
-    Pager::connect_adopt(addr, mem, layout, cfg.clone()).map_err(|source| VmError::Pager {
-        addr: addr.to_string(),
-        source,
-    })
-}
-
 fn check_shape(mem_bytes: u64, vcpus: u32) -> Result<(), VmError> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(VmError::Config(format!(
@@ -255,6 +272,7 @@ impl Vm {
             .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
         let mut vcpus = Vec::new();
         let mut msr_list = Vec::new();
+        let mut guest_cpu = GuestCpu::default();
         for i in 0..cfg.vcpus {
             let fd = sh
                 .fd
@@ -271,6 +289,11 @@ impl Vm {
             if i == 0 {
                 msr_list = vcpu::readable_msrs(&v.fd, &vcpu::order_msrs(msr_index.as_slice()));
                 log::debug!("saving {} MSRs per vCPU", msr_list.len());
+                guest_cpu = GuestCpu {
+                    cpuid: cpuid.as_slice().to_vec(),
+                    msrs: msr_list.clone(),
+                    tsc_khz: v.fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?,
+                };
             }
             v.msr_list = msr_list.clone();
             vcpus.push(v);
@@ -311,6 +334,7 @@ impl Vm {
             boot: what,
         };
         let mut vm = Vm::assemble(sh, devices, vcpus, tx, rx, config)?;
+        vm.guest = guest_cpu;
         if let Some(p) = &cfg.api_socket {
             control::serve(p, vm.tx.clone(), Event::Control)?;
         }
@@ -324,127 +348,6 @@ impl Vm {
             vm.config.boot,
             vm.config.vcpus,
             vm.config.mem_bytes >> 20,
-            vm.times.running_after.as_secs_f64() * 1e3
-        );
-        Ok(vm)
-    }
-
-    /// Rebuilds a VM from a snapshot (vCPUs running on return unless `paused`).
-    pub fn restore(cfg: &RestoreConfig) -> Result<Vm, VmError> {
-        let t0 = Instant::now();
-        let snap = state::read_file(&cfg.state)?;
-        let c = snap.config.clone();
-        check_shape(c.mem_bytes, c.vcpus)?;
-        if snap.vcpus.len() != c.vcpus as usize {
-            return Err(StateError::Invalid(format!(
-                "{} vCPU states for {} vCPUs",
-                snap.vcpus.len(),
-                c.vcpus
-            ))
-            .into());
-        }
-        log::debug!("state file read in {:?}", t0.elapsed());
-        let sh = shell(c.mem_bytes)?;
-        log::debug!("VM shell built after {:?}", t0.elapsed());
-        if sh.ram.ranges() != c.ram.as_slice() {
-            return Err(StateError::Invalid(format!(
-                "RAM layout {:?} differs from this vmm's {:?}",
-                c.ram,
-                sh.ram.ranges()
-            ))
-            .into());
-        }
-        let state_load = t0.elapsed();
-        let t1 = Instant::now();
-        // The memory slots go in on a second thread while the vCPUs are created and the pager
-        // connects; vCPU state is applied after both (KVM writes the kvmclock page then).
-        // Lazy: the pager owns RAM before anything (KVM included) touches it. Eager: the file is
-        // read after the KVM state is applied, so it also overwrites what KVM itself writes into
-        // guest memory while state is set (the kvmclock page): RAM then equals the file exactly.
-        let (pager, vcpu_fds) = std::thread::scope(|scope| -> Result<_, VmError> {
-            let slots = scope.spawn(|| set_memslots(&sh.fd, &sh.ram));
-            let fds: Result<Vec<_>, VmError> = snap
-                .vcpus
-                .iter()
-                .map(|s| {
-                    sh.fd
-                        .create_vcpu(u64::from(s.index))
-                        .map_err(kvm_err("KVM_CREATE_VCPU"))
-                })
-                .collect();
-            let pager = match &cfg.memory {
-                RestoreMemory::File(_) => Ok(None),
-                RestoreMemory::Remote(addr, pcfg) => connect_pager(&sh.ram, addr, pcfg).map(Some),
-            };
-            slots
-                .join()
-                .map_err(|_| VmError::Config("the memory slot thread panicked".into()))??;
-            Ok((pager?, fds?))
-        })?;
-        let mut memory_load = t1.elapsed();
-        let t2 = Instant::now();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let devices = Arc::new(Devices::restore(
-            &snap.devices,
-            clone_fd(&sh.irq)?,
-            console_out(&cfg.serial)?,
-            device_sender(&tx),
-        )?);
-        log::debug!("pager connected, devices restored after {:?}", t2.elapsed());
-        state::restore_vm(&sh.fd, &snap.vm)?;
-        let mut vcpus = Vec::new();
-        for (s, fd) in snap.vcpus.iter().zip(vcpu_fds) {
-            vcpus.push(Vcpu::restore((s.index, fd), s)?);
-        }
-        let mut state_apply = t2.elapsed();
-        log::debug!("VM and vCPU state applied after {state_apply:?}");
-        if let RestoreMemory::File(p) = &cfg.memory {
-            let t = Instant::now();
-            sh.ram.load(p)?;
-            memory_load += t.elapsed();
-        }
-        let t3 = Instant::now();
-        let mut vm = Vm::assemble(sh, devices, vcpus, tx, rx, c)?;
-        vm.paused_clock = Some(snap.vm.clock);
-        if let Some(p) = &pager {
-            if let Some(ev) = p.events() {
-                let tx = vm.tx.clone();
-                let _ = std::thread::Builder::new()
-                    .name("pager-events".into())
-                    .spawn(move || {
-                        for e in ev {
-                            if tx.send(Event::Pager(e)).is_err() {
-                                return;
-                            }
-                        }
-                    });
-            }
-        }
-        vm.pager = pager;
-        if let Some(p) = &cfg.api_socket {
-            control::serve(p, vm.tx.clone(), Event::Control)?;
-        }
-        if matches!(cfg.serial, SerialOut::Stdout) {
-            forward_stdin(vm.tx.clone());
-        }
-        state_apply += t3.elapsed();
-        if !cfg.paused {
-            vm.resume();
-        }
-        vm.times = StartTimes {
-            running_after: since_start(),
-            state_load: state_load + state_apply,
-            memory_load,
-        };
-        log::info!(
-            "restored {} ({} vCPUs, {} MiB, memory {}): state {:.1} ms, memory {:.1} ms; {} {:.1} ms after process start",
-            vm.config.boot,
-            vm.config.vcpus,
-            vm.config.mem_bytes >> 20,
-            if vm.pager.is_some() { "lazy" } else { "eager" },
-            vm.times.state_load.as_secs_f64() * 1e3,
-            vm.times.memory_load.as_secs_f64() * 1e3,
-            if cfg.paused { "paused" } else { "running" },
             vm.times.running_after.as_secs_f64() * 1e3
         );
         Ok(vm)
@@ -498,6 +401,10 @@ impl Vm {
             memory_complete_after: None,
             times: StartTimes::default(),
             created: Instant::now(),
+            guest: GuestCpu::default(),
+            source: None,
+            dest: None,
+            kept_server: None,
         })
     }
 
@@ -610,8 +517,16 @@ impl Vm {
             Some(p) => (p.present_pages(), p.total_pages()),
             None => (0, 0),
         };
+        let state = match (&self.source, &self.kept_server, self.paused) {
+            (Some(_), _, true) => "migrating (paused here)",
+            (Some(_), _, false) => "migrating",
+            (None, Some(_), _) => "paused after a migration of unknown outcome",
+            (None, None, true) => "paused",
+            (None, None, false) => "running",
+        };
         Reply::ok(json!({
-            "state": if self.paused { "paused" } else { "running" },
+            "state": state,
+            "incoming_migration_open": self.dest.is_some(),
             "vcpus": self.config.vcpus,
             "mem_bytes": self.config.mem_bytes,
             "boot": self.config.boot,
@@ -651,6 +566,10 @@ impl Vm {
                     .input(data.as_bytes());
                 Ok(Reply::ok(json!({"queued": n})))
             }
+            Request::Migrate { .. } => Ok(Reply::err(
+                "internal",
+                "migrate is handled by the controller loop",
+            )),
             Request::Checksum => Ok(Reply::ok(json!({
                 "ram_checksum": format!("{:016x}", self.ram.checksum()),
                 "paused": self.paused,
@@ -675,12 +594,27 @@ impl Vm {
         loop {
             let ev = match self.stash.pop_front() {
                 Some(e) => e,
-                None => match self.events.recv() {
-                    Ok(e) => e,
-                    Err(_) => return Exit::Fatal("event channel closed".into()),
+                None => match self.dest_tick() {
+                    None => match self.events.recv() {
+                        Ok(e) => e,
+                        Err(_) => return Exit::Fatal("event channel closed".into()),
+                    },
+                    Some(wait) => match self.events.recv_timeout(wait) {
+                        Ok(e) => e,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                        Err(_) => return Exit::Fatal("event channel closed".into()),
+                    },
                 },
             };
             match ev {
+                Event::Control((Request::Migrate { to, mode }, reply)) => {
+                    self.start_migration(to, mode, reply);
+                }
+                Event::Migration(m) => {
+                    if let Some(exit) = self.on_migration(m) {
+                        return exit;
+                    }
+                }
                 Event::Control((req, reply)) => {
                     let (r, exit) = self.handle_request(req);
                     let _ = reply.send(r);
@@ -709,6 +643,7 @@ impl Vm {
                         .input(&bytes);
                 }
                 Event::Pager(PagerEvent::Complete) => {
+                    self.dest_complete();
                     let d = self.created.elapsed();
                     self.memory_complete_after = Some(d);
                     if let Some(p) = &self.pager {
@@ -747,6 +682,9 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        // The migration thread and any page-server read guest RAM: they go first.
+        self.source = None;
+        self.kept_server = None;
         self.stop();
         // The pager goes before the RAM it pages.
         self.pager = None;

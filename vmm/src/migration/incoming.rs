@@ -1,0 +1,396 @@
+//! The destination side (`vmm --incoming ADDR`): listens, and for each source that connects,
+//! checks its offer, builds the VM shell (RAM mapped and registered with userfaultfd, vCPUs
+//! created), takes the state, resumes the vCPUs at once and hands the running VM to the
+//! controller. A failed attempt (bad peer, incompatible VM, state that does not apply) is logged
+//! and the next connection is awaited.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use page_server::{Addr, Sock};
+use pager::PagerConfig;
+use serde_json::json;
+
+use super::{mono_ns, Link, MigrationError, Offer, Wire};
+use crate::config::SerialOut;
+use crate::control::{self, Reply, Request};
+use crate::memory::{self, PAGE_SIZE};
+use crate::state;
+use crate::vm::{error_chain, Event, Finish, Prepared, ServedAs, Vm};
+
+/// Time allowed for a connected source to send its offer.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed between Accept and the state (the source pauses in between).
+const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the destination waits and what it accepts.
+#[derive(Debug, Clone)]
+pub struct IncomingConfig {
+    /// Where to listen.
+    pub listen: Addr,
+    /// Console output of the migrated VM.
+    pub serial: SerialOut,
+    /// Control socket (served while waiting, then by the VM).
+    pub api_socket: Option<PathBuf>,
+    /// Refuse VMs with more memory than this.
+    pub max_mem: Option<u64>,
+    /// Refuse VMs with more vCPUs than this.
+    pub max_vcpus: Option<u32>,
+    /// Pager tunables.
+    pub pager: PagerConfig,
+    /// Give up when no migration arrived within this time.
+    pub timeout: Option<Duration>,
+}
+
+enum Listener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl Listener {
+    fn bind(addr: &Addr) -> Result<(Listener, Addr), MigrationError> {
+        let io = |source| MigrationError::Io {
+            what: format!("cannot listen on {addr}"),
+            source,
+        };
+        Ok(match addr {
+            Addr::Tcp(a) => {
+                let l = std::net::TcpListener::bind(a).map_err(io)?;
+                let real = l.local_addr().map_err(io)?;
+                (Listener::Tcp(l), Addr::Tcp(real))
+            }
+            Addr::Unix(p) => {
+                if std::os::unix::net::UnixStream::connect(p).is_ok() {
+                    return Err(MigrationError::Other(format!(
+                        "{} is in use by another process",
+                        p.display()
+                    )));
+                }
+                let _ = std::fs::remove_file(p);
+                (
+                    Listener::Unix(std::os::unix::net::UnixListener::bind(p).map_err(io)?),
+                    addr.clone(),
+                )
+            }
+        })
+    }
+
+    fn fd(&self) -> i32 {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+
+    /// Waits up to `ms` for a connection.
+    fn accept(&self, ms: i32) -> std::io::Result<Option<(Sock, String)>> {
+        let mut p = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one pollfd we own.
+        if unsafe { libc::poll(&mut p, 1, ms) } <= 0 {
+            return Ok(None);
+        }
+        Ok(Some(match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept()?;
+                s.set_nodelay(true)?;
+                (Sock::Tcp(s), peer.to_string())
+            }
+            Listener::Unix(l) => {
+                let (s, _) = l.accept()?;
+                (Sock::Unix(s), "unix peer".to_owned())
+            }
+        }))
+    }
+}
+
+/// Waits for a migration and returns the running VM. Ends early (with an error) when `stop` is
+/// set or the configured timeout passes.
+pub fn receive(cfg: &IncomingConfig, stop: &AtomicBool) -> Result<Vm, MigrationError> {
+    let (listener, bound) = Listener::bind(&cfg.listen)?;
+    // Control requests go to whoever owns the VM's role: this loop while waiting, the VM after.
+    let (wait_tx, wait_rx) = std::sync::mpsc::channel::<Event>();
+    let target = Arc::new(Mutex::new(wait_tx));
+    if let Some(path) = &cfg.api_socket {
+        let (ctl_tx, ctl_rx) = std::sync::mpsc::channel::<Event>();
+        control::serve(path, ctl_tx, Event::Control)
+            .map_err(|e| MigrationError::Other(error_chain(&e)))?;
+        let t = target.clone();
+        let _ = std::thread::Builder::new()
+            .name("control-fwd".into())
+            .spawn(move || {
+                for ev in ctl_rx {
+                    let to = t.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    if to.send(ev).is_err() {
+                        return;
+                    }
+                }
+            });
+    }
+    log::info!("waiting for an incoming migration on {bound}");
+    let started = Instant::now();
+    let mut attempts = 0u32;
+    let mut last_error: Option<String> = None;
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return Err(MigrationError::Other(
+                "stopped by a signal while waiting".into(),
+            ));
+        }
+        if cfg.timeout.is_some_and(|t| started.elapsed() > t) {
+            return Err(MigrationError::Other(format!(
+                "no migration arrived on {bound} within {:?}",
+                cfg.timeout.unwrap_or_default()
+            )));
+        }
+        answer_while_waiting(&wait_rx, &bound, attempts, last_error.as_deref());
+        let (sock, peer) = match listener.accept(100) {
+            Ok(Some(c)) => c,
+            Ok(None) => continue,
+            Err(e) => {
+                log::warn!("accepting on {bound}: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        attempts += 1;
+        log::info!("migration connection from {peer}");
+        let mut link = Link::new(sock, peer.clone());
+        match attempt(cfg, &mut link) {
+            Ok(mut vm) => {
+                *target.lock().unwrap_or_else(|p| p.into_inner()) = vm.sender();
+                // requests that arrived meanwhile
+                while let Ok(ev) = wait_rx.try_recv() {
+                    let _ = vm.sender().send(ev);
+                }
+                vm.attach_incoming(link);
+                return Ok(vm);
+            }
+            Err(e) => {
+                let msg = error_chain(&e);
+                log::error!("migration from {peer} failed: {msg}; waiting for another");
+                last_error = Some(msg);
+            }
+        }
+    }
+}
+
+fn answer_while_waiting(rx: &Receiver<Event>, bound: &Addr, attempts: u32, last: Option<&str>) {
+    while let Ok(ev) = rx.try_recv() {
+        let Event::Control((req, reply)) = ev else {
+            continue;
+        };
+        let r = match req {
+            Request::Status => Reply::ok(json!({
+                "state": "incoming",
+                "listening": bound.to_string(),
+                "attempts": attempts,
+                "last_error": last,
+            })),
+            _ => Reply::err(
+                "busy",
+                format!("no VM yet: waiting for an incoming migration on {bound}"),
+            ),
+        };
+        let _ = reply.send(r);
+    }
+}
+
+/// Why an offer cannot be taken, or Ok.
+fn check_offer(o: &Offer, cfg: &IncomingConfig, kvm: &kvm_ioctls::Kvm) -> Result<(), String> {
+    if o.proto_version != proto::PROTOCOL_VERSION {
+        return Err(format!(
+            "page protocol version {} (this vmm speaks {})",
+            o.proto_version,
+            proto::PROTOCOL_VERSION
+        ));
+    }
+    if o.page_size != PAGE_SIZE {
+        return Err(format!(
+            "page size {} (this host: {PAGE_SIZE})",
+            o.page_size
+        ));
+    }
+    let c = &o.config;
+    if let Some(max) = cfg.max_mem.filter(|&m| c.mem_bytes > m) {
+        return Err(format!(
+            "{} MiB of guest memory; this destination accepts at most {} MiB (--max-mem)",
+            c.mem_bytes >> 20,
+            max >> 20
+        ));
+    }
+    if let Some(max) = cfg.max_vcpus.filter(|&m| c.vcpus > m) {
+        return Err(format!(
+            "{} vCPUs; this destination accepts at most {max} (--max-vcpus)",
+            c.vcpus
+        ));
+    }
+    match memory::ram_ranges(c.mem_bytes) {
+        Ok(r) if r == c.ram => {}
+        Ok(r) => {
+            return Err(format!(
+                "RAM layout {:?}; this vmm lays it out as {r:?}",
+                c.ram
+            ))
+        }
+        Err(e) => return Err(e.to_string()),
+    }
+    let caps: Vec<&str> = o
+        .caps
+        .iter()
+        .filter(|&&cap| kvm.check_extension_raw(u64::from(cap)) <= 0)
+        .map(|&cap| {
+            super::REQUIRED_CAPS
+                .iter()
+                .find(|(c, _)| *c == cap)
+                .map_or("an unknown capability", |(_, n)| n)
+        })
+        .collect();
+    if !caps.is_empty() {
+        return Err(format!("this host's KVM lacks {}", caps.join(", ")));
+    }
+    let host = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+    let missing = super::missing_cpu_features(&o.cpuid, host.as_slice());
+    if !missing.is_empty() {
+        return Err(format!(
+            "the guest uses CPU features this host lacks: {}",
+            missing.join(", ")
+        ));
+    }
+    let msrs = kvm
+        .get_msr_index_list()
+        .map_err(|e| format!("KVM_GET_MSR_INDEX_LIST: {e}"))?;
+    let unknown: Vec<String> = o
+        .msrs
+        .iter()
+        .filter(|m| !msrs.as_slice().contains(m))
+        .map(|m| format!("{m:#x}"))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(format!(
+            "this host's KVM cannot restore MSRs {}",
+            unknown.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// One migration attempt on a connected link.
+fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> {
+    let offer = match link.recv(Some(OFFER_TIMEOUT))? {
+        Wire::Offer(o) => o,
+        other => {
+            return Err(MigrationError::Protocol(format!(
+                "expected an Offer, got {other:?}"
+            )))
+        }
+    };
+    let t0 = Instant::now();
+    let refuse = |link: &mut Link, reason: String| {
+        let _ = link.send(&Wire::Refuse {
+            reason: reason.clone(),
+        });
+        MigrationError::Refused(reason)
+    };
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| refuse(link, format!("/dev/kvm: {e}")))?;
+    check_offer(&offer, cfg, &kvm).map_err(|r| refuse(link, r))?;
+    drop(kvm);
+    let pages: Addr = offer.page_server.parse().map_err(|e| {
+        refuse(
+            link,
+            format!("page-server address {:?}: {e}", offer.page_server),
+        )
+    })?;
+    let mut prepared =
+        Prepared::new(&offer.config, None).map_err(|e| refuse(link, error_chain(&e)))?;
+    let tsc = prepared
+        .tsc_khz()
+        .map_err(|e| refuse(link, error_chain(&e)))?;
+    let scaling = prepared
+        .kvm()
+        .check_extension_raw(u64::from(kvm_bindings::KVM_CAP_TSC_CONTROL))
+        > 0;
+    if tsc != offer.tsc_khz && !scaling {
+        return Err(refuse(
+            link,
+            format!(
+                "guest TSC runs at {} kHz, this host at {tsc} kHz and its KVM cannot scale it",
+                offer.tsc_khz
+            ),
+        ));
+    }
+    let prepare_ms = t0.elapsed().as_secs_f64() * 1e3;
+    link.send(&Wire::Accept { prepare_ms })?;
+    log::info!(
+        "accepted: {} MiB, {} vCPUs, pages from {pages}; ready in {prepare_ms:.1} ms",
+        offer.config.mem_bytes >> 20,
+        offer.config.vcpus
+    );
+    let (envelope, paused_at) = loop {
+        match link.recv(Some(STATE_TIMEOUT))? {
+            Wire::Ping { t } => link.send(&Wire::Pong { t, dest: mono_ns() })?,
+            Wire::State {
+                envelope,
+                paused_at,
+            } => break (envelope, paused_at),
+            Wire::Abort { reason } => {
+                return Err(MigrationError::Other(format!(
+                    "the source gave up: {reason}"
+                )))
+            }
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "expected Ping or State, got {other:?}"
+                )))
+            }
+        }
+    };
+    let t_state = Instant::now();
+    let fail = |link: &mut Link, e: MigrationError| {
+        let _ = link.send(&Wire::Failed {
+            reason: error_chain(&e),
+        });
+        e
+    };
+    let snap = state::decode(&envelope, "the migrated state")
+        .map_err(|e| fail(link, MigrationError::Vm(Box::new(e.into()))))?;
+    prepared
+        .connect_pager(&pages, &cfg.pager, ServedAs::Ranges)
+        .map_err(|e| fail(link, e.into()))?;
+    let mut vm = Vm::finish(
+        prepared,
+        &snap,
+        Finish {
+            serial: &cfg.serial,
+            api_socket: None,
+            paused: true,
+            channel: None,
+            memory_file: None,
+        },
+    )
+    .map_err(|e| fail(link, e.into()))?;
+    vm.resume();
+    let running_at = mono_ns();
+    let apply_ms = t_state.elapsed().as_secs_f64() * 1e3;
+    // The VM runs here from now on, whatever happens to the link.
+    if let Err(e) = link.send(&Wire::Resumed {
+        running_at,
+        apply_ms,
+    }) {
+        log::warn!("telling the source the VM runs here: {}", error_chain(&e));
+    }
+    log::info!(
+        "running {apply_ms:.2} ms after the state arrived ({:.2} ms after the source paused, same-host clocks)",
+        running_at.saturating_sub(paused_at) as f64 / 1e6
+    );
+    Ok(vm)
+}

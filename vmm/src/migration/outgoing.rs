@@ -1,0 +1,330 @@
+//! The source side: a thread that connects to the destination, runs the page-server over the
+//! VM's RAM, asks the controller to pause and save at switchover, then waits for the destination
+//! to have every page. The controller alone pauses, saves and resumes the VM; this thread only
+//! talks to the network and reports through [`MigEvent`]s.
+
+use std::net::Shutdown;
+use std::ptr::NonNull;
+use std::sync::mpsc::{Sender, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use page_server::{Addr, RawRegions, ServerConfig, ServerHandle, Sock};
+use proto::Layout;
+use serde_json::{json, Value};
+
+use super::{mono_ns, Link, MigrationError, Offer, Wire};
+use crate::memory::PAGE_SIZE;
+use crate::vm::Event;
+
+/// Time allowed for the destination to build its VM shell and answer the offer.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time allowed between the state going out and the destination saying its vCPUs run.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Silence from the destination after which the link counts as lost (it reports every 250 ms).
+const SILENCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Clock probes before switchover.
+const PINGS: usize = 8;
+
+/// The paused VM's state, from the controller.
+pub struct Switch {
+    /// State envelope.
+    pub envelope: Vec<u8>,
+    /// Source clock when the pause began.
+    pub paused_at: u64,
+    /// Pausing the vCPUs and saving their state.
+    pub pause_ms: f64,
+}
+
+/// What the migration thread tells the controller.
+pub enum MigEvent {
+    /// Pause the VM now, save its state and answer.
+    Switchover(SyncSender<Result<Switch, String>>),
+    /// A progress line for the caller.
+    Progress(Value),
+    /// The migration failed and the destination never ran the VM: run it here (resume it if
+    /// the migration paused it).
+    Failed(String),
+    /// The migration failed after the state went out and the destination may be running the
+    /// VM: keep it paused here; the page-server keeps serving.
+    Stuck(String, Option<ServerHandle>),
+    /// The destination has every page: free memory and exit.
+    Done(Value),
+}
+
+/// What the thread needs from the VM.
+pub struct Context {
+    /// Destination.
+    pub to: String,
+    /// The offer, without the page-server address.
+    pub offer: Offer,
+    /// Host address and length of each RAM region.
+    pub regions: Vec<(u64, u64)>,
+    /// The RAM layout (guest-physical ranges).
+    pub layout: Layout,
+    /// The controller.
+    pub events: Sender<Event>,
+}
+
+/// A running migration (source side).
+pub struct Outgoing {
+    thread: Option<JoinHandle<()>>,
+    link: Option<Sock>,
+}
+
+impl Outgoing {
+    /// Starts the migration thread.
+    ///
+    /// # Safety
+    /// `ctx.regions` must stay mapped and readable until the returned value is dropped (the
+    /// page-server reads them from its threads).
+    pub unsafe fn start(ctx: Context) -> Result<Outgoing, MigrationError> {
+        let addr: Addr = ctx
+            .to
+            .parse()
+            .map_err(|e| MigrationError::Other(format!("destination {:?}: {e}", ctx.to)))?;
+        let sock = Sock::connect(&addr, true, Duration::from_secs(5)).map_err(|source| {
+            MigrationError::Io {
+                what: format!(
+                    "cannot reach the destination {addr} (is `vmm --incoming` listening there?)"
+                ),
+                source,
+            }
+        })?;
+        let link_clone = sock.try_clone().ok();
+        let thread = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || run(ctx, addr, sock))
+            .map_err(|e| MigrationError::Other(format!("spawning the migration thread: {e}")))?;
+        Ok(Outgoing {
+            thread: Some(thread),
+            link: link_clone,
+        })
+    }
+
+    /// Waits for the thread to end.
+    pub fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        // Unblock the thread, then wait: its page-server reads guest RAM, which must outlive it.
+        if let Some(s) = &self.link {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.join();
+    }
+}
+
+fn run(ctx: Context, addr: Addr, sock: Sock) {
+    let events = ctx.events.clone();
+    let send = |e: MigEvent| {
+        let _ = events.send(Event::Migration(e));
+    };
+    match migrate(ctx, addr, sock) {
+        Ok(report) => send(MigEvent::Done(report)),
+        Err(Outcome::NotRun(e)) => send(MigEvent::Failed(crate::vm::error_chain(&e))),
+        Err(Outcome::Unknown(e, server)) => {
+            send(MigEvent::Stuck(crate::vm::error_chain(&e), server))
+        }
+    }
+}
+
+/// How a migration ended badly.
+enum Outcome {
+    /// The destination never ran the VM.
+    NotRun(MigrationError),
+    /// The destination may be running it.
+    Unknown(MigrationError, Option<ServerHandle>),
+}
+
+impl From<MigrationError> for Outcome {
+    fn from(e: MigrationError) -> Self {
+        Outcome::NotRun(e)
+    }
+}
+
+/// Where the page-server listens: next to the migration connection's own address.
+fn page_server_addr(sock: &Sock) -> Addr {
+    match sock {
+        Sock::Tcp(s) => match s.local_addr() {
+            Ok(a) => Addr::Tcp(std::net::SocketAddr::new(a.ip(), 0)),
+            Err(_) => Addr::Tcp(([0, 0, 0, 0], 0).into()),
+        },
+        Sock::Unix(_) => Addr::Unix(std::env::temp_dir().join(format!(
+            "vmm-pages-{}-{}.sock",
+            std::process::id(),
+            mono_ns()
+        ))),
+    }
+}
+
+fn migrate(ctx: Context, addr: Addr, sock: Sock) -> Result<Value, Outcome> {
+    let t_start = Instant::now();
+    let mut link = Link::new(sock, addr.to_string());
+    let hosts = ctx
+        .regions
+        .iter()
+        .map(|&(h, l)| {
+            NonNull::new(h as *mut u8)
+                .map(|p| (p, l as usize))
+                .ok_or_else(|| MigrationError::Other("null RAM region".into()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // SAFETY: `Outgoing::start`'s contract: the regions stay mapped while this thread runs, and
+    // the server is stopped before it returns (or handed to the controller, which keeps RAM).
+    let mem = unsafe { RawRegions::new(hosts, ctx.layout.clone(), PAGE_SIZE) };
+    let server = page_server::serve(
+        Arc::new(mem),
+        &page_server_addr(link.sock()),
+        ServerConfig::default(),
+    )
+    .map_err(|e| MigrationError::Other(format!("page-server: {}", crate::vm::error_chain(&e))))?;
+    let mut offer = ctx.offer;
+    offer.page_server = match server.addr() {
+        Addr::Tcp(a) => format!("tcp:{a}"),
+        Addr::Unix(p) => p.display().to_string(),
+    };
+    log::info!(
+        "migrating to {addr}: page-server on {}, {} MiB, {} vCPUs",
+        server.addr(),
+        offer.config.mem_bytes >> 20,
+        offer.config.vcpus
+    );
+    link.send(&Wire::Offer(offer.clone()))?;
+    let prepare_ms = match link.recv(Some(ACCEPT_TIMEOUT))? {
+        Wire::Accept { prepare_ms } => prepare_ms,
+        Wire::Refuse { reason } => return Err(MigrationError::Refused(reason).into()),
+        other => {
+            return Err(MigrationError::Protocol(format!("expected Accept, got {other:?}")).into())
+        }
+    };
+    let handshake_ms = t_start.elapsed().as_secs_f64() * 1e3;
+    // Clock offset (destination − source) from the probe with the shortest round trip.
+    let mut best: Option<(u64, i128)> = None;
+    for _ in 0..PINGS {
+        let t = mono_ns();
+        link.send(&Wire::Ping { t })?;
+        let Wire::Pong { t: echo, dest } = link.recv(Some(Duration::from_secs(5)))? else {
+            return Err(MigrationError::Protocol("expected Pong".into()).into());
+        };
+        let back = mono_ns();
+        if echo != t {
+            return Err(MigrationError::Protocol("Pong for another Ping".into()).into());
+        }
+        let rtt = back - t;
+        let offset = i128::from(dest) - i128::from(t + rtt / 2);
+        if best.is_none_or(|(r, _)| rtt < r) {
+            best = Some((rtt, offset));
+        }
+    }
+    let (rtt_ns, offset_ns) = best.unwrap_or((0, 0));
+    // Switchover: the controller pauses and saves.
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    ctx.events
+        .send(Event::Migration(MigEvent::Switchover(tx)))
+        .map_err(|_| MigrationError::Other("the VM is gone".into()))?;
+    let sw = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Ok(sw)) => sw,
+        Ok(Err(why)) => {
+            let _ = link.send(&Wire::Abort {
+                reason: why.clone(),
+            });
+            return Err(MigrationError::Other(format!("pausing the VM: {why}")).into());
+        }
+        Err(_) => {
+            let _ = link.send(&Wire::Abort {
+                reason: "the source did not pause".into(),
+            });
+            return Err(MigrationError::Other("the controller did not pause the VM".into()).into());
+        }
+    };
+    let state_bytes = sw.envelope.len();
+    // A failed send means the destination cannot hold the whole state: it will not run the VM.
+    link.send(&Wire::State {
+        envelope: sw.envelope,
+        paused_at: sw.paused_at,
+    })?;
+    let unknown = |e: MigrationError, server: ServerHandle| Outcome::Unknown(e, Some(server));
+    let (running_at, apply_ms) = match link.recv(Some(RESUME_TIMEOUT)) {
+        Ok(Wire::Resumed {
+            running_at,
+            apply_ms,
+        }) => (running_at, apply_ms),
+        Ok(Wire::Failed { reason }) => return Err(MigrationError::DestinationFailed(reason).into()),
+        Ok(other) => {
+            let e = MigrationError::Protocol(format!("expected Resumed, got {other:?}"));
+            return Err(unknown(e, server));
+        }
+        Err(e) => return Err(unknown(e, server)),
+    };
+    let running_src = i128::from(running_at) - offset_ns;
+    let downtime_ms = (running_src - i128::from(sw.paused_at)) as f64 / 1e6;
+    log::info!(
+        "destination running: downtime {downtime_ms:.2} ms (pause+save {:.2} ms, state {state_bytes} bytes, apply {apply_ms:.2} ms, rtt {:.0} µs)",
+        sw.pause_ms,
+        rtt_ns as f64 / 1e3
+    );
+    // Post-copy: wait for the destination to have every page.
+    let total_bytes = offer.config.mem_bytes;
+    let mut last = (Instant::now(), 0u64);
+    let report = loop {
+        let msg = match link.recv(Some(SILENCE_TIMEOUT)) {
+            Ok(m) => m,
+            Err(e) => return Err(unknown(e, server)),
+        };
+        match msg {
+            Wire::Progress { present, total } => {
+                let dt = last.0.elapsed().as_secs_f64().max(1e-6);
+                let mbps =
+                    (present.saturating_sub(last.1) * u64::from(PAGE_SIZE)) as f64 / dt / 1e6;
+                last = (Instant::now(), present);
+                let _ = ctx.events.send(Event::Migration(MigEvent::Progress(json!({
+                    "phase": "postcopy",
+                    "pages_present": present,
+                    "pages_total": total,
+                    "percent": if total > 0 { present as f64 * 100.0 / total as f64 } else { 100.0 },
+                    "mb_per_s": mbps,
+                    "elapsed_ms": t_start.elapsed().as_secs_f64() * 1e3,
+                }))));
+            }
+            Wire::Complete { report } => break report,
+            other => {
+                let e = MigrationError::Protocol(format!("expected Progress, got {other:?}"));
+                return Err(unknown(e, server));
+            }
+        }
+    };
+    let done_src = mono_ns();
+    let total_ms = (done_src - sw.paused_at) as f64 / 1e6;
+    let served = Value::Null;
+    drop(server);
+    let dest: Value = serde_json::from_str(&report).unwrap_or(Value::Null);
+    let mut out = json!({
+        "mode": "postcopy",
+        "to": addr.to_string(),
+        "mem_bytes": total_bytes,
+        "vcpus": offer.config.vcpus,
+        "downtime_ms": downtime_ms,
+        "total_ms": total_ms,
+        "pause_ms": sw.pause_ms,
+        "handshake_ms": handshake_ms,
+        "prepare_ms": prepare_ms,
+        "apply_ms": apply_ms,
+        "state_bytes": state_bytes,
+        "rtt_us": rtt_ns as f64 / 1e3,
+        "clock_offset_us": offset_ns as f64 / 1e3,
+        "source": served,
+    });
+    if let (Value::Object(o), Value::Object(d)) = (&mut out, dest) {
+        for (k, v) in d {
+            o.entry(k).or_insert(v);
+        }
+    }
+    Ok(out)
+}

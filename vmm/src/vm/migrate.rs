@@ -1,0 +1,218 @@
+//! The controller's side of live migration: starting the source thread and answering its
+//! switchover request (pause + save), and on a destination, reporting progress and completion
+//! over the migration link.
+
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::{error_chain, Exit, Vm};
+use crate::control::Reply;
+use crate::migration::outgoing::{Context, MigEvent, Outgoing, Switch};
+use crate::migration::{mono_ns, Link, Offer, Wire, PROGRESS_EVERY, REQUIRED_CAPS};
+use crate::state;
+
+/// A migration this VM is the source of.
+pub(super) struct Source {
+    pub(super) run: Outgoing,
+    pub(super) reply: std::sync::mpsc::Sender<Reply>,
+    /// The migration paused the VM (and resumes it if the destination never ran it).
+    pub(super) paused_it: bool,
+}
+
+/// This VM arrived by migration and still depends on its source.
+pub(super) struct Dest {
+    pub(super) link: Link,
+    pub(super) last_progress: Instant,
+}
+
+impl Vm {
+    /// `migrate` from the control socket: starts the source side, or replies with why not.
+    pub(super) fn start_migration(
+        &mut self,
+        to: String,
+        mode: Option<String>,
+        reply: std::sync::mpsc::Sender<Reply>,
+    ) {
+        let refuse = |kind: &str, msg: String| {
+            let _ = reply.send(Reply::err(kind, msg));
+        };
+        match mode.as_deref() {
+            None | Some("postcopy") => {}
+            Some(m @ ("precopy" | "hybrid")) => {
+                return refuse(
+                    "bad_request",
+                    format!("mode {m} is not available yet; postcopy is"),
+                )
+            }
+            Some(m) => return refuse("bad_request", format!("unknown mode {m:?} (postcopy)")),
+        }
+        if self.source.is_some() {
+            return refuse("busy", "a migration is already running".into());
+        }
+        if self
+            .pager
+            .as_ref()
+            .is_some_and(|p| p.present_pages() < p.total_pages())
+        {
+            return refuse(
+                "busy",
+                "guest memory is still being paged in from the previous host; migrate once it is complete".into(),
+            );
+        }
+        let offer = Offer {
+            proto_version: proto::PROTOCOL_VERSION,
+            page_size: crate::memory::PAGE_SIZE,
+            config: self.config.clone(),
+            cpuid: self.guest.cpuid.clone(),
+            msrs: self.guest.msrs.clone(),
+            tsc_khz: self.guest.tsc_khz,
+            caps: REQUIRED_CAPS.iter().map(|(c, _)| *c).collect(),
+            page_server: String::new(),
+        };
+        let ctx = Context {
+            to,
+            offer,
+            regions: self
+                .ram
+                .host_regions()
+                .iter()
+                .map(|&(_, h, l)| (h, l))
+                .collect(),
+            layout: self.ram.layout(),
+            events: self.tx.clone(),
+        };
+        // SAFETY: guest RAM stays mapped while `self.source` lives: Vm::drop drops the source
+        // (which joins the thread and its page-server) before the RAM.
+        match unsafe { Outgoing::start(ctx) } {
+            Ok(run) => {
+                let _ = reply.send(Reply::progress(json!({"phase": "connected"})));
+                self.source = Some(Source {
+                    run,
+                    reply,
+                    paused_it: false,
+                });
+            }
+            Err(e) => refuse("migration", error_chain(&e)),
+        }
+    }
+
+    fn switchover(&mut self) -> Result<Switch, String> {
+        let paused_at = mono_ns();
+        let t = Instant::now();
+        let was_paused = self.paused;
+        let snap = self.save().map_err(|e| error_chain(&e))?;
+        if let Some(s) = &mut self.source {
+            s.paused_it = !was_paused;
+        }
+        let envelope = state::encode(&snap).map_err(|e| error_chain(&e))?;
+        Ok(Switch {
+            envelope,
+            paused_at,
+            pause_ms: t.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Reacts to the migration thread; `Some(exit)` when the VMM should end.
+    pub(super) fn on_migration(&mut self, ev: MigEvent) -> Option<Exit> {
+        match ev {
+            MigEvent::Switchover(tx) => {
+                let r = self.switchover();
+                if r.is_err() {
+                    self.resume_after_migration();
+                }
+                let _ = tx.send(r);
+                None
+            }
+            MigEvent::Progress(v) => {
+                if let Some(s) = &self.source {
+                    let _ = s.reply.send(Reply::progress(v));
+                }
+                None
+            }
+            MigEvent::Failed(why) => {
+                log::error!("migration failed: {why}; the VM runs here");
+                self.resume_after_migration();
+                if let Some(mut s) = self.source.take() {
+                    s.run.join();
+                    let _ = s.reply.send(Reply::err("migration", why));
+                }
+                None
+            }
+            MigEvent::Stuck(why, server) => {
+                log::error!(
+                    "migration failed after the state was sent: {why}; the destination may be running the VM, so it stays paused here and its memory stays served"
+                );
+                self.kept_server = server;
+                if let Some(mut s) = self.source.take() {
+                    s.run.join();
+                    let _ = s.reply.send(Reply::err(
+                        "migration_unknown",
+                        format!("{why} (the VM stays paused here; the destination may run it)"),
+                    ));
+                }
+                None
+            }
+            MigEvent::Done(report) => {
+                if let Some(mut s) = self.source.take() {
+                    s.run.join();
+                    log::info!("migration complete: {report}");
+                    let _ = s.reply.send(Reply::ok(report));
+                }
+                self.ram.discard();
+                Some(Exit::Migrated)
+            }
+        }
+    }
+
+    fn resume_after_migration(&mut self) {
+        if self.source.as_ref().is_some_and(|s| s.paused_it) {
+            self.resume();
+            if let Some(s) = &mut self.source {
+                s.paused_it = false;
+            }
+        }
+    }
+
+    /// This VM arrived by migration over `link`: report progress and completion on it.
+    pub fn attach_incoming(&mut self, link: Link) {
+        self.dest = Some(Dest {
+            link,
+            last_progress: Instant::now(),
+        });
+    }
+
+    /// Sends a progress report when one is due; returns how long until the next.
+    pub(super) fn dest_tick(&mut self) -> Option<std::time::Duration> {
+        let d = self.dest.as_mut()?;
+        let due = d.last_progress + PROGRESS_EVERY;
+        let now = Instant::now();
+        if now < due {
+            return Some(due - now);
+        }
+        d.last_progress = now;
+        let (present, total) = self
+            .pager
+            .as_ref()
+            .map_or((0, 0), |p| (p.present_pages(), p.total_pages()));
+        if let Err(e) = d.link.send(&Wire::Progress { present, total }) {
+            log::warn!("progress to the source: {}", error_chain(&e));
+        }
+        Some(PROGRESS_EVERY)
+    }
+
+    /// Every page is here: tell the source, with our figures, and drop the link.
+    pub(super) fn dest_complete(&mut self) {
+        let Some(mut d) = self.dest.take() else {
+            return;
+        };
+        let report = self
+            .pager
+            .as_ref()
+            .map(|p| serde_json::to_string(&p.report()).unwrap_or_default())
+            .unwrap_or_default();
+        if let Err(e) = d.link.send(&Wire::Complete { report }) {
+            log::warn!("telling the source we are complete: {}", error_chain(&e));
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Rebuilding a VM from a snapshot in two steps: [`Prepared`] builds everything that does not
+//! need the state (KVM VM, guest RAM in memory slots, vCPUs, the pager when memory is remote),
+//! and [`Vm::finish`] applies the state and starts the vCPUs. Restore from a file runs both at
+//! once; a migration destination runs the first before the source pauses.
+
+use std::path::Path;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuFd;
+use pager::{Pager, PagerConfig};
+
+use super::{
+    check_shape, clone_fd, console_out, device_sender, forward_stdin, kvm_err, set_memslots, shell,
+    since_start, Event, Shell, StartTimes, Vm, VmError,
+};
+use crate::config::{RestoreConfig, RestoreMemory, SerialOut};
+use crate::control;
+use crate::devices::Devices;
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::state::{self, MachineConfig, Persist, Snapshot, StateError};
+use crate::vcpu::Vcpu;
+
+/// How guest RAM is laid out on the page-server's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServedAs {
+    /// One flat region: a memory file (snapshot).
+    Flat,
+    /// The guest's own RAM ranges: a migration source's live memory.
+    Ranges,
+}
+
+/// A VM shell waiting for its state.
+pub struct Prepared {
+    // Declared before `sh`: fields drop in order, and the pager goes before the RAM it pages.
+    pager: Option<Pager>,
+    sh: Shell,
+    vcpu_fds: Vec<VcpuFd>,
+    config: MachineConfig,
+    /// Time spent building it.
+    pub took: Duration,
+}
+
+/// Registers guest RAM with a pager fed by the page-server at `addr`.
+fn connect_pager(
+    ram: &GuestRam,
+    addr: &page_server::Addr,
+    cfg: &PagerConfig,
+    served: ServedAs,
+) -> Result<Pager, VmError> {
+    let regions: Vec<(u64, u64)> = ram
+        .host_regions()
+        .iter()
+        .map(|&(_, host, len)| (host, len))
+        .collect();
+    // SAFETY: the regions are guest RAM mappings (private anonymous, page aligned) owned by
+    // `ram`, which outlives the pager (dropped first by Vm::drop and by Prepared's field order).
+    let mem = unsafe { pager::HostMemory::adopt(regions, PAGE_SIZE) };
+    let layout = match served {
+        ServedAs::Flat => proto::Layout::single(ram.bytes()),
+        ServedAs::Ranges => ram.layout(),
+    };
+    Pager::connect_adopt(addr, mem, layout, cfg.clone()).map_err(|source| VmError::Pager {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+impl Prepared {
+    /// Builds the shell for `config`; with `remote`, connects a pager to that page-server. The
+    /// memory slots go in on a second thread (the first slot of a VM costs milliseconds on some
+    /// hosts) while the vCPUs are created and the pager connects.
+    pub fn new(
+        config: &MachineConfig,
+        remote: Option<(&page_server::Addr, &PagerConfig, ServedAs)>,
+    ) -> Result<Prepared, VmError> {
+        let t = Instant::now();
+        check_shape(config.mem_bytes, config.vcpus)?;
+        let sh = shell(config.mem_bytes)?;
+        if sh.ram.ranges() != config.ram.as_slice() {
+            return Err(StateError::Invalid(format!(
+                "RAM layout {:?} differs from this vmm's {:?}",
+                config.ram,
+                sh.ram.ranges()
+            ))
+            .into());
+        }
+        // Lazy: the pager owns RAM before anything (KVM included) touches it.
+        let (pager, vcpu_fds) = std::thread::scope(|scope| -> Result<_, VmError> {
+            let slots = scope.spawn(|| set_memslots(&sh.fd, &sh.ram));
+            let fds: Result<Vec<_>, VmError> = (0..config.vcpus)
+                .map(|i| {
+                    sh.fd
+                        .create_vcpu(u64::from(i))
+                        .map_err(kvm_err("KVM_CREATE_VCPU"))
+                })
+                .collect();
+            let pager = match remote {
+                None => Ok(None),
+                Some((addr, pcfg, served)) => connect_pager(&sh.ram, addr, pcfg, served).map(Some),
+            };
+            slots
+                .join()
+                .map_err(|_| VmError::Config("the memory slot thread panicked".into()))??;
+            Ok((pager?, fds?))
+        })?;
+        Ok(Prepared {
+            sh,
+            vcpu_fds,
+            pager,
+            config: config.clone(),
+            took: t.elapsed(),
+        })
+    }
+
+    /// Connects the pager now (when it was not connected by [`Prepared::new`]).
+    pub fn connect_pager(
+        &mut self,
+        addr: &page_server::Addr,
+        cfg: &PagerConfig,
+        served: ServedAs,
+    ) -> Result<(), VmError> {
+        self.pager = Some(connect_pager(&self.sh.ram, addr, cfg, served)?);
+        Ok(())
+    }
+
+    /// The pager, once connected.
+    pub fn pager(&self) -> Option<&Pager> {
+        self.pager.as_ref()
+    }
+
+    /// /dev/kvm.
+    pub fn kvm(&self) -> &kvm_ioctls::Kvm {
+        &self.sh.kvm
+    }
+
+    /// The guest TSC frequency KVM gives vCPUs here by default.
+    pub fn tsc_khz(&self) -> Result<u32, VmError> {
+        self.vcpu_fds[0]
+            .get_tsc_khz()
+            .map_err(kvm_err("KVM_GET_TSC_KHZ"))
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.sh.ram
+    }
+}
+
+/// How a finished restore is wired up.
+pub struct Finish<'a> {
+    /// Console output.
+    pub serial: &'a SerialOut,
+    /// Control socket to serve (None: none, or already served on `channel`).
+    pub api_socket: Option<&'a Path>,
+    /// Leave the vCPUs paused.
+    pub paused: bool,
+    /// An event channel made (and maybe already served) by the caller.
+    pub channel: Option<(Sender<Event>, Receiver<Event>)>,
+    /// Read guest RAM from this file after the state is applied (eager restore).
+    pub memory_file: Option<&'a Path>,
+}
+
+impl Vm {
+    /// Rebuilds a VM from a snapshot (vCPUs running on return unless `paused`).
+    pub fn restore(cfg: &RestoreConfig) -> Result<Vm, VmError> {
+        let t0 = Instant::now();
+        let snap = state::read_file(&cfg.state)?;
+        let state_read = t0.elapsed();
+        log::debug!("state file read in {state_read:?}");
+        let remote = match &cfg.memory {
+            RestoreMemory::File(_) => None,
+            RestoreMemory::Remote(addr, pcfg) => Some((addr, pcfg, ServedAs::Flat)),
+        };
+        let prepared = Prepared::new(&snap.config, remote)?;
+        let mut vm = Vm::finish(
+            prepared,
+            &snap,
+            Finish {
+                serial: &cfg.serial,
+                api_socket: cfg.api_socket.as_deref(),
+                paused: cfg.paused,
+                channel: None,
+                memory_file: match &cfg.memory {
+                    RestoreMemory::File(p) => Some(p),
+                    RestoreMemory::Remote(..) => None,
+                },
+            },
+        )?;
+        vm.times.state_load += state_read;
+        Ok(vm)
+    }
+
+    /// Applies `snap` to a prepared shell and starts the VM.
+    pub fn finish(mut p: Prepared, snap: &Snapshot, f: Finish<'_>) -> Result<Vm, VmError> {
+        let c = snap.config.clone();
+        if c != p.config {
+            return Err(StateError::Invalid(format!(
+                "the state is for {c:?}, the VM was prepared for {:?}",
+                p.config
+            ))
+            .into());
+        }
+        if snap.vcpus.len() != c.vcpus as usize
+            || snap
+                .vcpus
+                .iter()
+                .enumerate()
+                .any(|(i, s)| s.index != i as u32)
+        {
+            return Err(StateError::Invalid(format!(
+                "{} vCPU states (indexes {:?}) for {} vCPUs",
+                snap.vcpus.len(),
+                snap.vcpus.iter().map(|s| s.index).collect::<Vec<_>>(),
+                c.vcpus
+            ))
+            .into());
+        }
+        let t2 = Instant::now();
+        let (tx, rx) = match f.channel {
+            Some(ch) => ch,
+            None => std::sync::mpsc::channel(),
+        };
+        let sh_irq = clone_fd(&p.sh.irq)?;
+        let devices = Arc::new(Devices::restore(
+            &snap.devices,
+            sh_irq,
+            console_out(f.serial)?,
+            device_sender(&tx),
+        )?);
+        state::restore_vm(&p.sh.fd, &snap.vm)?;
+        let mut vcpus = Vec::new();
+        for (s, fd) in snap.vcpus.iter().zip(std::mem::take(&mut p.vcpu_fds)) {
+            vcpus.push(Vcpu::restore((s.index, fd), s)?);
+        }
+        let mut state_apply = t2.elapsed();
+        log::debug!("VM and vCPU state applied after {state_apply:?}");
+        let mut memory_load = p.took;
+        // Eager: the file is read after the KVM state is applied, so it also overwrites what
+        // KVM itself writes into guest memory while state is set (the kvmclock page): RAM then
+        // equals the file exactly.
+        if let Some(path) = f.memory_file {
+            let t = Instant::now();
+            p.sh.ram.load(path)?;
+            memory_load += t.elapsed();
+        }
+        let t3 = Instant::now();
+        let Prepared { pager, sh, .. } = p;
+        let mut vm = Vm::assemble(sh, devices, vcpus, tx, rx, c)?;
+        vm.guest = super::GuestCpu::from_snapshot(snap);
+        vm.paused_clock = Some(snap.vm.clock);
+        vm.attach_pager(pager);
+        if let Some(path) = f.api_socket {
+            control::serve(path, vm.tx.clone(), Event::Control)?;
+        }
+        if matches!(f.serial, SerialOut::Stdout) {
+            forward_stdin(vm.tx.clone());
+        }
+        state_apply += t3.elapsed();
+        if !f.paused {
+            vm.resume();
+        }
+        vm.times = StartTimes {
+            running_after: since_start(),
+            state_load: state_apply,
+            memory_load,
+        };
+        log::info!(
+            "restored {} ({} vCPUs, {} MiB, memory {}): state {:.1} ms, memory {:.1} ms; {} {:.1} ms after process start",
+            vm.config.boot,
+            vm.config.vcpus,
+            vm.config.mem_bytes >> 20,
+            if vm.pager.is_some() { "lazy" } else { "eager" },
+            vm.times.state_load.as_secs_f64() * 1e3,
+            vm.times.memory_load.as_secs_f64() * 1e3,
+            if f.paused { "paused" } else { "running" },
+            vm.times.running_after.as_secs_f64() * 1e3
+        );
+        Ok(vm)
+    }
+
+    /// Starts forwarding the pager's events to the controller and keeps the pager.
+    fn attach_pager(&mut self, pager: Option<Pager>) {
+        if let Some(p) = &pager {
+            if let Some(ev) = p.events() {
+                let tx = self.tx.clone();
+                let _ = std::thread::Builder::new()
+                    .name("pager-events".into())
+                    .spawn(move || {
+                        for e in ev {
+                            if tx.send(Event::Pager(e)).is_err() {
+                                return;
+                            }
+                        }
+                    });
+            }
+        }
+        self.pager = pager;
+    }
+}
