@@ -40,7 +40,7 @@ pub(crate) fn run(core: Arc<Core>, mut sock: Sock, peer: String, session: Arc<Se
                     Origin::Stream,
                     0,
                     &mut frame,
-                    &session.stats,
+                    &session,
                 );
                 if n == 0 {
                     break;

@@ -4,8 +4,10 @@
 //! Each client opens a control, an urgent and one or more bulk connections (see the `proto`
 //! crate's docs). Control and urgent traffic of every client is handled by one mio event loop
 //! thread, so a fault reply is written the moment its request is read; each bulk connection gets
-//! a streaming thread at lower CPU priority. A session sends every page at most once (a page a
-//! fault asks for again is the exception) and its stream follows the client's latest fault.
+//! a streaming thread at lower CPU priority. A session sends every page at most once — a fault
+//! on a page the stream already sent is answered `InFlight`, and the page arrives on the stream
+//! — and its stream follows the client's latest fault. [`ServerHandle::stats`] sums what every
+//! session sent.
 //!
 //! This crate must not know about KVM or vCPUs; it reads bytes through [`MemoryProvider`].
 
@@ -16,6 +18,7 @@ pub mod sched;
 mod server;
 mod session;
 mod sock;
+mod stats;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use thiserror::Error;
 
 pub use memory::{is_zero_page, FileImage, ImageError, MemoryProvider, RawRegions};
 pub use sock::{Addr, Sock};
+pub use stats::ServerStats;
 
 /// Server tunables.
 #[derive(Debug, Clone)]
@@ -70,12 +74,20 @@ pub struct ServerHandle {
     stop: Arc<AtomicBool>,
     waker: Arc<mio::Waker>,
     thread: Option<JoinHandle<Result<(), ServerError>>>,
+    totals: Arc<stats::Totals>,
 }
 
 impl ServerHandle {
     /// The address it listens on (with the real port when asked for port 0).
     pub fn addr(&self) -> &Addr {
         &self.addr
+    }
+
+    /// What the server has sent so far: pages by origin, zero pages, data bytes and sessions,
+    /// summed over every session, live and ended (a few atomic loads; call it as often as a
+    /// progress display needs). Still readable after the server stopped, through a handle.
+    pub fn stats(&self) -> ServerStats {
+        self.totals.snapshot()
     }
 
     /// A function that stops the server from any thread (e.g. a signal handler thread).
@@ -128,10 +140,12 @@ pub fn serve(
     let (listener, bound) = server::bind(addr)?;
     let (poll, waker) = server::new_poll().map_err(ServerError::Poll)?;
     let stop = Arc::new(AtomicBool::new(false));
+    let totals = Arc::new(stats::Totals::default());
     let core = Arc::new(server::Core {
         map: memory::PageMap::new(mem),
         config,
         next_session: AtomicU64::new(1),
+        totals: totals.clone(),
     });
     let a = bound.clone();
     let st = stop.clone();
@@ -144,5 +158,6 @@ pub fn serve(
         stop,
         waker,
         thread: Some(thread),
+        totals,
     })
 }

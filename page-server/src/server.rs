@@ -13,11 +13,14 @@ use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use proto::handshake::{check, offer, Offer};
-use proto::{error_code, Channel, Header, Message, Origin, Welcome, HEADER_LEN, PROTOCOL_VERSION};
+use proto::{
+    error_code, Channel, Header, Message, Origin, PageIndex, Welcome, HEADER_LEN, PROTOCOL_VERSION,
+};
 
 use crate::memory::PageMap;
-use crate::session::{build_frame, Frame, Session};
+use crate::session::{build_frame, Claim, Frame, Session};
 use crate::sock::{Addr, Sock};
+use crate::stats::Totals;
 use crate::{bulk, ServerConfig, ServerError};
 
 const LISTENER: Token = Token(0);
@@ -115,6 +118,8 @@ pub(crate) struct Core {
     pub(crate) map: PageMap,
     pub(crate) config: ServerConfig,
     pub(crate) next_session: AtomicU64,
+    /// What every session sent.
+    pub(crate) totals: Arc<Totals>,
 }
 
 /// Binds `addr` (port 0 picks a free port); returns the listener and the real address.
@@ -292,13 +297,14 @@ fn drop_conn(
         sessions.remove(&s.id);
         let st = &s.stats;
         info!(
-            "session {}: ended; pages sent: fault {}, prefetch {}, stream {} ({} zero), {} MiB of data",
+            "session {}: ended; pages sent: fault {}, prefetch {}, stream {} ({} zero), {} MiB of data; {} faults answered in flight",
             s.id,
             st.fault_pages.load(Ordering::Relaxed),
             st.prefetch_pages.load(Ordering::Relaxed),
             st.stream_pages.load(Ordering::Relaxed),
             st.zero_pages.load(Ordering::Relaxed),
-            st.data_bytes.load(Ordering::Relaxed) >> 20
+            st.data_bytes.load(Ordering::Relaxed) >> 20,
+            st.in_flight_replies.load(Ordering::Relaxed)
         );
     }
 }
@@ -509,7 +515,7 @@ fn classify(
             }
             if h.channel == Channel::Control {
                 let id = core.next_session.fetch_add(1, Ordering::Relaxed);
-                let s = Arc::new(Session::new(id, total_pages));
+                let s = Arc::new(Session::new(id, total_pages, core.totals.clone()));
                 sessions.insert(id, s.clone());
                 info!("session {id}: opened ({total_pages} pages)");
                 return Action::BecomeControl(s, welcome(core, id));
@@ -561,7 +567,8 @@ fn classify(
 }
 
 /// Answers one request with exactly one frame (the client matches replies to requests in
-/// order): the fault pages, then as many prefetch pages as had not been sent yet.
+/// order): the not-yet-sent pages from the request's first — the fault pages, then prefetch —
+/// or, when the first page is already on its way on the stream, `InFlight`.
 fn serve_request(
     core: &Core,
     out: &mut Vec<u8>,
@@ -570,17 +577,36 @@ fn serve_request(
     count: u32,
     fault_pages: u32,
 ) {
-    let (first, count) = s.claim_request(first, count, fault_pages);
+    // claim only what one frame can carry: the request may cross a region's end
+    let ps = core.map.page_size() as usize;
+    let Some(count) = core
+        .map
+        .run(PageIndex(first), count)
+        .map(|b| (b.len() / ps) as u32)
+        .filter(|&n| n > 0)
+    else {
+        return; // out of range: refused before we get here
+    };
+    let (first, count) = match s.claim_request(first, count) {
+        Claim::Send { first, count } => (first, count),
+        Claim::InFlight { first, count } => {
+            Message::InFlight {
+                first: PageIndex(first),
+                count,
+            }
+            .encode(out);
+            return;
+        }
+    };
     let mut frame = Frame::default();
-    let fault = fault_pages.max(1);
     let n = build_frame(
         &core.map,
         first,
         count,
         Origin::Fault,
-        fault,
+        fault_pages.max(1),
         &mut frame,
-        &s.stats,
+        s,
     );
     if n == 0 {
         return;

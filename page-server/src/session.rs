@@ -1,16 +1,19 @@
-//! One client's session: which pages it was sent (each page goes out at most once, except a
-//! page a fault asks for again), where the background stream's cursor is, and whether the
-//! stream runs. Shared by the event loop (control + urgent) and the bulk threads.
+//! One client's session: which pages it was sent (each page goes out at most once: a fault on
+//! a page already sent is answered "in flight"), where the background stream's cursor is, and
+//! whether the stream runs. Shared by the event loop (control + urgent) and the bulk threads.
+//! It counts what it sends, into its own counters and the server's totals; it does no I/O
+//! except shutting down its bulk sockets on close.
 
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use proto::bitmap::AtomicBitmap;
 use proto::{encode_pages_prefix, mask_len, Origin, PageIndex, MAX_PAGES_PER_FRAME};
 
 use crate::memory::{is_zero_page, PageMap};
 use crate::sock::Sock;
+use crate::stats::{Counters, Totals};
 
 #[derive(Debug, Default)]
 struct Flow {
@@ -25,19 +28,24 @@ struct Cursor {
     hint: Option<u64>,
 }
 
-/// Counters of one session (pages and bytes by origin).
-#[derive(Debug, Default)]
-pub struct SessionStats {
-    /// Pages sent because a fault asked for them.
-    pub fault_pages: AtomicU64,
-    /// Pages sent as prefetch around a fault.
-    pub prefetch_pages: AtomicU64,
-    /// Pages sent by the background stream.
-    pub stream_pages: AtomicU64,
-    /// Of those, zero pages (no payload).
-    pub zero_pages: AtomicU64,
-    /// Page bytes put on the wire.
-    pub data_bytes: AtomicU64,
+/// What a fault request is answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// Send `count` pages from `first` (the request's first page); they are now claimed.
+    Send {
+        /// First page.
+        first: u64,
+        /// Pages.
+        count: u32,
+    },
+    /// The request's leading `count` pages from `first` were sent already (by the stream):
+    /// reply `InFlight`, send nothing.
+    InFlight {
+        /// First page.
+        first: u64,
+        /// Pages.
+        count: u32,
+    },
 }
 
 /// Server-side state of one client.
@@ -52,12 +60,16 @@ pub struct Session {
     flow: Mutex<Flow>,
     cv: Condvar,
     bulk_socks: Mutex<Vec<Sock>>,
-    /// Counters.
-    pub stats: SessionStats,
+    /// What this session sent.
+    pub stats: Counters,
+    /// What every session of the server sent (this one included).
+    totals: Arc<Totals>,
 }
 
 impl Session {
-    pub(crate) fn new(id: u64, total_pages: u64) -> Self {
+    /// A new session over `total_pages`, counted in `totals`.
+    pub(crate) fn new(id: u64, total_pages: u64, totals: Arc<Totals>) -> Self {
+        totals.sessions_opened.fetch_add(1, Ordering::Relaxed);
         Session {
             id,
             total_pages,
@@ -67,13 +79,33 @@ impl Session {
             flow: Mutex::default(),
             cv: Condvar::new(),
             bulk_socks: Mutex::default(),
-            stats: SessionStats::default(),
+            stats: Counters::default(),
+            totals,
         }
     }
 
-    fn mark_sent(&self, first: u64, count: u64) {
-        let n = self.sent.set_range(first, count);
-        self.sent_count.fetch_add(n, Ordering::AcqRel);
+    /// Counts `pages` pages sent for `origin` (of them `zeros` zero pages, `data_bytes` bytes
+    /// on the wire); for `Fault`, the first `fault_pages` are fault pages and the rest prefetch.
+    fn count_sent(
+        &self,
+        origin: Origin,
+        fault_pages: u32,
+        pages: u32,
+        zeros: u64,
+        data_bytes: u64,
+    ) {
+        for c in [&self.stats, &self.totals.sent] {
+            let (lead, rest) = match origin {
+                Origin::Fault => (&c.fault_pages, &c.prefetch_pages),
+                Origin::Prefetch => (&c.prefetch_pages, &c.prefetch_pages),
+                Origin::Stream => (&c.stream_pages, &c.stream_pages),
+            };
+            let led = fault_pages.min(pages);
+            lead.fetch_add(u64::from(led), Ordering::Relaxed);
+            rest.fetch_add(u64::from(pages - led), Ordering::Relaxed);
+            c.zero_pages.fetch_add(zeros, Ordering::Relaxed);
+            c.data_bytes.fetch_add(data_bytes, Ordering::Relaxed);
+        }
     }
 
     /// The client already has these pages (a `Received` bitmap after a reconnect).
@@ -192,23 +224,40 @@ impl Session {
         runs
     }
 
-    /// Handles a fault request: the fault pages are always sent (the client is waiting on them);
-    /// prefetch pages after them only while not yet sent. Moves the stream cursor to follow.
-    /// Returns the run to reply with.
-    pub(crate) fn claim_request(&self, first: u64, count: u32, fault_pages: u32) -> (u64, u32) {
-        let fault = u64::from(fault_pages.max(1).min(count));
-        self.mark_sent(first, fault);
-        let mut n = fault;
-        while n < u64::from(count) {
-            let p = first + n;
-            if p >= self.total_pages || self.sent.set(p) {
-                break;
-            }
-            self.sent_count.fetch_add(1, Ordering::AcqRel);
+    /// Handles a fault request for `count` pages from `first`: claims the run of not-yet-sent
+    /// pages from `first` (stopping at the first page already sent) and replies with it; if
+    /// `first` itself was sent already — the stream has it on its way — nothing is sent again,
+    /// the reply is `InFlight` for the leading already-sent pages. The stream's cursor moves
+    /// to just after the reply, to follow the fault. `first..first + count` must be pages one
+    /// frame can carry (in range, within one region).
+    pub(crate) fn claim_request(&self, first: u64, count: u32) -> Claim {
+        let count = u64::from(count.max(1)).min(self.total_pages.saturating_sub(first));
+        let mut n = 0u64;
+        while n < count && !self.sent.set(first + n) {
             n += 1;
         }
-        self.cursor.lock().unwrap_or_else(|e| e.into_inner()).hint = Some(first + n);
-        (first, n as u32)
+        let claim = if n > 0 {
+            self.sent_count.fetch_add(n, Ordering::AcqRel);
+            Claim::Send {
+                first,
+                count: n as u32,
+            }
+        } else {
+            let mut k = 1u64;
+            while k < count && self.sent.get(first + k) {
+                k += 1;
+            }
+            for c in [&self.stats, &self.totals.sent] {
+                c.in_flight_replies.fetch_add(1, Ordering::Relaxed);
+            }
+            Claim::InFlight {
+                first,
+                count: k as u32,
+            }
+        };
+        let (Claim::Send { first, count } | Claim::InFlight { first, count }) = claim;
+        self.cursor.lock().unwrap_or_else(|e| e.into_inner()).hint = Some(first + u64::from(count));
+        claim
     }
 }
 
@@ -231,8 +280,8 @@ impl Frame<'_> {
 
 /// Builds into `frame` a `Pages` frame for up to `count` pages from `first` (clipped to the end
 /// of the region and to [`MAX_PAGES_PER_FRAME`]). Returns the pages
-/// covered (0 if `first` is out of range). In the counters, a `Fault` frame's first
-/// `fault_pages` pages are fault pages and the rest prefetch.
+/// covered (0 if `first` is out of range), counted as sent by `session`. In the counters, a
+/// `Fault` frame's first `fault_pages` pages are fault pages and the rest prefetch.
 pub(crate) fn build_frame<'m>(
     map: &'m PageMap,
     first: u64,
@@ -240,7 +289,7 @@ pub(crate) fn build_frame<'m>(
     origin: Origin,
     fault_pages: u32,
     frame: &mut Frame<'m>,
-    stats: &SessionStats,
+    session: &Session,
 ) -> u32 {
     let Frame { prefix, segs } = frame;
     prefix.clear();
@@ -271,18 +320,7 @@ pub(crate) fn build_frame<'m>(
         segs.push(&bytes[s * ps..n as usize * ps]);
     }
     encode_pages_prefix(PageIndex(first), n, origin, &mask, data_len, prefix);
-    let (lead, rest) = match origin {
-        Origin::Fault => (&stats.fault_pages, &stats.prefetch_pages),
-        Origin::Prefetch => (&stats.prefetch_pages, &stats.prefetch_pages),
-        Origin::Stream => (&stats.stream_pages, &stats.stream_pages),
-    };
-    let led = fault_pages.min(n);
-    lead.fetch_add(u64::from(led), Ordering::Relaxed);
-    rest.fetch_add(u64::from(n - led), Ordering::Relaxed);
-    stats.zero_pages.fetch_add(zeros, Ordering::Relaxed);
-    stats
-        .data_bytes
-        .fetch_add(data_len as u64, Ordering::Relaxed);
+    session.count_sent(origin, fault_pages, n, zeros, data_len as u64);
     n
 }
 
@@ -290,16 +328,17 @@ pub(crate) fn build_frame<'m>(
 mod tests {
     use super::*;
 
-    #[test]
-    fn stream_claims_every_page_once_and_follows_faults() {
-        let s = Session::new(1, 1000);
-        let (f, n) = s.claim_request(500, 4, 1);
-        assert_eq!((f, n), (500, 4));
-        // the stream continues right after the fault
-        let runs = s.claim_stream(10);
-        assert_eq!(runs, vec![(504, 10)]);
-        let mut seen = vec![false; 1000];
-        seen[500..514].fill(true);
+    fn session(total: u64) -> (Session, Arc<Totals>) {
+        let totals = Arc::new(Totals::default());
+        (Session::new(1, total, totals.clone()), totals)
+    }
+
+    fn send(first: u64, count: u32) -> Claim {
+        Claim::Send { first, count }
+    }
+
+    /// Drains the stream; panics on a page claimed twice.
+    fn drain_stream(s: &Session, seen: &mut [bool]) {
         loop {
             let runs = s.claim_stream(100);
             if runs.is_empty() {
@@ -312,8 +351,78 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn stream_claims_every_page_once_and_follows_faults() {
+        let (s, _) = session(1000);
+        assert_eq!(s.claim_request(500, 4), send(500, 4));
+        // the stream continues right after the fault
+        let runs = s.claim_stream(10);
+        assert_eq!(runs, vec![(504, 10)]);
+        let mut seen = vec![false; 1000];
+        seen[500..514].fill(true);
+        drain_stream(&s, &mut seen);
         assert!(seen.iter().all(|&x| x));
-        // a fault on an already-streamed page is still answered, prefetch is not
-        assert_eq!(s.claim_request(10, 8, 1), (10, 1));
+    }
+
+    #[test]
+    fn a_fault_on_a_sent_page_is_answered_in_flight_never_resent() {
+        let (s, totals) = session(1000);
+        // the stream claims 0..100
+        assert_eq!(s.claim_stream(100), vec![(0, 100)]);
+        // a fault on page 10 (prefetch 8): every page is on its way already
+        assert_eq!(
+            s.claim_request(10, 8),
+            Claim::InFlight {
+                first: 10,
+                count: 8
+            }
+        );
+        // a fault on 98 with a window reaching past the streamed run: only the leading
+        // streamed pages are in flight (the rest is the stream's, or a later request's)
+        assert_eq!(
+            s.claim_request(98, 4),
+            Claim::InFlight {
+                first: 98,
+                count: 2
+            }
+        );
+        // the stream follows the fault: it continues at 100
+        assert_eq!(s.claim_stream(5), vec![(100, 5)]);
+        // a fault on an unsent page sends it, and the unsent pages after it up to the next
+        // sent one
+        assert_eq!(s.claim_stream(1), vec![(105, 1)]);
+        s.claim_request(110, 1);
+        assert_eq!(s.claim_request(106, 8), send(106, 4));
+        // and a fault asking again for what a fault reply sent is in flight too
+        assert_eq!(
+            s.claim_request(106, 1),
+            Claim::InFlight {
+                first: 106,
+                count: 1
+            }
+        );
+        // a request running off the end is clipped
+        assert_eq!(s.claim_request(998, 8), send(998, 2));
+        let mut seen = vec![false; 1000];
+        seen[..111].fill(true);
+        seen[998..].fill(true);
+        drain_stream(&s, &mut seen);
+        assert!(seen.iter().all(|&x| x));
+        assert_eq!(s.stats.in_flight_replies.load(Ordering::Relaxed), 3);
+        assert_eq!(totals.sent.in_flight_replies.load(Ordering::Relaxed), 3);
+        assert_eq!(totals.sessions_opened.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn after_a_reconnect_only_pages_the_client_lacks_are_sent() {
+        // the new session starts from the client's Received bitmap: 0..8 present, 8..16 not
+        // (e.g. lost with a bulk connection of the old session)
+        let (s, _) = session(64);
+        s.merge_received(0, &[0xff, 0x00], 16);
+        assert_eq!(s.claim_request(8, 4), send(8, 4));
+        assert_eq!(s.claim_stream(64), vec![(12, 52)]);
+        assert!(s.claim_stream(64).is_empty());
     }
 }

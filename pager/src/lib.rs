@@ -6,7 +6,11 @@
 //!
 //! Threads of a remote pager: one **fault thread** (userfaultfd events + the urgent
 //! connection), one **streamer** per bulk connection, one **supervisor** (control connection,
-//! completion, reconnection). When every page is present the supervisor unregisters the region,
+//! completion, reconnection). A session receives each page once: a fault on a page the stream
+//! already has on its way (the source answers `InFlight`) waits for the stream's install; only
+//! a reconnect asks again for what the lost session never delivered. With
+//! [`PagerConfig::stream_deferred`] every connection is opened at once but the stream waits for
+//! [`Pager::start_stream`] (a migration destination connects before the source pauses). When every page is present the supervisor unregisters the region,
 //! sends `Done` and closes every connection. If the source goes away, the owner gets
 //! [`PagerEvent::SourceLost`], faults keep waiting (never served wrong memory), and the
 //! supervisor reconnects for up to [`PagerConfig::reconnect_timeout`] before failing with
@@ -14,6 +18,7 @@
 //!
 //! This crate knows nothing of KVM; it pages any memory of this process.
 
+mod fault;
 mod local;
 mod policy;
 mod region;
@@ -43,6 +48,9 @@ use uffd::{Uffd, UffdError};
 pub struct PagerConfig {
     /// Run the background stream (off: pure demand paging).
     pub stream: bool,
+    /// Open the stream's connections (or, for a local image, its thread) but send no page
+    /// until [`Pager::start_stream`]; faults are served meanwhile. Ignored without `stream`.
+    pub stream_deferred: bool,
     /// Bulk connections for the stream (remote only).
     pub bulk_connections: usize,
     /// Smallest prefetch window (pages requested per fault).
@@ -68,6 +76,7 @@ impl Default for PagerConfig {
     fn default() -> Self {
         PagerConfig {
             stream: true,
+            stream_deferred: false,
             bulk_connections: 2,
             prefetch_min_pages: 1,
             prefetch_max_pages: 64,
@@ -149,6 +158,9 @@ pub enum PagerError {
     /// A thread could not be started.
     #[error("cannot start a pager thread")]
     Spawn(#[source] std::io::Error),
+    /// The pager has failed for good; nothing more can be asked of its source.
+    #[error("the pager has stopped")]
+    Stopped,
 }
 
 /// Things the owner is told as they happen.
@@ -177,6 +189,8 @@ pub enum PagerEvent {
 struct Outcome {
     complete: Option<Duration>,
     failed: Option<PagerError>,
+    /// Set with `failed`, kept after [`Pager::wait`] takes the error.
+    has_failed: bool,
 }
 
 /// State shared by a pager's threads.
@@ -196,6 +210,15 @@ pub(crate) struct Shared {
     events: Mutex<Option<Sender<PagerEvent>>>,
     /// Every live connection, so any thread can shut them all down.
     pub(crate) socks: Mutex<Vec<page_server::Sock>>,
+    /// Pages the fault thread awaits from the stream (answered `InFlight`): while non-zero, a
+    /// streamer wakes the fault thread after each install.
+    pub(crate) awaited_from_stream: AtomicU64,
+}
+
+/// Where pages come from, as far as the owner can still steer it.
+enum Source {
+    Remote(Arc<remote::Remote>),
+    Local(Arc<local::StreamGate>),
 }
 
 /// Which counters an install feeds.
@@ -222,6 +245,7 @@ impl Shared {
             cv: Condvar::new(),
             events: Mutex::new(None),
             socks: Mutex::default(),
+            awaited_from_stream: AtomicU64::new(0),
         }
     }
 
@@ -371,11 +395,20 @@ impl Shared {
         self.stats.blocked_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
+    /// Whether paging failed for good.
+    pub(crate) fn has_failed(&self) -> bool {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .has_failed
+    }
+
     pub(crate) fn fail(&self, e: PagerError) {
         let reason = e.to_string();
         let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
         if o.failed.is_none() && o.complete.is_none() {
             o.failed = Some(e);
+            o.has_failed = true;
             drop(o);
             self.event(PagerEvent::Failed { reason });
         }
@@ -407,6 +440,7 @@ pub struct Pager {
     threads: Vec<JoinHandle<()>>,
     waker: Option<Arc<remote::Waker>>,
     events: Mutex<Option<Receiver<PagerEvent>>>,
+    source: Source,
 }
 
 impl Pager {
@@ -443,6 +477,27 @@ impl Pager {
         *shared.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         shared.register()?;
         Ok((shared, rx))
+    }
+
+    /// Starts the background stream of a pager configured with
+    /// [`PagerConfig::stream_deferred`]: the source starts sending every page not yet sent.
+    /// Idempotent, and remembered: a reconnect after it enables the stream on the new
+    /// session, a reconnect before it does not. Returns at once (the request is one small
+    /// frame); while the source is unreachable it takes effect on the reconnect. A no-op
+    /// without [`PagerConfig::stream`] or once every page is present.
+    ///
+    /// Errors: [`PagerError::Stopped`] if paging has failed for good.
+    pub fn start_stream(&self) -> Result<(), PagerError> {
+        match &self.source {
+            Source::Remote(r) => remote::start_stream(r),
+            Source::Local(gate) => {
+                if self.shared.has_failed() {
+                    return Err(PagerError::Stopped);
+                }
+                gate.open();
+                Ok(())
+            }
+        }
     }
 
     /// The memory being paged.

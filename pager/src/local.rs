@@ -3,14 +3,45 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use page_server::{is_zero_page, FileImage};
 use proto::Layout;
 
 use crate::policy::Policy;
 use crate::remote::{poll_in, Waker};
-use crate::{HostMemory, Origin, Pager, PagerConfig, PagerError, Shared};
+use crate::{HostMemory, Origin, Pager, PagerConfig, PagerError, Shared, Source};
+
+/// Holds the streamer back until [`Pager::start_stream`] (with `stream_deferred`).
+#[derive(Debug, Default)]
+pub(crate) struct StreamGate {
+    open: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl StreamGate {
+    pub(crate) fn open(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until open (true) or `stop` (false), looking at `stop` every 50 ms.
+    fn wait(&self, stop: &std::sync::atomic::AtomicBool) -> bool {
+        let mut o = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        while !*o {
+            if stop.load(Ordering::Acquire) {
+                return false;
+            }
+            o = self
+                .cv
+                .wait_timeout(o, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+}
 
 /// The image mapped read-only and pre-populated (the page-server's own file provider), so a
 /// fault copies from the page cache without a second fault on the source side.
@@ -68,6 +99,10 @@ pub(crate) fn start(path: &Path, config: PagerConfig) -> Result<Pager, PagerErro
         source,
     })?;
     let stream = config.stream;
+    let gate = Arc::new(StreamGate::default());
+    if !config.stream_deferred {
+        gate.open();
+    }
     let (shared, rx) = Pager::build(mem, config)?;
     let waker = Arc::new(Waker::new().map_err(PagerError::Spawn)?);
     let mut threads = Vec::new();
@@ -79,11 +114,11 @@ pub(crate) fn start(path: &Path, config: PagerConfig) -> Result<Pager, PagerErro
             .map_err(PagerError::Spawn)?,
     );
     if stream {
-        let (sh, im) = (shared.clone(), img.clone());
+        let (sh, im, g) = (shared.clone(), img.clone(), gate.clone());
         threads.push(
             std::thread::Builder::new()
                 .name("pager-stream".into())
-                .spawn(move || stream_loop(sh, im))
+                .spawn(move || stream_loop(sh, im, &g))
                 .map_err(PagerError::Spawn)?,
         );
     }
@@ -113,6 +148,7 @@ pub(crate) fn start(path: &Path, config: PagerConfig) -> Result<Pager, PagerErro
         threads,
         waker: Some(waker),
         events: Mutex::new(Some(rx)),
+        source: Source::Local(gate),
     })
 }
 
@@ -163,8 +199,11 @@ fn fault_loop(sh: Arc<Shared>, img: Arc<Image>, waker: Arc<Waker>) {
     }
 }
 
-fn stream_loop(sh: Arc<Shared>, img: Arc<Image>) {
+fn stream_loop(sh: Arc<Shared>, img: Arc<Image>, gate: &StreamGate) {
     crate::remote::place_streamer(&sh.config);
+    if !gate.wait(&sh.stop) {
+        return;
+    }
     const CHUNK: u64 = 256;
     let total = sh.total_pages();
     let mut p = 0;

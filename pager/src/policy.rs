@@ -1,6 +1,7 @@
 //! The fault policy: which pages to request for a fault, deduplication of concurrent faults,
-//! the adaptive prefetch window, and matching replies to requests. No I/O: events in, actions
-//! out, so every rule is tested without a socket or a userfaultfd.
+//! the adaptive prefetch window, matching replies to requests, and the pages a reply said are
+//! on their way on the stream (`InFlight`), whose faults wait for the stream to install them.
+//! No I/O: events in, actions out, so every rule is tested without a socket or a userfaultfd.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
@@ -34,6 +35,8 @@ pub struct Policy {
     window: u32,
     last_fault: Option<u64>,
     in_flight: HashSet<u64>,
+    /// Pages the source said are on their way on the stream: not requested again.
+    streaming: HashSet<u64>,
     waiters: HashMap<u64, Vec<Instant>>,
     outstanding: VecDeque<Req>,
 }
@@ -58,6 +61,7 @@ impl Policy {
             window: min_window,
             last_fault: None,
             in_flight: HashSet::new(),
+            streaming: HashSet::new(),
             waiters: HashMap::new(),
             outstanding: VecDeque::new(),
         }
@@ -78,6 +82,11 @@ impl Policy {
         self.outstanding.len()
     }
 
+    /// Pages awaited from the stream (answered `InFlight`, not yet seen present).
+    pub fn streaming(&self) -> usize {
+        self.streaming.len()
+    }
+
     /// A fault on `page` at `now`. `present(p)` says whether page p is installed;
     /// `region_left(p)` how many pages from p to the end of its region.
     pub fn on_fault(
@@ -94,7 +103,7 @@ impl Policy {
             return Some(Action::Wake(page));
         }
         self.waiters.entry(page).or_default().push(now);
-        if self.in_flight.contains(&page) {
+        if self.in_flight.contains(&page) || self.streaming.contains(&page) {
             return None; // one request per page, however many threads fault on it
         }
         // adaptive window: grow while faults walk forward through memory, reset when random
@@ -111,7 +120,11 @@ impl Policy {
         let mut count = 1u64;
         while count < limit {
             let p = page + count;
-            if p >= self.total_pages || present(p) || self.in_flight.contains(&p) {
+            if p >= self.total_pages
+                || present(p)
+                || self.in_flight.contains(&p)
+                || self.streaming.contains(&p)
+            {
                 break;
             }
             count += 1;
@@ -141,34 +154,92 @@ impl Policy {
         delivered: u32,
         present: impl Fn(u64) -> bool,
     ) -> Option<(Req, ReplyOutcome)> {
+        self.complete_front(first, delivered, 0, present)
+    }
+
+    /// The reply to the oldest outstanding request was `InFlight`: its leading `count` pages
+    /// from `first` are on their way on the stream. Their faults keep waiting (the stream's
+    /// install wakes the faulting threads; [`Policy::on_stream_arrivals`] completes the
+    /// bookkeeping); waited-on pages after them are requested again. `None` if it does not
+    /// match the oldest outstanding request.
+    pub fn on_in_flight(
+        &mut self,
+        first: u64,
+        count: u32,
+        present: impl Fn(u64) -> bool,
+    ) -> Option<(Req, ReplyOutcome)> {
+        self.complete_front(first, count, count, present)
+    }
+
+    /// Completes the oldest request: `covered` pages from `first` were answered, the leading
+    /// `streamed` of them by "on the stream".
+    fn complete_front(
+        &mut self,
+        first: u64,
+        covered: u32,
+        streamed: u32,
+        present: impl Fn(u64) -> bool,
+    ) -> Option<(Req, ReplyOutcome)> {
         let req = *self.outstanding.front()?;
-        if req.first != first || delivered > req.count || delivered == 0 {
+        if req.first != first || covered > req.count || covered == 0 {
             return None;
         }
         self.outstanding.pop_front();
         let mut out = ReplyOutcome::default();
+        let stream_end = req.first + u64::from(streamed);
         for p in req.first..req.first + u64::from(req.count) {
             self.in_flight.remove(&p);
-            if let Some(w) = self.waiters.remove(&p) {
-                if present(p) {
-                    out.satisfied.extend(w);
-                } else {
-                    self.waiters.insert(p, w);
-                    let r = Req {
-                        first: p,
-                        count: 1,
-                        fault_pages: 1,
-                    };
-                    self.track(r);
-                    out.rerequests.push(r);
-                }
+            if present(p) {
+                out.satisfied
+                    .extend(self.waiters.remove(&p).unwrap_or_default());
+            } else if p < stream_end {
+                self.streaming.insert(p);
+            } else if self.waiters.contains_key(&p) {
+                let r = Req {
+                    first: p,
+                    count: 1,
+                    fault_pages: 1,
+                };
+                self.track(r);
+                out.rerequests.push(r);
             }
         }
         Some((req, out))
     }
 
-    /// After a reconnect: every outstanding request is sent again, in order.
-    pub fn resend_all(&self) -> Vec<Req> {
+    /// The stream installed pages: returns the fault start times of the waiters on awaited
+    /// pages that are present now.
+    pub fn on_stream_arrivals(&mut self, present: impl Fn(u64) -> bool) -> Vec<Instant> {
+        let mut satisfied = Vec::new();
+        if self.streaming.is_empty() {
+            return satisfied;
+        }
+        self.streaming.retain(|&p| {
+            if !present(p) {
+                return true;
+            }
+            satisfied.extend(self.waiters.remove(&p).unwrap_or_default());
+            false
+        });
+        satisfied
+    }
+
+    /// After a reconnect: the requests to send on the new session, in order — every
+    /// outstanding request again, then one for each waited-on page that was awaited from the
+    /// old session's stream and never arrived (the new session, which starts from what we
+    /// have, sends it once more). Call [`Policy::on_stream_arrivals`] first.
+    pub fn on_reconnect(&mut self, present: impl Fn(u64) -> bool) -> Vec<Req> {
+        let mut lost: Vec<u64> = self.streaming.drain().filter(|&p| !present(p)).collect();
+        lost.sort_unstable();
+        for p in lost {
+            if self.waiters.contains_key(&p) {
+                self.track(Req {
+                    first: p,
+                    count: 1,
+                    fault_pages: 1,
+                });
+            }
+        }
         self.outstanding.iter().copied().collect()
     }
 }
@@ -257,5 +328,68 @@ mod tests {
         assert_eq!(p.outstanding(), 1);
         // a reply that matches nothing is refused
         assert!(p.on_reply(50, 1, |_| true).is_none());
+    }
+
+    #[test]
+    fn in_flight_pages_wait_for_the_stream_and_are_never_requested_again() {
+        let mut p = Policy::new(100, 4, 4);
+        let Some(Action::Request(r)) = p.on_fault(10, now(), |_| false, 90) else {
+            panic!()
+        };
+        assert_eq!((r.first, r.count), (10, 4));
+        assert_eq!(p.on_fault(12, now(), |_| false, 88), None);
+        // the stream has 10 and 11 on their way; nothing was sent for 12 and 13
+        let (_, out) = p.on_in_flight(10, 2, |_| false).unwrap();
+        assert!(out.satisfied.is_empty());
+        // page 12 has a waiter: asked for again; 13 has none
+        assert_eq!(
+            out.rerequests,
+            vec![Req {
+                first: 12,
+                count: 1,
+                fault_pages: 1
+            }]
+        );
+        assert_eq!(p.streaming(), 2);
+        // another fault on an awaited page waits without a request; a window stops before one
+        assert_eq!(p.on_fault(11, now(), |_| false, 89), None);
+        let Some(Action::Request(r)) = p.on_fault(8, now(), |_| false, 92) else {
+            panic!()
+        };
+        assert_eq!((r.first, r.count), (8, 2));
+        // the stream installs 10: its waiter is done; 11 still awaited (two waiters)
+        assert_eq!(p.on_stream_arrivals(|x| x == 10).len(), 1);
+        assert_eq!(p.streaming(), 1);
+        assert_eq!(p.on_stream_arrivals(|x| x <= 11).len(), 1);
+        assert_eq!(p.streaming(), 0);
+        // an InFlight that matches no request is refused
+        assert!(p.on_in_flight(50, 1, |_| false).is_none());
+        assert!(p.on_in_flight(12, 2, |_| false).is_none()); // more than asked
+    }
+
+    #[test]
+    fn awaited_pages_lost_with_a_connection_are_requested_after_a_reconnect() {
+        let mut p = Policy::new(100, 1, 1);
+        let Some(Action::Request(a)) = p.on_fault(5, now(), |_| false, 95) else {
+            panic!()
+        };
+        let Some(Action::Request(b)) = p.on_fault(40, now(), |_| false, 60) else {
+            panic!()
+        };
+        let Some(Action::Request(c)) = p.on_fault(70, now(), |_| false, 30) else {
+            panic!()
+        };
+        p.on_in_flight(a.first, 1, |_| false).unwrap();
+        p.on_in_flight(b.first, 1, |_| false).unwrap();
+        // the connection breaks with c outstanding, 5 and 40 awaited; 40 did arrive
+        let done = p.on_stream_arrivals(|x| x == 40);
+        assert_eq!(done.len(), 1);
+        let again = p.on_reconnect(|x| x == 40);
+        assert_eq!(again, vec![c, a]);
+        assert_eq!(p.streaming(), 0);
+        // the new session sends both
+        assert_eq!(p.on_reply(70, 1, |_| true).unwrap().1.satisfied.len(), 1);
+        assert_eq!(p.on_reply(5, 1, |_| true).unwrap().1.satisfied.len(), 1);
+        assert_eq!(p.outstanding(), 0);
     }
 }

@@ -1,24 +1,22 @@
-//! The network source: session setup (control, urgent, bulk connections), the fault thread,
-//! the streamers, and the supervisor that completes, or reconnects after a loss.
+//! The network source: session setup (control, urgent, bulk connections), the streamers, the
+//! supervisor that completes, or reconnects after a loss, and starting a deferred stream.
+//! The fault thread is in `fault.rs`.
 
 use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use page_server::{Addr, Sock};
 use proto::handshake::{check, offer, Offer};
-use proto::{
-    read_frame, BitmapKind, Channel, Header, Layout, Message, PageIndex, HEADER_LEN,
-    MAX_PAYLOAD_BYTES,
-};
+use proto::{read_frame, BitmapKind, Channel, Layout, Message, PageIndex};
 
-use crate::policy::{Policy, Req};
+use crate::fault::fault_loop;
 use crate::stream_rx::{RxError, StreamRx};
-use crate::{HostMemory, Origin, Pager, PagerConfig, PagerError, PagerEvent, Shared};
+use crate::{HostMemory, Pager, PagerConfig, PagerError, PagerEvent, Shared, Source};
 
 /// An eventfd that wakes the fault thread out of poll(2).
 #[derive(Debug)]
@@ -179,21 +177,33 @@ fn connect_session(
     })
 }
 
+/// What is written on the control connection, by whichever thread: every write holds the
+/// lock, so frames never interleave and a reconnect never misses a `start_stream`.
+#[derive(Debug, Default)]
+struct Control {
+    /// The stream was asked for (at connect, or later by [`start_stream`]); every new
+    /// session enables it again.
+    stream_started: bool,
+    /// The current session's control connection (None while reconnecting).
+    sock: Option<Sock>,
+}
+
 /// State of a remote pager shared by its threads.
-struct Remote {
-    shared: Arc<Shared>,
+pub(crate) struct Remote {
+    pub(crate) shared: Arc<Shared>,
     addr: Addr,
-    waker: Arc<Waker>,
+    pub(crate) waker: Arc<Waker>,
     /// A new urgent connection for the fault thread after a reconnect.
-    inbox: Mutex<Option<(Sock, u64)>>,
+    pub(crate) inbox: Mutex<Option<(Sock, u64)>>,
     generation: AtomicU64,
     lost: Mutex<Option<(u64, String)>>,
     /// The layout of the first session; every reconnect must find the same.
     layout: Layout,
+    control: Mutex<Control>,
 }
 
 impl Remote {
-    fn report_lost(&self, generation: u64, cause: String) {
+    pub(crate) fn report_lost(&self, generation: u64, cause: String) {
         let sh = &self.shared;
         if sh.is_complete() || sh.stop.load(Ordering::Acquire) {
             return;
@@ -253,9 +263,21 @@ pub(crate) fn start(
             }
         })?,
     };
-    let stream = config.stream;
+    let stream = config.stream && !config.stream_deferred;
     let (shared, rx) = Pager::build(mem, config)?;
     let waker = Arc::new(Waker::new().map_err(PagerError::Spawn)?);
+    let control = Control {
+        stream_started: stream,
+        sock: Some(
+            session
+                .control
+                .try_clone()
+                .map_err(|source| PagerError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        ),
+    };
     let remote = Arc::new(Remote {
         shared: shared.clone(),
         addr: addr.clone(),
@@ -264,6 +286,7 @@ pub(crate) fn start(
         generation: AtomicU64::new(1),
         lost: Mutex::new(None),
         layout: session.layout.clone(),
+        control: Mutex::new(control),
     });
     remote.register_socks(&session);
     if stream {
@@ -299,193 +322,36 @@ pub(crate) fn start(
         threads,
         waker: Some(waker),
         events: Mutex::new(Some(rx)),
+        source: Source::Remote(remote),
     })
 }
 
-/// Receives into `buf[*filled..]` without blocking. Ok(false) on EOF.
-fn recv_nonblocking(sock: &Sock, buf: &mut [u8], filled: &mut usize) -> io::Result<bool> {
-    loop {
-        if *filled == buf.len() {
-            return Ok(true);
-        }
-        // SAFETY: receiving into the unfilled tail of a buffer we own.
-        let r = unsafe {
-            libc::recv(
-                sock.as_raw_fd(),
-                buf[*filled..].as_mut_ptr().cast(),
-                buf.len() - *filled,
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if r > 0 {
-            let want = buf.len() - *filled;
-            *filled += r as usize;
-            if (r as usize) < want {
-                return Ok(true); // drained for now; poll(2) tells when more comes
-            }
-            continue;
-        }
-        if r == 0 {
-            return Ok(false);
-        }
-        let e = io::Error::last_os_error();
-        return match e.kind() {
-            io::ErrorKind::WouldBlock => Ok(true),
-            io::ErrorKind::Interrupted => continue,
-            _ => Err(e),
-        };
+/// Asks the source for the stream (see [`Pager::start_stream`]).
+pub(crate) fn start_stream(r: &Remote) -> Result<(), PagerError> {
+    let sh = &r.shared;
+    if !sh.config.stream || sh.is_complete() {
+        return Ok(());
     }
-}
-
-struct FaultThread {
-    r: Arc<Remote>,
-    policy: Policy,
-    conn: Option<(Sock, u64)>,
-    rbuf: Vec<u8>,
-    filled: usize,
-    faults: Vec<u64>,
-    reqs: Vec<Req>,
-    out: Vec<u8>,
-}
-
-impl FaultThread {
-    fn lose(&mut self, cause: String) {
-        if let Some((s, g)) = self.conn.take() {
-            let _ = s.shutdown(Shutdown::Both);
-            self.r.report_lost(g, cause);
-        }
+    if sh.has_failed() {
+        return Err(PagerError::Stopped);
     }
-
-    fn send(&mut self, req: Req) {
-        let Some((sock, _)) = self.conn.as_mut() else {
-            return; // resent after the reconnect
-        };
-        self.out.clear();
-        Message::Request(proto::Request {
-            first: PageIndex(req.first),
-            count: req.count,
-            fault_pages: req.fault_pages,
-        })
-        .encode(&mut self.out);
-        if let Err(e) = sock.write_all(&self.out) {
-            self.lose(format!("urgent connection: sending a request: {e}"));
-        }
+    let mut c = r.control.lock().unwrap_or_else(|p| p.into_inner());
+    if c.stream_started {
+        return Ok(());
     }
-
-    /// Reads and handles every pending fault event.
-    fn handle_faults(&mut self) {
-        let sh = self.r.shared.clone();
-        let mut faults = std::mem::take(&mut self.faults);
-        let mut reqs = std::mem::take(&mut self.reqs);
-        sh.dispatch_faults(&mut self.policy, &mut faults, |_, req| reqs.push(req));
-        for req in reqs.drain(..) {
-            self.send(req);
-        }
-        self.faults = faults;
-        self.reqs = reqs;
+    c.stream_started = true;
+    let Some(sock) = c.sock.as_mut() else {
+        return Ok(()); // reconnecting: the new session enables it
+    };
+    if let Err(e) = sock.write_all(&Message::Stream { enable: true }.to_vec()) {
+        drop(c);
+        // the reconnect this starts enables the stream on the new session
+        r.report_lost(
+            r.generation.load(Ordering::Acquire),
+            format!("control connection: starting the stream: {e}"),
+        );
     }
-
-    /// Reads whatever reply bytes are available and handles complete frames. Returns whether
-    /// a reply was handled.
-    fn handle_replies(&mut self) -> bool {
-        let Some((sock, _)) = self.conn.as_ref() else {
-            return false;
-        };
-        match recv_nonblocking(sock, &mut self.rbuf, &mut self.filled) {
-            Ok(true) => {}
-            Ok(false) => {
-                self.lose("urgent connection closed by the source".into());
-                return false;
-            }
-            Err(e) => {
-                self.lose(format!("urgent connection: {e}"));
-                return false;
-            }
-        }
-        let sh = self.r.shared.clone();
-        let ps = sh.mem.page_size() as u32;
-        let mut used = 0;
-        let mut handled = false;
-        while self.filled - used >= HEADER_LEN {
-            let header = match Header::decode(&self.rbuf[used..self.filled]) {
-                Ok(h) => h,
-                Err(e) => {
-                    self.lose(format!("urgent connection: bad frame: {e}"));
-                    return handled;
-                }
-            };
-            let end = used + HEADER_LEN + header.payload_len as usize;
-            if end > self.filled {
-                break;
-            }
-            let rbuf = std::mem::take(&mut self.rbuf);
-            let r = self.handle_frame(&header, &rbuf[used + HEADER_LEN..end], ps);
-            self.rbuf = rbuf;
-            if let Err(why) = r {
-                self.lose(why);
-                return handled;
-            }
-            handled = true;
-            used = end;
-        }
-        self.rbuf.copy_within(used..self.filled, 0);
-        self.filled -= used;
-        handled
-    }
-
-    fn handle_frame(&mut self, header: &Header, payload: &[u8], ps: u32) -> Result<(), String> {
-        let sh = self.r.shared.clone();
-        let pages = match Message::decode(header, payload, ps) {
-            Ok(Message::Pages(p)) => p,
-            Ok(Message::Error { code, reason }) => {
-                return Err(format!("source reported error {code}: {reason}"))
-            }
-            Ok(m) => {
-                return Err(format!(
-                    "unexpected {:?} on the urgent connection",
-                    m.kind()
-                ))
-            }
-            Err(e) => return Err(format!("bad reply: {e}")),
-        };
-        let fault_end = self
-            .policy
-            .front()
-            .map_or(pages.first.0, |r| r.first + u64::from(r.fault_pages));
-        for run in pages.runs(ps) {
-            // split the run where the fault pages end and prefetch begins
-            let (a, b) = (run.first.0, run.first.0 + u64::from(run.count));
-            let cut = fault_end.clamp(a, b);
-            for (lo, hi, origin) in [(a, cut, Origin::Fault), (cut, b, Origin::Prefetch)] {
-                if lo >= hi {
-                    continue;
-                }
-                let data = run.data.map(|d| {
-                    &d[((lo - a) * u64::from(ps)) as usize..((hi - a) * u64::from(ps)) as usize]
-                });
-                if let Err(e) = sh.install(lo, hi - lo, data, origin) {
-                    sh.fail(e);
-                    return Err("install failed".into());
-                }
-            }
-        }
-        let Some((_, outcome)) = self
-            .policy
-            .on_reply(pages.first.0, pages.count, |p| sh.received.get(p))
-        else {
-            return Err(format!(
-                "reply for pages {}+{} matches no request",
-                pages.first.0, pages.count
-            ));
-        };
-        for t in outcome.satisfied {
-            sh.fault_done(t);
-        }
-        for req in outcome.rerequests {
-            self.send(req);
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// Pins the fault thread where configured.
@@ -503,57 +369,20 @@ pub(crate) fn place_streamer(cfg: &PagerConfig) {
     page_server::sched::set_nice(5);
 }
 
-fn fault_loop(r: Arc<Remote>, urgent: Sock, generation: u64) {
-    let sh = r.shared.clone();
-    place_fault_thread(&sh.config);
-    let total = sh.total_pages();
-    let cfg = sh.config.clone();
-    let mut t = FaultThread {
-        r: r.clone(),
-        policy: Policy::new(total, cfg.prefetch_min_pages, cfg.prefetch_max_pages),
-        conn: Some((urgent, generation)),
-        rbuf: vec![0u8; HEADER_LEN + MAX_PAYLOAD_BYTES as usize],
-        filled: 0,
-        faults: Vec::with_capacity(64),
-        reqs: Vec::new(),
-        out: Vec::with_capacity(64),
-    };
-    while !sh.stop.load(Ordering::Acquire) {
-        let conn_fd = t.conn.as_ref().map_or(-1, |(s, _)| s.as_raw_fd());
-        let ready = poll_in([sh.uffd.raw_fd(), r.waker.fd(), conn_fd], 1000);
-        if ready[1] {
-            r.waker.drain();
-            if let Some((s, g)) = r.inbox.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                t.conn = Some((s, g));
-                t.filled = 0;
-                for req in t.policy.resend_all() {
-                    t.send(req);
-                }
-            }
-        }
-        t.handle_faults();
-        t.handle_replies();
-        // a reply usually comes within tens of microseconds: spin for it rather than pay a
-        // sleep and a wake-up
-        if t.policy.outstanding() > 0 && t.conn.is_some() {
-            let until = Instant::now() + cfg.reply_spin;
-            while t.policy.outstanding() > 0 && t.conn.is_some() && Instant::now() < until {
-                if !t.handle_replies() {
-                    std::thread::yield_now();
-                }
-                t.handle_faults();
-            }
-        }
-    }
-}
-
 fn stream_loop(r: Arc<Remote>, mut sock: Sock, generation: u64) {
     let sh = r.shared.clone();
     place_streamer(&sh.config);
     let mut rx = StreamRx::new(sh.mem.page_size() as usize);
     loop {
         match rx.receive(&mut sock, &sh) {
-            Ok(()) => {}
+            Ok(()) => {
+                // the fault thread awaits pages from the stream: let it look (it publishes
+                // the count before looking at the pages; see `FaultThread::stream_arrivals`)
+                fence(Ordering::SeqCst);
+                if sh.awaited_from_stream.load(Ordering::Relaxed) > 0 {
+                    r.waker.wake();
+                }
+            }
             Err(RxError::Install(e)) => {
                 sh.fail(e);
                 return;
@@ -623,6 +452,7 @@ fn supervise(r: Arc<Remote>, control: Sock, mut streamers: Vec<std::thread::Join
         });
         shutdown_all(&sh);
         drop(control.take());
+        r.control.lock().unwrap_or_else(|p| p.into_inner()).sock = None;
         for t in streamers.drain(..) {
             let _ = t.join();
         }
@@ -655,8 +485,14 @@ fn supervise(r: Arc<Remote>, control: Sock, mut streamers: Vec<std::thread::Join
 fn finish(r: &Remote, control: Option<Sock>) {
     let sh = &r.shared;
     sh.unregister();
-    if let Some(mut c) = control {
-        if let Err(e) = c.write_all(&Message::Done.to_vec()) {
+    let writer = r
+        .control
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .sock
+        .take();
+    if let (Some(mut w), Some(c)) = (writer, control) {
+        if let Err(e) = w.write_all(&Message::Done.to_vec()) {
             debug!("sending Done: {e}");
         }
         let _ = c.shutdown(Shutdown::Both);
@@ -721,10 +557,16 @@ fn resume(r: &Arc<Remote>, mut s: Session) -> Result<Reconnected, PagerError> {
         s.control.write_all(&msg.to_vec()).map_err(addr_err)?;
         first += count;
     }
-    if sh.config.stream {
-        s.control
-            .write_all(&Message::Stream { enable: true }.to_vec())
-            .map_err(addr_err)?;
+    {
+        // under the lock: a `start_stream` either happened before (we enable the stream
+        // here) or finds the new connection (and enables it there)
+        let mut c = r.control.lock().unwrap_or_else(|p| p.into_inner());
+        if c.stream_started {
+            s.control
+                .write_all(&Message::Stream { enable: true }.to_vec())
+                .map_err(addr_err)?;
+        }
+        c.sock = Some(s.control.try_clone().map_err(addr_err)?);
     }
     let generation = r.generation.fetch_add(1, Ordering::AcqRel) + 1;
     r.register_socks(&s);

@@ -177,6 +177,8 @@ pub struct Stats {
     pub stream_bytes: AtomicU64,
     /// Pages that arrived but were already present (EEXIST).
     pub duplicate_pages: AtomicU64,
+    /// Requests the source answered `InFlight` (their pages came with the stream).
+    pub in_flight_replies: AtomicU64,
     /// Successful reconnections to the source.
     pub reconnects: AtomicU64,
 }
@@ -214,6 +216,8 @@ pub struct Report {
     pub stream_bytes: u64,
     /// Pages received twice.
     pub duplicate_pages: u64,
+    /// Requests answered "on its way on the stream" instead of with the pages.
+    pub in_flight_replies: u64,
     /// Reconnections.
     pub reconnects: u64,
 }
@@ -243,6 +247,7 @@ impl Stats {
             prefetch_bytes: l(&self.prefetch_bytes),
             stream_bytes: l(&self.stream_bytes),
             duplicate_pages: l(&self.duplicate_pages),
+            in_flight_replies: l(&self.in_flight_replies),
             reconnects: l(&self.reconnects),
         }
     }
@@ -268,8 +273,8 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  blocked time         {:.1} ms over {} fault events, {} requests",
-            self.blocked_ms, self.fault_events, self.requests
+            "  blocked time         {:.1} ms over {} fault events, {} requests ({} answered in flight)",
+            self.blocked_ms, self.fault_events, self.requests, self.in_flight_replies
         )?;
         writeln!(
             f,

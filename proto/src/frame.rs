@@ -38,6 +38,9 @@ pub enum Kind {
     Done = 8,
     /// Either way: a fatal error with a reason; the sender closes the connection.
     Error = 9,
+    /// Server → client, on the urgent channel: the requested pages are already on their way
+    /// on a bulk connection; the reply to a `Request` instead of `Pages`.
+    InFlight = 10,
 }
 
 impl Kind {
@@ -53,6 +56,7 @@ impl Kind {
             7 => Kind::Stream,
             8 => Kind::Done,
             9 => Kind::Error,
+            10 => Kind::InFlight,
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }

@@ -7,7 +7,8 @@
 //! - one **control** connection: `Hello{Control, session 0}` → `Welcome{session, layout}`; then
 //!   `Stream{enable}`, `Bitmap{Received}` (after a reconnect), `State`, and finally `Done`;
 //! - one **urgent** connection (TCP_NODELAY): `Hello{Urgent, session}` → `Welcome`; then only
-//!   `Request` → `Pages{Fault|Prefetch}`, answered in order, never queued behind bulk data;
+//!   `Request` → `Pages{Fault|Prefetch}` or `InFlight`, answered in order (one reply per
+//!   request), never queued behind bulk data;
 //! - one or more **bulk** connections: `Hello{Bulk, session}` → `Welcome`; then the server sends
 //!   `Pages{Stream}` frames while the stream is enabled, until every page was sent once.
 //!
@@ -21,10 +22,21 @@
 //!           ◄── Welcome
 //!  control: Stream(enable)                        ──►  stream cursor starts
 //!  urgent:  Request(first, count, fault_pages)    ──►  cursor moves to follow the fault
-//!           ◄── Pages(first, count, Fault, zero mask, data)
+//!           ◄── Pages(first, n, Fault, zero mask, data)   (first not sent yet: it and the
+//!                                                          unsent pages after it, n ≤ count)
+//!           ◄── InFlight(first, n)                (first already sent on a bulk connection:
+//!                                                  the client waits for the stream)
 //!  bulk:    ◄── Pages(…, Stream, …) …  (each page at most once per session)
 //!  control: Done                                  ──►  session ends, connections close
 //! ```
+//!
+//! # Each page once per session
+//! A session sends every page at most once, on whichever channel claims it first; a fault
+//! on a page the stream has already sent is answered `InFlight` and waits for the stream.
+//! Only a new session (after a reconnect) sends a page again: it starts from the client's
+//! `Bitmap{Received}`, so a page lost with a broken bulk connection is sent once more.
+//! A client may open its bulk connections and delay `Stream(enable)` (e.g. until a migrating
+//! VM has paused on the source): until then only requested pages are sent.
 //!
 //! # Frames
 //! Every frame is a 16-byte header — `magic "UFPG" | version u16 | kind u16 | payload_len u32 |
@@ -37,6 +49,8 @@
 //! [`PROTOCOL_VERSION`] is bumped on any change to the bytes of an existing message; a frame of
 //! another version is refused with [`DecodeError::UnsupportedVersion`] and the handshake names
 //! both versions. New message kinds get new numbers; unknown kinds are refused, never skipped.
+//! (`InFlight`, kind 10, was added this way: both sides of this workspace are built together;
+//! a peer that predates it fails its urgent connection on the unknown kind, not silently.)
 //! Golden fixtures in `tests/golden.rs` fail on any accidental change of the bytes.
 
 pub mod bitmap;

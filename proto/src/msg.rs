@@ -140,6 +140,15 @@ pub enum Message<'a> {
     },
     /// Every page is present.
     Done,
+    /// The reply to a `Request` whose leading `count` pages from `first` (the request's first)
+    /// this session already sent on a bulk connection: they are not sent again, the client
+    /// waits for the stream to deliver them.
+    InFlight {
+        /// The request's first page.
+        first: PageIndex,
+        /// Leading pages of the request already sent (1..=the request's count).
+        count: u32,
+    },
     /// A fatal error.
     Error {
         /// Machine-readable code (see [`error_code`]).
@@ -218,6 +227,7 @@ impl Message<'_> {
             Message::Stream { .. } => Kind::Stream,
             Message::Done => Kind::Done,
             Message::Error { .. } => Kind::Error,
+            Message::InFlight { .. } => Kind::InFlight,
         }
     }
 
@@ -263,6 +273,10 @@ impl Message<'_> {
             }
             Message::Stream { enable } => out.push(u8::from(*enable)),
             Message::Done => {}
+            Message::InFlight { first, count } => {
+                out.extend_from_slice(&first.0.to_le_bytes());
+                out.extend_from_slice(&count.to_le_bytes());
+            }
             Message::Error { code, reason } => {
                 let mut end = reason.len().min(MAX_REASON_BYTES);
                 while !reason.is_char_boundary(end) {
@@ -430,6 +444,7 @@ impl<'a> Message<'a> {
             Kind::Stream => "stream",
             Kind::Done => "done",
             Kind::Error => "error",
+            Kind::InFlight => "in-flight",
         };
         let mut c = Cur { b: payload, what };
         let msg = match header.kind {
@@ -543,6 +558,16 @@ impl<'a> Message<'a> {
                 Message::Stream { enable: v == 1 }
             }
             Kind::Done => Message::Done,
+            Kind::InFlight => {
+                let first = c.u64()?;
+                let count = c.u32()?;
+                check_count(count, "in-flight page count")?;
+                check_range(first, count.into())?;
+                Message::InFlight {
+                    first: PageIndex(first),
+                    count,
+                }
+            }
             Kind::Error => {
                 let code = c.u16()?;
                 let rest = c.take(c.b.len())?;

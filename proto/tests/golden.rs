@@ -77,6 +77,14 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>)> {
         ("stream", Message::Stream { enable: true }.to_vec()),
         ("done", Message::Done.to_vec()),
         (
+            "in_flight",
+            Message::InFlight {
+                first: PageIndex(0x1234),
+                count: 2,
+            }
+            .to_vec(),
+        ),
+        (
             "error",
             Message::Error {
                 code: error_code::HANDSHAKE,
@@ -96,6 +104,7 @@ const GOLDEN: &[(&str, &str)] = &[
     ("state", "5546504701000600080000000000000060a9d12a76637075"),
     ("stream", "5546504701000700010000000000000001"),
     ("done", "55465047010008000000000000000000"),
+    ("in_flight", "5546504701000a000c00000000000000341200000000000002000000"),
     ("error", "554650470100090005000000000000000100626164"),
 ];
 

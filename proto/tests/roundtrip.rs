@@ -88,6 +88,7 @@ proptest! {
     #[test]
     fn small_messages_round_trip(enable: bool, code: u16, reason in ".{0,64}") {
         check(&Message::Stream { enable });
+        check(&Message::InFlight { first: PageIndex(u64::from(code) << 20), count: u32::from(code) % MAX_PAGES_PER_FRAME + 1 });
         check(&Message::Done);
         check(&Message::Error { code, reason: &reason });
     }
@@ -100,7 +101,7 @@ proptest! {
 
     /// A valid header followed by random payload bytes of any kind.
     #[test]
-    fn random_payloads_never_panic(kind in 1u16..=9, payload in prop::collection::vec(any::<u8>(), 0..300)) {
+    fn random_payloads_never_panic(kind in 1u16..=10, payload in prop::collection::vec(any::<u8>(), 0..300)) {
         let mut bytes = Header { kind: Kind::from_u16(kind).unwrap(), payload_len: payload.len() as u32 }.encode().to_vec();
         bytes.extend_from_slice(&payload);
         let _ = Message::decode_frame(&bytes, PS);
@@ -195,4 +196,62 @@ fn oversized_and_lying_lengths_are_refused_before_allocating() {
         Message::decode_frame(&st, PS),
         Err(DecodeError::BadCrc { .. })
     ));
+}
+
+/// `InFlight`: truncated, trailing, zero, oversized and wrapping payloads are typed errors.
+#[test]
+fn in_flight_garbage_is_refused() {
+    let good = Message::InFlight {
+        first: PageIndex(7),
+        count: 3,
+    }
+    .to_vec();
+    let payload = &good[HEADER_LEN..];
+    let frame = |p: &[u8]| {
+        let mut b = Header {
+            kind: Kind::InFlight,
+            payload_len: p.len() as u32,
+        }
+        .encode()
+        .to_vec();
+        b.extend_from_slice(p);
+        b
+    };
+    for cut in 0..payload.len() {
+        assert!(
+            matches!(
+                Message::decode_frame(&frame(&payload[..cut]), PS),
+                Err(DecodeError::Truncated { .. })
+            ),
+            "cut at {cut}"
+        );
+    }
+    let mut long = payload.to_vec();
+    long.push(0);
+    assert!(matches!(
+        Message::decode_frame(&frame(&long), PS),
+        Err(DecodeError::LengthMismatch { .. })
+    ));
+    let with = |first: u64, count: u32| {
+        let mut p = first.to_le_bytes().to_vec();
+        p.extend_from_slice(&count.to_le_bytes());
+        match Message::decode_frame(&frame(&p), PS) {
+            Ok((Message::InFlight { first, count }, _)) => Ok((first, count)),
+            Ok((m, _)) => panic!("decoded as {:?}", m.kind()),
+            Err(e) => Err(e),
+        }
+    };
+    assert!(matches!(
+        with(7, 0),
+        Err(DecodeError::InvalidField { value: 0, .. })
+    ));
+    assert!(matches!(
+        with(7, MAX_PAGES_PER_FRAME + 1),
+        Err(DecodeError::TooLong { .. })
+    ));
+    assert!(matches!(
+        with(u64::MAX, 2),
+        Err(DecodeError::InvalidField { .. })
+    ));
+    assert_eq!(with(7, 3), Ok((PageIndex(7), 3)));
 }

@@ -21,8 +21,11 @@ fuzz_target!(|data: &[u8]| {
     }
     // the first byte picks a kind, the rest is its payload
     if let Some((&k, rest)) = data.split_first() {
-        if let Ok(kind) = Kind::from_u16(u16::from(k % 10)) {
-            let h = Header { kind, payload_len: rest.len() as u32 };
+        if let Ok(kind) = Kind::from_u16(u16::from(k % 11)) {
+            let h = Header {
+                kind,
+                payload_len: rest.len() as u32,
+            };
             let _ = Message::decode(&h, rest, 4096);
         }
     }
