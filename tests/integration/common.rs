@@ -168,3 +168,13 @@ impl Rng {
         mix(self.0)
     }
 }
+
+/// Reads what a peer sent first (up to 64 KiB, waiting at most 5 s).
+pub fn read_some(s: &mut std::net::TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let mut v = vec![0u8; 64 << 10];
+    let n = s.read(&mut v).unwrap_or(0);
+    v.truncate(n);
+    v
+}

@@ -3,6 +3,8 @@
 
 mod common;
 mod linux_boot;
+mod migration;
+mod netns;
 mod paging;
 mod server_robustness;
 mod vm;

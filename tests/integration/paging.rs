@@ -325,3 +325,162 @@ fn pager_reconnects_to_a_restarted_server() {
     assert_eq!(r.reconnects, 1);
     verify_all(&p);
 }
+
+/// Every page travels once per session: 4 threads fault on random pages while the stream
+/// runs, and a fault on a page the stream already sent waits for it instead of asking for
+/// it again. The pager installs no page twice; the server's totals count every page once.
+#[test]
+fn no_page_is_sent_twice_within_a_session() {
+    if !uffd_or_skip("no_page_is_sent_twice_within_a_session") {
+        return;
+    }
+    let pages = 256 * 256;
+    let image = pattern_image(pages);
+    let server = start_server(&image, "127.0.0.1:0");
+    let mut p = Pager::connect(server.addr(), PagerConfig::default()).expect("connect");
+    let base = base_of(&p);
+    let touchers: Vec<_> = (0..4u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut rng = Rng(t + 101);
+                touch_pages(base, (0..5000).map(|_| rng.next() % pages));
+            })
+        })
+        .collect();
+    for t in touchers {
+        t.join().expect("toucher");
+    }
+    let r = wait_ok(&mut p, 120);
+    println!("{r}");
+    assert_eq!(r.duplicate_pages, 0, "pages installed twice");
+    assert_eq!(r.fault_pages + r.prefetch_pages + r.stream_pages, pages);
+    // every fault was accounted for, including those that waited for the stream
+    assert!(
+        r.fault_latency.count >= r.requests,
+        "faults left unaccounted"
+    );
+    verify_all(&p);
+    let st = server.stats();
+    println!("server: {}", serde_json::to_string(&st).unwrap());
+    assert_eq!(st.sessions_opened, 1);
+    assert_eq!(st.pages_sent(), pages, "the server sent some page twice");
+    assert_eq!(st.stream_pages, r.stream_pages);
+    assert_eq!(
+        st.fault_pages + st.prefetch_pages,
+        r.fault_pages + r.prefetch_pages
+    );
+    assert_eq!(st.in_flight_replies, r.in_flight_replies);
+    let zeros = (0..pages).filter(|&i| is_zero_page(i)).count() as u64;
+    assert_eq!(st.zero_pages, zeros);
+    assert_eq!(st.data_bytes, (pages - zeros) * PS as u64);
+}
+
+/// Waits until `p` has `n` pages present (or panics after 5 s).
+fn wait_present(p: &Pager, n: u64) {
+    let t = Instant::now();
+    while p.present_pages() < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{} pages present",
+            p.present_pages()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// With `stream_deferred`, the pager connects everything but no stream page comes until
+/// `start_stream`; faults are served meanwhile. Over the network and from a local file.
+#[test]
+fn deferred_stream_starts_on_request() {
+    if !uffd_or_skip("deferred_stream_starts_on_request") {
+        return;
+    }
+    let pages = 16 * 256;
+    let image = pattern_image(pages);
+    let server = start_server(&image, "127.0.0.1:0");
+    let cfg = PagerConfig {
+        stream_deferred: true,
+        ..Default::default()
+    };
+    let remote = Pager::connect(server.addr(), cfg.clone()).expect("connect");
+    let local = Pager::local(&image.0, cfg).expect("local");
+    for mut p in [remote, local] {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(p.present_pages(), 0, "pages arrived before start_stream");
+        // a fault is served (window 1 at first: exactly one page)
+        touch_pages(base_of(&p), std::iter::once(pages / 2));
+        wait_present(&p, 1);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(p.present_pages(), 1, "the stream ran before start_stream");
+        p.start_stream().expect("start_stream");
+        p.start_stream().expect("start_stream is idempotent");
+        let r = wait_ok(&mut p, 60);
+        assert!(r.stream_pages > 0);
+        assert_eq!(r.duplicate_pages, 0);
+        verify_all(&p);
+        p.start_stream().expect("start_stream after completion");
+    }
+    let st = server.stats();
+    assert_eq!(st.pages_sent(), pages);
+    assert_eq!(st.fault_pages, 1);
+}
+
+/// The stream's start is remembered across reconnects: a reconnect before `start_stream`
+/// keeps the stream off; `start_stream` while the source is away takes effect on the next
+/// session.
+#[test]
+fn deferred_stream_survives_reconnects() {
+    if !uffd_or_skip("deferred_stream_survives_reconnects") {
+        return;
+    }
+    let pages = 16 * 256;
+    let image = pattern_image(pages);
+    let server = spawn_server(&image.0, "127.0.0.1:0");
+    let addr_s = server.addr.clone();
+    let cfg = PagerConfig {
+        stream_deferred: true,
+        reconnect_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let mut p = Pager::connect(&addr_s.parse().unwrap(), cfg).expect("connect");
+    let events = p.events().expect("events");
+    let expect = |what: &str| {
+        let e = events
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no {what} event"));
+        println!("event: {e:?}");
+        e
+    };
+    // 1. reconnect before start_stream: still no stream
+    drop(server);
+    assert!(matches!(
+        expect("SourceLost"),
+        PagerEvent::SourceLost { .. }
+    ));
+    let server = spawn_server(&image.0, &addr_s);
+    assert!(matches!(
+        expect("Reconnected"),
+        PagerEvent::Reconnected { count: 1 }
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        p.present_pages(),
+        0,
+        "the stream started without start_stream"
+    );
+    // 2. start_stream while the source is away: the next session streams
+    drop(server);
+    assert!(matches!(
+        expect("SourceLost"),
+        PagerEvent::SourceLost { .. }
+    ));
+    p.start_stream().expect("start_stream while reconnecting");
+    let _server = spawn_server(&image.0, &addr_s);
+    assert!(matches!(
+        expect("Reconnected"),
+        PagerEvent::Reconnected { count: 2 }
+    ));
+    let r = wait_ok(&mut p, 60);
+    assert_eq!(r.stream_pages, pages);
+    verify_all(&p);
+}

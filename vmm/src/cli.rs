@@ -55,6 +55,10 @@ struct IncomingArgs {
     /// paused, exit 3).
     #[arg(long, default_value_t = 10, requires = "incoming")]
     reconnect_timeout_s: u64,
+    /// With --incoming: leave the migrated VM paused (resume with `vmm ctl resume`); its memory
+    /// is still paged in.
+    #[arg(long, requires = "incoming")]
+    paused: bool,
     /// With --incoming: control socket (answers `status` while waiting).
     #[arg(long, requires = "incoming")]
     api_socket: Option<PathBuf>,
@@ -193,6 +197,10 @@ enum CtlCmd {
         /// `postcopy` (default).
         #[arg(long, default_value = "postcopy")]
         mode: String,
+        /// Report the checksum of guest RAM at the pause (`source_ram_checksum`), to compare
+        /// with `vmm ctl checksum` on a destination started with --paused.
+        #[arg(long)]
+        verify: bool,
     },
 }
 
@@ -328,6 +336,7 @@ fn incoming(addr: &str, a: IncomingArgs) -> Result<ExitCode> {
             ..PagerConfig::default()
         },
         timeout: a.wait_timeout_s.map(Duration::from_secs),
+        paused: a.paused,
     };
     let vm = incoming::receive(&cfg, &stop).context("receiving the VM")?;
     serve(vm)
@@ -345,9 +354,10 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
         CtlCmd::Shutdown => Request::Shutdown,
         CtlCmd::SerialInput { data } => Request::SerialInput { data },
         CtlCmd::Checksum => Request::Checksum,
-        CtlCmd::Migrate { to, mode } => Request::Migrate {
+        CtlCmd::Migrate { to, mode, verify } => Request::Migrate {
             to,
             mode: Some(mode),
+            verify,
         },
     };
     let migrate = matches!(req, Request::Migrate { .. });

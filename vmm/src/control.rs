@@ -58,6 +58,10 @@ pub enum Request {
         /// `postcopy` (the default and, for now, the only mode).
         #[serde(default)]
         mode: Option<String>,
+        /// Add the checksum of guest RAM as it was at the pause to the report (computed after
+        /// the destination has every page, so it costs no downtime).
+        #[serde(default)]
+        verify: bool,
     },
 }
 

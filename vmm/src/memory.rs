@@ -164,6 +164,28 @@ impl GuestRam {
         h
     }
 
+    /// Like [`GuestRam::checksum`], with the pages at guest-physical `skip` (page aligned)
+    /// read as zeros: for comparing RAM across hosts without the pages KVM itself rewrites
+    /// (kvmclock, steal time), see [`crate::state::kvm_owned_pages`].
+    pub fn checksum_except(&self, skip: &[u64]) -> u64 {
+        let ps = u64::from(PAGE_SIZE);
+        let mut h = guest::CHECKSUM_INIT;
+        for ((gpa, _), s) in self.ranges.iter().zip(self.slices()) {
+            for (i, page) in s.chunks_exact(ps as usize).enumerate() {
+                let at = gpa + i as u64 * ps;
+                let words = page
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+                h = if skip.contains(&at) {
+                    guest::checksum_words(words.map(|_| 0), h)
+                } else {
+                    guest::checksum_words(words, h)
+                };
+            }
+        }
+        h
+    }
+
     /// Writes all RAM to `path` (regions concatenated).
     pub fn save(&self, path: &Path) -> Result<(), MemoryError> {
         let err = |source| MemoryError::File {

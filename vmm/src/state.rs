@@ -184,6 +184,26 @@ pub struct Snapshot {
     pub devices: DevicesState,
 }
 
+/// KVM paravirtual MSRs whose value is a guest-physical address KVM writes to, enabled by bit 0:
+/// kvmclock (old and new), async page faults, steal time, PV EOI.
+const KVM_PV_AREA_MSRS: &[u32] = &[0x12, 0x4b56_4d01, 0x4b56_4d02, 0x4b56_4d03, 0x4b56_4d04];
+
+/// Guest pages KVM itself writes (kvmclock, steal time, ...), from the vCPUs' PV MSRs: their
+/// content legitimately differs between a source and a destination (KVM rewrites them when the
+/// state is applied), so RAM comparisons leave them out.
+pub fn kvm_owned_pages(s: &Snapshot) -> Vec<u64> {
+    let mut v: Vec<u64> = s
+        .vcpus
+        .iter()
+        .flat_map(|c| c.msrs.iter())
+        .filter(|(i, val)| KVM_PV_AREA_MSRS.contains(i) && val & 1 != 0)
+        .map(|(_, val)| val & !0xfff)
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 /// Encodes a snapshot into its envelope (one State frame).
 pub fn encode(s: &Snapshot) -> Result<Vec<u8>, StateError> {
     let mut blob = STATE_VERSION.to_le_bytes().to_vec();

@@ -82,13 +82,18 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     /// MSRs saved for this vCPU, in restore order.
     pub msr_list: Vec<u32>,
+    /// The CPUID this vCPU was given. Saved as is: KVM_GET_CPUID2 may not return what was set
+    /// (under PVM it reports the host's full feature set), and a migration destination checks
+    /// what the guest really saw.
+    pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
 }
 
 impl Vcpu {
     /// Initial state for a fresh boot (any vCPU): CPUID, FPU defaults, LAPIC
     /// LINT0 = ExtINT / LINT1 = NMI, a few MSRs firmware would set.
-    pub fn init_fresh(&self, cpuid: &CpuId) -> Result<(), StateError> {
+    pub fn init_fresh(&mut self, cpuid: &CpuId) -> Result<(), StateError> {
         self.fd.set_cpuid2(cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        self.cpuid = cpuid.as_slice().to_vec();
         let fpu = kvm_fpu {
             fcw: 0x37f,
             mxcsr: 0x1f80,
@@ -135,11 +140,7 @@ impl Persist for Vcpu {
         let vcpu_events = fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
         let debugregs = fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?;
         let tsc_khz = fd.get_tsc_khz().map_err(kvm("KVM_GET_TSC_KHZ"))?;
-        let cpuid = fd
-            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("KVM_GET_CPUID2"))?
-            .as_slice()
-            .to_vec();
+        let cpuid = self.cpuid.clone();
         let mut msrs = msrs_of(&self.msr_list.iter().map(|&i| (i, 0)).collect::<Vec<_>>())?;
         let n = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
         if n != self.msr_list.len() {
@@ -213,6 +214,7 @@ impl Persist for Vcpu {
             index,
             fd,
             msr_list: s.msrs.iter().map(|m| m.0).collect(),
+            cpuid: s.cpuid.clone(),
         })
     }
 }

@@ -173,6 +173,8 @@ pub struct Vm {
     dest: Option<migrate::Dest>,
     /// Serves guest RAM after a migration whose outcome is unknown.
     kept_server: Option<page_server::ServerHandle>,
+    /// Pages KVM owned when the migration paused the VM (left out of RAM comparisons).
+    kvm_pages_at_pause: Vec<u64>,
 }
 
 fn console_out(s: &SerialOut) -> Result<ConsoleOut, VmError> {
@@ -284,6 +286,7 @@ impl Vm {
                 index: i,
                 fd,
                 msr_list: Vec::new(),
+                cpuid: Vec::new(),
             };
             v.init_fresh(&cpuid)?;
             if i == 0 {
@@ -405,6 +408,7 @@ impl Vm {
             source: None,
             dest: None,
             kept_server: None,
+            kvm_pages_at_pause: Vec::new(),
         })
     }
 
@@ -421,6 +425,15 @@ impl Vm {
     /// How the VM came up.
     pub fn times(&self) -> &StartTimes {
         &self.times
+    }
+
+    /// Starts the pager's background stream (a VM whose pager was connected with the stream
+    /// deferred).
+    pub fn start_stream(&self) -> Result<(), pager::PagerError> {
+        match &self.pager {
+            Some(p) => p.start_stream(),
+            None => Ok(()),
+        }
     }
 
     /// Runs every vCPU.
@@ -512,6 +525,26 @@ impl Vm {
         })))
     }
 
+    /// RAM checksums: of all of it, and without the pages KVM rewrites (when paused).
+    fn checksums(&mut self) -> Result<Reply, VmError> {
+        let mut r = json!({
+            "ram_checksum": format!("{:016x}", self.ram.checksum()),
+            "paused": self.paused,
+        });
+        if self.paused {
+            let snap = self.save()?;
+            let skip = state::kvm_owned_pages(&snap);
+            r["ram_checksum_except_kvm"] =
+                format!("{:016x}", self.ram.checksum_except(&skip)).into();
+            r["kvm_pages"] = skip
+                .iter()
+                .map(|p| format!("{p:#x}"))
+                .collect::<Vec<_>>()
+                .into();
+        }
+        Ok(Reply::ok(r))
+    }
+
     fn status(&self) -> Reply {
         let (present, total) = match &self.pager {
             Some(p) => (p.present_pages(), p.total_pages()),
@@ -570,10 +603,7 @@ impl Vm {
                 "internal",
                 "migrate is handled by the controller loop",
             )),
-            Request::Checksum => Ok(Reply::ok(json!({
-                "ram_checksum": format!("{:016x}", self.ram.checksum()),
-                "paused": self.paused,
-            }))),
+            Request::Checksum => self.checksums(),
         };
         match r {
             Ok(reply) => (reply, None),
@@ -607,8 +637,8 @@ impl Vm {
                 },
             };
             match ev {
-                Event::Control((Request::Migrate { to, mode }, reply)) => {
-                    self.start_migration(to, mode, reply);
+                Event::Control((Request::Migrate { to, mode, verify }, reply)) => {
+                    self.start_migration(to, mode, verify, reply);
                 }
                 Event::Migration(m) => {
                     if let Some(exit) = self.on_migration(m) {

@@ -44,6 +44,8 @@ pub struct IncomingConfig {
     pub pager: PagerConfig,
     /// Give up when no migration arrived within this time.
     pub timeout: Option<Duration>,
+    /// Leave the migrated VM paused.
+    pub paused: bool,
 }
 
 enum Listener {
@@ -260,6 +262,7 @@ fn check_offer(o: &Offer, cfg: &IncomingConfig, kvm: &kvm_ioctls::Kvm) -> Result
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
     let missing = super::missing_cpu_features(&o.cpuid, host.as_slice());
+
     if !missing.is_empty() {
         return Err(format!(
             "the guest uses CPU features this host lacks: {}",
@@ -310,8 +313,14 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
             format!("page-server address {:?}: {e}", offer.page_server),
         )
     })?;
-    let mut prepared =
-        Prepared::new(&offer.config, None).map_err(|e| refuse(link, error_chain(&e)))?;
+    // The pager connects now, so none of it is left for the downtime; its stream waits until
+    // the source has paused (pages read before would be stale).
+    let pcfg = PagerConfig {
+        stream_deferred: true,
+        ..cfg.pager.clone()
+    };
+    let prepared = Prepared::new(&offer.config, Some((&pages, &pcfg, ServedAs::Ranges)))
+        .map_err(|e| refuse(link, error_chain(&e)))?;
     let tsc = prepared
         .tsc_khz()
         .map_err(|e| refuse(link, error_chain(&e)))?;
@@ -363,9 +372,6 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
     };
     let snap = state::decode(&envelope, "the migrated state")
         .map_err(|e| fail(link, MigrationError::Vm(Box::new(e.into()))))?;
-    prepared
-        .connect_pager(&pages, &cfg.pager, ServedAs::Ranges)
-        .map_err(|e| fail(link, e.into()))?;
     let mut vm = Vm::finish(
         prepared,
         &snap,
@@ -378,8 +384,13 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
         },
     )
     .map_err(|e| fail(link, e.into()))?;
-    vm.resume();
+    if !cfg.paused {
+        vm.resume();
+    }
     let running_at = mono_ns();
+    if let Err(e) = vm.start_stream() {
+        log::warn!("starting the background stream: {}", error_chain(&e));
+    }
     let apply_ms = t_state.elapsed().as_secs_f64() * 1e3;
     // The VM runs here from now on, whatever happens to the link.
     if let Err(e) = link.send(&Wire::Resumed {

@@ -302,7 +302,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock) -> Result<Value, Outcome> {
     };
     let done_src = mono_ns();
     let total_ms = (done_src - sw.paused_at) as f64 / 1e6;
-    let served = Value::Null;
+    let served = server.stats();
     drop(server);
     let dest: Value = serde_json::from_str(&report).unwrap_or(Value::Null);
     let mut out = json!({
@@ -320,6 +320,8 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock) -> Result<Value, Outcome> {
         "rtt_us": rtt_ns as f64 / 1e3,
         "clock_offset_us": offset_ns as f64 / 1e3,
         "source": served,
+        "bytes_sent": served.data_bytes,
+        "pages_sent": served.pages_sent(),
     });
     if let (Value::Object(o), Value::Object(d)) = (&mut out, dest) {
         for (k, v) in d {

@@ -18,6 +18,8 @@ pub(super) struct Source {
     pub(super) reply: std::sync::mpsc::Sender<Reply>,
     /// The migration paused the VM (and resumes it if the destination never ran it).
     pub(super) paused_it: bool,
+    /// Add the checksum of RAM at the pause to the report.
+    pub(super) verify: bool,
 }
 
 /// This VM arrived by migration and still depends on its source.
@@ -32,6 +34,7 @@ impl Vm {
         &mut self,
         to: String,
         mode: Option<String>,
+        verify: bool,
         reply: std::sync::mpsc::Sender<Reply>,
     ) {
         let refuse = |kind: &str, msg: String| {
@@ -91,6 +94,7 @@ impl Vm {
                     run,
                     reply,
                     paused_it: false,
+                    verify,
                 });
             }
             Err(e) => refuse("migration", error_chain(&e)),
@@ -106,6 +110,7 @@ impl Vm {
             s.paused_it = !was_paused;
         }
         let envelope = state::encode(&snap).map_err(|e| error_chain(&e))?;
+        self.kvm_pages_at_pause = state::kvm_owned_pages(&snap);
         Ok(Switch {
             envelope,
             paused_at,
@@ -153,9 +158,17 @@ impl Vm {
                 }
                 None
             }
-            MigEvent::Done(report) => {
+            MigEvent::Done(mut report) => {
                 if let Some(mut s) = self.source.take() {
                     s.run.join();
+                    if s.verify {
+                        // RAM has not changed since the pause.
+                        report["source_ram_checksum"] =
+                            format!("{:016x}", self.ram.checksum()).into();
+                        let skip = &self.kvm_pages_at_pause;
+                        report["source_ram_checksum_except_kvm"] =
+                            format!("{:016x}", self.ram.checksum_except(skip)).into();
+                    }
                     log::info!("migration complete: {report}");
                     let _ = s.reply.send(Reply::ok(report));
                 }

@@ -114,22 +114,6 @@ impl Prepared {
         })
     }
 
-    /// Connects the pager now (when it was not connected by [`Prepared::new`]).
-    pub fn connect_pager(
-        &mut self,
-        addr: &page_server::Addr,
-        cfg: &PagerConfig,
-        served: ServedAs,
-    ) -> Result<(), VmError> {
-        self.pager = Some(connect_pager(&self.sh.ram, addr, cfg, served)?);
-        Ok(())
-    }
-
-    /// The pager, once connected.
-    pub fn pager(&self) -> Option<&Pager> {
-        self.pager.as_ref()
-    }
-
     /// /dev/kvm.
     pub fn kvm(&self) -> &kvm_ioctls::Kvm {
         &self.sh.kvm
