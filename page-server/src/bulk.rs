@@ -18,7 +18,7 @@ pub(crate) fn run(core: Arc<Core>, mut sock: Sock, peer: String, session: Arc<Se
         crate::sched::allow_all_cpus();
     }
     crate::sched::set_nice(10);
-    sock.set_buffers(4 << 20);
+    sock.set_buffers(core.config.bulk_buffer_bytes);
     let _ = sock.set_write_timeout(Some(Duration::from_secs(60)));
     let map = &core.map;
     let chunk = core.config.stream_chunk_pages;

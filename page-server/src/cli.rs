@@ -66,6 +66,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let config = ServerConfig {
         stream_chunk_pages: args.stream_chunk_pages.clamp(1, proto::MAX_PAGES_PER_FRAME),
         urgent_cpu: args.urgent_cpu,
+        ..ServerConfig::default()
     };
     let handle = serve(Arc::new(image), &addr, config)?;
     info!(

@@ -30,11 +30,19 @@ pub use memory::{is_zero_page, FileImage, ImageError, MemoryProvider, RawRegions
 pub use sock::{Addr, Sock};
 pub use stats::ServerStats;
 
+/// Default socket buffer of a bulk connection, on both sides: enough for ~10 Gbit/s at 1 ms
+/// round trip, small enough that a fault on a page queued behind it waits ~1 ms, not ~10.
+pub const DEFAULT_BULK_BUFFER_BYTES: usize = 2 << 20;
+
 /// Server tunables.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Pages a bulk thread claims and sends per round (one or a few frames).
     pub stream_chunk_pages: u32,
+    /// Socket buffer size of each bulk connection (SO_SNDBUF / SO_RCVBUF). Pages queued here
+    /// are already counted as sent: a fault on one waits until the stream delivers it, so this
+    /// bounds that wait (and should still cover the link's bandwidth-delay product).
+    pub bulk_buffer_bytes: usize,
     /// Pin the event loop (control + urgent traffic) to this CPU and keep bulk threads off it.
     pub urgent_cpu: Option<usize>,
 }
@@ -44,6 +52,7 @@ impl Default for ServerConfig {
         ServerConfig {
             stream_chunk_pages: 256,
             urgent_cpu: None,
+            bulk_buffer_bytes: DEFAULT_BULK_BUFFER_BYTES,
         }
     }
 }

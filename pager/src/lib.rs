@@ -70,6 +70,10 @@ pub struct PagerConfig {
     pub fault_cpu: Option<usize>,
     /// Page size in bytes.
     pub page_size: u32,
+    /// Socket buffer size of each bulk connection (see
+    /// [`page_server::DEFAULT_BULK_BUFFER_BYTES`]): bounds how long a fault on a page already
+    /// streamed, still queued, waits.
+    pub bulk_buffer_bytes: usize,
 }
 
 impl Default for PagerConfig {
@@ -85,6 +89,7 @@ impl Default for PagerConfig {
             reply_spin: Duration::ZERO,
             fault_cpu: None,
             page_size: 4096,
+            bulk_buffer_bytes: page_server::DEFAULT_BULK_BUFFER_BYTES,
         }
     }
 }

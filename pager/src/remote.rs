@@ -165,7 +165,7 @@ fn connect_session(
     };
     for _ in 0..n {
         let (b, _, _) = open_channel(addr, config, Channel::Bulk, id, &layout)?;
-        b.set_buffers(4 << 20);
+        b.set_buffers(config.bulk_buffer_bytes);
         bulks.push(b);
     }
     debug!("session {id} with {addr}: control, urgent, {n} bulk connections");

@@ -1,0 +1,251 @@
+//! Our side of `vm-migrate`: a destination `vmm --incoming tcp:...`, a source `vmm run` of the
+//! embedded guest, and `vmm ctl migrate --to ... --json` between them, all with the guest's
+//! serial on the processes' stdout (followed line by line with host instants) and every process
+//! killed on every exit path. The control socket is spoken directly (one JSON line out, reply
+//! lines in), so this module does not depend on the vmm crate's request types.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::hb::{self, Follow, Proc};
+
+/// How to run our vmm.
+#[derive(Debug, Clone)]
+pub struct OursConfig {
+    /// The vmm binary.
+    pub vmm: PathBuf,
+    /// Sockets, logs.
+    pub dir: PathBuf,
+    /// Guest memory.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest page writes per second.
+    pub rate: u64,
+    /// Seconds the guest runs after READY before the migration starts.
+    pub run_s: f64,
+    /// Time allowed for the migration.
+    pub timeout: Duration,
+}
+
+/// What one migration with our vmm gave.
+#[derive(Debug, Clone, Default)]
+pub struct OursRun {
+    /// Host instants: `vmm ctl migrate` spawned, its JSON reply line arrived.
+    pub start: Option<Instant>,
+    /// Completion.
+    pub end: Option<Instant>,
+    /// The reply of `vmm ctl migrate --json`.
+    pub report: Value,
+    /// Source serial.
+    pub src_serial: Option<Follow>,
+    /// Destination serial.
+    pub dst_serial: Option<Follow>,
+    /// `GUEST boot` line of the source.
+    pub boot_line: String,
+    /// The source vmm's exit status after the migration (expected: 0).
+    pub source_exit: Option<i32>,
+    /// The `CK` line the destination printed after `q`.
+    pub checksum_line: Option<String>,
+}
+
+/// Sends one request to a vmm control socket and returns the final (non-progress) reply.
+pub fn ctl(sock: &Path, req: &Value, timeout: Duration) -> Result<Value> {
+    let mut s = UnixStream::connect(sock)
+        .with_context(|| format!("connecting to the control socket {}", sock.display()))?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut r = BufReader::new(s);
+    loop {
+        let mut reply = String::new();
+        if r.read_line(&mut reply).context("reading the reply")? == 0 {
+            bail!(
+                "{}: connection closed without a reply to {req}",
+                sock.display()
+            );
+        }
+        let v: Value = serde_json::from_str(&reply)
+            .with_context(|| format!("{}: bad reply {:?}", sock.display(), reply.trim()))?;
+        if v.get("progress").is_some() {
+            continue;
+        }
+        if v["ok"] != Value::Bool(true) {
+            bail!("{}: {req} failed: {v}", sock.display());
+        }
+        return Ok(v);
+    }
+}
+
+/// A vmm with its serial (stdout) followed and its stderr in a log file.
+struct Vmm {
+    proc: Proc,
+    serial: Follow,
+    sock: PathBuf,
+    log: PathBuf,
+}
+
+impl Vmm {
+    fn start(c: &OursConfig, tag: &str, args: &[String]) -> Result<Vmm> {
+        let sock = c.dir.join(format!("ours-{tag}.sock"));
+        let log = c.dir.join(format!("ours-{tag}.log"));
+        let _ = std::fs::remove_file(&sock);
+        let stderr =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = Command::new(&c.vmm);
+        cmd.args(args)
+            .args(["--serial", "stdout", "--api-socket"])
+            .arg(&sock)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        let mut proc = Proc::spawn(&mut cmd, &format!("vmm {tag}"))?;
+        let out = proc.child().stdout.take().context("vmm stdout")?;
+        let serial = Follow::start(out, tag)?;
+        if let Err(e) = hb::wait_path(&sock, Duration::from_secs(30), &mut proc) {
+            bail!("{e:#}; its stderr: {:?}", hb::log_tail(&log, 3));
+        }
+        Ok(Vmm {
+            proc,
+            serial,
+            sock,
+            log,
+        })
+    }
+
+    fn fail_context(&mut self) -> String {
+        let status = self.proc.exited();
+        format!(
+            "{}: exit {status:?}; serial: {}; log: {}",
+            self.proc.name,
+            self.serial.tail(2),
+            hb::log_tail(&self.log, 3)
+        )
+    }
+}
+
+/// Boots our guest in `vmm run`, migrates it with `vmm ctl migrate` to a `vmm --incoming` over
+/// loopback TCP, and asks the destination guest for its checksum.
+pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
+    let port = hb::free_port()?;
+    let to = format!("tcp:127.0.0.1:{port}");
+    progress("starting the destination (vmm --incoming)...");
+    let mut dst = Vmm::start(c, "dst", &["--incoming".into(), to.clone()])
+        .context("starting the destination vmm")?;
+    progress("booting the source...");
+    let mut src = Vmm::start(
+        c,
+        "src",
+        &[
+            "run".into(),
+            "--mem".into(),
+            format!("{}M", c.mem_mib),
+            "--vcpus".into(),
+            c.vcpus.to_string(),
+            "--cmdline".into(),
+            format!("rate={} hot=100", c.rate),
+        ],
+    )
+    .context("starting the source vmm")?;
+    let fill = Duration::from_secs(60 + 60 * c.mem_mib.div_ceil(1024));
+    let boot_line = src
+        .serial
+        .wait("GUEST boot", Duration::from_secs(60), |l| {
+            l.starts_with("GUEST boot")
+        })
+        .and_then(|(_, b)| {
+            src.serial
+                .wait("READY", fill, |l| l.starts_with("READY"))
+                .map(|_| b)
+        })
+        .with_context(|| src.fail_context())?;
+    progress(&format!("guest running; migrating in {:.1} s", c.run_s));
+    std::thread::sleep(Duration::from_secs_f64(c.run_s));
+    progress(&format!("vmm ctl migrate --to {to}"));
+    let ctl_log = c.dir.join("ours-ctl.log");
+    let mut cmd = Command::new(&c.vmm);
+    cmd.arg("ctl")
+        .arg("--api-socket")
+        .arg(&src.sock)
+        .args(["--json", "migrate", "--to", &to])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&ctl_log)?);
+    let start = Instant::now();
+    let mut ctl_proc = Proc::spawn(&mut cmd, "vmm ctl migrate")?;
+    let out = Follow::start(ctl_proc.child().stdout.take().context("ctl stdout")?, "ctl")?;
+    let reply = out.wait("the JSON reply of vmm ctl migrate", c.timeout, |l| {
+        l.trim_start().starts_with('{')
+    });
+    let (end, line) = match reply {
+        Ok(x) => x,
+        Err(e) => {
+            let status = ctl_proc.wait_exit(Duration::from_millis(100));
+            return Err(e.context(format!(
+                "vmm ctl migrate: exit {status:?}; its stderr: {}; source: {}; destination: {}",
+                hb::log_tail(&ctl_log, 5),
+                src.fail_context(),
+                dst.fail_context()
+            )));
+        }
+    };
+    let report: Value = serde_json::from_str(&line)
+        .with_context(|| format!("vmm ctl migrate printed {line:?}, not JSON"))?;
+    let status = ctl_proc.wait_exit(Duration::from_secs(5));
+    if report["ok"] != Value::Bool(true) {
+        bail!(
+            "migration failed (ctl exit {status:?}): {}; source: {}; destination: {}",
+            report["error"],
+            src.fail_context(),
+            dst.fail_context()
+        );
+    }
+    let source_exit = src
+        .proc
+        .wait_exit(Duration::from_secs(10))
+        .map(|s| s.code().unwrap_or(-1));
+    if source_exit != Some(0) {
+        progress(&format!(
+            "note: the source vmm exit status after migration is {source_exit:?} (expected 0)"
+        ));
+    }
+    // A few heartbeats after completion, then the guest's own checksum.
+    std::thread::sleep(Duration::from_millis(300));
+    let checksum_line = ctl(
+        &dst.sock,
+        &json!({"cmd": "serial_input", "data": "q"}),
+        Duration::from_secs(10),
+    )
+    .and_then(|_| {
+        dst.serial
+            .wait("CK line", Duration::from_secs(30), |l| l.starts_with("CK "))
+    })
+    .map(|(_, l)| l)
+    .map_err(|e| progress(&format!("note: no checksum from the destination: {e:#}")))
+    .ok();
+    let run = OursRun {
+        start: Some(start),
+        end: Some(end),
+        report,
+        src_serial: Some(src.serial.clone()),
+        dst_serial: Some(dst.serial.clone()),
+        boot_line,
+        source_exit,
+        checksum_line,
+    };
+    let _ = ctl(
+        &dst.sock,
+        &json!({"cmd": "shutdown"}),
+        Duration::from_secs(10),
+    );
+    dst.proc.wait_exit(Duration::from_secs(5));
+    Ok(run)
+}
