@@ -388,14 +388,16 @@ mod tests {
             "src",
         )
         .unwrap();
+        let long = Duration::from_secs(5);
+        // the destination's lines arrive after the source's (as in a migration)
+        src.wait("seq 1", long, |l| l.starts_with("HB seq=1"))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
         let dst = Follow::start(
             std::io::Cursor::new(b"imd=ok\nHB seq=3 t_us=30 simd=ok\n".to_vec()),
             "dst",
         )
         .unwrap();
-        let long = Duration::from_secs(5);
-        src.wait("seq 1", long, |l| l.starts_with("HB seq=1"))
-            .unwrap();
         dst.wait("seq 3", long, |l| l.starts_with("HB seq=3"))
             .unwrap();
         let seqs: Vec<u64> = merged(&src, &dst).iter().map(|(_, h)| h.seq).collect();
