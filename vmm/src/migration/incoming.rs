@@ -317,6 +317,7 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
     // the source has paused (pages read before would be stale).
     let pcfg = PagerConfig {
         stream_deferred: true,
+        bulk_buffer_bytes: super::bulk_buffer_for(super::tcp_rtt(link.sock())),
         ..cfg.pager.clone()
     };
     let prepared = Prepared::new(&offer.config, Some((&pages, &pcfg, ServedAs::Ranges)))

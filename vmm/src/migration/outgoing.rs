@@ -182,7 +182,10 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock) -> Result<Value, Outcome> {
     let server = page_server::serve(
         Arc::new(mem),
         &page_server_addr(link.sock()),
-        ServerConfig::default(),
+        ServerConfig {
+            bulk_buffer_bytes: super::bulk_buffer_for(super::tcp_rtt(link.sock())),
+            ..ServerConfig::default()
+        },
     )
     .map_err(|e| MigrationError::Other(format!("page-server: {}", crate::vm::error_chain(&e))))?;
     let mut offer = ctx.offer;
