@@ -311,6 +311,7 @@ pub fn migrate(c: &QemuConfig, progress: &dyn Fn(&str)) -> Result<QemuRun> {
     let port = hb::free_port()?;
     let uri = format!("tcp:127.0.0.1:{port}");
     dst.qmp.cmd("migrate-incoming", json!({ "uri": uri }))?;
+    crate::warm_host_memory((c.mem_mib + 512) << 20);
     progress(&format!(
         "guest running ({accel}); migrating in {:.1} s",
         c.run_s

@@ -112,6 +112,25 @@ impl Histogram {
         out
     }
 
+    /// Counts per power-of-two microsecond bucket, `(upper bound in µs, count)`, empty buckets
+    /// left out (values are recorded in nanoseconds): a compact histogram for reports.
+    pub fn log2_us(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (i, b) in self.buckets.iter().enumerate() {
+            let c = b.load(Relaxed);
+            if c == 0 {
+                continue;
+            }
+            // every value in bucket i is below lower_bound(i + 1)
+            let upper_us = lower_bound(i + 1).div_ceil(1000).max(1).next_power_of_two();
+            match out.last_mut() {
+                Some((u, n)) if *u == upper_us => *n += c,
+                _ => out.push((upper_us, c)),
+            }
+        }
+        out
+    }
+
     /// Summary in microseconds (values are recorded in nanoseconds).
     pub fn summary_us(&self) -> LatencySummary {
         let us = |ns: u64| ns as f64 / 1000.0;
@@ -194,6 +213,8 @@ pub struct Report {
     pub time_to_complete_ms: Option<f64>,
     /// Per-fault latency.
     pub fault_latency: LatencySummary,
+    /// Per-fault latency histogram: `(upper bound in µs, faults)` per power-of-two bucket.
+    pub fault_latency_log2_us: Vec<(u64, u64)>,
     /// Total time faulting threads were blocked (ms).
     pub blocked_ms: f64,
     /// Fault events handled.
@@ -236,6 +257,7 @@ impl Stats {
             present_pages,
             time_to_complete_ms: complete.map(|d| d.as_secs_f64() * 1e3),
             fault_latency: self.fault_latency.summary_us(),
+            fault_latency_log2_us: self.fault_latency.log2_us(),
             blocked_ms: l(&self.blocked_ns) as f64 / 1e6,
             fault_events: l(&self.fault_events),
             requests: l(&self.requests),

@@ -287,6 +287,23 @@ fn failed_migrations_leave_the_source_running() {
 }
 
 #[test]
+fn migrate_over_a_unix_socket() {
+    if !gates("migrate_over_a_unix_socket") {
+        return;
+    }
+    let mut src = boot_guest(1, "64M");
+    let path = crate::common::temp_path("incoming.sock");
+    let listen = path.to_str().unwrap().to_owned();
+    let dest = VmmProc::start(&["--incoming", &listen]);
+    assert_eq!(dest.ctl(&["status"])["state"], "incoming");
+    check_report(&migrate(&src, &listen, &[]), 64 << 20);
+    source_exits(&mut src);
+    check_continues(&dest, &last_heartbeat(&src), 1);
+    dest.ctl(&["shutdown"]);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
 fn migrate_between_two_network_namespaces() {
     if !gates("migrate_between_two_network_namespaces") {
         return;
@@ -303,6 +320,10 @@ fn migrate_between_two_network_namespaces() {
         }
     };
     let mut src = boot_guest_in(Some(&hosts.a), 2, "256M");
+    // nobody listening on the other host yet: refused, the VM runs on
+    let r = migrate(&src, &format!("{}:7700", hosts.ip_b), &[]);
+    assert_eq!(r["ok"], Value::Bool(false), "{r}");
+    still_running(&src);
     let (dest, addr) = start_dest(Some(&hosts.b), &hosts.ip_b, &[]);
     let r = migrate(&src, &addr, &[]);
     check_report(&r, 256 << 20);

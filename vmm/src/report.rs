@@ -119,6 +119,21 @@ pub fn print_migration(m: &Map<String, Value>) {
             ),
         ),
     ];
+    let mut rows = rows;
+    if let Some(h) = m.get("fault_latency_log2_us").and_then(Value::as_array) {
+        let cells: Vec<String> = h
+            .iter()
+            .filter_map(|b| {
+                let b = b.as_array()?;
+                Some(format!(
+                    "<={}us:{}",
+                    b.first()?.as_u64()?,
+                    b.get(1)?.as_u64()?
+                ))
+            })
+            .collect();
+        rows.insert(13, ("fault latency histogram", cells.join(" ")));
+    }
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rows {
         println!("  {k:<w$}  {v}");

@@ -126,9 +126,22 @@ fn run(ctx: Context, addr: Addr, sock: Sock) {
     let send = |e: MigEvent| {
         let _ = events.send(Event::Migration(e));
     };
-    match migrate(ctx, addr, sock) {
-        Ok(report) => send(MigEvent::Done(report)),
-        Err(Outcome::NotRun(e)) => send(MigEvent::Failed(crate::vm::error_chain(&e))),
+    let pages = page_server_addr(&sock);
+    let remove_socket = || {
+        if let Addr::Unix(p) = &pages {
+            let _ = std::fs::remove_file(p);
+        }
+    };
+    match migrate(ctx, addr, sock, &pages) {
+        Ok(report) => {
+            remove_socket();
+            send(MigEvent::Done(report))
+        }
+        Err(Outcome::NotRun(e)) => {
+            remove_socket();
+            send(MigEvent::Failed(crate::vm::error_chain(&e)))
+        }
+        // the page-server goes on serving (a destination that runs the VM needs its pages)
         Err(Outcome::Unknown(e, server)) => {
             send(MigEvent::Stuck(crate::vm::error_chain(&e), server))
         }
@@ -164,7 +177,7 @@ fn page_server_addr(sock: &Sock) -> Addr {
     }
 }
 
-fn migrate(ctx: Context, addr: Addr, sock: Sock) -> Result<Value, Outcome> {
+fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, Outcome> {
     let t_start = Instant::now();
     let mut link = Link::new(sock, addr.to_string());
     let hosts = ctx
@@ -181,7 +194,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock) -> Result<Value, Outcome> {
     let mem = unsafe { RawRegions::new(hosts, ctx.layout.clone(), PAGE_SIZE) };
     let server = page_server::serve(
         Arc::new(mem),
-        &page_server_addr(link.sock()),
+        pages,
         ServerConfig {
             bulk_buffer_bytes: super::bulk_buffer_for(super::tcp_rtt(link.sock())),
             ..ServerConfig::default()
