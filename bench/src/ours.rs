@@ -167,9 +167,8 @@ pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
                 .map(|_| b)
         })
         .with_context(|| src.fail_context())?;
-    crate::warm_host_memory((c.mem_mib + 512) << 20);
     progress(&format!("guest running; migrating in {:.1} s", c.run_s));
-    std::thread::sleep(Duration::from_secs_f64(c.run_s));
+    crate::settle_then_warm(c.run_s, (c.mem_mib + 512) << 20);
     progress(&format!("vmm ctl migrate --to {to}"));
     let ctl_log = c.dir.join("ours-ctl.log");
     let mut cmd = Command::new(&c.vmm);

@@ -311,12 +311,11 @@ pub fn migrate(c: &QemuConfig, progress: &dyn Fn(&str)) -> Result<QemuRun> {
     let port = hb::free_port()?;
     let uri = format!("tcp:127.0.0.1:{port}");
     dst.qmp.cmd("migrate-incoming", json!({ "uri": uri }))?;
-    crate::warm_host_memory((c.mem_mib + 512) << 20);
     progress(&format!(
         "guest running ({accel}); migrating in {:.1} s",
         c.run_s
     ));
-    std::thread::sleep(Duration::from_secs_f64(c.run_s));
+    crate::settle_then_warm(c.run_s, (c.mem_mib + 512) << 20);
     progress(&format!("migrate to {uri} + migrate-start-postcopy"));
     let start = Instant::now();
     src.qmp.cmd("migrate", json!({ "uri": uri }))?;
