@@ -379,6 +379,22 @@ fn boot_and_snapshot(vcpus: u32) -> Snapped {
     }
 }
 
+/// After a restore or a migration: every vCPU gets timer ticks again (and none went back from
+/// `before`), SSE/AVX state is intact in every heartbeat, and the guest took no exception.
+pub fn check_vcpus_run_on(p: &VmmProc, hbs: &[Heartbeat], before: &Heartbeat, vcpus: usize) {
+    let (first, last) = (&hbs[0], &hbs[hbs.len() - 1]);
+    for c in 0..vcpus {
+        assert!(first.ticks[c] >= before.ticks[c], "cpu{c} ticks went back");
+        assert!(
+            last.ticks[c] > first.ticks[c],
+            "cpu{c}: no timer ticks since"
+        );
+    }
+    assert!(hbs.iter().all(|h| h.simd_ok), "SSE/AVX state lost: {hbs:?}");
+    let text = p.serial_text();
+    assert!(!text.contains("EXC "), "guest exception: {text}");
+}
+
 /// The checks of a restored guest: continues exactly where it was.
 fn check_restored(p: &VmmProc, s: &Snapped) {
     let hbs = p.heartbeats_after(Some(s.last.seq), 10);
@@ -394,17 +410,8 @@ fn check_restored(p: &VmmProc, s: &Snapped) {
         "guest time did not continue: before {:?}, after {first:?}",
         s.last
     );
-    let last = &hbs[hbs.len() - 1];
-    for c in 0..s.vcpus as usize {
-        assert!(first.ticks[c] >= s.last.ticks[c], "cpu{c} ticks went back");
-        assert!(
-            last.ticks[c] > first.ticks[c],
-            "cpu{c}: no timer interrupts after restore"
-        );
-    }
-    assert!(hbs.iter().all(|h| h.simd_ok), "SSE/AVX state lost: {hbs:?}");
+    check_vcpus_run_on(p, &hbs, &s.last, s.vcpus as usize);
     let text = p.serial_text();
-    assert!(!text.contains("EXC "), "guest exception: {text}");
     // Serial in and out; the guest's checksum of its memory is the one before the snapshot.
     let since = text.len();
     p.ctl(&["serial-input", "c"]);
