@@ -209,7 +209,14 @@ impl Vm {
             .as_ref()
             .map_or((0, 0), |p| (p.present_pages(), p.total_pages()));
         if let Err(e) = d.link.send(&Wire::Progress { present, total }) {
-            log::warn!("progress to the source: {}", error_chain(&e));
+            // The pages come on the pager's own connections (which reconnect or give up on
+            // their own); the migration link only carried reports: stop sending them.
+            log::warn!(
+                "migration link to the source lost ({}); no more progress reports",
+                error_chain(&e)
+            );
+            self.dest = None;
+            return None;
         }
         Some(PROGRESS_EVERY)
     }
