@@ -610,3 +610,29 @@ fn missing_kernel_and_bad_flags_are_clear_errors() {
         assert!(e.contains("cannot load"), "{e}");
     }
 }
+
+#[test]
+fn dirty_rate_follows_the_guest_writes() {
+    if !kvm_or_skip("dirty_rate_follows_the_guest_writes") {
+        return;
+    }
+    // the workload writes 2000 random pages/s over half of its memory (~61 000 pages): in
+    // 500 ms ~1000 distinct pages, plus a few the kernel writes
+    let p = boot_guest(2, "256M");
+    let r = p.ctl(&["dirty-rate", "--ms", "500"]);
+    assert_eq!(r["backend"], "kvm");
+    assert_eq!(r["total_pages"], 65536);
+    let rate = r["pages_per_s"].as_f64().unwrap();
+    assert!((1500.0..3000.0).contains(&rate), "{r}");
+    // writes stopped: only the guest kernel's own few pages (stacks, heartbeat, kvmclock)
+    let since = p.serial_text().len();
+    p.ctl(&["serial-input", "q"]);
+    checksum_line(&p, since);
+    let r = p.ctl(&["dirty-rate", "--ms", "500"]);
+    let quiet = r["dirty_pages"].as_u64().unwrap();
+    assert!(quiet < 100, "{r}");
+    // dirty logging is off again and the guest runs on
+    let last = heartbeats(&p.serial_text()).pop().unwrap();
+    p.heartbeats_after(Some(last.seq), 5);
+    p.ctl(&["shutdown"]);
+}

@@ -186,6 +186,13 @@ enum CtlCmd {
     },
     /// Checksum of guest RAM (pause first for a stable value).
     Checksum,
+    /// How fast the guest writes its memory: KVM dirty logging on for --ms milliseconds;
+    /// reports the pages written (each counted once) and the rate.
+    DirtyRate {
+        /// Measuring time in milliseconds (10 to 10000).
+        #[arg(long, default_value_t = 1000)]
+        ms: u64,
+    },
     /// Live-migrate the VM to a `vmm --incoming` on another host: the VM pauses only while
     /// its non-memory state crosses, resumes there at once, and its memory follows (faults
     /// first, the rest streamed). Progress goes to stderr, the report to stdout; the source
@@ -354,6 +361,7 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
         CtlCmd::Shutdown => Request::Shutdown,
         CtlCmd::SerialInput { data } => Request::SerialInput { data },
         CtlCmd::Checksum => Request::Checksum,
+        CtlCmd::DirtyRate { ms } => Request::DirtyRate { ms },
         CtlCmd::Migrate { to, mode, verify } => Request::Migrate {
             to,
             mode: Some(mode),

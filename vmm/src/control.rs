@@ -4,7 +4,7 @@
 //! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
 //! `{"cmd":"snapshot","state":PATH,"memory":PATH}`, `{"cmd":"shutdown"}`,
 //! `{"cmd":"serial_input","data":TEXT}`, `{"cmd":"checksum"}`,
-//! `{"cmd":"migrate","to":ADDR}`.
+//! `{"cmd":"migrate","to":ADDR}`, `{"cmd":"dirty_rate","ms":N}`.
 //! Replies: `{"ok":true,...}` or `{"ok":false,"error":{"kind":K,"message":M}}`. A long request
 //! (`migrate`) first sends any number of progress lines, `{"ok":true,"progress":true,...}`, then
 //! its final reply.
@@ -50,6 +50,13 @@ pub enum Request {
     },
     /// Checksum of guest RAM (meaningful while paused).
     Checksum,
+    /// Measure how fast the guest dirties its memory: dirty logging on for `ms` milliseconds
+    /// (10 to 10 000; the controller answers nothing else meanwhile).
+    DirtyRate {
+        /// How long to measure.
+        #[serde(default = "default_dirty_rate_ms")]
+        ms: u64,
+    },
     /// Live-migrate the VM to a `vmm --incoming` at `to`; replies with progress lines, then
     /// the report. On success the source VMM exits 0 after its final reply.
     Migrate {
@@ -63,6 +70,10 @@ pub enum Request {
         #[serde(default)]
         verify: bool,
     },
+}
+
+fn default_dirty_rate_ms() -> u64 {
+    1000
 }
 
 /// A structured error reply.

@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
+pub mod dirty;
 pub mod linux;
 pub mod memory;
 pub mod migration;

@@ -525,6 +525,30 @@ impl Vm {
         })))
     }
 
+    /// Pages the guest writes in `ms` milliseconds (KVM dirty log), and the rate.
+    fn dirty_rate(&mut self, ms: u64) -> Result<Reply, VmError> {
+        let ms = ms.clamp(10, 10_000);
+        let log = crate::dirty::KvmDirtyLog::start(&self.fd, &self.ram)
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (dirty logging on)"))?;
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_millis(ms));
+        let set = log.collect(&self.fd);
+        let took = t.elapsed().as_secs_f64();
+        log.stop(&self.fd)
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (dirty logging off)"))?;
+        let set = set.map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        let n = set.count();
+        Ok(Reply::ok(json!({
+            "backend": "kvm",
+            "ms": took * 1e3,
+            "dirty_pages": n,
+            "total_pages": set.len(),
+            "pages_per_s": n as f64 / took,
+            "mib_per_s": (n * u64::from(crate::memory::PAGE_SIZE)) as f64 / took / (1 << 20) as f64,
+            "paused": self.paused,
+        })))
+    }
+
     /// RAM checksums: of all of it, and without the pages KVM rewrites (when paused).
     fn checksums(&mut self) -> Result<Reply, VmError> {
         let mut r = json!({
@@ -604,6 +628,7 @@ impl Vm {
                 "migrate is handled by the controller loop",
             )),
             Request::Checksum => self.checksums(),
+            Request::DirtyRate { ms } => self.dirty_rate(ms),
         };
         match r {
             Ok(reply) => (reply, None),
