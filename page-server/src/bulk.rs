@@ -23,13 +23,28 @@ pub(crate) fn run(core: Arc<Core>, mut sock: Sock, peer: String, session: Arc<Se
     let map = &core.map;
     let chunk = core.config.stream_chunk_pages;
     let mut frame = Frame::default();
+    let mut reported_done = false;
     'outer: while session.wait_stream() {
         let runs = session.claim_stream(chunk);
         if runs.is_empty() {
-            debug!("client {peer}: bulk stream complete");
-            session.wait_closed();
-            break;
+            // every page sent: stay until the session ends, for pages to send again (pre-copy
+            // re-sends while the memory still changes, and the pages modified before the switch)
+            if !reported_done {
+                debug!("client {peer}: bulk stream sent every page");
+                reported_done = true;
+            }
+            if session.is_closed() {
+                break;
+            }
+            session.wait_more(Duration::from_millis(20));
+            continue;
         }
+        reported_done = false;
+        let origin = if core.precopy.load(std::sync::atomic::Ordering::Acquire) {
+            Origin::Precopy
+        } else {
+            Origin::Stream
+        };
         for (first, count) in runs {
             let mut done = 0;
             while done < count {
@@ -37,7 +52,7 @@ pub(crate) fn run(core: Arc<Core>, mut sock: Sock, peer: String, session: Arc<Se
                     map,
                     first + u64::from(done),
                     count - done,
-                    Origin::Stream,
+                    origin,
                     0,
                     &mut frame,
                     &session,

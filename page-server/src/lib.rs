@@ -45,6 +45,10 @@ pub struct ServerConfig {
     pub bulk_buffer_bytes: usize,
     /// Pin the event loop (control + urgent traffic) to this CPU and keep bulk threads off it.
     pub urgent_cpu: Option<usize>,
+    /// Start in pre-copy: the memory is still being modified (a running VM). The stream sends
+    /// its pages as `Origin::Precopy`, pages marked with [`ServerHandle::resend`] go out again,
+    /// and the stream does not end until [`ServerHandle::end_precopy`].
+    pub precopy: bool,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +57,7 @@ impl Default for ServerConfig {
             stream_chunk_pages: 256,
             urgent_cpu: None,
             bulk_buffer_bytes: DEFAULT_BULK_BUFFER_BYTES,
+            precopy: false,
         }
     }
 }
@@ -84,6 +89,7 @@ pub struct ServerHandle {
     waker: Arc<mio::Waker>,
     thread: Option<JoinHandle<Result<(), ServerError>>>,
     totals: Arc<stats::Totals>,
+    core: Arc<server::Core>,
 }
 
 impl ServerHandle {
@@ -97,6 +103,34 @@ impl ServerHandle {
     /// progress display needs). Still readable after the server stopped, through a handle.
     pub fn stats(&self) -> ServerStats {
         self.totals.snapshot()
+    }
+
+    fn live_sessions(&self) -> Vec<Arc<session::Session>> {
+        let mut v = self.core.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.iter().filter_map(|w| w.upgrade()).collect()
+    }
+
+    /// Pre-copy: the pages set in `bits` (little-endian bytes, one bit per page) were modified
+    /// since they were sent; every session's stream sends them again. Returns how many pages
+    /// were marked (summed over sessions).
+    pub fn resend(&self, bits: &[u8]) -> u64 {
+        self.live_sessions().iter().map(|s| s.unsend(bits)).sum()
+    }
+
+    /// Pages some session has not sent (yet, or again): 0 when every client has everything.
+    /// With no client yet, every page.
+    pub fn unsent_pages(&self) -> u64 {
+        let v = self.live_sessions();
+        if v.is_empty() {
+            return self.core.map.total_pages();
+        }
+        v.iter().map(|s| s.unsent()).max().unwrap_or(0)
+    }
+
+    /// Ends pre-copy: from now on the stream sends `Stream` pages and ends when all are sent.
+    pub fn end_precopy(&self) {
+        self.core.precopy.store(false, Ordering::Release);
     }
 
     /// A function that stops the server from any thread (e.g. a signal handler thread).
@@ -150,12 +184,16 @@ pub fn serve(
     let (poll, waker) = server::new_poll().map_err(ServerError::Poll)?;
     let stop = Arc::new(AtomicBool::new(false));
     let totals = Arc::new(stats::Totals::default());
+    let config_precopy = config.precopy;
     let core = Arc::new(server::Core {
         map: memory::PageMap::new(mem),
         config,
         next_session: AtomicU64::new(1),
         totals: totals.clone(),
+        precopy: AtomicBool::new(config_precopy),
+        sessions: std::sync::Mutex::new(Vec::new()),
     });
+    let core_handle = core.clone();
     let a = bound.clone();
     let st = stop.clone();
     let thread = std::thread::Builder::new()
@@ -168,5 +206,6 @@ pub fn serve(
         waker,
         thread: Some(thread),
         totals,
+        core: core_handle,
     })
 }

@@ -120,6 +120,11 @@ pub(crate) struct Core {
     pub(crate) next_session: AtomicU64,
     /// What every session sent.
     pub(crate) totals: Arc<Totals>,
+    /// Pre-copy: the memory is still being modified; the stream sends `Precopy` pages and
+    /// waits for pages to send again instead of ending.
+    pub(crate) precopy: std::sync::atomic::AtomicBool,
+    /// Every session opened (for pre-copy's re-sends).
+    pub(crate) sessions: std::sync::Mutex<Vec<std::sync::Weak<Session>>>,
 }
 
 /// Binds `addr` (port 0 picks a free port); returns the listener and the real address.
@@ -516,6 +521,10 @@ fn classify(
             if h.channel == Channel::Control {
                 let id = core.next_session.fetch_add(1, Ordering::Relaxed);
                 let s = Arc::new(Session::new(id, total_pages, core.totals.clone()));
+                core.sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(Arc::downgrade(&s));
                 sessions.insert(id, s.clone());
                 info!("session {id}: opened ({total_pages} pages)");
                 return Action::BecomeControl(s, welcome(core, id));

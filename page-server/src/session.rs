@@ -98,7 +98,7 @@ impl Session {
             let (lead, rest) = match origin {
                 Origin::Fault => (&c.fault_pages, &c.prefetch_pages),
                 Origin::Prefetch => (&c.prefetch_pages, &c.prefetch_pages),
-                Origin::Stream => (&c.stream_pages, &c.stream_pages),
+                Origin::Stream | Origin::Precopy => (&c.stream_pages, &c.stream_pages),
             };
             let led = fault_pages.min(pages);
             lead.fetch_add(u64::from(led), Ordering::Relaxed);
@@ -154,7 +154,32 @@ impl Session {
         !f.closed
     }
 
+    /// Pages not (or no longer) sent.
+    pub(crate) fn unsent(&self) -> u64 {
+        self.total_pages
+            .saturating_sub(self.sent_count.load(Ordering::Acquire))
+    }
+
+    /// Pre-copy: the pages set in `bits` were modified since they were sent; the stream sends
+    /// them again. Returns how many had been sent.
+    pub(crate) fn unsend(&self, bits: &[u8]) -> u64 {
+        let n = self.sent.clear_bytes(bits);
+        self.sent_count.fetch_sub(n, Ordering::AcqRel);
+        self.cv.notify_all();
+        n
+    }
+
+    /// Pre-copy: waits (at most `t`) for pages to send again, or the session to close.
+    pub(crate) fn wait_more(&self, t: std::time::Duration) {
+        let f = self.flow.lock().unwrap_or_else(|e| e.into_inner());
+        if f.closed || self.unsent() > 0 {
+            return;
+        }
+        let _ = self.cv.wait_timeout(f, t);
+    }
+
     /// Blocks until the session is closed.
+    #[allow(dead_code)]
     pub(crate) fn wait_closed(&self) {
         let mut f = self.flow.lock().unwrap_or_else(|e| e.into_inner());
         while !f.closed {

@@ -21,6 +21,7 @@
 mod fault;
 mod local;
 mod policy;
+mod precopy;
 mod region;
 mod remote;
 mod stats;
@@ -51,6 +52,12 @@ pub struct PagerConfig {
     /// Open the stream's connections (or, for a local image, its thread) but send no page
     /// until [`Pager::start_stream`]; faults are served meanwhile. Ignored without `stream`.
     pub stream_deferred: bool,
+    /// Pre-copy: the source's memory still changes while pages arrive (a running VM being
+    /// migrated), and the region is not used yet. Stream pages marked `Precopy` overwrite a
+    /// page already present; the pager never completes until [`Pager::end_precopy`] says which
+    /// pages changed since they were sent. Needs one bulk connection (pages sent again must
+    /// arrive after their older copies).
+    pub precopy: bool,
     /// Bulk connections for the stream (remote only).
     pub bulk_connections: usize,
     /// Smallest prefetch window (pages requested per fault).
@@ -81,6 +88,7 @@ impl Default for PagerConfig {
         PagerConfig {
             stream: true,
             stream_deferred: false,
+            precopy: false,
             bulk_connections: 2,
             prefetch_min_pages: 1,
             prefetch_max_pages: 64,
@@ -205,7 +213,7 @@ pub(crate) struct Shared {
     pub(crate) mem: HostMemory,
     pub(crate) uffd: Uffd,
     pub(crate) received: AtomicBitmap,
-    present: AtomicU64,
+    pub(crate) present: AtomicU64,
     pub(crate) stats: Stats,
     pub(crate) started: Instant,
     pub(crate) config: PagerConfig,
@@ -218,6 +226,15 @@ pub(crate) struct Shared {
     /// Pages the fault thread awaits from the stream (answered `InFlight`): while non-zero, a
     /// streamer wakes the fault thread after each install.
     pub(crate) awaited_from_stream: AtomicU64,
+    /// Pre-copy still runs (see [`PagerConfig::precopy`]).
+    pub(crate) precopy: AtomicBool,
+    /// Held (shared) by a streamer while it installs a `Precopy` frame, (exclusive) while
+    /// pre-copy ends.
+    pub(crate) precopy_lock: std::sync::RwLock<()>,
+    /// Pages modified after they were pre-copied: a late `Precopy` copy of one is dropped.
+    pub(crate) stale: AtomicBitmap,
+    /// Pages whose final copy (sent after the source paused) came while pre-copy still ran.
+    pub(crate) fresh: AtomicBitmap,
 }
 
 /// Where pages come from, as far as the owner can still steer it.
@@ -237,6 +254,7 @@ pub(crate) enum Origin {
 impl Shared {
     fn new(mem: HostMemory, uffd: Uffd, config: PagerConfig) -> Self {
         let total = mem.total_pages();
+        let precopy = config.precopy;
         Shared {
             mem,
             uffd,
@@ -251,6 +269,10 @@ impl Shared {
             events: Mutex::new(None),
             socks: Mutex::default(),
             awaited_from_stream: AtomicU64::new(0),
+            precopy: AtomicBool::new(precopy),
+            precopy_lock: std::sync::RwLock::new(()),
+            stale: AtomicBitmap::new(total),
+            fresh: AtomicBitmap::new(total),
         }
     }
 
@@ -263,7 +285,18 @@ impl Shared {
     }
 
     pub(crate) fn is_complete(&self) -> bool {
-        self.present_pages() >= self.total_pages()
+        self.present_pages() >= self.total_pages() && !self.precopy.load(Ordering::Acquire)
+    }
+
+    /// Records completion once every page is present (and pre-copy is over).
+    pub(crate) fn check_complete(&self) {
+        if self.is_complete() {
+            let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+            if o.complete.is_none() {
+                o.complete = Some(self.started.elapsed());
+            }
+            self.cv.notify_all();
+        }
     }
 
     pub(crate) fn event(&self, e: PagerEvent) {
@@ -337,14 +370,8 @@ impl Shared {
         };
         let newly = self.received.set_range(first, count);
         if newly > 0 {
-            let now = self.present.fetch_add(newly, Ordering::AcqRel) + newly;
-            if now >= self.total_pages() {
-                let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
-                if o.complete.is_none() {
-                    o.complete = Some(self.started.elapsed());
-                }
-                self.cv.notify_all();
-            }
+            self.present.fetch_add(newly, Ordering::AcqRel);
+            self.check_complete();
         }
         Ok(())
     }

@@ -198,6 +198,10 @@ pub struct Stats {
     pub duplicate_pages: AtomicU64,
     /// Requests the source answered `InFlight` (their pages came with the stream).
     pub in_flight_replies: AtomicU64,
+    /// Pre-copy: pages that came again and overwrote their older copy.
+    pub precopy_rewrites: AtomicU64,
+    /// Pre-copy: present pages dropped at its end because the source modified them since.
+    pub precopy_dropped: AtomicU64,
     /// Successful reconnections to the source.
     pub reconnects: AtomicU64,
 }
@@ -239,6 +243,10 @@ pub struct Report {
     pub duplicate_pages: u64,
     /// Requests answered "on its way on the stream" instead of with the pages.
     pub in_flight_replies: u64,
+    /// Pre-copy: pages that came again and overwrote their older copy.
+    pub precopy_rewrites: u64,
+    /// Pre-copy: present pages dropped at its end (modified after they were sent).
+    pub precopy_dropped: u64,
     /// Reconnections.
     pub reconnects: u64,
 }
@@ -270,6 +278,8 @@ impl Stats {
             stream_bytes: l(&self.stream_bytes),
             duplicate_pages: l(&self.duplicate_pages),
             in_flight_replies: l(&self.in_flight_replies),
+            precopy_rewrites: l(&self.precopy_rewrites),
+            precopy_dropped: l(&self.precopy_dropped),
             reconnects: l(&self.reconnects),
         }
     }

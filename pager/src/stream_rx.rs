@@ -61,7 +61,7 @@ impl StreamRx {
         }
         sock.read_exact(&mut head[HEADER_LEN..])?;
         let bad = |e: proto::DecodeError| RxError::Lost(format!("bad Pages frame: {e}"));
-        let (first, count, _origin) = pages_fixed(&head[HEADER_LEN..]).map_err(bad)?;
+        let (first, count, origin) = pages_fixed(&head[HEADER_LEN..]).map_err(bad)?;
         self.mask.resize(mask_len(count), 0);
         sock.read_exact(&mut self.mask)?;
         pages_data_len(&header, count, &self.mask, ps as u32).map_err(bad)?;
@@ -87,12 +87,19 @@ impl StreamRx {
             });
         }
         readv_exact(sock, &mut iov)?;
-        self.install(first.0, n, sh).map_err(RxError::Install)
+        self.install(first.0, n, sh, origin == proto::Origin::Precopy)
+            .map_err(RxError::Install)
     }
 
     /// Installs the staged frame: each maximal run of data pages with one copy, each run of
     /// zero pages as zero pages.
-    fn install(&mut self, first: u64, n: usize, sh: &Shared) -> Result<(), PagerError> {
+    fn install(
+        &mut self,
+        first: u64,
+        n: usize,
+        sh: &Shared,
+        precopy: bool,
+    ) -> Result<(), PagerError> {
         let ps = self.ps;
         let mut i = 0;
         while i < n {
@@ -102,7 +109,11 @@ impl StreamRx {
                 i += 1;
             }
             let data = (!zero).then(|| &self.slots[s * ps..i * ps]);
-            sh.install(first + s as u64, (i - s) as u64, data, Origin::Stream)?;
+            if precopy || sh.precopy.load(std::sync::atomic::Ordering::Acquire) {
+                sh.install_precopy(first + s as u64, (i - s) as u64, data, !precopy)?;
+            } else {
+                sh.install(first + s as u64, (i - s) as u64, data, Origin::Stream)?;
+            }
         }
         Ok(())
     }

@@ -44,6 +44,36 @@ impl AtomicBitmap {
         self.words[(i / 64) as usize].fetch_or(m, Ordering::AcqRel) & m != 0
     }
 
+    /// Clears bit `i`; returns whether it was set.
+    #[inline]
+    pub fn clear(&self, i: u64) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        let m = 1u64 << (i % 64);
+        self.words[(i / 64) as usize].fetch_and(!m, Ordering::AcqRel) & m != 0
+    }
+
+    /// Clears every bit set in `bits` (little-endian bytes, bit `i % 8` of byte `i / 8` for bit
+    /// `i`; bits past the end ignored); returns how many were set before.
+    pub fn clear_bytes(&self, bits: &[u8]) -> u64 {
+        let mut cleared = 0;
+        for (w, chunk) in bits.chunks(8).enumerate() {
+            if w as u64 * 64 >= self.len {
+                break;
+            }
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            let m = u64::from_le_bytes(b);
+            if m == 0 {
+                continue;
+            }
+            let old = self.words[w].fetch_and(!m, Ordering::AcqRel);
+            cleared += u64::from((old & m).count_ones());
+        }
+        cleared
+    }
+
     /// Sets bits `[first, first + count)`; returns how many were newly set.
     pub fn set_range(&self, first: u64, count: u64) -> u64 {
         let end = first.saturating_add(count).min(self.len);

@@ -34,6 +34,9 @@ pub enum Origin {
     Prefetch = 2,
     /// The background stream.
     Stream = 3,
+    /// The background stream while the source still runs (pre-copy): the page may be dirtied
+    /// again after it was sent, and the receiver drops such a copy once told the page is dirty.
+    Precopy = 4,
 }
 
 /// What a bitmap means.
@@ -621,6 +624,7 @@ pub fn pages_fixed(fixed: &[u8]) -> Result<(PageIndex, u32, Origin), DecodeError
         1 => Origin::Fault,
         2 => Origin::Prefetch,
         3 => Origin::Stream,
+        4 => Origin::Precopy,
         v => {
             return Err(DecodeError::InvalidField {
                 field: "pages origin",

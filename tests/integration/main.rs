@@ -6,5 +6,6 @@ mod linux_boot;
 mod migration;
 mod netns;
 mod paging;
+mod precopy;
 mod server_robustness;
 mod vm;
