@@ -186,6 +186,8 @@ enum CtlCmd {
     },
     /// Checksum of guest RAM (pause first for a stable value).
     Checksum,
+    /// End the pre-copy passes of a running `migrate --mode hybrid` now and switch over.
+    MigrateSwitchover,
     /// How fast the guest writes its memory: KVM dirty logging on for --ms milliseconds;
     /// reports the pages written (each counted once) and the rate.
     DirtyRate {
@@ -201,9 +203,17 @@ enum CtlCmd {
         /// Destination: `HOST:PORT`, `tcp:HOST:PORT` or a Unix socket path.
         #[arg(long)]
         to: String,
-        /// `postcopy` (default).
+        /// `postcopy` (default): pause at once, memory follows. `hybrid`: copy memory while
+        /// the VM runs (KVM dirty logging finds what it writes again, pass after pass), then
+        /// pause and let post-copy bring the pages still dirty.
         #[arg(long, default_value = "postcopy")]
         mode: String,
+        /// Hybrid: at most this many pre-copy passes (default 8).
+        #[arg(long)]
+        max_passes: Option<u32>,
+        /// Hybrid: switch over once a pass leaves at most this many dirty pages (default 1024).
+        #[arg(long)]
+        threshold_pages: Option<u64>,
         /// Report the checksum of guest RAM at the pause (`source_ram_checksum`), to compare
         /// with `vmm ctl checksum` on a destination started with --paused.
         #[arg(long)]
@@ -362,11 +372,20 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
         CtlCmd::SerialInput { data } => Request::SerialInput { data },
         CtlCmd::Checksum => Request::Checksum,
         CtlCmd::DirtyRate { ms } => Request::DirtyRate { ms },
-        CtlCmd::Migrate { to, mode, verify } => Request::Migrate {
+        CtlCmd::Migrate {
+            to,
+            mode,
+            verify,
+            max_passes,
+            threshold_pages,
+        } => Request::Migrate {
             to,
             mode: Some(mode),
             verify,
+            max_passes,
+            threshold_pages,
         },
+        CtlCmd::MigrateSwitchover => Request::MigrateSwitchover,
     };
     let migrate = matches!(req, Request::Migrate { .. });
     let reply =

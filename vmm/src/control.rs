@@ -50,6 +50,8 @@ pub enum Request {
     },
     /// Checksum of guest RAM (meaningful while paused).
     Checksum,
+    /// End the pre-copy passes of a running hybrid migration now and switch over.
+    MigrateSwitchover,
     /// Measure how fast the guest dirties its memory: dirty logging on for `ms` milliseconds
     /// (10 to 10 000; the controller answers nothing else meanwhile).
     DirtyRate {
@@ -62,9 +64,16 @@ pub enum Request {
     Migrate {
         /// Destination: `host:port`, `tcp:host:port` or a Unix socket path.
         to: String,
-        /// `postcopy` (the default and, for now, the only mode).
+        /// `postcopy` (the default) or `hybrid` (pre-copy passes while the VM runs, then
+        /// post-copy for the rest).
         #[serde(default)]
         mode: Option<String>,
+        /// Hybrid: at most this many pre-copy passes.
+        #[serde(default)]
+        max_passes: Option<u32>,
+        /// Hybrid: switch over once a pass leaves at most this many dirty pages.
+        #[serde(default)]
+        threshold_pages: Option<u64>,
         /// Add the checksum of guest RAM as it was at the pause to the report (computed after
         /// the destination has every page, so it costs no downtime).
         #[serde(default)]

@@ -10,6 +10,13 @@ fn num(m: &Map<String, Value>, k: &str) -> f64 {
 /// Prints one progress report (stderr).
 pub fn progress_line(m: &Map<String, Value>) {
     match m.get("phase").and_then(Value::as_str) {
+        Some("precopy") => eprintln!(
+            "[migrate] pre-copy pass {}: {} pages sent, {} written again meanwhile, {:.1} s",
+            num(m, "pass") as u64,
+            num(m, "pages_sent") as u64,
+            num(m, "pages_dirtied") as u64,
+            num(m, "elapsed_ms") / 1e3
+        ),
         Some("postcopy") => eprintln!(
             "[migrate] postcopy: {:5.1}% of pages present ({}/{}), {:7.1} MB/s, {:.1} s",
             num(m, "percent"),
@@ -120,6 +127,34 @@ pub fn print_migration(m: &Map<String, Value>) {
         ),
     ];
     let mut rows = rows;
+    if let Some(pc) = m.get("precopy").and_then(Value::as_object) {
+        let passes = pc.get("passes").and_then(Value::as_array);
+        let sent: f64 = passes.map_or(0.0, |v| {
+            v.iter()
+                .filter_map(|p| p.get("pages_sent").and_then(Value::as_f64))
+                .sum()
+        });
+        rows.insert(
+            0,
+            (
+                "pre-copy (VM running)",
+                format!(
+                    "{} passes, {} pages sent, {:.0} ms; stopped: {}",
+                    passes.map_or(0, |v| v.len()),
+                    sent as u64,
+                    num(pc, "ms"),
+                    pc.get("stop_reason").and_then(Value::as_str).unwrap_or("?")
+                ),
+            ),
+        );
+        rows.insert(
+            1,
+            (
+                "  pages still dirty at the switchover",
+                format!("{}", num(pc, "pages_dirty_at_switchover") as u64),
+            ),
+        );
+    }
     if let Some(h) = m.get("fault_latency_log2_us").and_then(Value::as_array) {
         let cells: Vec<String> = h
             .iter()

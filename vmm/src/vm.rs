@@ -175,6 +175,8 @@ pub struct Vm {
     kept_server: Option<page_server::ServerHandle>,
     /// Pages KVM owned when the migration paused the VM (left out of RAM comparisons).
     kvm_pages_at_pause: Vec<u64>,
+    /// KVM dirty logging, on during a hybrid migration's pre-copy.
+    dirty_log: Option<crate::dirty::KvmDirtyLog>,
 }
 
 fn console_out(s: &SerialOut) -> Result<ConsoleOut, VmError> {
@@ -409,6 +411,7 @@ impl Vm {
             dest: None,
             kept_server: None,
             kvm_pages_at_pause: Vec::new(),
+            dirty_log: None,
         })
     }
 
@@ -623,6 +626,7 @@ impl Vm {
                     .input(data.as_bytes());
                 Ok(Reply::ok(json!({"queued": n})))
             }
+            Request::MigrateSwitchover => Ok(self.force_switchover()),
             Request::Migrate { .. } => Ok(Reply::err(
                 "internal",
                 "migrate is handled by the controller loop",
@@ -662,8 +666,23 @@ impl Vm {
                 },
             };
             match ev {
-                Event::Control((Request::Migrate { to, mode, verify }, reply)) => {
-                    self.start_migration(to, mode, verify, reply);
+                Event::Control((
+                    Request::Migrate {
+                        to,
+                        mode,
+                        verify,
+                        max_passes,
+                        threshold_pages,
+                    },
+                    reply,
+                )) => {
+                    let plan = crate::migration::Plan::parse(
+                        mode.as_deref(),
+                        max_passes,
+                        threshold_pages,
+                        verify,
+                    );
+                    self.start_migration(to, plan, reply);
                 }
                 Event::Migration(m) => {
                     if let Some(exit) = self.on_migration(m) {

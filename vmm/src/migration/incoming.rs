@@ -318,6 +318,13 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
     let pcfg = PagerConfig {
         stream_deferred: true,
         bulk_buffer_bytes: super::bulk_buffer_for(super::tcp_rtt(link.sock())),
+        // pre-copy: pages sent again must come after their older copies: one connection
+        precopy: offer.precopy,
+        bulk_connections: if offer.precopy {
+            1
+        } else {
+            cfg.pager.bulk_connections
+        },
         ..cfg.pager.clone()
     };
     let prepared = Prepared::new(&offer.config, Some((&pages, &pcfg, ServedAs::Ranges)))
@@ -345,13 +352,27 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
         offer.config.mem_bytes >> 20,
         offer.config.vcpus
     );
-    let (envelope, paused_at) = loop {
-        match link.recv(Some(STATE_TIMEOUT))? {
+    let (envelope, paused_at, dirty) = loop {
+        // hybrid: the pre-copy passes run while the source VM does (minutes at worst)
+        let wait = if offer.precopy {
+            Some(Duration::from_secs(600))
+        } else {
+            Some(STATE_TIMEOUT)
+        };
+        match link.recv(wait)? {
             Wire::Ping { t } => link.send(&Wire::Pong { t, dest: mono_ns() })?,
+            Wire::Precopy if offer.precopy => {
+                if let Some(p) = prepared.pager() {
+                    p.start_stream()
+                        .map_err(|e| MigrationError::Other(error_chain(&e)))?;
+                }
+                log::info!("pre-copy: taking pages while the VM still runs on the source");
+            }
             Wire::State {
                 envelope,
                 paused_at,
-            } => break (envelope, paused_at),
+                dirty,
+            } => break (envelope, paused_at, dirty),
             Wire::Abort { reason } => {
                 return Err(MigrationError::Other(format!(
                     "the source gave up: {reason}"
@@ -373,6 +394,15 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
     };
     let snap = state::decode(&envelope, "the migrated state")
         .map_err(|e| fail(link, MigrationError::Vm(Box::new(e.into()))))?;
+    if offer.precopy {
+        let dropped = prepared
+            .pager()
+            .map(|p| p.end_precopy(&dirty))
+            .transpose()
+            .map_err(|e| fail(link, MigrationError::Other(error_chain(&e))))?
+            .unwrap_or(0);
+        log::info!("pre-copy ended: {dropped} pages modified since they were sent are dropped");
+    }
     let mut vm = Vm::finish(
         prepared,
         &snap,

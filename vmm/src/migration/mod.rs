@@ -42,7 +42,56 @@ use thiserror::Error;
 use crate::state::MachineConfig;
 
 /// Version of the migration conversation (bumped on any change to [`Wire`]).
-pub const MIGRATION_VERSION: u32 = 1;
+pub const MIGRATION_VERSION: u32 = 2;
+
+/// How a migration moves memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Pause at once; every page follows after the destination resumed.
+    Postcopy,
+    /// Pre-copy passes while the VM runs (KVM dirty logging), then post-copy for the pages
+    /// still dirty.
+    Hybrid,
+}
+
+/// What the caller asked for.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The mode, or the name of one this vmm does not have.
+    pub mode: Result<Mode, String>,
+    /// Hybrid: at most this many pre-copy passes.
+    pub max_passes: u32,
+    /// Hybrid: switch over once a pass leaves at most this many dirty pages.
+    pub threshold_pages: u64,
+    /// Report the RAM checksum at the pause.
+    pub verify: bool,
+}
+
+impl Plan {
+    /// From the control request's fields (defaults: postcopy; hybrid with 8 passes, 1024
+    /// pages).
+    pub fn parse(
+        mode: Option<&str>,
+        max_passes: Option<u32>,
+        threshold_pages: Option<u64>,
+        verify: bool,
+    ) -> Plan {
+        let mode = match mode {
+            None | Some("postcopy") => Ok(Mode::Postcopy),
+            Some("hybrid") => Ok(Mode::Hybrid),
+            Some("precopy") => {
+                Err("mode precopy is not available yet; postcopy and hybrid are".into())
+            }
+            Some(m) => Err(format!("unknown mode {m:?} (postcopy, hybrid)")),
+        };
+        Plan {
+            mode,
+            max_passes: max_passes.unwrap_or(8).max(1),
+            threshold_pages: threshold_pages.unwrap_or(1024),
+            verify,
+        }
+    }
+}
 
 /// How often the destination reports progress.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -82,6 +131,9 @@ pub struct Offer {
     pub caps: Vec<u32>,
     /// Where the source's page-server listens (an `Addr` string).
     pub page_server: String,
+    /// Pages come while the VM still runs on the source (hybrid): the destination's pager
+    /// takes re-sent pages over older copies until the switch.
+    pub precopy: bool,
 }
 
 /// One message of the migration conversation.
@@ -111,12 +163,17 @@ pub enum Wire {
         /// Destination clock when answering.
         dest: u64,
     },
+    /// Source (hybrid): start taking pages now, while the VM still runs here.
+    Precopy,
     /// Source: the paused VM's non-memory state (a state envelope, as in a state file).
     State {
         /// The envelope bytes.
         envelope: Vec<u8>,
         /// Source clock when the pause began.
         paused_at: u64,
+        /// Hybrid: pages modified after they were last sent (bitmap bytes; empty in
+        /// post-copy). The destination drops its copies of them before resuming.
+        dirty: Vec<u8>,
     },
     /// Destination: vCPUs running.
     Resumed {
@@ -276,6 +333,7 @@ fn name(w: &Wire) -> &'static str {
         Wire::Refuse { .. } => "Refuse",
         Wire::Ping { .. } => "Ping",
         Wire::Pong { .. } => "Pong",
+        Wire::Precopy => "Precopy",
         Wire::State { .. } => "State",
         Wire::Resumed { .. } => "Resumed",
         Wire::Failed { .. } => "Failed",

@@ -14,7 +14,7 @@ use page_server::{Addr, RawRegions, ServerConfig, ServerHandle, Sock};
 use proto::Layout;
 use serde_json::{json, Value};
 
-use super::{mono_ns, Link, MigrationError, Offer, Wire};
+use super::{mono_ns, Link, MigrationError, Mode, Offer, Plan, Wire};
 use crate::memory::PAGE_SIZE;
 use crate::vm::Event;
 
@@ -35,12 +35,24 @@ pub struct Switch {
     pub paused_at: u64,
     /// Pausing the vCPUs and saving their state.
     pub pause_ms: f64,
+    /// Pages written since the last collection (dirty logging was on), as bitmap bytes.
+    pub dirty: Vec<u8>,
+}
+
+/// Dirty logging requests to the controller (which owns the VM fd).
+pub enum DirtyOp {
+    /// Turn KVM dirty logging on.
+    Start,
+    /// The pages written since the previous collection.
+    Collect,
 }
 
 /// What the migration thread tells the controller.
 pub enum MigEvent {
     /// Pause the VM now, save its state and answer.
     Switchover(SyncSender<Result<Switch, String>>),
+    /// Dirty logging: answers the dirty pages (bitmap bytes) and their count.
+    Dirty(DirtyOp, SyncSender<Result<(Vec<u8>, u64), String>>),
     /// A progress line for the caller.
     Progress(Value),
     /// The migration failed and the destination never ran the VM: run it here (resume it if
@@ -65,6 +77,10 @@ pub struct Context {
     pub layout: Layout,
     /// The controller.
     pub events: Sender<Event>,
+    /// Mode and pre-copy limits.
+    pub plan: Plan,
+    /// Set by `migrate-switchover`: end the pre-copy passes now.
+    pub switchover: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A running migration (source side).
@@ -197,11 +213,12 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
         pages,
         ServerConfig {
             bulk_buffer_bytes: super::bulk_buffer_for(super::tcp_rtt(link.sock())),
+            precopy: ctx.plan.mode == Ok(Mode::Hybrid),
             ..ServerConfig::default()
         },
     )
     .map_err(|e| MigrationError::Other(format!("page-server: {}", crate::vm::error_chain(&e))))?;
-    let mut offer = ctx.offer;
+    let mut offer = ctx.offer.clone();
     offer.page_server = match server.addr() {
         Addr::Tcp(a) => format!("tcp:{a}"),
         Addr::Unix(p) => p.display().to_string(),
@@ -240,6 +257,11 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
         }
     }
     let (rtt_ns, offset_ns) = best.unwrap_or((0, 0));
+    let precopy = if ctx.plan.mode == Ok(Mode::Hybrid) {
+        Some(precopy(&ctx, &mut link, &server, t_start)?)
+    } else {
+        None
+    };
     // Switchover: the controller pauses and saves.
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     ctx.events
@@ -261,10 +283,24 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
         }
     };
     let state_bytes = sw.envelope.len();
+    // Hybrid: the pages still dirty are those of the last pass plus those written since; the
+    // stream sends them again (as final copies) and the destination drops its older ones.
+    let mut dirty = Vec::new();
+    let mut final_dirty = 0u64;
+    if let Some(p) = &precopy {
+        dirty = p.carry.clone();
+        for (d, s) in dirty.iter_mut().zip(&sw.dirty) {
+            *d |= *s;
+        }
+        final_dirty = dirty.iter().map(|b| u64::from(b.count_ones())).sum();
+        server.end_precopy();
+        server.resend(&dirty);
+    }
     // A failed send means the destination cannot hold the whole state: it will not run the VM.
     link.send(&Wire::State {
         envelope: sw.envelope,
         paused_at: sw.paused_at,
+        dirty,
     })?;
     let unknown = |e: MigrationError, server: ServerHandle| Outcome::Unknown(e, Some(server));
     let (running_at, apply_ms) = match link.recv(Some(RESUME_TIMEOUT)) {
@@ -322,7 +358,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
     drop(server);
     let dest: Value = serde_json::from_str(&report).unwrap_or(Value::Null);
     let mut out = json!({
-        "mode": "postcopy",
+        "mode": if precopy.is_some() { "hybrid" } else { "postcopy" },
         "to": addr.to_string(),
         "mem_bytes": total_bytes,
         "vcpus": offer.config.vcpus,
@@ -336,6 +372,12 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
         "rtt_us": rtt_ns as f64 / 1e3,
         "clock_offset_us": offset_ns as f64 / 1e3,
         "source": served,
+        "precopy": precopy.as_ref().map(|p| json!({
+            "passes": p.passes,
+            "stop_reason": p.stop_reason,
+            "pages_dirty_at_switchover": final_dirty,
+            "ms": p.ms,
+        })),
         "bytes_sent": served.data_bytes,
         "pages_sent": served.pages_sent(),
     });
@@ -345,4 +387,103 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
         }
     }
     Ok(out)
+}
+
+/// What the pre-copy passes did.
+struct Precopied {
+    /// Pages dirtied during the last pass (not sent again): part of the switchover's set.
+    carry: Vec<u8>,
+    passes: Vec<Value>,
+    stop_reason: String,
+    ms: f64,
+}
+
+fn dirty_op(ctx: &Context, op: DirtyOp) -> Result<(Vec<u8>, u64), MigrationError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    ctx.events
+        .send(Event::Migration(MigEvent::Dirty(op, tx)))
+        .map_err(|_| MigrationError::Other("the VM is gone".into()))?;
+    rx.recv_timeout(Duration::from_secs(20))
+        .map_err(|_| MigrationError::Other("the controller did not answer".into()))?
+        .map_err(|e| MigrationError::Other(format!("dirty logging: {e}")))
+}
+
+/// Hybrid: streams every page while the VM runs, then again the pages it wrote meanwhile,
+/// pass after pass, until few are left, the set stops shrinking, the passes run out or a
+/// switchover is requested.
+fn precopy(
+    ctx: &Context,
+    link: &mut Link,
+    server: &ServerHandle,
+    t_start: Instant,
+) -> Result<Precopied, MigrationError> {
+    let t0 = Instant::now();
+    dirty_op(ctx, DirtyOp::Start)?;
+    link.send(&Wire::Precopy)?;
+    let plan = &ctx.plan;
+    let forced = || ctx.switchover.load(std::sync::atomic::Ordering::Acquire);
+    let mut passes = Vec::new();
+    let mut prev = u64::MAX;
+    let mut sent_before = 0;
+    let mut pass = 0u32;
+    loop {
+        pass += 1;
+        let t = Instant::now();
+        let mut stalled_since = (Instant::now(), server.stats().pages_sent());
+        while server.unsent_pages() > 0 && !forced() {
+            std::thread::sleep(Duration::from_millis(2));
+            let sent = server.stats().pages_sent();
+            if sent != stalled_since.1 {
+                stalled_since = (Instant::now(), sent);
+            } else if stalled_since.0.elapsed() > SILENCE_TIMEOUT {
+                return Err(MigrationError::Other(format!(
+                    "pre-copy pass {pass}: nothing sent for {SILENCE_TIMEOUT:?} (is the destination reading?)"
+                )));
+            }
+        }
+        let sent = server.stats().pages_sent();
+        let (bits, n) = dirty_op(ctx, DirtyOp::Collect)?;
+        let secs = t.elapsed().as_secs_f64();
+        let p = json!({
+            "pass": pass,
+            "pages_sent": sent - sent_before,
+            "pages_dirtied": n,
+            "dirty_rate_pages_s": n as f64 / secs.max(1e-6),
+            "ms": secs * 1e3,
+        });
+        let _ = ctx.events.send(Event::Migration(MigEvent::Progress(json!({
+            "phase": "precopy",
+            "pass": pass,
+            "pages_sent": sent - sent_before,
+            "pages_dirtied": n,
+            "elapsed_ms": t_start.elapsed().as_secs_f64() * 1e3,
+        }))));
+        log::info!("pre-copy pass {pass}: {p}");
+        passes.push(p);
+        sent_before = sent;
+        let stop = if forced() {
+            Some("switchover requested".to_owned())
+        } else if n <= plan.threshold_pages {
+            Some(format!(
+                "converged: {n} dirty pages <= {}",
+                plan.threshold_pages
+            ))
+        } else if pass >= plan.max_passes {
+            Some(format!("{} passes done", plan.max_passes))
+        } else if n >= prev {
+            Some(format!("dirty set not shrinking ({prev} -> {n} pages)"))
+        } else {
+            None
+        };
+        if let Some(stop_reason) = stop {
+            return Ok(Precopied {
+                carry: bits,
+                passes,
+                stop_reason,
+                ms: t0.elapsed().as_secs_f64() * 1e3,
+            });
+        }
+        prev = n;
+        server.resend(&bits);
+    }
 }

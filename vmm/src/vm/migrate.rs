@@ -8,8 +8,8 @@ use serde_json::json;
 
 use super::{error_chain, Exit, Vm};
 use crate::control::Reply;
-use crate::migration::outgoing::{Context, MigEvent, Outgoing, Switch};
-use crate::migration::{mono_ns, Link, Offer, Wire, PROGRESS_EVERY, REQUIRED_CAPS};
+use crate::migration::outgoing::{Context, DirtyOp, MigEvent, Outgoing, Switch};
+use crate::migration::{mono_ns, Link, Mode, Offer, Plan, Wire, PROGRESS_EVERY, REQUIRED_CAPS};
 use crate::state;
 
 /// A migration this VM is the source of.
@@ -20,6 +20,9 @@ pub(super) struct Source {
     pub(super) paused_it: bool,
     /// Add the checksum of RAM at the pause to the report.
     pub(super) verify: bool,
+    /// Ends the pre-copy passes (`migrate-switchover`).
+    pub(super) switchover: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub(super) hybrid: bool,
 }
 
 /// This VM arrived by migration and still depends on its source.
@@ -33,23 +36,16 @@ impl Vm {
     pub(super) fn start_migration(
         &mut self,
         to: String,
-        mode: Option<String>,
-        verify: bool,
+        plan: Plan,
         reply: std::sync::mpsc::Sender<Reply>,
     ) {
         let refuse = |kind: &str, msg: String| {
             let _ = reply.send(Reply::err(kind, msg));
         };
-        match mode.as_deref() {
-            None | Some("postcopy") => {}
-            Some(m @ ("precopy" | "hybrid")) => {
-                return refuse(
-                    "bad_request",
-                    format!("mode {m} is not available yet; postcopy is"),
-                )
-            }
-            Some(m) => return refuse("bad_request", format!("unknown mode {m:?} (postcopy)")),
-        }
+        let mode = match &plan.mode {
+            Ok(m) => *m,
+            Err(why) => return refuse("bad_request", why.clone()),
+        };
         if self.source.is_some() {
             return refuse("busy", "a migration is already running".into());
         }
@@ -72,7 +68,10 @@ impl Vm {
             tsc_khz: self.guest.tsc_khz,
             caps: REQUIRED_CAPS.iter().map(|(c, _)| *c).collect(),
             page_server: String::new(),
+            precopy: mode == Mode::Hybrid,
         };
+        let verify = plan.verify;
+        let switchover = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ctx = Context {
             to,
             offer,
@@ -84,6 +83,8 @@ impl Vm {
                 .collect(),
             layout: self.ram.layout(),
             events: self.tx.clone(),
+            plan,
+            switchover: switchover.clone(),
         };
         // SAFETY: guest RAM stays mapped while `self.source` lives: Vm::drop drops the source
         // (which joins the thread and its page-server) before the RAM.
@@ -95,6 +96,8 @@ impl Vm {
                     reply,
                     paused_it: false,
                     verify,
+                    switchover,
+                    hybrid: mode == Mode::Hybrid,
                 });
             }
             Err(e) => refuse("migration", error_chain(&e)),
@@ -110,11 +113,23 @@ impl Vm {
             s.paused_it = !was_paused;
         }
         let envelope = state::encode(&snap).map_err(|e| error_chain(&e))?;
+        // hybrid: what the guest wrote since the last pass, then dirty logging off
+        let mut dirty = Vec::new();
+        if let Some(log) = self.dirty_log.take() {
+            let set = log
+                .collect(&self.fd)
+                .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"));
+            if let Err(e) = log.stop(&self.fd) {
+                log::warn!("turning dirty logging off: {e}");
+            }
+            dirty = set?.to_bytes();
+        }
         self.kvm_pages_at_pause = state::kvm_owned_pages(&snap);
         Ok(Switch {
             envelope,
             paused_at,
             pause_ms: t.elapsed().as_secs_f64() * 1e3,
+            dirty,
         })
     }
 
@@ -127,6 +142,10 @@ impl Vm {
                     self.resume_after_migration();
                 }
                 let _ = tx.send(r);
+                None
+            }
+            MigEvent::Dirty(op, tx) => {
+                let _ = tx.send(self.dirty_op(op));
                 None
             }
             MigEvent::Progress(v) => {
@@ -178,7 +197,46 @@ impl Vm {
         }
     }
 
+    fn dirty_op(&mut self, op: DirtyOp) -> Result<(Vec<u8>, u64), String> {
+        match op {
+            DirtyOp::Start => {
+                let log = crate::dirty::KvmDirtyLog::start(&self.fd, &self.ram)
+                    .map_err(|e| format!("turning KVM dirty logging on: {e}"))?;
+                self.dirty_log = Some(log);
+                Ok((Vec::new(), 0))
+            }
+            DirtyOp::Collect => {
+                let log = self.dirty_log.as_ref().ok_or("dirty logging is off")?;
+                let set = log
+                    .collect(&self.fd)
+                    .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
+                Ok((set.to_bytes(), set.count()))
+            }
+        }
+    }
+
+    /// `migrate-switchover`: ends a hybrid migration's pre-copy passes now.
+    pub(super) fn force_switchover(&mut self) -> Reply {
+        match &self.source {
+            Some(s) if s.hybrid => {
+                s.switchover
+                    .store(true, std::sync::atomic::Ordering::Release);
+                Reply::ok(serde_json::json!({"switchover": "requested"}))
+            }
+            Some(_) => Reply::err(
+                "bad_request",
+                "this migration has no pre-copy (mode postcopy)",
+            ),
+            None => Reply::err("bad_request", "no migration is running"),
+        }
+    }
+
     fn resume_after_migration(&mut self) {
+        if let Some(log) = self.dirty_log.take() {
+            if let Err(e) = log.stop(&self.fd) {
+                log::warn!("turning dirty logging off: {e}");
+            }
+        }
         if self.source.as_ref().is_some_and(|s| s.paused_it) {
             self.resume();
             if let Some(s) = &mut self.source {

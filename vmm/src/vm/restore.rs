@@ -114,6 +114,11 @@ impl Prepared {
         })
     }
 
+    /// The pager, when memory is remote.
+    pub fn pager(&self) -> Option<&Pager> {
+        self.pager.as_ref()
+    }
+
     /// /dev/kvm.
     pub fn kvm(&self) -> &kvm_ioctls::Kvm {
         &self.sh.kvm

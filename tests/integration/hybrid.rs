@@ -1,0 +1,136 @@
+//! Hybrid migration (pre-copy passes while the guest runs, KVM dirty logging, then post-copy
+//! for the pages still dirty): the guest goes on, and the destination's RAM equals the source's
+//! at the pause, byte for byte, whether pre-copy converged, ran out of passes, or was cut short.
+
+use serde_json::Value;
+
+use crate::migration::{
+    check_continues, check_report, gates, last_heartbeat, migrate, source_exits, start_dest,
+};
+use crate::vm::{boot_guest, VmmProc};
+
+/// The pre-copy part of a report.
+fn precopy(r: &Value) -> &Value {
+    assert_eq!(r["mode"], "hybrid", "{r}");
+    &r["precopy"]
+}
+
+/// Boots a guest writing `rate` pages/s, migrates it (hybrid, `extra` options) into a paused
+/// destination and checks its RAM equals the source's at the pause; returns the report.
+fn hybrid_ram_equal(cmdline: &str, extra: &[&str]) -> Value {
+    let mut src = VmmProc::start(&["run", "--mem", "256M", "--vcpus", "2", "--cmdline", cmdline]);
+    src.wait_line("READY", std::time::Duration::from_secs(60), |l| {
+        l.starts_with("READY")
+    });
+    src.heartbeats_after(None, 10);
+    let (dest, addr) = start_dest(None, "127.0.0.1", &["--paused"]);
+    let mut args = vec!["--mode", "hybrid", "--verify"];
+    args.extend_from_slice(extra);
+    let r = migrate(&src, &addr, &args);
+    check_report(&r, 256 << 20);
+    source_exits(&mut src);
+    let got = dest.ctl(&["checksum"]);
+    assert_eq!(
+        got["ram_checksum_except_kvm"], r["source_ram_checksum_except_kvm"],
+        "destination RAM differs from the source's at the pause: {r}"
+    );
+    dest.ctl(&["resume"]);
+    check_continues(&dest, &last_heartbeat(&src), 2);
+    r
+}
+
+#[test]
+fn hybrid_migration_of_a_running_guest() {
+    if !gates("hybrid_migration_of_a_running_guest") {
+        return;
+    }
+    let mut src = boot_guest(2, "256M");
+    let (dest, addr) = start_dest(None, "127.0.0.1", &[]);
+    let r = migrate(&src, &addr, &["--mode", "hybrid"]);
+    check_report(&r, 256 << 20);
+    let pc = precopy(&r);
+    let passes = pc["passes"].as_array().unwrap();
+    assert!(!passes.is_empty(), "{r}");
+    assert_eq!(
+        passes[0]["pages_sent"], 65536,
+        "the first pass sends every page: {r}"
+    );
+    // the guest writes ~2000 pages/s: a pass of ~0.1-0.5 s leaves a few hundred dirty
+    assert!(
+        pc["stop_reason"].as_str().unwrap().starts_with("converged"),
+        "{r}"
+    );
+    source_exits(&mut src);
+    check_continues(&dest, &last_heartbeat(&src), 2);
+    // most pages came before the pause: the destination faulted on few
+    assert!(r["fault_pages"].as_u64().unwrap() < 2000, "{r}");
+    dest.ctl(&["shutdown"]);
+}
+
+#[test]
+fn hybrid_memory_equals_the_source_at_pause() {
+    if !gates("hybrid_memory_equals_the_source_at_pause") {
+        return;
+    }
+    // converging: a few hundred pages written per pass
+    let r = hybrid_ram_equal("rate=2000 hot=50", &[]);
+    assert!(precopy(&r)["stop_reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("converged"));
+    // not converging: 50 000 pages/s over all memory, a threshold no pass reaches
+    let r = hybrid_ram_equal(
+        "rate=50000 hot=100",
+        &["--threshold-pages", "1", "--max-passes", "3"],
+    );
+    let why = precopy(&r)["stop_reason"].as_str().unwrap().to_owned();
+    assert!(
+        why.contains("passes done") || why.contains("not shrinking"),
+        "{why}: {r}"
+    );
+    assert!(precopy(&r)["pages_dirty_at_switchover"].as_u64().unwrap() > 100);
+}
+
+#[test]
+fn hybrid_switchover_on_request() {
+    if !gates("hybrid_switchover_on_request") {
+        return;
+    }
+    let mut src = boot_guest(2, "256M");
+    let (dest, addr) = start_dest(None, "127.0.0.1", &[]);
+    let sock = src.sock.clone();
+    // never converges on its own: threshold 0, many passes
+    let m = std::thread::spawn(move || {
+        crate::vm::ctl_raw(
+            &sock,
+            &[
+                "migrate",
+                "--to",
+                &addr,
+                "--mode",
+                "hybrid",
+                "--threshold-pages",
+                "0",
+                "--max-passes",
+                "1000",
+            ],
+        )
+    });
+    // a postcopy-only request is refused meanwhile, the switchover taken
+    let mut asked = false;
+    for _ in 0..200 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let v = crate::vm::ctl_raw(&src.sock, &["migrate-switchover"]);
+        if v["ok"] == Value::Bool(true) {
+            asked = true;
+            break;
+        }
+    }
+    assert!(asked, "migrate-switchover was never accepted");
+    let r = m.join().unwrap();
+    check_report(&r, 256 << 20);
+    assert_eq!(precopy(&r)["stop_reason"], "switchover requested", "{r}");
+    source_exits(&mut src);
+    check_continues(&dest, &last_heartbeat(&src), 2);
+    dest.ctl(&["shutdown"]);
+}
