@@ -11,20 +11,25 @@ use crate::vm::{boot_guest, VmmProc};
 
 /// The pre-copy part of a report.
 fn precopy(r: &Value) -> &Value {
-    assert_eq!(r["mode"], "hybrid", "{r}");
+    assert!(r["mode"] == "hybrid" || r["mode"] == "precopy", "{r}");
     &r["precopy"]
 }
 
 /// Boots a guest writing `rate` pages/s, migrates it (hybrid, `extra` options) into a paused
 /// destination and checks its RAM equals the source's at the pause; returns the report.
 fn hybrid_ram_equal(cmdline: &str, extra: &[&str]) -> Value {
+    ram_equal_after("hybrid", cmdline, extra)
+}
+
+/// [`hybrid_ram_equal`] for any mode with pre-copy.
+fn ram_equal_after(mode: &str, cmdline: &str, extra: &[&str]) -> Value {
     let mut src = VmmProc::start(&["run", "--mem", "256M", "--vcpus", "2", "--cmdline", cmdline]);
     src.wait_line("READY", std::time::Duration::from_secs(60), |l| {
         l.starts_with("READY")
     });
     src.heartbeats_after(None, 10);
     let (dest, addr) = start_dest(None, "127.0.0.1", &["--paused"]);
-    let mut args = vec!["--mode", "hybrid", "--verify"];
+    let mut args = vec!["--mode", mode, "--verify"];
     args.extend_from_slice(extra);
     let r = migrate(&src, &addr, &args);
     check_report(&r, 256 << 20);
@@ -133,4 +138,26 @@ fn hybrid_switchover_on_request() {
     source_exits(&mut src);
     check_continues(&dest, &last_heartbeat(&src), 2);
     dest.ctl(&["shutdown"]);
+}
+
+#[test]
+fn precopy_mode_resumes_with_every_page_present() {
+    if !gates("precopy_mode_resumes_with_every_page_present") {
+        return;
+    }
+    let r = ram_equal_after("precopy", "rate=2000 hot=50", &[]);
+    assert_eq!(r["mode"], "precopy");
+    // the rest was copied while paused: nothing left to fault on after the resume
+    assert_eq!(r["fault_pages"], 0, "{r}");
+    // and the downtime estimate stops the passes too
+    let r = ram_equal_after(
+        "precopy",
+        "rate=50000 hot=100",
+        &["--threshold-pages", "1", "--max-downtime-ms", "50"],
+    );
+    let why = precopy(&r)["stop_reason"].as_str().unwrap().to_owned();
+    assert!(
+        why.contains("ms <= 50 ms") || why.contains("not shrinking"),
+        "{why}"
+    );
 }

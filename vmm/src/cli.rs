@@ -205,15 +205,21 @@ enum CtlCmd {
         to: String,
         /// `postcopy` (default): pause at once, memory follows. `hybrid`: copy memory while
         /// the VM runs (KVM dirty logging finds what it writes again, pass after pass), then
-        /// pause and let post-copy bring the pages still dirty.
+        /// pause and let post-copy bring the pages still dirty. `precopy`: the same passes,
+        /// then the pages still dirty are copied while the VM is paused (no post-copy).
         #[arg(long, default_value = "postcopy")]
         mode: String,
         /// Hybrid: at most this many pre-copy passes (default 8).
         #[arg(long)]
         max_passes: Option<u32>,
-        /// Hybrid: switch over once a pass leaves at most this many dirty pages (default 1024).
+        /// Hybrid / precopy: switch over once a pass leaves at most this many dirty pages
+        /// (default 1024).
         #[arg(long)]
         threshold_pages: Option<u64>,
+        /// Hybrid / precopy: also switch over once the dirty pages could be sent within this
+        /// many milliseconds at the rate the last pass sent.
+        #[arg(long)]
+        max_downtime_ms: Option<u64>,
         /// Report the checksum of guest RAM at the pause (`source_ram_checksum`), to compare
         /// with `vmm ctl checksum` on a destination started with --paused.
         #[arg(long)]
@@ -378,12 +384,14 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
             verify,
             max_passes,
             threshold_pages,
+            max_downtime_ms,
         } => Request::Migrate {
             to,
             mode: Some(mode),
             verify,
             max_passes,
             threshold_pages,
+            max_downtime_ms,
         },
         CtlCmd::MigrateSwitchover => Request::MigrateSwitchover,
     };

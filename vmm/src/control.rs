@@ -64,8 +64,9 @@ pub enum Request {
     Migrate {
         /// Destination: `host:port`, `tcp:host:port` or a Unix socket path.
         to: String,
-        /// `postcopy` (the default) or `hybrid` (pre-copy passes while the VM runs, then
-        /// post-copy for the rest).
+        /// `postcopy` (the default), `hybrid` (pre-copy passes while the VM runs, then
+        /// post-copy for the rest) or `precopy` (pre-copy passes, then the rest copied while
+        /// paused).
         #[serde(default)]
         mode: Option<String>,
         /// Hybrid: at most this many pre-copy passes.
@@ -74,6 +75,10 @@ pub enum Request {
         /// Hybrid: switch over once a pass leaves at most this many dirty pages.
         #[serde(default)]
         threshold_pages: Option<u64>,
+        /// Hybrid / precopy: also switch over once the dirty pages could be sent in this many
+        /// milliseconds at the last pass's rate.
+        #[serde(default)]
+        max_downtime_ms: Option<u64>,
         /// Add the checksum of guest RAM as it was at the pause to the report (computed after
         /// the destination has every page, so it costs no downtime).
         #[serde(default)]

@@ -673,6 +673,7 @@ impl Vm {
                         verify,
                         max_passes,
                         threshold_pages,
+                        max_downtime_ms,
                     },
                     reply,
                 )) => {
@@ -680,6 +681,7 @@ impl Vm {
                         mode.as_deref(),
                         max_passes,
                         threshold_pages,
+                        max_downtime_ms,
                         verify,
                     );
                     self.start_migration(to, plan, reply);

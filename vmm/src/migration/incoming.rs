@@ -327,7 +327,7 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
         },
         ..cfg.pager.clone()
     };
-    let prepared = Prepared::new(&offer.config, Some((&pages, &pcfg, ServedAs::Ranges)))
+    let mut prepared = Prepared::new(&offer.config, Some((&pages, &pcfg, ServedAs::Ranges)))
         .map_err(|e| refuse(link, error_chain(&e)))?;
     let tsc = prepared
         .tsc_khz()
@@ -402,6 +402,15 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
             .map_err(|e| fail(link, MigrationError::Other(error_chain(&e))))?
             .unwrap_or(0);
         log::info!("pre-copy ended: {dropped} pages modified since they were sent are dropped");
+    }
+    if offer.copy_before_resume {
+        // stop-and-copy: the pages still dirty come now, while the VM is paused everywhere
+        prepared.wait_memory(Duration::from_secs(60)).map_err(|e| {
+            fail(
+                link,
+                MigrationError::Other(format!("copying the rest: {e}")),
+            )
+        })?;
     }
     let mut vm = Vm::finish(
         prepared,

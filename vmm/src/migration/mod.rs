@@ -52,6 +52,9 @@ pub enum Mode {
     /// Pre-copy passes while the VM runs (KVM dirty logging), then post-copy for the pages
     /// still dirty.
     Hybrid,
+    /// Pre-copy passes, then the pages still dirty are copied while the VM is paused; the
+    /// destination resumes with every page present (no post-copy).
+    Precopy,
 }
 
 /// What the caller asked for.
@@ -63,6 +66,9 @@ pub struct Plan {
     pub max_passes: u32,
     /// Hybrid: switch over once a pass leaves at most this many dirty pages.
     pub threshold_pages: u64,
+    /// Pre-copy / hybrid: also switch over once the dirty pages could be sent in this many
+    /// milliseconds at the rate the last pass sent.
+    pub max_downtime_ms: Option<u64>,
     /// Report the RAM checksum at the pause.
     pub verify: bool,
 }
@@ -74,22 +80,27 @@ impl Plan {
         mode: Option<&str>,
         max_passes: Option<u32>,
         threshold_pages: Option<u64>,
+        max_downtime_ms: Option<u64>,
         verify: bool,
     ) -> Plan {
         let mode = match mode {
             None | Some("postcopy") => Ok(Mode::Postcopy),
             Some("hybrid") => Ok(Mode::Hybrid),
-            Some("precopy") => {
-                Err("mode precopy is not available yet; postcopy and hybrid are".into())
-            }
-            Some(m) => Err(format!("unknown mode {m:?} (postcopy, hybrid)")),
+            Some("precopy") => Ok(Mode::Precopy),
+            Some(m) => Err(format!("unknown mode {m:?} (postcopy, hybrid, precopy)")),
         };
         Plan {
             mode,
             max_passes: max_passes.unwrap_or(8).max(1),
             threshold_pages: threshold_pages.unwrap_or(1024),
+            max_downtime_ms,
             verify,
         }
+    }
+
+    /// Whether pages are copied while the VM still runs.
+    pub fn precopies(&self) -> bool {
+        matches!(self.mode, Ok(Mode::Hybrid | Mode::Precopy))
     }
 }
 
@@ -131,9 +142,11 @@ pub struct Offer {
     pub caps: Vec<u32>,
     /// Where the source's page-server listens (an `Addr` string).
     pub page_server: String,
-    /// Pages come while the VM still runs on the source (hybrid): the destination's pager
-    /// takes re-sent pages over older copies until the switch.
+    /// Pages come while the VM still runs on the source (hybrid, precopy): the destination's
+    /// pager takes re-sent pages over older copies until the switch.
     pub precopy: bool,
+    /// Precopy: the destination resumes only once every page is present.
+    pub copy_before_resume: bool,
 }
 
 /// One message of the migration conversation.

@@ -213,7 +213,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
         pages,
         ServerConfig {
             bulk_buffer_bytes: super::bulk_buffer_for(super::tcp_rtt(link.sock())),
-            precopy: ctx.plan.mode == Ok(Mode::Hybrid),
+            precopy: ctx.plan.precopies(),
             ..ServerConfig::default()
         },
     )
@@ -257,7 +257,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
         }
     }
     let (rtt_ns, offset_ns) = best.unwrap_or((0, 0));
-    let precopy = if ctx.plan.mode == Ok(Mode::Hybrid) {
+    let precopy = if ctx.plan.precopies() {
         Some(precopy(&ctx, &mut link, &server, t_start)?)
     } else {
         None
@@ -358,7 +358,11 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
     drop(server);
     let dest: Value = serde_json::from_str(&report).unwrap_or(Value::Null);
     let mut out = json!({
-        "mode": if precopy.is_some() { "hybrid" } else { "postcopy" },
+        "mode": match ctx.plan.mode {
+            Ok(Mode::Hybrid) => "hybrid",
+            Ok(Mode::Precopy) => "precopy",
+            _ => "postcopy",
+        },
         "to": addr.to_string(),
         "mem_bytes": total_bytes,
         "vcpus": offer.config.vcpus,
@@ -444,6 +448,8 @@ fn precopy(
         let sent = server.stats().pages_sent();
         let (bits, n) = dirty_op(ctx, DirtyOp::Collect)?;
         let secs = t.elapsed().as_secs_f64();
+        // pages this pass sent per millisecond: how long the dirty ones would take paused
+        let per_ms = (sent - sent_before) as f64 / (secs * 1e3).max(1e-3);
         let p = json!({
             "pass": pass,
             "pages_sent": sent - sent_before,
@@ -467,6 +473,14 @@ fn precopy(
             Some(format!(
                 "converged: {n} dirty pages <= {}",
                 plan.threshold_pages
+            ))
+        } else if let Some(md) = plan
+            .max_downtime_ms
+            .filter(|&md| n as f64 <= md as f64 * per_ms)
+        {
+            Some(format!(
+                "converged: {n} dirty pages take ~{:.1} ms <= {md} ms at {per_ms:.0} pages/ms",
+                n as f64 / per_ms.max(1e-9)
             ))
         } else if pass >= plan.max_passes {
             Some(format!("{} passes done", plan.max_passes))

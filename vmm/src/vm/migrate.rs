@@ -68,7 +68,8 @@ impl Vm {
             tsc_khz: self.guest.tsc_khz,
             caps: REQUIRED_CAPS.iter().map(|(c, _)| *c).collect(),
             page_server: String::new(),
-            precopy: mode == Mode::Hybrid,
+            precopy: mode != Mode::Postcopy,
+            copy_before_resume: mode == Mode::Precopy,
         };
         let verify = plan.verify;
         let switchover = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -97,7 +98,7 @@ impl Vm {
                     paused_it: false,
                     verify,
                     switchover,
-                    hybrid: mode == Mode::Hybrid,
+                    hybrid: mode != Mode::Postcopy,
                 });
             }
             Err(e) => refuse("migration", error_chain(&e)),

@@ -119,6 +119,22 @@ impl Prepared {
         self.pager.as_ref()
     }
 
+    /// Waits (at most `timeout`) until the pager has every page (stop-and-copy migration).
+    pub fn wait_memory(&mut self, timeout: Duration) -> Result<(), String> {
+        let Some(p) = self.pager.as_mut() else {
+            return Ok(());
+        };
+        match p.wait(timeout) {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(crate::vm::error_chain(&e)),
+            None => Err(format!(
+                "{} of {} pages after {timeout:?}",
+                p.present_pages(),
+                p.total_pages()
+            )),
+        }
+    }
+
     /// /dev/kvm.
     pub fn kvm(&self) -> &kvm_ioctls::Kvm {
         &self.sh.kvm
