@@ -161,3 +161,26 @@ fn precopy_mode_resumes_with_every_page_present() {
         "{why}"
     );
 }
+
+#[test]
+fn hybrid_with_uffd_wp_async_tracking() {
+    if !gates("hybrid_with_uffd_wp_async_tracking") {
+        return;
+    }
+    if let Err(e) = vmm::dirty_uffd::UffdWpAsync::available() {
+        println!("SKIPPED: hybrid_with_uffd_wp_async_tracking: {e}");
+        return;
+    }
+    for mode in ["hybrid", "precopy"] {
+        let r = ram_equal_after(
+            mode,
+            "rate=2000 hot=50",
+            &["--dirty-tracking", "uffd-wp-async"],
+        );
+        assert_eq!(precopy(&r)["dirty_tracking"], "uffd-wp-async", "{r}");
+        let passes = precopy(&r)["passes"].as_array().unwrap();
+        // the guest writes ~2000 pages/s: the tracker sees them
+        let dirtied = passes[0]["pages_dirtied"].as_u64().unwrap();
+        assert!(dirtied > 20, "{r}");
+    }
+}

@@ -194,6 +194,10 @@ enum CtlCmd {
         /// Measuring time in milliseconds (10 to 10000).
         #[arg(long, default_value_t = 1000)]
         ms: u64,
+        /// `kvm` (KVM dirty log, the default) or `uffd-wp-async` (userfaultfd asynchronous
+        /// write protection + PAGEMAP_SCAN, Linux >= 6.7).
+        #[arg(long)]
+        backend: Option<String>,
     },
     /// Live-migrate the VM to a `vmm --incoming` on another host: the VM pauses only while
     /// its non-memory state crosses, resumes there at once, and its memory follows (faults
@@ -220,6 +224,9 @@ enum CtlCmd {
         /// many milliseconds at the rate the last pass sent.
         #[arg(long)]
         max_downtime_ms: Option<u64>,
+        /// Hybrid / precopy: how writes are tracked, `kvm` (default) or `uffd-wp-async`.
+        #[arg(long)]
+        dirty_tracking: Option<String>,
         /// Report the checksum of guest RAM at the pause (`source_ram_checksum`), to compare
         /// with `vmm ctl checksum` on a destination started with --paused.
         #[arg(long)]
@@ -377,7 +384,7 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
         CtlCmd::Shutdown => Request::Shutdown,
         CtlCmd::SerialInput { data } => Request::SerialInput { data },
         CtlCmd::Checksum => Request::Checksum,
-        CtlCmd::DirtyRate { ms } => Request::DirtyRate { ms },
+        CtlCmd::DirtyRate { ms, backend } => Request::DirtyRate { ms, backend },
         CtlCmd::Migrate {
             to,
             mode,
@@ -385,6 +392,7 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
             max_passes,
             threshold_pages,
             max_downtime_ms,
+            dirty_tracking,
         } => Request::Migrate {
             to,
             mode: Some(mode),
@@ -392,6 +400,7 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
             max_passes,
             threshold_pages,
             max_downtime_ms,
+            dirty_tracking,
         },
         CtlCmd::MigrateSwitchover => Request::MigrateSwitchover,
     };

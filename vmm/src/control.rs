@@ -58,6 +58,9 @@ pub enum Request {
         /// How long to measure.
         #[serde(default = "default_dirty_rate_ms")]
         ms: u64,
+        /// `kvm` (default) or `uffd-wp-async`.
+        #[serde(default)]
+        backend: Option<String>,
     },
     /// Live-migrate the VM to a `vmm --incoming` at `to`; replies with progress lines, then
     /// the report. On success the source VMM exits 0 after its final reply.
@@ -79,6 +82,9 @@ pub enum Request {
         /// milliseconds at the last pass's rate.
         #[serde(default)]
         max_downtime_ms: Option<u64>,
+        /// Hybrid / precopy: `kvm` (default) or `uffd-wp-async`.
+        #[serde(default)]
+        dirty_tracking: Option<String>,
         /// Add the checksum of guest RAM as it was at the pause to the report (computed after
         /// the destination has every page, so it costs no downtime).
         #[serde(default)]

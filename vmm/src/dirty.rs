@@ -163,3 +163,83 @@ mod tests {
         assert!(proto::bit(&b, 133) && proto::bit(&b, 134) && !proto::bit(&b, 135));
     }
 }
+
+/// Which dirty-tracking backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// KVM_GET_DIRTY_LOG.
+    Kvm,
+    /// userfaultfd asynchronous write protection + PAGEMAP_SCAN.
+    UffdWpAsync,
+}
+
+impl Backend {
+    /// Parses `kvm` / `uffd-wp-async` (None: the default, `kvm`).
+    pub fn parse(s: Option<&str>) -> Result<Backend, String> {
+        match s {
+            None | Some("kvm") => Ok(Backend::Kvm),
+            Some("uffd-wp-async") => Ok(Backend::UffdWpAsync),
+            Some("uffd-wp") => {
+                Err("dirty tracking uffd-wp is not available yet; kvm and uffd-wp-async are".into())
+            }
+            Some(o) => Err(format!("unknown dirty tracking {o:?} (kvm, uffd-wp-async)")),
+        }
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Kvm => "kvm",
+            Backend::UffdWpAsync => "uffd-wp-async",
+        }
+    }
+}
+
+/// Dirty tracking switched on with one backend.
+#[derive(Debug)]
+pub enum Tracker {
+    /// KVM's dirty log.
+    Kvm(KvmDirtyLog),
+    /// userfaultfd asynchronous write protection.
+    UffdWpAsync(crate::dirty_uffd::UffdWpAsync),
+}
+
+impl Tracker {
+    /// Turns tracking on for `ram`.
+    pub fn start(b: Backend, fd: &VmFd, ram: &GuestRam) -> Result<Tracker, String> {
+        match b {
+            Backend::Kvm => KvmDirtyLog::start(fd, ram)
+                .map(Tracker::Kvm)
+                .map_err(|e| format!("turning KVM dirty logging on: {e}")),
+            Backend::UffdWpAsync => crate::dirty_uffd::UffdWpAsync::start(ram)
+                .map(Tracker::UffdWpAsync)
+                .map_err(|e| crate::vm::error_chain(&e)),
+        }
+    }
+
+    /// The pages written since `start` or the previous collection.
+    pub fn collect(&self, fd: &VmFd) -> Result<PageSet, String> {
+        match self {
+            Tracker::Kvm(l) => l.collect(fd).map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}")),
+            Tracker::UffdWpAsync(t) => t.collect().map_err(|e| crate::vm::error_chain(&e)),
+        }
+    }
+
+    /// Turns tracking off.
+    pub fn stop(self, fd: &VmFd) -> Result<(), String> {
+        match self {
+            Tracker::Kvm(l) => l
+                .stop(fd)
+                .map_err(|e| format!("turning KVM dirty logging off: {e}")),
+            Tracker::UffdWpAsync(t) => t.stop().map_err(|e| crate::vm::error_chain(&e)),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Tracker::Kvm(_) => Backend::Kvm,
+            Tracker::UffdWpAsync(_) => Backend::UffdWpAsync,
+        }
+    }
+}

@@ -15,6 +15,7 @@ pub mod control;
 pub mod cpuid;
 pub mod devices;
 pub mod dirty;
+pub mod dirty_uffd;
 pub mod linux;
 pub mod memory;
 pub mod migration;

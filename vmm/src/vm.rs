@@ -175,8 +175,8 @@ pub struct Vm {
     kept_server: Option<page_server::ServerHandle>,
     /// Pages KVM owned when the migration paused the VM (left out of RAM comparisons).
     kvm_pages_at_pause: Vec<u64>,
-    /// KVM dirty logging, on during a hybrid migration's pre-copy.
-    dirty_log: Option<crate::dirty::KvmDirtyLog>,
+    /// Dirty tracking, on during a migration's pre-copy.
+    dirty_log: Option<crate::dirty::Tracker>,
 }
 
 fn console_out(s: &SerialOut) -> Result<ConsoleOut, VmError> {
@@ -528,21 +528,26 @@ impl Vm {
         })))
     }
 
-    /// Pages the guest writes in `ms` milliseconds (KVM dirty log), and the rate.
-    fn dirty_rate(&mut self, ms: u64) -> Result<Reply, VmError> {
+    /// Pages the guest writes in `ms` milliseconds (with `backend`'s dirty tracking), and the
+    /// rate.
+    fn dirty_rate(&mut self, ms: u64, backend: Option<&str>) -> Result<Reply, VmError> {
         let ms = ms.clamp(10, 10_000);
-        let log = crate::dirty::KvmDirtyLog::start(&self.fd, &self.ram)
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (dirty logging on)"))?;
-        let t = Instant::now();
+        let b = crate::dirty::Backend::parse(backend).map_err(VmError::Config)?;
+        if self.dirty_log.is_some() {
+            return Err(VmError::Config(
+                "dirty tracking is in use by a migration".into(),
+            ));
+        }
+        let t = crate::dirty::Tracker::start(b, &self.fd, &self.ram).map_err(VmError::Config)?;
+        let t0 = Instant::now();
         std::thread::sleep(Duration::from_millis(ms));
-        let set = log.collect(&self.fd);
-        let took = t.elapsed().as_secs_f64();
-        log.stop(&self.fd)
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (dirty logging off)"))?;
-        let set = set.map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        let set = t.collect(&self.fd);
+        let took = t0.elapsed().as_secs_f64();
+        t.stop(&self.fd).map_err(VmError::Config)?;
+        let set = set.map_err(VmError::Config)?;
         let n = set.count();
         Ok(Reply::ok(json!({
-            "backend": "kvm",
+            "backend": b.name(),
             "ms": took * 1e3,
             "dirty_pages": n,
             "total_pages": set.len(),
@@ -632,7 +637,7 @@ impl Vm {
                 "migrate is handled by the controller loop",
             )),
             Request::Checksum => self.checksums(),
-            Request::DirtyRate { ms } => self.dirty_rate(ms),
+            Request::DirtyRate { ms, backend } => self.dirty_rate(ms, backend.as_deref()),
         };
         match r {
             Ok(reply) => (reply, None),
@@ -674,16 +679,18 @@ impl Vm {
                         max_passes,
                         threshold_pages,
                         max_downtime_ms,
+                        dirty_tracking,
                     },
                     reply,
                 )) => {
-                    let plan = crate::migration::Plan::parse(
+                    let mut plan = crate::migration::Plan::parse(
                         mode.as_deref(),
                         max_passes,
                         threshold_pages,
                         max_downtime_ms,
                         verify,
                     );
+                    plan.dirty_tracking = dirty_tracking;
                     self.start_migration(to, plan, reply);
                 }
                 Event::Migration(m) => {

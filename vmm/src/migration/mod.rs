@@ -71,6 +71,8 @@ pub struct Plan {
     pub max_downtime_ms: Option<u64>,
     /// Report the RAM checksum at the pause.
     pub verify: bool,
+    /// Dirty-tracking backend by name (None: `kvm`).
+    pub dirty_tracking: Option<String>,
 }
 
 impl Plan {
@@ -95,6 +97,7 @@ impl Plan {
             threshold_pages: threshold_pages.unwrap_or(1024),
             max_downtime_ms,
             verify,
+            dirty_tracking: None,
         }
     }
 

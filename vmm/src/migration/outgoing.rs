@@ -41,8 +41,8 @@ pub struct Switch {
 
 /// Dirty logging requests to the controller (which owns the VM fd).
 pub enum DirtyOp {
-    /// Turn KVM dirty logging on.
-    Start,
+    /// Turn dirty tracking on with this backend.
+    Start(crate::dirty::Backend),
     /// The pages written since the previous collection.
     Collect,
 }
@@ -377,6 +377,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
         "clock_offset_us": offset_ns as f64 / 1e3,
         "source": served,
         "precopy": precopy.as_ref().map(|p| json!({
+            "dirty_tracking": ctx.plan.dirty_tracking.as_deref().unwrap_or("kvm"),
             "passes": p.passes,
             "stop_reason": p.stop_reason,
             "pages_dirty_at_switchover": final_dirty,
@@ -422,7 +423,9 @@ fn precopy(
     t_start: Instant,
 ) -> Result<Precopied, MigrationError> {
     let t0 = Instant::now();
-    dirty_op(ctx, DirtyOp::Start)?;
+    let backend = crate::dirty::Backend::parse(ctx.plan.dirty_tracking.as_deref())
+        .map_err(MigrationError::Other)?;
+    dirty_op(ctx, DirtyOp::Start(backend))?;
     link.send(&Wire::Precopy)?;
     let plan = &ctx.plan;
     let forced = || ctx.switchover.load(std::sync::atomic::Ordering::Acquire);

@@ -46,6 +46,9 @@ impl Vm {
             Ok(m) => *m,
             Err(why) => return refuse("bad_request", why.clone()),
         };
+        if let Err(why) = crate::dirty::Backend::parse(plan.dirty_tracking.as_deref()) {
+            return refuse("bad_request", why);
+        }
         if self.source.is_some() {
             return refuse("busy", "a migration is already running".into());
         }
@@ -200,17 +203,13 @@ impl Vm {
 
     fn dirty_op(&mut self, op: DirtyOp) -> Result<(Vec<u8>, u64), String> {
         match op {
-            DirtyOp::Start => {
-                let log = crate::dirty::KvmDirtyLog::start(&self.fd, &self.ram)
-                    .map_err(|e| format!("turning KVM dirty logging on: {e}"))?;
-                self.dirty_log = Some(log);
+            DirtyOp::Start(b) => {
+                self.dirty_log = Some(crate::dirty::Tracker::start(b, &self.fd, &self.ram)?);
                 Ok((Vec::new(), 0))
             }
             DirtyOp::Collect => {
-                let log = self.dirty_log.as_ref().ok_or("dirty logging is off")?;
-                let set = log
-                    .collect(&self.fd)
-                    .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
+                let log = self.dirty_log.as_ref().ok_or("dirty tracking is off")?;
+                let set = log.collect(&self.fd)?;
                 Ok((set.to_bytes(), set.count()))
             }
         }

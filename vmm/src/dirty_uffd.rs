@@ -1,0 +1,276 @@
+//! Dirty-page tracking, the `uffd-wp-async` backend (Linux ≥ 6.7): guest RAM is registered
+//! with a userfaultfd in write-protect mode with `UFFD_FEATURE_WP_ASYNC` (the kernel itself
+//! lifts the protection on a write and records it, no fault reaches user space) and
+//! `UFFD_FEATURE_WP_UNPOPULATED` (pages never touched are protected too), and the `PAGEMAP_SCAN`
+//! ioctl on /proc/self/pagemap returns the written pages and protects them again in one step.
+//! Writes by KVM through its own mappings go through the same page tables, so they count too.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use thiserror::Error;
+
+use crate::dirty::PageSet;
+use crate::memory::{GuestRam, PAGE_SIZE};
+
+const UFFD_API: u64 = 0xAA;
+const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const FEATURE_WP_ASYNC: u64 = 1 << 15;
+const REGISTER_MODE_WP: u64 = 1 << 1;
+const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+
+const fn iowr(nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (0xAA << 8) | nr
+}
+const UFFDIO_API: u64 = iowr(0x3F, 24);
+const UFFDIO_REGISTER: u64 = iowr(0x00, 32);
+const UFFDIO_UNREGISTER: u64 = (2 << 30) | (16 << 16) | (0xAA << 8) | 0x01;
+const UFFDIO_WRITEPROTECT: u64 = iowr(0x06, 24);
+
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: u64 = (3 << 30) | (96 << 16) | (0x66 << 8) | 16;
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// The backend could not be used.
+#[derive(Debug, Error)]
+pub enum UffdWpError {
+    /// The kernel lacks a feature.
+    #[error("this kernel's userfaultfd lacks {0} (needs Linux >= 6.7)")]
+    Unsupported(&'static str),
+    /// A call failed.
+    #[error("{what}")]
+    Os {
+        /// What.
+        what: &'static str,
+        /// errno.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn os(what: &'static str) -> impl FnOnce(io::Error) -> UffdWpError {
+    move |source| UffdWpError::Os { what, source }
+}
+
+/// Issues `req` with `arg` on `fd`.
+///
+/// # Safety
+/// `arg` must be the structure `req` expects.
+unsafe fn ioctl<T>(fd: i32, req: u64, arg: &mut T) -> io::Result<i64> {
+    // SAFETY: the caller passes the structure this request reads and writes; it lives across
+    // the call.
+    let r = unsafe { libc::ioctl(fd, req as _, arg as *mut T) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(i64::from(r))
+    }
+}
+
+/// Write-protect tracking switched on for a VM's RAM.
+#[derive(Debug)]
+pub struct UffdWpAsync {
+    uffd: OwnedFd,
+    pagemap: File,
+    /// `(host address, bytes, first flat page)`.
+    regions: Vec<(u64, u64, u64)>,
+    pages: u64,
+}
+
+impl UffdWpAsync {
+    /// Whether this kernel offers the features (for gates and defaults).
+    pub fn available() -> Result<(), UffdWpError> {
+        let (_fd, features) = open_uffd(0)?;
+        if features & FEATURE_WP_ASYNC == 0 {
+            return Err(UffdWpError::Unsupported("UFFD_FEATURE_WP_ASYNC"));
+        }
+        if features & FEATURE_WP_UNPOPULATED == 0 {
+            return Err(UffdWpError::Unsupported("UFFD_FEATURE_WP_UNPOPULATED"));
+        }
+        Ok(())
+    }
+
+    /// Registers every RAM region for asynchronous write protection and protects it all.
+    pub fn start(ram: &GuestRam) -> Result<UffdWpAsync, UffdWpError> {
+        Self::available()?;
+        let (uffd, _) = open_uffd(FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED)?;
+        let ps = u64::from(PAGE_SIZE);
+        let mut first = 0;
+        let mut regions = Vec::new();
+        for (_, host, len) in ram.host_regions() {
+            let mut reg = UffdioRegister {
+                range: UffdioRange { start: host, len },
+                mode: REGISTER_MODE_WP,
+                ioctls: 0,
+            };
+            // SAFETY: UFFDIO_REGISTER takes a uffdio_register.
+            unsafe { ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) }
+                .map_err(os("UFFDIO_REGISTER (write-protect mode) of guest RAM"))?;
+            regions.push((host, len, first));
+            first += len / ps;
+        }
+        let t = UffdWpAsync {
+            uffd,
+            pagemap: File::open("/proc/self/pagemap").map_err(os("opening /proc/self/pagemap"))?,
+            regions,
+            pages: first,
+        };
+        for &(host, len, _) in &t.regions {
+            let mut wp = UffdioWriteprotect {
+                range: UffdioRange { start: host, len },
+                mode: WRITEPROTECT_MODE_WP,
+            };
+            // SAFETY: UFFDIO_WRITEPROTECT takes a uffdio_writeprotect.
+            unsafe { ioctl(t.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) }
+                .map_err(os("UFFDIO_WRITEPROTECT of guest RAM"))?;
+        }
+        Ok(t)
+    }
+
+    /// The pages written since `start` or the previous `collect` (protected again).
+    pub fn collect(&self) -> Result<PageSet, UffdWpError> {
+        let ps = u64::from(PAGE_SIZE);
+        let mut set = PageSet::new(self.pages);
+        let mut vec = vec![PageRegion::default(); 512];
+        for &(host, len, first) in &self.regions {
+            let end = host + len;
+            let mut at = host;
+            while at < end {
+                let mut arg = PmScanArg {
+                    size: std::mem::size_of::<PmScanArg>() as u64,
+                    flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                    start: at,
+                    end,
+                    vec: vec.as_mut_ptr() as u64,
+                    vec_len: vec.len() as u64,
+                    category_mask: PAGE_IS_WRITTEN,
+                    return_mask: PAGE_IS_WRITTEN,
+                    ..Default::default()
+                };
+                // SAFETY: PAGEMAP_SCAN takes a pm_scan_arg whose `vec` points to `vec_len`
+                // page_region structs we own; it writes at most that many.
+                let n = unsafe { ioctl(self.pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) }
+                    .map_err(os("PAGEMAP_SCAN of guest RAM"))?;
+                for r in &vec[..(n as usize).min(vec.len())] {
+                    for p in (r.start - host) / ps..(r.end - host) / ps {
+                        set.insert(first + p);
+                    }
+                }
+                if arg.walk_end <= at {
+                    break;
+                }
+                at = arg.walk_end;
+            }
+        }
+        Ok(set)
+    }
+
+    /// Turns tracking off (unregisters, which lifts every protection).
+    pub fn stop(self) -> Result<(), UffdWpError> {
+        for &(host, len, _) in &self.regions {
+            let mut r = UffdioRange { start: host, len };
+            // SAFETY: UFFDIO_UNREGISTER takes a uffdio_range.
+            unsafe { ioctl(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut r) }
+                .map_err(os("UFFDIO_UNREGISTER of guest RAM"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens a userfaultfd and negotiates `features`; returns it and what the kernel offers.
+fn open_uffd(features: u64) -> Result<(OwnedFd, u64), UffdWpError> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: userfaultfd(2) takes only flags and returns a new fd or -1.
+    let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if r < 0 {
+        return Err(UffdWpError::Os {
+            what: "userfaultfd(2)",
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(r as i32) };
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API takes a uffdio_api.
+    unsafe { ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) }.map_err(os("UFFDIO_API"))?;
+    Ok((fd, api.features))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        // values from linux/userfaultfd.h and linux/fs.h on x86_64
+        assert_eq!(UFFDIO_API, 0xc018_aa3f);
+        assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
+        assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
+        assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
+        assert_eq!(PAGEMAP_SCAN, 0xc060_6610);
+        assert_eq!(std::mem::size_of::<PmScanArg>(), 96);
+        assert_eq!(std::mem::size_of::<PageRegion>(), 24);
+    }
+}
