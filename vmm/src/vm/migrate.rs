@@ -117,16 +117,12 @@ impl Vm {
             s.paused_it = !was_paused;
         }
         let envelope = state::encode(&snap).map_err(|e| error_chain(&e))?;
-        // hybrid: what the guest wrote since the last pass, then dirty logging off
+        // pre-copy: what the guest wrote since the last pass. Tracking stays on (turning KVM's
+        // off re-registers the memory slots, milliseconds here): the VM does not run again
+        // unless the migration fails, and then it is turned off first.
         let mut dirty = Vec::new();
-        if let Some(log) = self.dirty_log.take() {
-            let set = log
-                .collect(&self.fd)
-                .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"));
-            if let Err(e) = log.stop(&self.fd) {
-                log::warn!("turning dirty logging off: {e}");
-            }
-            dirty = set?.to_bytes();
+        if let Some(log) = &self.dirty_log {
+            dirty = log.collect(&self.fd)?.to_bytes();
         }
         self.kvm_pages_at_pause = state::kvm_owned_pages(&snap);
         Ok(Switch {
