@@ -163,24 +163,25 @@ fn precopy_mode_resumes_with_every_page_present() {
 }
 
 #[test]
-fn hybrid_with_uffd_wp_async_tracking() {
-    if !gates("hybrid_with_uffd_wp_async_tracking") {
+fn hybrid_with_userfaultfd_write_protect_tracking() {
+    if !gates("hybrid_with_userfaultfd_write_protect_tracking") {
         return;
     }
-    if let Err(e) = vmm::dirty_uffd::UffdWpAsync::available() {
-        println!("SKIPPED: hybrid_with_uffd_wp_async_tracking: {e}");
-        return;
-    }
-    for mode in ["hybrid", "precopy"] {
-        let r = ram_equal_after(
-            mode,
-            "rate=2000 hot=50",
-            &["--dirty-tracking", "uffd-wp-async"],
-        );
-        assert_eq!(precopy(&r)["dirty_tracking"], "uffd-wp-async", "{r}");
-        let passes = precopy(&r)["passes"].as_array().unwrap();
-        // the guest writes ~2000 pages/s: the tracker sees them
-        let dirtied = passes[0]["pages_dirtied"].as_u64().unwrap();
-        assert!(dirtied > 20, "{r}");
+    let backends = [
+        ("uffd-wp", vmm::dirty_uffd::UffdWp::available()),
+        ("uffd-wp-async", vmm::dirty_uffd::UffdWpAsync::available()),
+    ];
+    for (backend, avail) in backends {
+        if let Err(e) = avail {
+            println!("SKIPPED: hybrid_with_userfaultfd_write_protect_tracking ({backend}): {e}");
+            continue;
+        }
+        for mode in ["hybrid", "precopy"] {
+            let r = ram_equal_after(mode, "rate=2000 hot=50", &["--dirty-tracking", backend]);
+            assert_eq!(precopy(&r)["dirty_tracking"], backend, "{r}");
+            // the guest writes ~2000 pages/s: the tracker sees them
+            let passes = precopy(&r)["passes"].as_array().unwrap();
+            assert!(passes[0]["pages_dirtied"].as_u64().unwrap() > 20, "{r}");
+        }
     }
 }

@@ -169,6 +169,8 @@ mod tests {
 pub enum Backend {
     /// KVM_GET_DIRTY_LOG.
     Kvm,
+    /// userfaultfd write protection, faults taken by a thread of ours.
+    UffdWp,
     /// userfaultfd asynchronous write protection + PAGEMAP_SCAN.
     UffdWpAsync,
 }
@@ -179,10 +181,10 @@ impl Backend {
         match s {
             None | Some("kvm") => Ok(Backend::Kvm),
             Some("uffd-wp-async") => Ok(Backend::UffdWpAsync),
-            Some("uffd-wp") => {
-                Err("dirty tracking uffd-wp is not available yet; kvm and uffd-wp-async are".into())
-            }
-            Some(o) => Err(format!("unknown dirty tracking {o:?} (kvm, uffd-wp-async)")),
+            Some("uffd-wp") => Ok(Backend::UffdWp),
+            Some(o) => Err(format!(
+                "unknown dirty tracking {o:?} (kvm, uffd-wp, uffd-wp-async)"
+            )),
         }
     }
 
@@ -190,6 +192,7 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Kvm => "kvm",
+            Backend::UffdWp => "uffd-wp",
             Backend::UffdWpAsync => "uffd-wp-async",
         }
     }
@@ -200,6 +203,8 @@ impl Backend {
 pub enum Tracker {
     /// KVM's dirty log.
     Kvm(KvmDirtyLog),
+    /// userfaultfd write protection.
+    UffdWp(crate::dirty_uffd::UffdWp),
     /// userfaultfd asynchronous write protection.
     UffdWpAsync(crate::dirty_uffd::UffdWpAsync),
 }
@@ -211,6 +216,9 @@ impl Tracker {
             Backend::Kvm => KvmDirtyLog::start(fd, ram)
                 .map(Tracker::Kvm)
                 .map_err(|e| format!("turning KVM dirty logging on: {e}")),
+            Backend::UffdWp => crate::dirty_uffd::UffdWp::start(ram)
+                .map(Tracker::UffdWp)
+                .map_err(|e| crate::vm::error_chain(&e)),
             Backend::UffdWpAsync => crate::dirty_uffd::UffdWpAsync::start(ram)
                 .map(Tracker::UffdWpAsync)
                 .map_err(|e| crate::vm::error_chain(&e)),
@@ -221,6 +229,7 @@ impl Tracker {
     pub fn collect(&self, fd: &VmFd) -> Result<PageSet, String> {
         match self {
             Tracker::Kvm(l) => l.collect(fd).map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}")),
+            Tracker::UffdWp(t) => t.collect().map_err(|e| crate::vm::error_chain(&e)),
             Tracker::UffdWpAsync(t) => t.collect().map_err(|e| crate::vm::error_chain(&e)),
         }
     }
@@ -231,6 +240,7 @@ impl Tracker {
             Tracker::Kvm(l) => l
                 .stop(fd)
                 .map_err(|e| format!("turning KVM dirty logging off: {e}")),
+            Tracker::UffdWp(t) => t.stop().map_err(|e| crate::vm::error_chain(&e)),
             Tracker::UffdWpAsync(t) => t.stop().map_err(|e| crate::vm::error_chain(&e)),
         }
     }
@@ -239,6 +249,7 @@ impl Tracker {
     pub fn backend(&self) -> Backend {
         match self {
             Tracker::Kvm(_) => Backend::Kvm,
+            Tracker::UffdWp(_) => Backend::UffdWp,
             Tracker::UffdWpAsync(_) => Backend::UffdWpAsync,
         }
     }

@@ -1,4 +1,10 @@
-//! Dirty-page tracking, the `uffd-wp-async` backend (Linux ≥ 6.7): guest RAM is registered
+//! Dirty-page tracking through userfaultfd write protection, two backends.
+//!
+//! `uffd-wp` (Linux ≥ 5.7; the seed's method): every page is write-protected; a write faults,
+//! a thread of ours records the page as dirty and lifts the protection, and the writer goes on.
+//! A collection takes the recorded set and protects those pages again.
+//!
+//! `uffd-wp-async` (Linux ≥ 6.7): guest RAM is registered
 //! with a userfaultfd in write-protect mode with `UFFD_FEATURE_WP_ASYNC` (the kernel itself
 //! lifts the protection on a write and records it, no fault reaches user space) and
 //! `UFFD_FEATURE_WP_UNPOPULATED` (pages never touched are protected too), and the `PAGEMAP_SCAN`
@@ -15,7 +21,10 @@ use crate::dirty::PageSet;
 use crate::memory::{GuestRam, PAGE_SIZE};
 
 const UFFD_API: u64 = 0xAA;
+const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 const FEATURE_WP_ASYNC: u64 = 1 << 15;
 const REGISTER_MODE_WP: u64 = 1 << 1;
 const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
@@ -232,6 +241,208 @@ impl UffdWpAsync {
                 .map_err(os("UFFDIO_UNREGISTER of guest RAM"))?;
         }
         Ok(())
+    }
+}
+
+/// Registers `regions` (host address, bytes) of `uffd` for write-protect faults and protects
+/// them all.
+fn register_and_protect(uffd: &OwnedFd, regions: &[(u64, u64, u64)]) -> Result<(), UffdWpError> {
+    for &(host, len, _) in regions {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start: host, len },
+            mode: REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER takes a uffdio_register.
+        unsafe { ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) }
+            .map_err(os("UFFDIO_REGISTER (write-protect mode) of guest RAM"))?;
+    }
+    for &(host, len, _) in regions {
+        protect(uffd, host, len, true)?;
+    }
+    Ok(())
+}
+
+/// Write-protects (or lifts the protection of, waking the writers) `[addr, addr + len)`.
+fn protect(uffd: &OwnedFd, addr: u64, len: u64, on: bool) -> Result<(), UffdWpError> {
+    let mut wp = UffdioWriteprotect {
+        range: UffdioRange { start: addr, len },
+        mode: if on { WRITEPROTECT_MODE_WP } else { 0 },
+    };
+    // SAFETY: UFFDIO_WRITEPROTECT takes a uffdio_writeprotect.
+    unsafe { ioctl(uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) }
+        .map(|_| ())
+        .map_err(os("UFFDIO_WRITEPROTECT of guest RAM"))
+}
+
+fn ram_regions(ram: &GuestRam) -> (Vec<(u64, u64, u64)>, u64) {
+    let ps = u64::from(PAGE_SIZE);
+    let mut first = 0;
+    let mut v = Vec::new();
+    for (_, host, len) in ram.host_regions() {
+        v.push((host, len, first));
+        first += len / ps;
+    }
+    (v, first)
+}
+
+/// Synchronous write-protect tracking: a thread takes each write fault, records the page and
+/// lets the writer go on.
+#[derive(Debug)]
+pub struct UffdWp {
+    uffd: std::sync::Arc<OwnedFd>,
+    regions: Vec<(u64, u64, u64)>,
+    dirty: std::sync::Arc<proto::bitmap::AtomicBitmap>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pages: u64,
+}
+
+impl UffdWp {
+    /// Whether this kernel offers write-protect faults on anonymous memory.
+    pub fn available() -> Result<(), UffdWpError> {
+        let (_fd, features) = open_uffd(0)?;
+        if features & FEATURE_PAGEFAULT_FLAG_WP == 0 {
+            return Err(UffdWpError::Unsupported("UFFD_FEATURE_PAGEFAULT_FLAG_WP"));
+        }
+        if features & FEATURE_WP_UNPOPULATED == 0 {
+            return Err(UffdWpError::Unsupported("UFFD_FEATURE_WP_UNPOPULATED"));
+        }
+        Ok(())
+    }
+
+    /// Registers and protects guest RAM and starts the fault thread.
+    pub fn start(ram: &GuestRam) -> Result<UffdWp, UffdWpError> {
+        Self::available()?;
+        let (uffd, _) = open_uffd(FEATURE_PAGEFAULT_FLAG_WP | FEATURE_WP_UNPOPULATED)?;
+        let (regions, pages) = ram_regions(ram);
+        register_and_protect(&uffd, &regions)?;
+        let uffd = std::sync::Arc::new(uffd);
+        let dirty = std::sync::Arc::new(proto::bitmap::AtomicBitmap::new(pages));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (u, d, st, r) = (uffd.clone(), dirty.clone(), stop.clone(), regions.clone());
+        let thread = std::thread::Builder::new()
+            .name("uffd-wp".into())
+            .spawn(move || wp_fault_loop(&u, &d, &st, &r))
+            .map_err(os("spawning the write-fault thread"))?;
+        Ok(UffdWp {
+            uffd,
+            regions,
+            dirty,
+            stop,
+            thread: Some(thread),
+            pages,
+        })
+    }
+
+    /// The pages written since `start` or the previous `collect` (protected again).
+    pub fn collect(&self) -> Result<PageSet, UffdWpError> {
+        let ps = u64::from(PAGE_SIZE);
+        // take the set first, then protect its pages again: a write in between goes to a page
+        // reported now (and read for sending after it), so none is lost
+        let mut set = PageSet::new(self.pages);
+        let bytes = self.dirty.to_bytes();
+        self.dirty.clear_bytes(&bytes);
+        for (bi, &b) in bytes.iter().enumerate() {
+            let mut b = b;
+            while b != 0 {
+                let p = bi as u64 * 8 + u64::from(b.trailing_zeros());
+                b &= b - 1;
+                set.insert(p);
+            }
+        }
+        for &(host, len, first) in &self.regions {
+            let n = len / ps;
+            let mut i = 0;
+            while i < n {
+                if !set.contains(first + i) {
+                    i += 1;
+                    continue;
+                }
+                let s = i;
+                while i < n && set.contains(first + i) {
+                    i += 1;
+                }
+                protect(&self.uffd, host + s * ps, (i - s) * ps, true)?;
+            }
+        }
+        Ok(set)
+    }
+
+    /// Turns tracking off: stops the fault thread, then unregisters (lifting every protection
+    /// and waking any writer that faulted meanwhile).
+    pub fn stop(mut self) -> Result<(), UffdWpError> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for &(host, len, _) in &self.regions {
+            let mut range = UffdioRange { start: host, len };
+            // SAFETY: UFFDIO_UNREGISTER takes a uffdio_range.
+            unsafe { ioctl(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range) }
+                .map_err(os("UFFDIO_UNREGISTER of guest RAM"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UffdWp {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Takes write faults: records the page, lifts its protection (which wakes the writer).
+fn wp_fault_loop(
+    uffd: &OwnedFd,
+    dirty: &proto::bitmap::AtomicBitmap,
+    stop: &std::sync::atomic::AtomicBool,
+    regions: &[(u64, u64, u64)],
+) {
+    let ps = u64::from(PAGE_SIZE);
+    let mut msgs = [[0u8; 32]; 64];
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        let mut p = libc::pollfd {
+            fd: uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one pollfd we own.
+        if unsafe { libc::poll(&mut p, 1, 50) } <= 0 {
+            continue;
+        }
+        // SAFETY: reading into 64 uffd_msg slots of 32 bytes we own.
+        let r = unsafe {
+            libc::read(
+                uffd.as_raw_fd(),
+                msgs.as_mut_ptr().cast(),
+                std::mem::size_of_val(&msgs),
+            )
+        };
+        if r <= 0 {
+            continue;
+        }
+        for m in &msgs[..r as usize / 32] {
+            if m[0] != UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            let flags = u64::from_ne_bytes(m[8..16].try_into().unwrap_or([0; 8]));
+            let addr = u64::from_ne_bytes(m[16..24].try_into().unwrap_or([0; 8])) & !(ps - 1);
+            if flags & UFFD_PAGEFAULT_FLAG_WP == 0 {
+                continue;
+            }
+            if let Some(&(host, _, first)) =
+                regions.iter().find(|&&(h, l, _)| addr >= h && addr < h + l)
+            {
+                dirty.set(first + (addr - host) / ps);
+            }
+            if let Err(e) = protect(uffd, addr, ps, false) {
+                log::warn!("lifting write protection at {addr:#x}: {e}");
+            }
+        }
     }
 }
 
