@@ -15,6 +15,7 @@ mod hb;
 mod image;
 #[allow(dead_code)]
 mod measure;
+mod modes;
 mod ours;
 mod qemu;
 
@@ -40,7 +41,7 @@ use serde_json::Value;
 /// start to completion. Limit: the guest's filled memory (all RAM above 16 MiB; the low 16 MiB
 /// is counted as zero pages) over raw loopback TCP throughput measured in the same run. The
 /// workdir keeps each run's logs and serial timelines (ours-serial.tsv, qemu-serial.tsv).
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "vm-migrate")]
 struct Args {
     /// 1 GiB only, with a shorter run before the migration.
@@ -87,6 +88,14 @@ struct Args {
     /// Our vmm binary (default: `vmm` next to this program).
     #[arg(long)]
     vmm: Option<PathBuf>,
+    /// Compare migration modes instead (first size only): ours postcopy / hybrid / precopy,
+    /// QEMU postcopy / precopy / precopy->postcopy; writes target/bench/migrate-modes.json.
+    #[arg(long)]
+    modes: bool,
+    #[arg(skip = String::from("postcopy"))]
+    ours_mode: String,
+    #[arg(skip = qemu::QemuMode::Postcopy)]
+    qemu_mode: qemu::QemuMode,
 }
 
 /// One row of the JSON output: one memory size, both VMMs.
@@ -175,6 +184,7 @@ fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
         rate: a.rate,
         run_s: a.run_s,
         timeout: Duration::from_secs(a.timeout_s),
+        mode: a.ours_mode.clone(),
     };
     let r = ours::migrate(&c, &|m| progress(mib, "ours", m))?;
     let (src, dst) = (
@@ -245,6 +255,7 @@ fn run_qemu(a: &Args, elf: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
         run_s: a.run_s,
         timeout: Duration::from_secs(a.timeout_s),
         accel: a.qemu_accel.clone(),
+        mode: a.qemu_mode,
     };
     let r = qemu::migrate(&c, &|m| progress(mib, "qemu", m))?;
     let (src, dst) = (
@@ -566,6 +577,9 @@ fn run() -> Result<bool> {
         if !st.success() {
             bail!("vmm guest-elf --out {} failed: {st}", elf.display());
         }
+    }
+    if a.modes {
+        return modes::run(&a, &vmm, qemu_ok, &elf);
     }
     let mut rows = Vec::new();
     for &mib in &a.sizes {

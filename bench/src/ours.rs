@@ -32,6 +32,8 @@ pub struct OursConfig {
     pub run_s: f64,
     /// Time allowed for the migration.
     pub timeout: Duration,
+    /// `vmm ctl migrate --mode`: postcopy, hybrid or precopy.
+    pub mode: String,
 }
 
 /// What one migration with our vmm gave.
@@ -175,7 +177,7 @@ pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
     cmd.arg("ctl")
         .arg("--api-socket")
         .arg(&src.sock)
-        .args(["--json", "migrate", "--to", &to])
+        .args(["--json", "migrate", "--to", &to, "--mode", &c.mode])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&ctl_log)?);

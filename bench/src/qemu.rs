@@ -42,6 +42,30 @@ pub struct QemuConfig {
     pub timeout: Duration,
     /// `auto` (KVM, else TCG), `kvm` or `tcg`.
     pub accel: String,
+    /// How QEMU migrates.
+    pub mode: QemuMode,
+}
+
+/// QEMU's migration modes compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QemuMode {
+    /// postcopy-ram (+ preempt, blocktime), `migrate-start-postcopy` right after `migrate`.
+    Postcopy,
+    /// Plain pre-copy (QEMU's default: converge to its 300 ms downtime limit).
+    Precopy,
+    /// postcopy-ram on; `migrate-start-postcopy` once the first pre-copy pass is done.
+    PrecopyThenPostcopy,
+}
+
+impl QemuMode {
+    /// A short name for tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            QemuMode::Postcopy => "postcopy",
+            QemuMode::Precopy => "precopy",
+            QemuMode::PrecopyThenPostcopy => "precopy->postcopy",
+        }
+    }
 }
 
 /// What one QEMU migration gave.
@@ -279,9 +303,10 @@ fn boot_source(c: &QemuConfig, accel: &str) -> Result<(Qemu, String)> {
 
 const CAPS: [&str; 3] = ["postcopy-ram", "postcopy-preempt", "postcopy-blocktime"];
 
-fn set_caps(q: &mut Qmp) -> Result<()> {
+fn set_caps(q: &mut Qmp, postcopy: bool) -> Result<()> {
     let caps: Vec<Value> = CAPS
         .iter()
+        .filter(|_| postcopy)
         .chain(std::iter::once(&"events"))
         .map(|c| json!({"capability": c, "state": true}))
         .collect();
@@ -306,8 +331,9 @@ pub fn migrate(c: &QemuConfig, progress: &dyn Fn(&str)) -> Result<QemuRun> {
         }
     };
     let mut dst = spawn_qemu(c, accel, "dst", true)?;
-    set_caps(&mut src.qmp)?;
-    set_caps(&mut dst.qmp)?;
+    let postcopy = c.mode != QemuMode::Precopy;
+    set_caps(&mut src.qmp, postcopy)?;
+    set_caps(&mut dst.qmp, postcopy)?;
     let port = hb::free_port()?;
     let uri = format!("tcp:127.0.0.1:{port}");
     dst.qmp.cmd("migrate-incoming", json!({ "uri": uri }))?;
@@ -316,10 +342,32 @@ pub fn migrate(c: &QemuConfig, progress: &dyn Fn(&str)) -> Result<QemuRun> {
         c.run_s
     ));
     crate::settle_then_warm(c.run_s, (c.mem_mib + 512) << 20);
-    progress(&format!("migrate to {uri} + migrate-start-postcopy"));
+    progress(&format!("migrate to {uri} ({})", c.mode.name()));
     let start = Instant::now();
     src.qmp.cmd("migrate", json!({ "uri": uri }))?;
-    src.qmp.cmd("migrate-start-postcopy", json!({}))?;
+    match c.mode {
+        QemuMode::Postcopy => {
+            src.qmp.cmd("migrate-start-postcopy", json!({}))?;
+        }
+        QemuMode::Precopy => {}
+        QemuMode::PrecopyThenPostcopy => {
+            // after the first pass (QEMU syncs the dirty bitmap at the end of each)
+            let deadline = start + c.timeout;
+            loop {
+                std::thread::sleep(Duration::from_millis(5));
+                let info = src.qmp.cmd("query-migrate", json!({}))?;
+                if info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2
+                    || info["status"] == "completed"
+                {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("QEMU's first pre-copy pass did not end: {info}");
+                }
+            }
+            let _ = src.qmp.cmd("migrate-start-postcopy", json!({}));
+        }
+    }
     let deadline = start + c.timeout;
     let (end, info) = loop {
         std::thread::sleep(Duration::from_millis(50));
