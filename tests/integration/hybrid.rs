@@ -185,3 +185,58 @@ fn hybrid_with_userfaultfd_write_protect_tracking() {
         }
     }
 }
+
+#[test]
+fn vmm_writes_during_precopy_are_tracked() {
+    if !gates("vmm_writes_during_precopy_are_tracked") {
+        return;
+    }
+    let backends = [
+        ("kvm", Ok(())),
+        ("uffd-wp", vmm::dirty_uffd::UffdWp::available()),
+        ("uffd-wp-async", vmm::dirty_uffd::UffdWpAsync::available()),
+    ];
+    let pattern: String = (0..4096)
+        .map(|i| format!("{:02x}", (i * 7 + 1) % 251))
+        .collect();
+    let gpa = "0x2345000"; // a page of the guest's filled memory
+    for (backend, avail) in backends {
+        if let Err(e) = avail {
+            println!("SKIPPED: vmm_writes_during_precopy_are_tracked ({backend}): {e}");
+            continue;
+        }
+        // 1 GiB: the first pass streams for a good while after it sent the page (it goes from
+        // low addresses up), and the VMM writes that page meanwhile, as a device would
+        let mut src = boot_guest(1, "1G");
+        let (dest, addr) = start_dest(None, "127.0.0.1", &["--paused"]);
+        let sock = src.sock.clone();
+        let b = backend.to_owned();
+        let m = std::thread::spawn(move || {
+            let args = ["migrate", "--to", &addr, "--mode", "hybrid", "--verify"];
+            let mut args = args.to_vec();
+            args.extend(["--dirty-tracking", &b]);
+            crate::vm::ctl_raw(&sock, &args)
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while src.ctl(&["status"])["state"] != "migrating" {
+            assert!(std::time::Instant::now() < deadline, "no migration");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        src.ctl(&["write-memory", "--gpa", gpa, "--hex", &pattern]);
+        let r = m.join().unwrap();
+        check_report(&r, 1 << 30);
+        source_exits(&mut src);
+        let got = dest.ctl(&["read-memory", "--gpa", gpa, "--len", "4096"]);
+        assert_eq!(
+            got["hex"],
+            pattern.as_str(),
+            "{backend}: the VMM's write was lost"
+        );
+        let sum = dest.ctl(&["checksum"]);
+        assert_eq!(
+            sum["ram_checksum_except_kvm"], r["source_ram_checksum_except_kvm"],
+            "{backend}: RAM differs: {r}"
+        );
+    }
+}

@@ -188,6 +188,24 @@ enum CtlCmd {
     Checksum,
     /// End the pre-copy passes of a running `migrate --mode hybrid` now and switch over.
     MigrateSwitchover,
+    /// Write bytes into guest memory as a device's DMA would (debugging / test hook).
+    WriteMemory {
+        /// Guest-physical address (decimal or 0x hex).
+        #[arg(long, value_parser = parse_u64)]
+        gpa: u64,
+        /// The bytes, as hex.
+        #[arg(long)]
+        hex: String,
+    },
+    /// Read guest memory (at most 64 KiB), printed as hex.
+    ReadMemory {
+        /// Guest-physical address (decimal or 0x hex).
+        #[arg(long, value_parser = parse_u64)]
+        gpa: u64,
+        /// Bytes.
+        #[arg(long)]
+        len: usize,
+    },
     /// How fast the guest writes its memory: KVM dirty logging on for --ms milliseconds;
     /// reports the pages written (each counted once) and the rate.
     DirtyRate {
@@ -247,6 +265,14 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is not a size like 512M or 4G"))?;
     n.checked_mul(mul)
         .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a number (decimal or 0x hex)"))
 }
 
 fn serial(s: &str) -> SerialOut {
@@ -403,6 +429,8 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
             dirty_tracking,
         },
         CtlCmd::MigrateSwitchover => Request::MigrateSwitchover,
+        CtlCmd::WriteMemory { gpa, hex } => Request::WriteMemory { gpa, hex },
+        CtlCmd::ReadMemory { gpa, len } => Request::ReadMemory { gpa, len },
     };
     let migrate = matches!(req, Request::Migrate { .. });
     let reply =

@@ -52,6 +52,21 @@ pub enum Request {
     Checksum,
     /// End the pre-copy passes of a running hybrid migration now and switch over.
     MigrateSwitchover,
+    /// Write bytes into guest memory on the VMM's behalf, as a device's DMA would (a debugging
+    /// and test hook; the pages count as dirty for migration).
+    WriteMemory {
+        /// Guest-physical address.
+        gpa: u64,
+        /// The bytes, hex.
+        hex: String,
+    },
+    /// Read guest memory (at most 64 KiB).
+    ReadMemory {
+        /// Guest-physical address.
+        gpa: u64,
+        /// Bytes.
+        len: usize,
+    },
     /// Measure how fast the guest dirties its memory: dirty logging on for `ms` milliseconds
     /// (10 to 10 000; the controller answers nothing else meanwhile).
     DirtyRate {

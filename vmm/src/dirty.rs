@@ -212,6 +212,7 @@ pub enum Tracker {
 impl Tracker {
     /// Turns tracking on for `ram`.
     pub fn start(b: Backend, fd: &VmFd, ram: &GuestRam) -> Result<Tracker, String> {
+        ram.take_vmm_dirty();
         match b {
             Backend::Kvm => KvmDirtyLog::start(fd, ram)
                 .map(Tracker::Kvm)
@@ -225,13 +226,26 @@ impl Tracker {
         }
     }
 
-    /// The pages written since `start` or the previous collection.
-    pub fn collect(&self, fd: &VmFd) -> Result<PageSet, String> {
-        match self {
+    /// The pages written since `start` or the previous collection: by the guest (and KVM),
+    /// and by this VMM through [`GuestRam::write_bytes`] (which KVM's log does not see; the
+    /// userfaultfd backends see them anyway).
+    pub fn collect(&self, fd: &VmFd, ram: &GuestRam) -> Result<PageSet, String> {
+        // the VMM's own writes first: one made while the backend collects is then reported
+        // now or next time, never lost
+        let vmm = ram.take_vmm_dirty();
+        let mut set = match self {
             Tracker::Kvm(l) => l.collect(fd).map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}")),
             Tracker::UffdWp(t) => t.collect().map_err(|e| crate::vm::error_chain(&e)),
             Tracker::UffdWpAsync(t) => t.collect().map_err(|e| crate::vm::error_chain(&e)),
+        }?;
+        for (bi, &b) in vmm.iter().enumerate() {
+            let mut b = b;
+            while b != 0 {
+                set.insert(bi as u64 * 8 + u64::from(b.trailing_zeros()));
+                b &= b - 1;
+            }
         }
+        Ok(set)
     }
 
     /// Turns tracking off.

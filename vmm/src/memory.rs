@@ -61,6 +61,14 @@ pub enum MemoryError {
         /// RAM size.
         ram_bytes: u64,
     },
+    /// A guest-physical range outside RAM.
+    #[error("{len} bytes at guest-physical {gpa:#x} are not (all) in guest RAM")]
+    OutOfRange {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: usize,
+    },
 }
 
 /// Guest-physical RAM ranges `(gpa, bytes)` for `bytes` of RAM.
@@ -83,6 +91,9 @@ pub fn ram_ranges(bytes: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
 pub struct GuestRam {
     mem: GuestMemoryMmap<()>,
     ranges: Vec<(u64, u64)>,
+    /// Pages this VMM wrote through [`GuestRam::write_bytes`] (device emulation): KVM's dirty
+    /// log does not see them, so dirty tracking adds them.
+    vmm_dirty: proto::bitmap::AtomicBitmap,
 }
 
 impl GuestRam {
@@ -95,7 +106,67 @@ impl GuestRam {
             .collect();
         let mem = GuestMemoryMmap::from_ranges(&vm_ranges)
             .map_err(|source| MemoryError::Map { bytes, source })?;
-        Ok(GuestRam { mem, ranges })
+        Ok(GuestRam {
+            mem,
+            ranges,
+            vmm_dirty: proto::bitmap::AtomicBitmap::new(bytes / u64::from(PAGE_SIZE)),
+        })
+    }
+
+    /// The flat page index (regions in guest-physical order) of guest-physical `gpa`.
+    pub fn page_index(&self, gpa: u64) -> Option<u64> {
+        let ps = u64::from(PAGE_SIZE);
+        let mut first = 0;
+        for &(g, l) in &self.ranges {
+            if gpa >= g && gpa < g + l {
+                return Some(first + (gpa - g) / ps);
+            }
+            first += l / ps;
+        }
+        None
+    }
+
+    /// Writes `data` at guest-physical `gpa` on the VMM's behalf (device emulation, DMA) and
+    /// records the pages for dirty tracking.
+    pub fn write_bytes(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        use vm_memory::Bytes;
+        let range = MemoryError::OutOfRange {
+            gpa,
+            len: data.len(),
+        };
+        let last = gpa.checked_add(data.len().max(1) as u64 - 1).ok_or(range)?;
+        let (Some(a), Some(b)) = (self.page_index(gpa), self.page_index(last)) else {
+            return Err(MemoryError::OutOfRange {
+                gpa,
+                len: data.len(),
+            });
+        };
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: data.len(),
+            })?;
+        self.vmm_dirty.set_range(a, b - a + 1);
+        Ok(())
+    }
+
+    /// Reads `len` bytes at guest-physical `gpa`.
+    pub fn read_bytes(&self, gpa: u64, len: usize) -> Result<Vec<u8>, MemoryError> {
+        use vm_memory::Bytes;
+        let mut v = vec![0u8; len];
+        self.mem
+            .read_slice(&mut v, GuestAddress(gpa))
+            .map_err(|_| MemoryError::OutOfRange { gpa, len })?;
+        Ok(v)
+    }
+
+    /// Takes (and clears) the pages written through [`GuestRam::write_bytes`] since the last
+    /// call, as bitmap bytes (one bit per flat page).
+    pub fn take_vmm_dirty(&self) -> Vec<u8> {
+        let b = self.vmm_dirty.to_bytes();
+        self.vmm_dirty.clear_bytes(&b);
+        b
     }
 
     /// The vm-memory view.

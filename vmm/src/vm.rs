@@ -541,7 +541,7 @@ impl Vm {
         let t = crate::dirty::Tracker::start(b, &self.fd, &self.ram).map_err(VmError::Config)?;
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_millis(ms));
-        let set = t.collect(&self.fd);
+        let set = t.collect(&self.fd, &self.ram);
         let took = t0.elapsed().as_secs_f64();
         t.stop(&self.fd).map_err(VmError::Config)?;
         let set = set.map_err(VmError::Config)?;
@@ -555,6 +555,26 @@ impl Vm {
             "mib_per_s": (n * u64::from(crate::memory::PAGE_SIZE)) as f64 / took / (1 << 20) as f64,
             "paused": self.paused,
         })))
+    }
+
+    fn write_memory(&mut self, gpa: u64, hex: &str) -> Result<Reply, VmError> {
+        let bytes = decode_hex(hex).ok_or_else(|| {
+            VmError::Config(format!("{} bytes of hex that do not decode", hex.len()))
+        })?;
+        if bytes.len() > 64 << 10 {
+            return Err(VmError::Config("at most 64 KiB per write".into()));
+        }
+        self.ram.write_bytes(gpa, &bytes)?;
+        Ok(Reply::ok(json!({"written": bytes.len()})))
+    }
+
+    fn read_memory(&mut self, gpa: u64, len: usize) -> Result<Reply, VmError> {
+        if len > 64 << 10 {
+            return Err(VmError::Config("at most 64 KiB per read".into()));
+        }
+        let b = self.ram.read_bytes(gpa, len)?;
+        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        Ok(Reply::ok(json!({ "hex": hex })))
     }
 
     /// RAM checksums: of all of it, and without the pages KVM rewrites (when paused).
@@ -632,6 +652,8 @@ impl Vm {
                 Ok(Reply::ok(json!({"queued": n})))
             }
             Request::MigrateSwitchover => Ok(self.force_switchover()),
+            Request::WriteMemory { gpa, hex } => self.write_memory(gpa, &hex),
+            Request::ReadMemory { gpa, len } => self.read_memory(gpa, len),
             Request::Migrate { .. } => Ok(Reply::err(
                 "internal",
                 "migrate is handled by the controller loop",
@@ -772,6 +794,18 @@ impl Drop for Vm {
         // The pager goes before the RAM it pages.
         self.pager = None;
     }
+}
+
+/// Bytes from hex digits (None if not an even number of hex digits).
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// `err: cause: cause` on one line.

@@ -122,7 +122,7 @@ impl Vm {
         // unless the migration fails, and then it is turned off first.
         let mut dirty = Vec::new();
         if let Some(log) = &self.dirty_log {
-            dirty = log.collect(&self.fd)?.to_bytes();
+            dirty = log.collect(&self.fd, &self.ram)?.to_bytes();
         }
         self.kvm_pages_at_pause = state::kvm_owned_pages(&snap);
         Ok(Switch {
@@ -205,7 +205,7 @@ impl Vm {
             }
             DirtyOp::Collect => {
                 let log = self.dirty_log.as_ref().ok_or("dirty tracking is off")?;
-                let set = log.collect(&self.fd)?;
+                let set = log.collect(&self.fd, &self.ram)?;
                 Ok((set.to_bytes(), set.count()))
             }
         }
