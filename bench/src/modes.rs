@@ -121,11 +121,38 @@ pub(crate) fn run(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path) -> Result<boo
                 .map_or(String::new(), |e| format!("  FAILED: {e}"))
         );
     }
+    // what each dirty-tracking backend costs the running guest
+    let c = crate::ours::OursConfig {
+        vmm: vmm.to_owned(),
+        dir: dir.clone(),
+        mem_mib: mib,
+        vcpus: a.vcpus,
+        rate: 400_000,
+        run_s: a.run_s,
+        timeout: std::time::Duration::from_secs(a.timeout_s),
+        mode: "postcopy".into(),
+    };
+    let cost = crate::ours::tracking_cost(&c, &|m| progress(mib, "ours", m))
+        .map_err(|e| progress(mib, "ours", &format!("tracking cost: {e:#}")))
+        .unwrap_or_default();
+    if !cost.is_empty() {
+        println!("\n== dirty tracking cost: guest asking 400 000 page writes/s, pages written per second ==");
+        for (b, r) in &cost {
+            println!("  {b:<14} {r:>10.0}");
+        }
+    }
     let out = a.out.with_file_name("migrate-modes.json");
     if let Some(d) = out.parent() {
         std::fs::create_dir_all(d)?;
     }
-    std::fs::write(&out, serde_json::to_vec_pretty(&rows)?)
+    let json = serde_json::json!({
+        "modes": rows,
+        "tracking_cost_pages_per_s": cost
+            .iter()
+            .map(|(b, r)| serde_json::json!({"backend": b, "guest_writes_per_s": r}))
+            .collect::<Vec<_>>(),
+    });
+    std::fs::write(&out, serde_json::to_vec_pretty(&json)?)
         .with_context(|| format!("writing {}", out.display()))?;
     println!("\nwrote {}", out.display());
     Ok(rows.iter().all(|r| r.error.is_none()))

@@ -251,3 +251,67 @@ pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
     dst.proc.wait_exit(Duration::from_secs(5));
     Ok(run)
 }
+
+/// The guest's write counter (`w=`) in its latest heartbeat.
+fn last_writes(serial: &Follow) -> Option<u64> {
+    let (lines, _) = serial.snapshot();
+    lines.iter().rev().find_map(|(_, l)| {
+        l.strip_prefix("HB ")?
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix("w="))?
+            .parse()
+            .ok()
+    })
+}
+
+/// What dirty tracking costs the guest: it writes as fast as it can ask (`rate` pages/s over
+/// all memory) while each backend tracks for 2 s, and without tracking; pages written per
+/// second, twice each, interleaved.
+pub fn tracking_cost(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<Vec<(String, f64)>> {
+    let cmdline = format!("rate={} hot=100", c.rate);
+    let mut vm = Vmm::start(
+        c,
+        "cost",
+        &[
+            "run".into(),
+            "--mem".into(),
+            format!("{}M", c.mem_mib),
+            "--vcpus".into(),
+            c.vcpus.to_string(),
+            "--cmdline".into(),
+            cmdline,
+        ],
+    )?;
+    let fill = Duration::from_secs(60 + 60 * c.mem_mib.div_ceil(1024));
+    vm.serial
+        .wait("READY", fill, |l| l.starts_with("READY"))
+        .with_context(|| vm.fail_context())?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        for b in ["none", "kvm", "uffd-wp", "uffd-wp-async"] {
+            progress(&format!("tracking cost: {b}"));
+            let w0 = last_writes(&vm.serial).context("no heartbeat")?;
+            let t0 = Instant::now();
+            if b == "none" {
+                std::thread::sleep(Duration::from_secs(2));
+            } else {
+                let req = json!({"cmd": "dirty_rate", "ms": 2000, "backend": b});
+                if let Err(e) = ctl(&vm.sock, &req, Duration::from_secs(30)) {
+                    progress(&format!("{b}: {e:#}"));
+                    continue;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(30)); // the next heartbeat
+            let w1 = last_writes(&vm.serial).context("no heartbeat")?;
+            out.push((b.to_owned(), (w1 - w0) as f64 / t0.elapsed().as_secs_f64()));
+        }
+    }
+    let _ = ctl(
+        &vm.sock,
+        &json!({"cmd": "shutdown"}),
+        Duration::from_secs(5),
+    );
+    vm.proc.wait_exit(Duration::from_secs(5));
+    Ok(out)
+}

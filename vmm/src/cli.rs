@@ -231,11 +231,11 @@ enum CtlCmd {
         /// then the pages still dirty are copied while the VM is paused (no post-copy).
         #[arg(long, default_value = "postcopy")]
         mode: String,
-        /// Hybrid: at most this many pre-copy passes (default 8).
+        /// Hybrid / precopy: at most this many pre-copy passes (default 16).
         #[arg(long)]
         max_passes: Option<u32>,
         /// Hybrid / precopy: switch over once a pass leaves at most this many dirty pages
-        /// (default 1024).
+        /// (default 256).
         #[arg(long)]
         threshold_pages: Option<u64>,
         /// Hybrid / precopy: also switch over once the dirty pages could be sent within this

@@ -76,8 +76,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// From the control request's fields (defaults: postcopy; hybrid with 8 passes, 1024
-    /// pages).
+    /// From the control request's fields (defaults: postcopy; 16 passes at most, switch at 256
+    /// dirty pages).
     pub fn parse(
         mode: Option<&str>,
         max_passes: Option<u32>,
@@ -93,8 +93,8 @@ impl Plan {
         };
         Plan {
             mode,
-            max_passes: max_passes.unwrap_or(8).max(1),
-            threshold_pages: threshold_pages.unwrap_or(1024),
+            max_passes: max_passes.unwrap_or(16).max(1),
+            threshold_pages: threshold_pages.unwrap_or(256),
             max_downtime_ms,
             verify,
             dirty_tracking: None,
