@@ -199,30 +199,43 @@ fn vmm_writes_during_precopy_are_tracked() {
     let pattern: String = (0..4096)
         .map(|i| format!("{:02x}", (i * 7 + 1) % 251))
         .collect();
-    let gpa = "0x2345000"; // a page of the guest's filled memory
+    // a page the guest never writes (below its 16 MiB kernel area end, above what it uses):
+    // its own workload writes random pages of all filled memory and would overwrite ours
+    let gpa = "0xf00000";
     for (backend, avail) in backends {
         if let Err(e) = avail {
             println!("SKIPPED: vmm_writes_during_precopy_are_tracked ({backend}): {e}");
             continue;
         }
-        // 1 GiB: the first pass streams for a good while after it sent the page (it goes from
-        // low addresses up), and the VMM writes that page meanwhile, as a device would
-        let mut src = boot_guest(1, "1G");
+        // The guest writes fast (50 000 pages/s), so pre-copy runs several passes; once the
+        // first has sent every page (the source logs it), the VMM writes one of them as a
+        // device would, and that write must still arrive.
+        let mut src = VmmProc::start(&[
+            "run",
+            "--mem",
+            "1G",
+            "--vcpus",
+            "1",
+            "--cmdline",
+            "rate=50000 hot=100",
+        ]);
+        src.wait_line("READY", std::time::Duration::from_secs(60), |l| {
+            l.starts_with("READY")
+        });
         let (dest, addr) = start_dest(None, "127.0.0.1", &["--paused"]);
         let sock = src.sock.clone();
         let b = backend.to_owned();
         let m = std::thread::spawn(move || {
             let args = ["migrate", "--to", &addr, "--mode", "hybrid", "--verify"];
             let mut args = args.to_vec();
-            args.extend(["--dirty-tracking", &b]);
+            args.extend(["--threshold-pages", "0", "--dirty-tracking", &b]);
             crate::vm::ctl_raw(&sock, &args)
         });
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while src.ctl(&["status"])["state"] != "migrating" {
-            assert!(std::time::Instant::now() < deadline, "no migration");
-            std::thread::sleep(std::time::Duration::from_millis(5));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !src.stderr_text().contains("pre-copy pass 1:") {
+            assert!(std::time::Instant::now() < deadline, "no first pass");
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
         src.ctl(&["write-memory", "--gpa", gpa, "--hex", &pattern]);
         let r = m.join().unwrap();
         check_report(&r, 1 << 30);
