@@ -161,37 +161,14 @@ impl UffdWpAsync {
     pub fn start(ram: &GuestRam) -> Result<UffdWpAsync, UffdWpError> {
         Self::available()?;
         let (uffd, _) = open_uffd(FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED)?;
-        let ps = u64::from(PAGE_SIZE);
-        let mut first = 0;
-        let mut regions = Vec::new();
-        for (_, host, len) in ram.host_regions() {
-            let mut reg = UffdioRegister {
-                range: UffdioRange { start: host, len },
-                mode: REGISTER_MODE_WP,
-                ioctls: 0,
-            };
-            // SAFETY: UFFDIO_REGISTER takes a uffdio_register.
-            unsafe { ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) }
-                .map_err(os("UFFDIO_REGISTER (write-protect mode) of guest RAM"))?;
-            regions.push((host, len, first));
-            first += len / ps;
-        }
-        let t = UffdWpAsync {
+        let (regions, pages) = ram_regions(ram);
+        register_and_protect(&uffd, &regions)?;
+        Ok(UffdWpAsync {
             uffd,
             pagemap: File::open("/proc/self/pagemap").map_err(os("opening /proc/self/pagemap"))?,
             regions,
-            pages: first,
-        };
-        for &(host, len, _) in &t.regions {
-            let mut wp = UffdioWriteprotect {
-                range: UffdioRange { start: host, len },
-                mode: WRITEPROTECT_MODE_WP,
-            };
-            // SAFETY: UFFDIO_WRITEPROTECT takes a uffdio_writeprotect.
-            unsafe { ioctl(t.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) }
-                .map_err(os("UFFDIO_WRITEPROTECT of guest RAM"))?;
-        }
-        Ok(t)
+            pages,
+        })
     }
 
     /// The pages written since `start` or the previous `collect` (protected again).
