@@ -40,23 +40,28 @@ pub(crate) fn run(core: Arc<Core>, mut sock: Sock, peer: String, session: Arc<Se
             continue;
         }
         reported_done = false;
-        let origin = if core.precopy.load(std::sync::atomic::Ordering::Acquire) {
-            Origin::Precopy
-        } else {
-            Origin::Stream
-        };
         for (first, count) in runs {
             let mut done = 0;
             while done < count {
-                let n = build_frame(
-                    map,
-                    first + u64::from(done),
-                    count - done,
-                    origin,
-                    0,
-                    &mut frame,
-                    &session,
-                );
+                // origin and count under the gate: once pre-copy has ended, every `Precopy`
+                // frame that will ever go out is counted
+                let n = {
+                    let _g = core.precopy_gate.read().unwrap_or_else(|e| e.into_inner());
+                    let origin = if core.precopy.load(std::sync::atomic::Ordering::Acquire) {
+                        Origin::Precopy
+                    } else {
+                        Origin::Stream
+                    };
+                    build_frame(
+                        map,
+                        first + u64::from(done),
+                        count - done,
+                        origin,
+                        0,
+                        &mut frame,
+                        &session,
+                    )
+                };
                 if n == 0 {
                     break;
                 }

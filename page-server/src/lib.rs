@@ -129,8 +129,16 @@ impl ServerHandle {
     }
 
     /// Ends pre-copy: from now on the stream sends `Stream` pages and ends when all are sent.
-    pub fn end_precopy(&self) {
+    /// Returns how many pages were sent as `Precopy` in all (every one of them built already):
+    /// a receiver that has that many knows no older copy is still on its way.
+    pub fn end_precopy(&self) -> u64 {
+        let _w = self
+            .core
+            .precopy_gate
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         self.core.precopy.store(false, Ordering::Release);
+        self.totals.snapshot().precopy_pages
     }
 
     /// A function that stops the server from any thread (e.g. a signal handler thread).
@@ -191,6 +199,7 @@ pub fn serve(
         next_session: AtomicU64::new(1),
         totals: totals.clone(),
         precopy: AtomicBool::new(config_precopy),
+        precopy_gate: std::sync::RwLock::new(()),
         sessions: std::sync::Mutex::new(Vec::new()),
     });
     let core_handle = core.clone();

@@ -123,6 +123,9 @@ pub(crate) struct Core {
     /// Pre-copy: the memory is still being modified; the stream sends `Precopy` pages and
     /// waits for pages to send again instead of ending.
     pub(crate) precopy: std::sync::atomic::AtomicBool,
+    /// Held (shared) while a bulk thread picks a frame's origin and builds (counts) it,
+    /// (exclusive) while pre-copy ends: after that, every `Precopy` page is counted.
+    pub(crate) precopy_gate: std::sync::RwLock<()>,
     /// Every session opened (for pre-copy's re-sends).
     pub(crate) sessions: std::sync::Mutex<Vec<std::sync::Weak<Session>>>,
 }

@@ -100,6 +100,10 @@ impl Session {
                 Origin::Prefetch => (&c.prefetch_pages, &c.prefetch_pages),
                 Origin::Stream | Origin::Precopy => (&c.stream_pages, &c.stream_pages),
             };
+            if origin == Origin::Precopy {
+                c.precopy_pages
+                    .fetch_add(u64::from(pages), Ordering::Relaxed);
+            }
             let led = fault_pages.min(pages);
             lead.fetch_add(u64::from(led), Ordering::Relaxed);
             rest.fetch_add(u64::from(pages - led), Ordering::Relaxed);

@@ -21,6 +21,8 @@ pub struct Counters {
     pub data_bytes: AtomicU64,
     /// Fault requests answered `InFlight` (their page was on its way on the stream).
     pub in_flight_replies: AtomicU64,
+    /// Of the stream's pages, those sent as `Precopy` (while the memory still changed).
+    pub precopy_pages: AtomicU64,
 }
 
 /// Totals over every session of a server, live and ended.
@@ -43,6 +45,7 @@ impl Totals {
             zero_pages: s.zero_pages.load(Relaxed),
             data_bytes: s.data_bytes.load(Relaxed),
             in_flight_replies: s.in_flight_replies.load(Relaxed),
+            precopy_pages: s.precopy_pages.load(Relaxed),
         }
     }
 }
@@ -66,6 +69,8 @@ pub struct ServerStats {
     pub data_bytes: u64,
     /// Fault requests answered `InFlight` instead of sending their page again.
     pub in_flight_replies: u64,
+    /// Of the stream's pages, those sent as `Precopy` (while the memory still changed).
+    pub precopy_pages: u64,
 }
 
 impl ServerStats {

@@ -90,8 +90,25 @@ impl Pager {
     /// source paused) already came, and an older copy still on its way is dropped when it
     /// comes. From now on the pager completes once every page is present. Returns how
     /// many present pages were dropped. Call before anything uses the region.
-    pub fn end_precopy(&self, dirty: &[u8]) -> Result<u64, PagerError> {
+    ///
+    /// `precopy_pages`: how many pages the source sent as `Precopy` in all
+    /// (`ServerHandle::end_precopy`); this waits (up to 30 s) until they have all come, so no
+    /// older copy can arrive once the region is in use.
+    pub fn end_precopy(&self, dirty: &[u8], precopy_pages: u64) -> Result<u64, PagerError> {
         let sh = &self.shared;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while sh.stats.precopy_received.load(Ordering::Acquire) < precopy_pages {
+            if sh.stop.load(Ordering::Acquire) || std::time::Instant::now() > deadline {
+                return Err(PagerError::Protocol {
+                    addr: String::new(),
+                    what: format!(
+                        "pre-copy: {} of the {precopy_pages} pages the source sent have come",
+                        sh.stats.precopy_received.load(Ordering::Acquire)
+                    ),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
         let _w = sh.precopy_lock.write().unwrap_or_else(|p| p.into_inner());
         sh.stale.merge_bytes(0, dirty, sh.total_pages());
         let ps = sh.mem.page_size();

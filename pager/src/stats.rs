@@ -202,6 +202,8 @@ pub struct Stats {
     pub precopy_rewrites: AtomicU64,
     /// Pre-copy: present pages dropped at its end because the source modified them since.
     pub precopy_dropped: AtomicU64,
+    /// Pages received in `Precopy` frames (whatever became of them).
+    pub precopy_received: AtomicU64,
     /// Successful reconnections to the source.
     pub reconnects: AtomicU64,
 }

@@ -87,8 +87,15 @@ impl StreamRx {
             });
         }
         readv_exact(sock, &mut iov)?;
-        self.install(first.0, n, sh, origin == proto::Origin::Precopy)
-            .map_err(RxError::Install)
+        let precopy = origin == proto::Origin::Precopy;
+        self.install(first.0, n, sh, precopy)
+            .map_err(RxError::Install)?;
+        if precopy {
+            sh.stats
+                .precopy_received
+                .fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     /// Installs the staged frame: each maximal run of data pages with one copy, each run of

@@ -81,7 +81,8 @@ pub(crate) fn check_report(r: &Value, mem_bytes: u64) {
         "pages by origin do not add up: {r}"
     );
     let d = r["downtime_ms"].as_f64().unwrap();
-    assert!(d > 0.0 && d < 1000.0, "downtime {d} ms: {r}");
+    // a sanity bound only (speed is the benchmark's business; CI machines are loaded)
+    assert!(d > 0.0 && d < 10_000.0, "downtime {d} ms: {r}");
     assert!(r["total_ms"].as_f64().unwrap() >= d, "{r}");
     assert!(r["state_bytes"].as_u64().unwrap() > 1000, "{r}");
 }

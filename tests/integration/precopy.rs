@@ -134,9 +134,8 @@ fn precopy_passes_then_switch_leave_no_stale_page() {
     let d2 = dirty_some(&src, pages, 500, 11);
     // (the receiver learns of them before their fresh copies are sent; the other order, fresh
     // copies first, is what a live migration usually sees and is covered there)
-    server.end_precopy();
-    std::thread::sleep(Duration::from_millis(50)); // let pass-2 copies land first
-    let dropped = p.end_precopy(&d2).expect("end_precopy");
+    let sent_precopy = server.end_precopy();
+    let dropped = p.end_precopy(&d2, sent_precopy).expect("end_precopy");
     assert_eq!(dropped, distinct(&d2), "every modified page is dropped");
     server.resend(&d2);
     let rep = match p.wait(Duration::from_secs(10)) {

@@ -352,7 +352,7 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
         offer.config.mem_bytes >> 20,
         offer.config.vcpus
     );
-    let (envelope, paused_at, dirty) = loop {
+    let (envelope, paused_at, dirty, precopy_pages) = loop {
         // hybrid: the pre-copy passes run while the source VM does (minutes at worst)
         let wait = if offer.precopy {
             Some(Duration::from_secs(600))
@@ -372,7 +372,8 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
                 envelope,
                 paused_at,
                 dirty,
-            } => break (envelope, paused_at, dirty),
+                precopy_pages,
+            } => break (envelope, paused_at, dirty, precopy_pages),
             Wire::Abort { reason } => {
                 return Err(MigrationError::Other(format!(
                     "the source gave up: {reason}"
@@ -397,7 +398,7 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
     if offer.precopy {
         let dropped = prepared
             .pager()
-            .map(|p| p.end_precopy(&dirty))
+            .map(|p| p.end_precopy(&dirty, precopy_pages))
             .transpose()
             .map_err(|e| fail(link, MigrationError::Other(error_chain(&e))))?
             .unwrap_or(0);

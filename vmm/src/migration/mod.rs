@@ -42,7 +42,7 @@ use thiserror::Error;
 use crate::state::MachineConfig;
 
 /// Version of the migration conversation (bumped on any change to [`Wire`]).
-pub const MIGRATION_VERSION: u32 = 2;
+pub const MIGRATION_VERSION: u32 = 3;
 
 /// How a migration moves memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +190,9 @@ pub enum Wire {
         /// Hybrid: pages modified after they were last sent (bitmap bytes; empty in
         /// post-copy). The destination drops its copies of them before resuming.
         dirty: Vec<u8>,
+        /// Pre-copy: pages sent as `Precopy` in all; the destination waits for that many
+        /// before dropping and resuming (no older copy may come after).
+        precopy_pages: u64,
     },
     /// Destination: vCPUs running.
     Resumed {

@@ -287,13 +287,14 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
     // stream sends them again (as final copies) and the destination drops its older ones.
     let mut dirty = Vec::new();
     let mut final_dirty = 0u64;
+    let mut precopy_pages = 0u64;
     if let Some(p) = &precopy {
         dirty = p.carry.clone();
         for (d, s) in dirty.iter_mut().zip(&sw.dirty) {
             *d |= *s;
         }
         final_dirty = dirty.iter().map(|b| u64::from(b.count_ones())).sum();
-        server.end_precopy();
+        precopy_pages = server.end_precopy();
         server.resend(&dirty);
     }
     // A failed send means the destination cannot hold the whole state: it will not run the VM.
@@ -301,6 +302,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
         envelope: sw.envelope,
         paused_at: sw.paused_at,
         dirty,
+        precopy_pages,
     })?;
     let unknown = |e: MigrationError, server: ServerHandle| Outcome::Unknown(e, Some(server));
     let (running_at, apply_ms) = match link.recv(Some(RESUME_TIMEOUT)) {
