@@ -45,7 +45,7 @@ pub(crate) fn last_heartbeat(p: &VmmProc) -> Heartbeat {
 }
 
 /// The guest goes on where it was on the source: the heartbeat sequence continues (a line cut by
-/// the pause is skipped), guest time moves on by less than 50 ms, every vCPU gets timer ticks,
+/// the pause is skipped), guest time moves on by little (< 250 ms), every vCPU gets timer ticks,
 /// SSE/AVX state is intact and no exception was taken.
 pub(crate) fn check_continues(dest: &VmmProc, before: &Heartbeat, vcpus: usize) {
     let hbs = dest.heartbeats_after(None, 20);
@@ -54,8 +54,12 @@ pub(crate) fn check_continues(dest: &VmmProc, before: &Heartbeat, vcpus: usize) 
         first.seq == before.seq + 1 || first.seq == before.seq + 2,
         "heartbeat sequence reset or skipped: source ended at {before:?}, destination began at {first:?}"
     );
+    // kvmclock is held while the VM is paused: guest time moves on by about one heartbeat
+    // (10 ms), more when the guest was slowed just before the pause (write-protect tracking
+    // on a loaded machine took 110 ms once); a clock that ran through the migration would
+    // jump by all of it
     assert!(
-        first.t_us > before.t_us && first.t_us < before.t_us + 50_000,
+        first.t_us > before.t_us && first.t_us < before.t_us + 250_000,
         "guest time did not continue: {before:?} then {first:?}"
     );
     check_vcpus_run_on(dest, &hbs, before, vcpus);
