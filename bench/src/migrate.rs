@@ -175,6 +175,18 @@ fn progress(mib: u64, side: &str, msg: &str) {
     eprintln!("[vm-migrate] {mib} MiB: {side}: {msg}");
 }
 
+/// Freeze / stall figures from both serial streams of one migration (source, then destination,
+/// merged by host arrival time), with the timeline written to `timeline`.
+fn heartbeat_figures(
+    (src, dst): (Option<&hb::Follow>, Option<&hb::Follow>),
+    (start, end): (Instant, Instant),
+    timeline: &Path,
+) -> Result<hb::HbFigures> {
+    let (src, dst) = (src.context("serial")?, dst.context("serial")?);
+    hb::write_timeline(timeline, src, dst, start)?;
+    Ok(hb::figures(&hb::merged(src, dst), start, end, 10.0))
+}
+
 fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result<()> {
     let c = ours::OursConfig {
         vmm: vmm.to_owned(),
@@ -187,13 +199,12 @@ fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
         mode: a.ours_mode.clone(),
     };
     let r = ours::migrate(&c, &|m| progress(mib, "ours", m))?;
-    let (src, dst) = (
-        r.src_serial.as_ref().context("serial")?,
-        r.dst_serial.as_ref().context("serial")?,
-    );
     let (start, end) = (r.start.context("start")?, r.end.context("end")?);
-    let f = hb::figures(&hb::merged(src, dst), start, end, 10.0);
-    hb::write_timeline(&dir.join("ours-serial.tsv"), src, dst, start)?;
+    let f = heartbeat_figures(
+        (r.src_serial.as_ref(), r.dst_serial.as_ref()),
+        (start, end),
+        &dir.join("ours-serial.tsv"),
+    )?;
     let rep = &r.report;
     row.ours_downtime_ms = rep["downtime_ms"].as_f64();
     row.ours_total_ms = rep["total_ms"].as_f64();
@@ -258,13 +269,12 @@ fn run_qemu(a: &Args, elf: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
         mode: a.qemu_mode,
     };
     let r = qemu::migrate(&c, &|m| progress(mib, "qemu", m))?;
-    let (src, dst) = (
-        r.src_serial.as_ref().context("serial")?,
-        r.dst_serial.as_ref().context("serial")?,
-    );
     let (start, end) = (r.start.context("start")?, r.end.context("end")?);
-    let f = hb::figures(&hb::merged(src, dst), start, end, 10.0);
-    hb::write_timeline(&dir.join("qemu-serial.tsv"), src, dst, start)?;
+    let f = heartbeat_figures(
+        (r.src_serial.as_ref(), r.dst_serial.as_ref()),
+        (start, end),
+        &dir.join("qemu-serial.tsv"),
+    )?;
     let info = &r.source_info;
     row.qemu_accel = Some(r.accel.clone());
     row.qemu_downtime_ms = info["downtime"].as_f64();
