@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::control::{self, Request};
 use crate::migration::incoming::{self, IncomingConfig};
+use crate::virtio::{blk::BlockConfig, net::NetConfig, DeviceConfig};
 use crate::vm::{self, BootSource, Event, RestoreConfig, RestoreMemory, RunConfig, SerialOut, Vm};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -62,6 +63,11 @@ struct IncomingArgs {
     /// With --incoming: control socket (answers `status` while waiting).
     #[arg(long, requires = "incoming")]
     api_socket: Option<PathBuf>,
+    /// With --incoming: the source's disk FROM is at TO on this host (repeatable). Without it
+    /// a disk is opened at the source's path (shared storage). With `migrate --copy-disk`, TO
+    /// is the new local image (it must not exist).
+    #[arg(long, value_name = "FROM=TO", requires = "incoming")]
+    disk_map: Vec<String>,
     /// With --incoming: serial console of the migrated VM, `stdout` or a file.
     #[arg(long, default_value = "stdout")]
     serial: String,
@@ -115,6 +121,19 @@ struct RunArgs {
     /// added); Linux defaults to `console=ttyS0 earlyprintk=serial`.
     #[arg(long)]
     cmdline: Option<String>,
+    /// A virtio-blk disk on a raw image: `PATH[,readonly]` (repeatable). For migration the
+    /// image must be on storage both hosts share, at the same path (or moved with
+    /// `migrate --copy-disk`).
+    #[arg(long, value_name = "PATH[,readonly]")]
+    disk: Vec<String>,
+    /// A virtio-net NIC on an existing tap: `tap=NAME,mac=MAC` or
+    /// `tap=NAME,mac-namespace=OUI` (MAC = the administrator's prefix + a hash of --id).
+    /// The tap must exist under the same name on every host the VM migrates to.
+    #[arg(long, value_name = "tap=NAME,mac=MAC")]
+    net: Vec<String>,
+    /// The VM's id (names it in logs; seeds MACs from a mac-namespace). Default: random.
+    #[arg(long)]
+    id: Option<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -334,15 +353,42 @@ fn run(a: RunArgs) -> Result<ExitCode> {
             cmdline: a.cmdline.unwrap_or_default(),
         },
     };
+    let id = a.id.unwrap_or_else(random_id);
+    let mut devices = Vec::new();
+    for d in &a.disk {
+        devices.push(DeviceConfig::Block(
+            BlockConfig::parse(d).map_err(|e| anyhow::anyhow!("--disk {d:?}: {e}"))?,
+        ));
+    }
+    for n in &a.net {
+        devices.push(DeviceConfig::Net(
+            NetConfig::parse(n, &id).map_err(|e| anyhow::anyhow!("--net {n:?}: {e}"))?,
+        ));
+    }
     let cfg = RunConfig {
         mem_bytes: a.mem,
         vcpus: a.vcpus,
+        devices,
         boot,
         serial: serial(&a.common.serial),
         api_socket: a.common.api_socket,
     };
     let vm = Vm::boot(&cfg).context("booting the VM")?;
     serve(vm)
+}
+
+/// 16 hex digits from the kernel's random pool.
+fn random_id() -> String {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom fills the 8-byte buffer it is given.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        b = (t.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn restore(a: RestoreArgs) -> Result<ExitCode> {
@@ -393,6 +439,14 @@ fn incoming(addr: &str, a: IncomingArgs) -> Result<ExitCode> {
         },
         timeout: a.wait_timeout_s.map(Duration::from_secs),
         paused: a.paused,
+        disk_map: a
+            .disk_map
+            .iter()
+            .map(|m| match m.split_once('=') {
+                Some((f, t)) if !f.is_empty() && !t.is_empty() => Ok((f.into(), t.into())),
+                _ => Err(anyhow::anyhow!("--disk-map {m:?}: expected FROM=TO")),
+            })
+            .collect::<Result<_>>()?,
     };
     let vm = incoming::receive(&cfg, &stop).context("receiving the VM")?;
     serve(vm)

@@ -44,6 +44,8 @@ pub struct RunConfig {
     pub vcpus: u32,
     /// What to boot.
     pub boot: BootSource,
+    /// virtio devices, in slot order.
+    pub devices: Vec<crate::virtio::DeviceConfig>,
     /// Console output.
     pub serial: SerialOut,
     /// Control socket path.

@@ -13,6 +13,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::state::{Persist, StateError};
+use crate::virtio::{TransportState, VirtioDevices};
 
 /// COM1 base port.
 pub const COM1: u16 = 0x3f8;
@@ -193,6 +194,8 @@ pub struct Devices {
     pub console: Mutex<Console>,
     /// Keyboard controller.
     pub i8042: Mutex<I8042>,
+    /// virtio-mmio devices.
+    pub virtio: VirtioDevices,
     events: Sender<DeviceEvent>,
 }
 
@@ -203,6 +206,8 @@ pub struct DevicesState {
     pub console: ConsoleState,
     /// Keyboard controller.
     pub i8042: I8042,
+    /// virtio devices.
+    pub virtio: Vec<TransportState>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -211,10 +216,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Devices {
     /// Fresh devices.
-    pub fn new(console: Console, events: Sender<DeviceEvent>) -> Devices {
+    pub fn new(console: Console, virtio: VirtioDevices, events: Sender<DeviceEvent>) -> Devices {
         Devices {
             console: Mutex::new(console),
             i8042: Mutex::new(I8042::default()),
+            virtio,
             events,
         }
     }
@@ -236,6 +242,16 @@ impl Devices {
         }
     }
 
+    /// An MMIO read; false if no device owns `addr`.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.virtio.mmio(addr, Some(data), None)
+    }
+
+    /// An MMIO write; false if no device owns `addr`.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        self.virtio.mmio(addr, None, Some(data))
+    }
+
     /// A port write.
     pub fn pio_write(&self, port: u16, data: &[u8]) {
         let Some(&v) = data.first() else { return };
@@ -255,6 +271,10 @@ impl Devices {
         Ok(DevicesState {
             console: lock(&self.console).save()?,
             i8042: lock(&self.i8042).save()?,
+            virtio: self
+                .virtio
+                .save()
+                .map_err(|e| StateError::Invalid(e.to_string()))?,
         })
     }
 
@@ -263,11 +283,13 @@ impl Devices {
         state: &DevicesState,
         irq: EventFd,
         out: ConsoleOut,
+        virtio: VirtioDevices,
         events: Sender<DeviceEvent>,
     ) -> Result<Devices, StateError> {
         Ok(Devices {
             console: Mutex::new(Console::restore((irq, out), &state.console)?),
             i8042: Mutex::new(I8042::restore((), &state.i8042)?),
+            virtio,
             events,
         })
     }

@@ -23,4 +23,5 @@ pub mod mptable;
 pub mod report;
 pub mod state;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;

@@ -86,14 +86,15 @@ pub fn ram_ranges(bytes: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
     }
 }
 
-/// The guest's RAM.
-#[derive(Debug)]
+/// The guest's RAM. Clones share the mapping (unmapped with the last clone) and the record of
+/// VMM writes: device emulation holds one.
+#[derive(Debug, Clone)]
 pub struct GuestRam {
     mem: GuestMemoryMmap<()>,
     ranges: Vec<(u64, u64)>,
     /// Pages this VMM wrote through [`GuestRam::write_bytes`] (device emulation): KVM's dirty
     /// log does not see them, so dirty tracking adds them.
-    vmm_dirty: proto::bitmap::AtomicBitmap,
+    vmm_dirty: std::sync::Arc<proto::bitmap::AtomicBitmap>,
 }
 
 impl GuestRam {
@@ -109,7 +110,9 @@ impl GuestRam {
         Ok(GuestRam {
             mem,
             ranges,
-            vmm_dirty: proto::bitmap::AtomicBitmap::new(bytes / u64::from(PAGE_SIZE)),
+            vmm_dirty: std::sync::Arc::new(proto::bitmap::AtomicBitmap::new(
+                bytes / u64::from(PAGE_SIZE),
+            )),
         })
     }
 
@@ -149,6 +152,17 @@ impl GuestRam {
             })?;
         self.vmm_dirty.set_range(a, b - a + 1);
         Ok(())
+    }
+
+    /// Fills `buf` from guest-physical `gpa` (device emulation).
+    pub fn read_into(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        use vm_memory::Bytes;
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: buf.len(),
+            })
     }
 
     /// Reads `len` bytes at guest-physical `gpa`.

@@ -26,7 +26,7 @@ use thiserror::Error;
 use crate::devices::DevicesState;
 
 /// Version of the [`Snapshot`] encoding.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 
 /// Saving or restoring state failed.
 #[derive(Debug, Error)]
@@ -376,6 +376,32 @@ mod tests {
                     in_buffer: b"q".to_vec(),
                 },
                 i8042: I8042::default(),
+                virtio: vec![crate::virtio::TransportState {
+                    slot: 0,
+                    regs: crate::virtio::Regs {
+                        status: 15,
+                        driver_features: crate::virtio::F_VERSION_1,
+                        ..Default::default()
+                    },
+                    queues: vec![crate::virtio::queue::Queue {
+                        size: 16,
+                        ready: true,
+                        desc: 0x10_0000,
+                        avail: 0x10_1000,
+                        used: 0x10_2000,
+                        next_avail: 7,
+                        next_used: 7,
+                    }],
+                    config: crate::virtio::DeviceConfig::Block(crate::virtio::blk::BlockConfig {
+                        path: "/srv/disk.img".into(),
+                        readonly: false,
+                    }),
+                    backend: crate::virtio::BackendState::Block(crate::virtio::blk::DiskId {
+                        size: 1 << 30,
+                        ino: 12,
+                        sample: 0xabc,
+                    }),
+                }],
             },
         }
     }
@@ -392,13 +418,14 @@ mod tests {
 
     #[test]
     fn other_state_version_is_refused() {
-        let mut blob = 2u32.to_le_bytes().to_vec();
+        let other = STATE_VERSION + 1;
+        let mut blob = other.to_le_bytes().to_vec();
         blob.extend(postcard::to_stdvec(&sample()).unwrap());
         let mut out = Vec::new();
         Message::State { blob: &blob }.encode(&mut out);
         assert!(matches!(
             decode(&out, "x"),
-            Err(StateError::Version { found: 2 })
+            Err(StateError::Version { found }) if found == other
         ));
     }
 
@@ -427,7 +454,7 @@ mod tests {
         // A blob that passes the CRC but is not a snapshot.
         let mut out = Vec::new();
         Message::State {
-            blob: &[1, 0, 0, 0, 0xff, 0xff],
+            blob: &[STATE_VERSION as u8, 0, 0, 0, 0xff, 0xff],
         }
         .encode(&mut out);
         assert!(matches!(decode(&out, "x"), Err(StateError::Decode(_))));

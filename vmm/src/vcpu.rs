@@ -367,11 +367,15 @@ fn vcpu_thread(
             Ok(VcpuExit::IoOut(port, data)) => devices.pio_write(port, data),
             Ok(VcpuExit::IoIn(port, data)) => devices.pio_read(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                log::debug!("vcpu{index}: MMIO read of unbacked {addr:#x}");
-                data.fill(0xff);
+                if !devices.mmio_read(addr, data) {
+                    log::debug!("vcpu{index}: MMIO read of unbacked {addr:#x}");
+                    data.fill(0xff);
+                }
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                log::debug!("vcpu{index}: MMIO write to unbacked {addr:#x}");
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !devices.mmio_write(addr, data) {
+                    log::debug!("vcpu{index}: MMIO write to unbacked {addr:#x}");
+                }
             }
             Ok(VcpuExit::Hlt) => std::thread::yield_now(),
             Ok(VcpuExit::Shutdown) => {

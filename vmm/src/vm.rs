@@ -29,6 +29,7 @@ use crate::devices::{Console, ConsoleOut, DeviceEvent, Devices, COM1_GSI};
 use crate::memory::{GuestRam, MemoryError};
 use crate::state::{self, MachineConfig, Snapshot, StateError};
 use crate::vcpu::{self, Command, Vcpu, VcpuHandle, VcpuReport};
+use crate::virtio::{Backend, VirtioDevices, VirtioError};
 
 /// Set as early as possible in `main`: restore timings count from here.
 pub static PROCESS_START: OnceLock<Instant> = OnceLock::new();
@@ -82,6 +83,9 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// A virtio device.
+    #[error(transparent)]
+    Device(#[from] crate::virtio::VirtioError),
     /// vCPUs did not pause.
     #[error("vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
@@ -177,6 +181,8 @@ pub struct Vm {
     kvm_pages_at_pause: Vec<u64>,
     /// Dirty tracking, on during a migration's pre-copy.
     dirty_log: Option<crate::dirty::Tracker>,
+    /// Announce the NICs (RARP) at the next resume: the VM just arrived.
+    announce_pending: bool,
 }
 
 fn console_out(s: &SerialOut) -> Result<ConsoleOut, VmError> {
@@ -262,8 +268,16 @@ impl Vm {
         let sh = shell(cfg.mem_bytes)?;
         set_memslots(&sh.fd, &sh.ram)?;
         let (tx, rx) = std::sync::mpsc::channel();
+        let backends = cfg
+            .devices
+            .iter()
+            .map(Backend::open)
+            .collect::<Result<Vec<_>, _>>()?;
+        let virtio = VirtioDevices::new(&sh.ram, backends, virtio_irq(&sh.fd))?;
+        let windows = virtio.windows();
         let devices = Arc::new(Devices::new(
             Console::new(clone_fd(&sh.irq)?, console_out(&cfg.serial)?),
+            virtio,
             device_sender(&tx),
         ));
         let supported = sh
@@ -327,7 +341,14 @@ impl Vm {
                 initrd,
                 cmdline,
             } => (
-                crate::linux::load(&sh.ram, kernel, initrd.as_deref(), cmdline, cfg.vcpus, base)?,
+                crate::linux::load(
+                    &sh.ram,
+                    kernel,
+                    initrd.as_deref(),
+                    &linux_cmdline(cmdline, &windows),
+                    cfg.vcpus,
+                    base,
+                )?,
                 kernel.display().to_string(),
             ),
         };
@@ -412,6 +433,7 @@ impl Vm {
             kept_server: None,
             kvm_pages_at_pause: Vec::new(),
             dirty_log: None,
+            announce_pending: false,
         })
     }
 
@@ -447,10 +469,20 @@ impl Vm {
                 log::warn!("KVM_SET_CLOCK on resume: {e}; guest time includes the pause");
             }
         }
+        self.devices.virtio.set_paused(false);
         for v in &self.vcpus {
             v.send(Command::Resume);
         }
         self.paused = false;
+        if std::mem::take(&mut self.announce_pending) {
+            self.devices.virtio.announce();
+        }
+    }
+
+    /// The NICs are announced on their networks when the VM next resumes (it arrived by
+    /// migration: bridges still send its frames to the old host).
+    pub fn announce_on_resume(&mut self) {
+        self.announce_pending = true;
     }
 
     /// Stops every vCPU and waits until each has left the guest.
@@ -480,6 +512,7 @@ impl Vm {
             }
         }
         self.paused = true;
+        self.devices.virtio.set_paused(true);
         match self.fd.get_clock() {
             Ok(c) => self.paused_clock = Some(c),
             Err(e) => log::warn!("KVM_GET_CLOCK on pause: {e}; guest time will include the pause"),
@@ -624,6 +657,7 @@ impl Vm {
             "pages_total": total,
             "memory_complete_ms": self.memory_complete_after.map(|d| d.as_secs_f64() * 1e3),
             "pager": self.pager.as_ref().map(|p| serde_json::to_value(p.report()).unwrap_or_default()),
+            "devices": self.devices.virtio.stats(),
         }))
     }
 
@@ -816,6 +850,26 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         s.push_str(": ");
         s.push_str(&c.to_string());
         src = c.source();
+    }
+    s
+}
+
+/// Interrupt eventfds for virtio slots, each registered as the slot's GSI.
+pub(crate) fn virtio_irq(fd: &VmFd) -> impl FnMut(u32) -> Result<EventFd, VirtioError> + '_ {
+    move |slot| {
+        let e = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VirtioError::Config(format!("eventfd: {e}")))?;
+        fd.register_irqfd(&e, crate::virtio::GSI_BASE + slot)
+            .map_err(|e| VirtioError::Config(format!("KVM_IRQFD for virtio slot {slot}: {e}")))?;
+        Ok(e)
+    }
+}
+
+/// A Linux command line that also names the virtio-mmio devices.
+fn linux_cmdline(base: &str, windows: &[(u64, u32)]) -> String {
+    let mut s = base.to_owned();
+    for (addr, gsi) in windows {
+        s.push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{gsi}"));
     }
     s
 }

@@ -46,6 +46,8 @@ pub struct IncomingConfig {
     pub timeout: Option<Duration>,
     /// Leave the migrated VM paused.
     pub paused: bool,
+    /// Disk paths that differ here: (source path, path on this host).
+    pub disk_map: Vec<(PathBuf, PathBuf)>,
 }
 
 enum Listener {
@@ -307,6 +309,10 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
     let kvm = kvm_ioctls::Kvm::new().map_err(|e| refuse(link, format!("/dev/kvm: {e}")))?;
     check_offer(&offer, cfg, &kvm).map_err(|r| refuse(link, r))?;
     drop(kvm);
+    // Disks and taps are opened (and disks checked to be the source's) before anything is
+    // paused: a destination that cannot attach them refuses while the VM still runs there.
+    let backends = crate::virtio::open_offered(&offer.devices, &cfg.disk_map)
+        .map_err(|e| refuse(link, e.to_string()))?;
     let pages: Addr = offer.page_server.parse().map_err(|e| {
         refuse(
             link,
@@ -329,6 +335,7 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
     };
     let mut prepared = Prepared::new(&offer.config, Some((&pages, &pcfg, ServedAs::Ranges)))
         .map_err(|e| refuse(link, error_chain(&e)))?;
+    prepared.backends = backends;
     let tsc = prepared
         .tsc_khz()
         .map_err(|e| refuse(link, error_chain(&e)))?;
@@ -425,6 +432,8 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
         },
     )
     .map_err(|e| fail(link, e.into()))?;
+    // Bridges learn the NICs' new port when the VM first runs here.
+    vm.announce_on_resume();
     if !cfg.paused {
         vm.resume();
     }

@@ -42,7 +42,7 @@ use thiserror::Error;
 use crate::state::MachineConfig;
 
 /// Version of the migration conversation (bumped on any change to [`Wire`]).
-pub const MIGRATION_VERSION: u32 = 3;
+pub const MIGRATION_VERSION: u32 = 4;
 
 /// How a migration moves memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +150,9 @@ pub struct Offer {
     pub precopy: bool,
     /// Precopy: the destination resumes only once every page is present.
     pub copy_before_resume: bool,
+    /// The VM's virtio devices: the destination attaches the same disks (shared storage, or
+    /// copied) and taps before it accepts.
+    pub devices: Vec<crate::virtio::OfferedDevice>,
 }
 
 /// One message of the migration conversation.

@@ -73,6 +73,7 @@ impl Vm {
             page_server: String::new(),
             precopy: mode != Mode::Postcopy,
             copy_before_resume: mode == Mode::Precopy,
+            devices: self.devices.virtio.offered(),
         };
         let verify = plan.verify;
         let switchover = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

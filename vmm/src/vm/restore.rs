@@ -13,7 +13,7 @@ use pager::{Pager, PagerConfig};
 
 use super::{
     check_shape, clone_fd, console_out, device_sender, forward_stdin, kvm_err, set_memslots, shell,
-    since_start, Event, Shell, StartTimes, Vm, VmError,
+    since_start, virtio_irq, Event, Shell, StartTimes, Vm, VmError,
 };
 use crate::config::{RestoreConfig, RestoreMemory, SerialOut};
 use crate::control;
@@ -21,6 +21,7 @@ use crate::devices::Devices;
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::state::{self, MachineConfig, Persist, Snapshot, StateError};
 use crate::vcpu::Vcpu;
+use crate::virtio::{Backend, VirtioDevices};
 
 /// How guest RAM is laid out on the page-server's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +39,9 @@ pub struct Prepared {
     sh: Shell,
     vcpu_fds: Vec<VcpuFd>,
     config: MachineConfig,
+    /// Device backends opened ahead (a migration destination opens them when it checks the
+    /// offer); otherwise they are opened from the state.
+    pub backends: Vec<Backend>,
     /// Time spent building it.
     pub took: Duration,
 }
@@ -110,6 +114,7 @@ impl Prepared {
             vcpu_fds,
             pager,
             config: config.clone(),
+            backends: Vec::new(),
             took: t.elapsed(),
         })
     }
@@ -228,10 +233,20 @@ impl Vm {
             None => std::sync::mpsc::channel(),
         };
         let sh_irq = clone_fd(&p.sh.irq)?;
+        let states = &snap.devices.virtio;
+        let backends = match std::mem::take(&mut p.backends) {
+            b if b.len() == states.len() => b,
+            _ => states
+                .iter()
+                .map(|s| Backend::open(&s.config))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let virtio = VirtioDevices::restore(&p.sh.ram, states, backends, virtio_irq(&p.sh.fd))?;
         let devices = Arc::new(Devices::restore(
             &snap.devices,
             sh_irq,
             console_out(f.serial)?,
+            virtio,
             device_sender(&tx),
         )?);
         state::restore_vm(&p.sh.fd, &snap.vm)?;

@@ -1,0 +1,456 @@
+//! virtio-net on a tap device. The guest's MAC is its own — given, or generated from an
+//! administrator-owned prefix (`mac-namespace=OUI`) and the VM's id — never the host NIC's, so
+//! it moves with the VM. Transmit runs inside the driver's notify; receive runs on a thread
+//! that reads the tap and fills the receive queue (dropping frames while the VM is paused or
+//! has no buffer). After a migration the destination announces the MAC with RARP frames
+//! (like QEMU's announce-self) so bridges learn the VM's new port at once.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::queue::{gather, scatter, Queue, QueueError};
+use super::{lock, Backend, Transport, VirtioError};
+use crate::memory::GuestRam;
+
+/// Receive queue.
+pub const RX_QUEUE: usize = 0;
+/// Transmit queue.
+pub const TX_QUEUE: usize = 1;
+/// Feature: the device has a MAC in its config space.
+const F_MAC: u64 = 1 << 5;
+/// Feature: the config space has a link status.
+const F_STATUS: u64 = 1 << 16;
+/// Features offered (besides VERSION_1).
+pub const FEATURES: u64 = F_MAC | F_STATUS;
+/// virtio_net_hdr_v1 (with num_buffers), in front of every frame.
+const HDR: usize = 12;
+/// Largest frame (no offloads negotiated).
+const MAX_FRAME: usize = 1514 + 4;
+
+/// `--net tap=NAME,mac=MAC` (the MAC already resolved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// Tap interface name (the same name on every host).
+    pub tap: String,
+    /// The guest's MAC.
+    pub mac: [u8; 6],
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_string(m: &[u8]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn parse_hex_bytes(s: &str, what: &str) -> Result<Vec<u8>, String> {
+    s.split([':', '-'])
+        .map(|p| {
+            u8::from_str_radix(p, 16).map_err(|_| format!("{what} {s:?}: {p:?} is not a hex byte"))
+        })
+        .collect()
+}
+
+impl NetConfig {
+    /// Parses `tap=NAME,mac=MAC` or `tap=NAME,mac-namespace=OUI` (`vm_id` names the VM for the
+    /// generated MAC: prefix + the first bytes of a hash of the id).
+    pub fn parse(s: &str, vm_id: &str) -> Result<NetConfig, String> {
+        let (mut tap, mut mac, mut ns) = (None, None, None);
+        for kv in s.split(',') {
+            match kv.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() && v.len() < 16 => tap = Some(v.to_owned()),
+                Some(("tap", v)) => return Err(format!("tap name {v:?} (1 to 15 characters)")),
+                Some(("mac", v)) => mac = Some(parse_hex_bytes(v, "mac")?),
+                Some(("mac-namespace", v)) => ns = Some(parse_hex_bytes(v, "mac-namespace")?),
+                _ => {
+                    return Err(format!(
+                        "net option {kv:?} (known: tap=NAME, mac=MAC, mac-namespace=OUI)"
+                    ))
+                }
+            }
+        }
+        let tap = tap.ok_or("--net needs tap=NAME")?;
+        let mac = match (mac, ns) {
+            (Some(_), Some(_)) => return Err("give mac= or mac-namespace=, not both".into()),
+            (None, None) => return Err("--net needs mac=MAC or mac-namespace=OUI".into()),
+            (Some(m), None) if m.len() == 6 => m,
+            (Some(m), None) => return Err(format!("mac of {} bytes (6 needed)", m.len())),
+            (None, Some(p)) if (1..=5).contains(&p.len()) => generate_mac(&p, vm_id),
+            (None, Some(p)) => return Err(format!("mac-namespace of {} bytes (1 to 5)", p.len())),
+        };
+        if mac[0] & 1 != 0 {
+            return Err(format!("{} is a multicast address", mac_string(&mac)));
+        }
+        if mac.iter().all(|b| *b == 0) {
+            return Err("the all-zero MAC".into());
+        }
+        Ok(NetConfig {
+            tap,
+            mac: mac.try_into().unwrap_or_default(),
+        })
+    }
+}
+
+/// `prefix` followed by bytes of a hash of `vm_id`.
+pub fn generate_mac(prefix: &[u8], vm_id: &str) -> Vec<u8> {
+    let h = guest::checksum_words(vm_id.bytes().map(u64::from), guest::CHECKSUM_INIT);
+    let h = h ^ (h >> 29);
+    let mut m = prefix.to_vec();
+    let mut i = 0;
+    while m.len() < 6 {
+        m.push((h >> (8 * i)) as u8);
+        i += 1;
+    }
+    m
+}
+
+#[derive(Debug, Default, Clone)]
+struct Counters {
+    rx_frames: u64,
+    rx_bytes: u64,
+    rx_dropped: u64,
+    tx_frames: u64,
+    tx_bytes: u64,
+    tx_dropped: u64,
+    announces: u64,
+}
+
+/// An opened tap.
+pub struct Net {
+    cfg: NetConfig,
+    tap: File,
+    counters: Counters,
+}
+
+/// What the receive thread needs.
+pub struct RxParts {
+    tap: File,
+    mac: [u8; 6],
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl Net {
+    /// Attaches to the existing tap `cfg.tap` (it must exist: a tap this VMM created would be
+    /// on no bridge).
+    pub fn open(cfg: &NetConfig) -> Result<Net, VirtioError> {
+        let err = |what: String| VirtioError::Tap {
+            name: cfg.tap.clone(),
+            what,
+        };
+        let sys = std::path::Path::new("/sys/class/net").join(&cfg.tap);
+        if !sys.exists() {
+            return Err(err(format!(
+                "no such interface in this network namespace (create it: ip tuntap add dev {} mode tap)",
+                cfg.tap
+            )));
+        }
+        if !sys.join("tun_flags").exists() {
+            return Err(err("is not a tap device".into()));
+        }
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|e| err(format!("open /dev/net/tun: {e}")))?;
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: IFF_TAP | IFF_NO_PI,
+            _pad: [0; 22],
+        };
+        req.name[..cfg.tap.len()].copy_from_slice(cfg.tap.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is (40 bytes, C layout).
+        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) };
+        if rc < 0 {
+            return Err(err(format!(
+                "TUNSETIFF: {} (is it a tap, and not in use by another process?)",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: fcntl on our own descriptor.
+        unsafe {
+            let fl = libc::fcntl(tun.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(tun.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        Ok(Net {
+            cfg: cfg.clone(),
+            tap: tun,
+            counters: Counters::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    pub(super) fn config_space(&self) -> Vec<u8> {
+        let mut c = self.cfg.mac.to_vec();
+        c.extend_from_slice(&1u16.to_le_bytes()); // status: link up
+        c.resize(0x10, 0);
+        c
+    }
+
+    pub(super) fn rx_parts(&self) -> Result<RxParts, VirtioError> {
+        Ok(RxParts {
+            tap: self.tap.try_clone().map_err(|e| VirtioError::Tap {
+                name: self.cfg.tap.clone(),
+                what: format!("dup: {e}"),
+            })?,
+            mac: self.cfg.mac,
+        })
+    }
+
+    pub(super) fn stats(&self) -> serde_json::Value {
+        let c = &self.counters;
+        serde_json::json!({
+            "tap": self.cfg.tap, "mac": mac_string(&self.cfg.mac),
+            "rx_frames": c.rx_frames, "rx_bytes": c.rx_bytes, "rx_dropped": c.rx_dropped,
+            "tx_frames": c.tx_frames, "tx_bytes": c.tx_bytes, "tx_dropped": c.tx_dropped,
+            "announces": c.announces,
+        })
+    }
+
+    /// Queue `q` has new buffers: transmit (tx), nothing to do for rx (the receive thread
+    /// fills buffers as frames come). True if the driver should be interrupted.
+    pub(super) fn notify(
+        &mut self,
+        q: usize,
+        ram: &GuestRam,
+        queues: &mut [Queue],
+    ) -> Result<bool, QueueError> {
+        if q != TX_QUEUE {
+            return Ok(false);
+        }
+        let q = &mut queues[TX_QUEUE];
+        let mut any = false;
+        while let Some(chain) = q.pop(ram)? {
+            let bytes = gather(ram, &chain.descs, HDR + 65536)?;
+            if bytes.len() > HDR && bytes.len() <= HDR + MAX_FRAME {
+                match self.tap.write(&bytes[HDR..]) {
+                    Ok(_) => {
+                        self.counters.tx_frames += 1;
+                        self.counters.tx_bytes += (bytes.len() - HDR) as u64;
+                    }
+                    Err(_) => self.counters.tx_dropped += 1,
+                }
+            } else {
+                self.counters.tx_dropped += 1;
+            }
+            q.push_used(ram, chain.head, 0)?;
+            any = true;
+        }
+        Ok(any)
+    }
+}
+
+/// Delivers one received frame into the receive queue (or drops it).
+fn deliver(t: &mut Transport, frame: &[u8]) {
+    let ok = !t.paused && t.driver_ok();
+    let Backend::Net(n) = &mut t.backend else {
+        return;
+    };
+    if !ok {
+        n.counters.rx_dropped += 1;
+        return;
+    }
+    let q = &mut t.queues[RX_QUEUE];
+    let r = (|| -> Result<bool, QueueError> {
+        let Some(chain) = q.pop(&t.ram)? else {
+            return Ok(false);
+        };
+        let mut buf = vec![0u8; HDR + frame.len()];
+        buf[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
+        buf[HDR..].copy_from_slice(frame);
+        let w = scatter(&t.ram, &chain.descs, &buf)?;
+        q.push_used(&t.ram, chain.head, w)?;
+        Ok(true)
+    })();
+    match r {
+        Ok(true) => {
+            n.counters.rx_frames += 1;
+            n.counters.rx_bytes += frame.len() as u64;
+            t.interrupt();
+        }
+        Ok(false) => n.counters.rx_dropped += 1,
+        Err(e) => t.broken(&e.to_string()),
+    }
+}
+
+/// A RARP request announcing `mac` (what QEMU's announce-self sends).
+pub fn rarp(mac: &[u8; 6]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0x80, 0x35]); // RARP
+    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 3]); // Ethernet/IPv4, reverse request
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(60, 0);
+    f
+}
+
+/// The receive thread of one NIC.
+pub struct RxWorker {
+    stop: EventFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+    tap: Arc<File>,
+    mac: [u8; 6],
+    transport: Arc<Mutex<Transport>>,
+}
+
+impl RxWorker {
+    pub(super) fn spawn(
+        transport: Arc<Mutex<Transport>>,
+        parts: RxParts,
+    ) -> Result<RxWorker, VirtioError> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VirtioError::Config(format!("eventfd: {e}")))?;
+        let stop2 = stop
+            .try_clone()
+            .map_err(|e| VirtioError::Config(format!("eventfd: {e}")))?;
+        let tap = Arc::new(parts.tap);
+        let rx_tap = tap.clone();
+        let t2 = transport.clone();
+        let thread = std::thread::Builder::new()
+            .name("net-rx".into())
+            .spawn(move || rx_loop(t2, rx_tap, stop2))
+            .map_err(|e| VirtioError::Config(format!("spawning net-rx: {e}")))?;
+        Ok(RxWorker {
+            stop,
+            thread: Some(thread),
+            tap,
+            mac: parts.mac,
+            transport,
+        })
+    }
+
+    /// Sends the RARP announcement 5 times (0, 50, 150, 300, 500 ms) from a thread.
+    pub fn announce(&self) {
+        let tap = self.tap.clone();
+        let mac = self.mac;
+        let t = self.transport.clone();
+        let _ = std::thread::Builder::new()
+            .name("announce".into())
+            .spawn(move || {
+                let f = rarp(&mac);
+                for (i, wait) in [0u64, 50, 100, 150, 200].into_iter().enumerate() {
+                    std::thread::sleep(Duration::from_millis(wait));
+                    match (&*tap).write(&f) {
+                        Ok(_) => {
+                            if let Backend::Net(n) = &mut lock(&t).backend {
+                                n.counters.announces += 1;
+                            }
+                            log::debug!("announced {} ({})", mac_string(&mac), i + 1);
+                        }
+                        Err(e) => log::warn!("announcing {}: {e}", mac_string(&mac)),
+                    }
+                }
+            });
+    }
+}
+
+impl Drop for RxWorker {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn rx_loop(t: Arc<Mutex<Transport>>, tap: Arc<File>, stop: EventFd) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: tap.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::warn!("net-rx poll: {}", std::io::Error::last_os_error());
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        loop {
+            match (&*tap).read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => deliver(&mut lock(&t), &buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("net-rx read: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_options() {
+        let c = NetConfig::parse("tap=tap0,mac=52:54:00:12:34:56", "x").unwrap();
+        assert_eq!(c.mac, [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        let a = NetConfig::parse("tap=t,mac-namespace=02:aa:bb", "vm-a").unwrap();
+        let b = NetConfig::parse("tap=t,mac-namespace=02:aa:bb", "vm-b").unwrap();
+        let a2 = NetConfig::parse("tap=t,mac-namespace=02:aa:bb", "vm-a").unwrap();
+        assert_eq!(&a.mac[..3], &[2, 0xaa, 0xbb]);
+        assert_ne!(a.mac, b.mac);
+        assert_eq!(a.mac, a2.mac);
+        assert!(NetConfig::parse("tap=t,mac=01:00:00:00:00:01", "x")
+            .unwrap_err()
+            .contains("multicast"));
+        assert!(NetConfig::parse("tap=t", "x").unwrap_err().contains("mac"));
+        assert!(NetConfig::parse("mac=02:00:00:00:00:01", "x")
+            .unwrap_err()
+            .contains("tap"));
+        assert!(NetConfig::parse("tap=t,mac=zz", "x").is_err());
+    }
+
+    #[test]
+    fn rarp_frame() {
+        let m = [2, 0, 0, 0, 0, 7];
+        let f = rarp(&m);
+        assert_eq!(f.len(), 60);
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &m);
+        assert_eq!(&f[12..14], &[0x80, 0x35]);
+        assert_eq!(&f[20..22], &[0, 3]);
+    }
+}
