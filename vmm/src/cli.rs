@@ -268,6 +268,11 @@ enum CtlCmd {
         /// with `vmm ctl checksum` on a destination started with --paused.
         #[arg(long)]
         verify: bool,
+        /// Disks are not on shared storage: move them too, like memory — blocks the guest
+        /// reads on the destination come on demand, the rest streams in the background. The
+        /// destination writes a new image (its path through `--disk-map`, else the source's).
+        #[arg(long)]
+        copy_disk: bool,
     },
 }
 
@@ -473,6 +478,7 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
             threshold_pages,
             max_downtime_ms,
             dirty_tracking,
+            copy_disk,
         } => Request::Migrate {
             to,
             mode: Some(mode),
@@ -481,6 +487,7 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
             threshold_pages,
             max_downtime_ms,
             dirty_tracking,
+            copy_disk,
         },
         CtlCmd::MigrateSwitchover => Request::MigrateSwitchover,
         CtlCmd::WriteMemory { gpa, hex } => Request::WriteMemory { gpa, hex },

@@ -104,6 +104,9 @@ pub enum Request {
         /// the destination has every page, so it costs no downtime).
         #[serde(default)]
         verify: bool,
+        /// Move the disks too (they are not on storage both hosts share).
+        #[serde(default)]
+        copy_disk: bool,
     },
 }
 

@@ -127,6 +127,29 @@ pub fn print_migration(m: &Map<String, Value>) {
         ),
     ];
     let mut rows = rows;
+    if let Some(copies) = m.get("disk_copies").and_then(Value::as_array) {
+        for c in copies {
+            let p = c.get("pager").and_then(Value::as_object);
+            let pn = |k: &str| p.map_or(0.0, |x| num(x, k));
+            rows.push((
+                "disk copied (--copy-disk)",
+                format!(
+                    "slot {}: {:.1} MiB in {:.1} ms (write-back {:.1} ms); faults {} / stream {} / zero {} pages",
+                    c.get("slot").and_then(Value::as_u64).unwrap_or(0),
+                    mib(c.get("bytes").and_then(Value::as_f64).unwrap_or(0.0)),
+                    c.get("ms").and_then(Value::as_f64).unwrap_or(0.0),
+                    c.get("write_back_ms").and_then(Value::as_f64).unwrap_or(0.0),
+                    pn("fault_pages") as u64,
+                    pn("stream_pages") as u64,
+                    pn("zero_pages") as u64,
+                ),
+            ));
+        }
+        rows.push((
+            "  disk bytes sent by the source",
+            format!("{:.1} MiB", mib(num(m, "disk_bytes_sent"))),
+        ));
+    }
     if let Some(pc) = m.get("precopy").and_then(Value::as_object) {
         let passes = pc.get("passes").and_then(Value::as_array);
         let sent: f64 = passes.map_or(0.0, |v| {

@@ -114,6 +114,8 @@ pub enum Event {
     Signal(i32),
     /// From the migration thread (source side).
     Migration(crate::migration::outgoing::MigEvent),
+    /// A disk copy-in ended (destination of `migrate --copy-disk`).
+    DiskCopy(crate::virtio::DiskCopyEvent),
 }
 
 /// The guest's CPU as a migration destination must provide it.
@@ -176,7 +178,7 @@ pub struct Vm {
     /// Arrived by migration, still paging in.
     dest: Option<migrate::Dest>,
     /// Serves guest RAM after a migration whose outcome is unknown.
-    kept_server: Option<page_server::ServerHandle>,
+    kept_server: Vec<page_server::ServerHandle>,
     /// Pages KVM owned when the migration paused the VM (left out of RAM comparisons).
     kvm_pages_at_pause: Vec<u64>,
     /// Dirty tracking, on during a migration's pre-copy.
@@ -430,7 +432,7 @@ impl Vm {
             guest: GuestCpu::default(),
             source: None,
             dest: None,
-            kept_server: None,
+            kept_server: Vec::new(),
             kvm_pages_at_pause: Vec::new(),
             dirty_log: None,
             announce_pending: false,
@@ -635,12 +637,12 @@ impl Vm {
             Some(p) => (p.present_pages(), p.total_pages()),
             None => (0, 0),
         };
-        let state = match (&self.source, &self.kept_server, self.paused) {
+        let state = match (&self.source, self.kept_server.is_empty(), self.paused) {
             (Some(_), _, true) => "migrating (paused here)",
             (Some(_), _, false) => "migrating",
-            (None, Some(_), _) => "paused after a migration of unknown outcome",
-            (None, None, true) => "paused",
-            (None, None, false) => "running",
+            (None, false, _) => "paused after a migration of unknown outcome",
+            (None, true, true) => "paused",
+            (None, true, false) => "running",
         };
         Reply::ok(json!({
             "state": state,
@@ -736,6 +738,7 @@ impl Vm {
                         threshold_pages,
                         max_downtime_ms,
                         dirty_tracking,
+                        copy_disk,
                     },
                     reply,
                 )) => {
@@ -747,10 +750,16 @@ impl Vm {
                         verify,
                     );
                     plan.dirty_tracking = dirty_tracking;
+                    plan.copy_disk = copy_disk;
                     self.start_migration(to, plan, reply);
                 }
                 Event::Migration(m) => {
                     if let Some(exit) = self.on_migration(m) {
+                        return exit;
+                    }
+                }
+                Event::DiskCopy(d) => {
+                    if let Some(exit) = self.on_disk_copy(d) {
                         return exit;
                     }
                 }
@@ -823,7 +832,7 @@ impl Drop for Vm {
     fn drop(&mut self) {
         // The migration thread and any page-server read guest RAM: they go first.
         self.source = None;
-        self.kept_server = None;
+        self.kept_server.clear();
         self.stop();
         // The pager goes before the RAM it pages.
         self.pager = None;

@@ -73,6 +73,8 @@ pub struct Plan {
     pub verify: bool,
     /// Dirty-tracking backend by name (None: `kvm`).
     pub dirty_tracking: Option<String>,
+    /// Serve the disks to the destination (not shared storage).
+    pub copy_disk: bool,
 }
 
 impl Plan {
@@ -98,6 +100,7 @@ impl Plan {
             max_downtime_ms,
             verify,
             dirty_tracking: None,
+            copy_disk: false,
         }
     }
 

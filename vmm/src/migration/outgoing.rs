@@ -60,7 +60,7 @@ pub enum MigEvent {
     Failed(String),
     /// The migration failed after the state went out and the destination may be running the
     /// VM: keep it paused here; the page-server keeps serving.
-    Stuck(String, Option<ServerHandle>),
+    Stuck(String, Vec<ServerHandle>),
     /// The destination has every page: free memory and exit.
     Done(Value),
 }
@@ -168,14 +168,55 @@ fn run(ctx: Context, addr: Addr, sock: Sock) {
 enum Outcome {
     /// The destination never ran the VM.
     NotRun(MigrationError),
-    /// The destination may be running it.
-    Unknown(MigrationError, Option<ServerHandle>),
+    /// The destination may be running it (the page-servers it may still need).
+    Unknown(MigrationError, Vec<ServerHandle>),
 }
 
 impl From<MigrationError> for Outcome {
     fn from(e: MigrationError) -> Self {
         Outcome::NotRun(e)
     }
+}
+
+fn addr_string(a: &Addr) -> String {
+    match a {
+        Addr::Tcp(a) => format!("tcp:{a}"),
+        Addr::Unix(p) => p.display().to_string(),
+    }
+}
+
+/// `--copy-disk`: a page-server per disk image (read-only mapping of the file; the guest's
+/// writes reach it through the page cache until the pause, after which it no longer changes),
+/// named in the offer.
+fn serve_disks(offer: &mut Offer, pages: &Addr) -> Result<Vec<ServerHandle>, MigrationError> {
+    let mut out = Vec::new();
+    for (i, d) in offer.devices.iter_mut().enumerate() {
+        let crate::virtio::DeviceConfig::Block(b) = &d.config else {
+            continue;
+        };
+        let err = |what: String| {
+            MigrationError::Other(format!("--copy-disk {}: {what}", b.path.display()))
+        };
+        let img = page_server::FileImage::open(&b.path, PAGE_SIZE).map_err(|e| {
+            err(format!(
+                "{e} (copy-disk needs an image whose size is a multiple of {PAGE_SIZE} bytes)"
+            ))
+        })?;
+        let at = match pages {
+            Addr::Tcp(a) => Addr::Tcp(*a),
+            Addr::Unix(p) => Addr::Unix(p.with_extension(format!("disk{i}"))),
+        };
+        let server = page_server::serve(Arc::new(img), &at, ServerConfig::default())
+            .map_err(|e| err(crate::vm::error_chain(&e)))?;
+        log::info!(
+            "serving {} for the destination on {}",
+            b.path.display(),
+            server.addr()
+        );
+        d.copy_from = Some(addr_string(server.addr()));
+        out.push(server);
+    }
+    Ok(out)
 }
 
 /// Where the page-server listens: next to the migration connection's own address.
@@ -219,9 +260,11 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
     )
     .map_err(|e| MigrationError::Other(format!("page-server: {}", crate::vm::error_chain(&e))))?;
     let mut offer = ctx.offer.clone();
-    offer.page_server = match server.addr() {
-        Addr::Tcp(a) => format!("tcp:{a}"),
-        Addr::Unix(p) => p.display().to_string(),
+    offer.page_server = addr_string(server.addr());
+    let mut disks = if ctx.plan.copy_disk {
+        serve_disks(&mut offer, pages)?
+    } else {
+        Vec::new()
     };
     log::info!(
         "migrating to {addr}: page-server on {}, {} MiB, {} vCPUs",
@@ -304,7 +347,11 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
         dirty,
         precopy_pages,
     })?;
-    let unknown = |e: MigrationError, server: ServerHandle| Outcome::Unknown(e, Some(server));
+    let mut unknown = |e: MigrationError, server: ServerHandle| {
+        let mut keep = vec![server];
+        keep.append(&mut disks);
+        Outcome::Unknown(e, keep)
+    };
     let (running_at, apply_ms) = match link.recv(Some(RESUME_TIMEOUT)) {
         Ok(Wire::Resumed {
             running_at,
@@ -358,6 +405,8 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
     let total_ms = (done_src - sw.paused_at) as f64 / 1e6;
     let served = server.stats();
     drop(server);
+    let disk_sent: u64 = disks.iter().map(|d| d.stats().data_bytes).sum();
+    drop(disks);
     let dest: Value = serde_json::from_str(&report).unwrap_or(Value::Null);
     let mut out = json!({
         "mode": match ctx.plan.mode {
@@ -386,6 +435,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
             "ms": p.ms,
         })),
         "bytes_sent": served.data_bytes,
+        "disk_bytes_sent": disk_sent,
         "pages_sent": served.pages_sent(),
     });
     if let (Value::Object(o), Value::Object(d)) = (&mut out, dest) {

@@ -90,6 +90,31 @@ pub struct Block {
     size: u64,
     block_device: bool,
     counters: Counters,
+    /// `--copy-disk` in progress on the destination.
+    staging: Option<Staging>,
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        // A copy-in that never finished leaves no half-written image behind.
+        if self.staging.as_ref().is_some_and(|s| !s.writing_back) {
+            log::warn!(
+                "disk {}: copy from the source incomplete; removing the local image",
+                self.cfg.path.display()
+            );
+            let _ = std::fs::remove_file(&self.cfg.path);
+        }
+    }
+}
+
+/// A disk being copied in: its blocks live in the pager's anonymous mapping until all are here.
+struct Staging {
+    pager: pager::Pager,
+    /// Host address of the staging mapping.
+    base: u64,
+    /// Write-back to the file has begun: guest writes go to both.
+    writing_back: bool,
+    since: std::time::Instant,
 }
 
 fn disk_err(cfg: &BlockConfig, what: impl Into<String>) -> VirtioError {
@@ -133,17 +158,163 @@ impl Block {
             size,
             block_device,
             counters: Counters::default(),
+            staging: None,
         })
     }
 
-    /// `--copy-disk` on the destination: a new local image at `cfg.path`, filled from the
-    /// source's page-server at `addr`.
+    /// `--copy-disk` on the destination: a new local image at `cfg.path` (it must not exist),
+    /// filled from the source's page-server at `addr` through a pager over an anonymous staging
+    /// mapping — blocks the guest reads come on demand, the rest streams once the VM runs
+    /// here ([`Block::start_copy`]) — and written to the file when every block is present.
     pub fn copy_in(
         cfg: &BlockConfig,
-        _id: Option<&DiskId>,
-        _addr: &str,
+        id: Option<&DiskId>,
+        addr: &str,
     ) -> Result<Block, VirtioError> {
-        Err(disk_err(cfg, "--copy-disk is not available yet"))
+        let size = id
+            .map(|i| i.size)
+            .ok_or_else(|| disk_err(cfg, "the offer does not give the disk's size"))?;
+        let a: page_server::Addr = addr
+            .parse()
+            .map_err(|e| disk_err(cfg, format!("disk page-server {addr:?}: {e}")))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&cfg.path)
+            .map_err(|e| {
+                disk_err(
+                    cfg,
+                    format!("cannot create the local copy (copy-disk writes a new image): {e}"),
+                )
+            })?;
+        let cleanup = |e: VirtioError| {
+            let _ = std::fs::remove_file(&cfg.path);
+            e
+        };
+        file.set_len(size)
+            .map_err(|e| cleanup(disk_err(cfg, format!("set size {size}: {e}"))))?;
+        let pager = pager::Pager::connect(
+            &a,
+            pager::PagerConfig {
+                stream_deferred: true,
+                ..pager::PagerConfig::default()
+            },
+        )
+        .map_err(|e| cleanup(disk_err(cfg, format!("disk page-server {addr}: {e}"))))?;
+        if pager.total_pages() * 4096 != size {
+            return Err(cleanup(disk_err(
+                cfg,
+                format!(
+                    "the disk page-server serves {} pages for a {size}-byte disk",
+                    pager.total_pages()
+                ),
+            )));
+        }
+        let base = pager.memory().regions()[0].0;
+        Ok(Block {
+            cfg: cfg.clone(),
+            file,
+            size,
+            block_device: false,
+            counters: Counters::default(),
+            staging: Some(Staging {
+                pager,
+                base,
+                writing_back: false,
+                since: std::time::Instant::now(),
+            }),
+        })
+    }
+
+    /// Starts a copy-in's background stream; returns its pager's events (None when this disk
+    /// is not being copied).
+    pub(super) fn start_copy(&mut self) -> Option<std::sync::mpsc::Receiver<pager::PagerEvent>> {
+        let s = self.staging.as_mut()?;
+        s.since = std::time::Instant::now();
+        if let Err(e) = s.pager.start_stream() {
+            log::warn!("disk {}: starting the copy: {e}", self.cfg.path.display());
+        }
+        s.pager.events()
+    }
+
+    /// Copy-in progress: (present pages, total pages).
+    pub fn copy_progress(&self) -> Option<(u64, u64)> {
+        self.staging
+            .as_ref()
+            .map(|s| (s.pager.present_pages(), s.pager.total_pages()))
+    }
+
+    /// Writes staged bytes `[off, off + len)` to the local file (copy-in write-back; every
+    /// block is present by then). From now on guest writes go to both.
+    pub(super) fn write_back(&mut self, off: u64, len: u64) -> Result<(), VirtioError> {
+        let Some(s) = self.staging.as_mut() else {
+            return Ok(());
+        };
+        s.writing_back = true;
+        let len = len.min(self.size.saturating_sub(off));
+        // SAFETY: [off, off + len) lies in the staging mapping of `size` bytes, owned by the
+        // pager we hold; every page is present (the pager completed), so reading does not fault.
+        let data = unsafe { std::slice::from_raw_parts((s.base + off) as *const u8, len as usize) };
+        self.file
+            .write_all_at(data, off)
+            .map_err(|e| disk_err(&self.cfg, format!("writing the local copy at {off}: {e}")))
+    }
+
+    /// Ends a copy-in: the file holds every block; the staging memory goes.
+    pub(super) fn finish_copy(&mut self) -> Result<f64, VirtioError> {
+        self.file
+            .sync_all()
+            .map_err(|e| disk_err(&self.cfg, format!("flushing the local copy: {e}")))?;
+        let ms = self
+            .staging
+            .take()
+            .map_or(0.0, |s| s.since.elapsed().as_secs_f64() * 1e3);
+        Ok(ms)
+    }
+
+    /// Copy-in pager report (for the migration report).
+    pub fn copy_report(&self) -> Option<pager::Report> {
+        self.staging.as_ref().map(|s| s.pager.report())
+    }
+
+    fn staged_read(&mut self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        match &self.staging {
+            Some(s) => {
+                // SAFETY: the range was checked against `size`, the staging mapping's length;
+                // a missing page faults and the pager fills it from the source before the copy
+                // goes on.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (s.base + off) as *const u8,
+                        buf.as_mut_ptr(),
+                        buf.len(),
+                    )
+                };
+                Ok(())
+            }
+            None => self.file.read_exact_at(buf, off),
+        }
+    }
+
+    fn staged_write(&mut self, data: &[u8], off: u64) -> std::io::Result<()> {
+        match &self.staging {
+            Some(s) => {
+                // SAFETY: as in staged_read; the page is fetched first, then overwritten here.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        data.as_ptr(),
+                        (s.base + off) as *mut u8,
+                        data.len(),
+                    )
+                };
+                if s.writing_back {
+                    self.file.write_all_at(data, off)?;
+                }
+                Ok(())
+            }
+            None => self.file.write_all_at(data, off),
+        }
     }
 
     /// The configuration.
@@ -335,7 +506,7 @@ impl Block {
             T_IN if !fits(in_len) => (S_IOERR, Vec::new()),
             T_IN => {
                 let mut buf = vec![0u8; in_len];
-                match self.file.read_exact_at(&mut buf, off.unwrap_or(0)) {
+                match self.staged_read(&mut buf, off.unwrap_or(0)) {
                     Ok(()) => {
                         self.counters.reads += 1;
                         self.counters.read_bytes += in_len as u64;
@@ -349,7 +520,7 @@ impl Block {
             }
             T_OUT if self.cfg.readonly => (S_IOERR, Vec::new()),
             T_OUT if !fits(out.len() - 16) => (S_IOERR, Vec::new()),
-            T_OUT => match self.file.write_all_at(&out[16..], off.unwrap_or(0)) {
+            T_OUT => match self.staged_write(&out[16..], off.unwrap_or(0)) {
                 Ok(()) => {
                     self.counters.writes += 1;
                     self.counters.written_bytes += (out.len() - 16) as u64;

@@ -468,6 +468,88 @@ fn lock(m: &Mutex<Transport>) -> MutexGuard<'_, Transport> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How a disk copy-in (`migrate --copy-disk`) ended, for the controller.
+#[derive(Debug, Clone)]
+pub enum DiskCopyEvent {
+    /// Every block is in the local file.
+    Done {
+        /// Slot.
+        slot: u32,
+        /// What the copy did (pager report, write-back time).
+        report: serde_json::Value,
+    },
+    /// The source's disk is gone for good: the VM cannot go on.
+    Failed {
+        /// Slot.
+        slot: u32,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Bytes written back to the local file per lock hold (guest disk I/O waits at most this long).
+const WRITE_BACK_CHUNK: u64 = 1 << 20;
+
+fn copy_thread(
+    slot: u32,
+    t: Arc<Mutex<Transport>>,
+    events: std::sync::mpsc::Receiver<pager::PagerEvent>,
+    notify: impl Fn(DiskCopyEvent),
+) {
+    let fail = |reason: String| notify(DiskCopyEvent::Failed { slot, reason });
+    for ev in events {
+        match ev {
+            pager::PagerEvent::Complete => {
+                let t0 = std::time::Instant::now();
+                let (size, report) = match &lock(&t).backend {
+                    Backend::Block(b) => (b.size(), b.copy_report()),
+                    Backend::Net(_) => return,
+                };
+                let mut off = 0;
+                while off < size {
+                    let r = match &mut lock(&t).backend {
+                        Backend::Block(b) => b.write_back(off, WRITE_BACK_CHUNK),
+                        Backend::Net(_) => return,
+                    };
+                    if let Err(e) = r {
+                        return fail(e.to_string());
+                    }
+                    off += WRITE_BACK_CHUNK;
+                }
+                let r = match &mut lock(&t).backend {
+                    Backend::Block(b) => b.finish_copy(),
+                    Backend::Net(_) => return,
+                };
+                match r {
+                    Ok(ms) => {
+                        let wb = t0.elapsed().as_secs_f64() * 1e3;
+                        log::info!(
+                            "disk slot {slot}: copied in {ms:.1} ms ({size} bytes; write-back {wb:.1} ms)"
+                        );
+                        notify(DiskCopyEvent::Done {
+                            slot,
+                            report: serde_json::json!({
+                                "slot": slot,
+                                "bytes": size,
+                                "ms": ms,
+                                "write_back_ms": wb,
+                                "pager": report,
+                            }),
+                        });
+                    }
+                    Err(e) => fail(e.to_string()),
+                }
+                return;
+            }
+            pager::PagerEvent::Failed { reason } => return fail(reason),
+            pager::PagerEvent::SourceLost { cause } => {
+                log::warn!("disk slot {slot}: source lost ({cause}); reconnecting")
+            }
+            pager::PagerEvent::Reconnected { .. } => {}
+        }
+    }
+}
+
 /// A device plugged into a slot, with its helper thread (network receive).
 pub struct Slot {
     transport: Arc<Mutex<Transport>>,
@@ -521,7 +603,10 @@ impl VirtioDevices {
         let mut slots = Vec::new();
         for (s, b) in states.iter().zip(backends) {
             if let (BackendState::Block(id), Backend::Block(disk)) = (&s.backend, &b) {
-                disk.check_same(id)?;
+                // a disk being copied in gets its content from the source: nothing to compare
+                if disk.copy_progress().is_none() {
+                    disk.check_same(id)?;
+                }
             }
             let mut t = Transport::new(s.slot, ram.clone(), irq(s.slot)?, b);
             if t.queues.len() != s.queues.len() {
@@ -625,6 +710,36 @@ impl VirtioDevices {
             .iter()
             .map(|s| lock(&s.transport).save())
             .collect()
+    }
+
+    /// Starts the background copy of every disk being copied in; `notify` hears how each ends.
+    pub fn start_disk_copies(&self, notify: impl Fn(DiskCopyEvent) + Clone + Send + 'static) {
+        for s in &self.slots {
+            let mut t = lock(&s.transport);
+            let slot = t.slot;
+            let Backend::Block(b) = &mut t.backend else {
+                continue;
+            };
+            let Some(events) = b.start_copy() else {
+                continue;
+            };
+            let tr = s.transport.clone();
+            let n = notify.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("disk-copy{slot}"))
+                .spawn(move || copy_thread(slot, tr, events, n));
+        }
+    }
+
+    /// Disks still being copied in.
+    pub fn copies_pending(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| match &lock(&s.transport).backend {
+                Backend::Block(b) => b.copy_progress().is_some(),
+                Backend::Net(_) => false,
+            })
+            .count()
     }
 
     /// Announces every NIC on its network (after the VM arrived by migration).

@@ -29,6 +29,10 @@ pub(super) struct Source {
 pub(super) struct Dest {
     pub(super) link: Link,
     pub(super) last_progress: Instant,
+    /// Every RAM page is here (disks copied in may still be coming).
+    pub(super) memory_complete: bool,
+    /// Reports of the disks copied in so far.
+    pub(super) disk_copies: Vec<serde_json::Value>,
 }
 
 impl Vm {
@@ -51,6 +55,12 @@ impl Vm {
         }
         if self.source.is_some() {
             return refuse("busy", "a migration is already running".into());
+        }
+        if self.devices.virtio.copies_pending() > 0 {
+            return refuse(
+                "busy",
+                "a disk is still being copied in from the previous host; migrate once it is complete".into(),
+            );
         }
         if self
             .pager
@@ -247,6 +257,8 @@ impl Vm {
         self.dest = Some(Dest {
             link,
             last_progress: Instant::now(),
+            memory_complete: false,
+            disk_copies: Vec::new(),
         });
     }
 
@@ -276,16 +288,60 @@ impl Vm {
         Some(PROGRESS_EVERY)
     }
 
-    /// Every page is here: tell the source, with our figures, and drop the link.
+    /// Every RAM page is here: complete once the disks copied in are too.
     pub(super) fn dest_complete(&mut self) {
+        if let Some(d) = &mut self.dest {
+            d.memory_complete = true;
+        }
+        self.dest_try_complete();
+    }
+
+    /// Starts copying in the disks of a `--copy-disk` migration (the VM runs here now).
+    pub fn start_disk_copies(&self) {
+        let tx = self.tx.clone();
+        self.devices.virtio.start_disk_copies(move |e| {
+            let _ = tx.send(super::Event::DiskCopy(e));
+        });
+    }
+
+    /// A disk copy-in ended: on failure the VM stops (exit as for lost memory).
+    pub(super) fn on_disk_copy(&mut self, e: crate::virtio::DiskCopyEvent) -> Option<Exit> {
+        match e {
+            crate::virtio::DiskCopyEvent::Done { report, .. } => {
+                if let Some(d) = &mut self.dest {
+                    d.disk_copies.push(report);
+                }
+                self.dest_try_complete();
+                None
+            }
+            crate::virtio::DiskCopyEvent::Failed { slot, reason } => {
+                let _ = self.pause();
+                Some(Exit::SourceLost(format!(
+                    "copying disk slot {slot} from the source: {reason}"
+                )))
+            }
+        }
+    }
+
+    /// RAM and every disk are here: tell the source, with our figures, and drop the link.
+    fn dest_try_complete(&mut self) {
+        let ready = self.dest.as_ref().is_some_and(|d| d.memory_complete)
+            && self.devices.virtio.copies_pending() == 0;
+        if !ready {
+            return;
+        }
         let Some(mut d) = self.dest.take() else {
             return;
         };
-        let report = self
+        let mut report = self
             .pager
             .as_ref()
-            .map(|p| serde_json::to_string(&p.report()).unwrap_or_default())
-            .unwrap_or_default();
+            .map(|p| serde_json::to_value(p.report()).unwrap_or_default())
+            .unwrap_or_else(|| serde_json::json!({}));
+        if !d.disk_copies.is_empty() {
+            report["disk_copies"] = serde_json::Value::Array(std::mem::take(&mut d.disk_copies));
+        }
+        let report = report.to_string();
         if let Err(e) = d.link.send(&Wire::Complete { report }) {
             log::warn!("telling the source we are complete: {}", error_chain(&e));
         }
