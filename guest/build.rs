@@ -10,7 +10,15 @@ fn main() {
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let elf = out.join("guest.elf");
     let ld = dir.join("kernel/link.ld");
-    for f in ["kernel/main.rs", "kernel/boot.s", "kernel/link.ld"] {
+    for f in [
+        "kernel/main.rs",
+        "kernel/virtio.rs",
+        "kernel/blk.rs",
+        "kernel/net.rs",
+        "kernel/boot.s",
+        "kernel/link.ld",
+        "src/shared.rs",
+    ] {
         println!("cargo:rerun-if-changed={f}");
     }
     let status = Command::new(&rustc)

@@ -9,14 +9,30 @@
 //! `cpus=N` vCPUs to wait for (default 1), `fill=MIB` memory to fill with the
 //! pattern (default: all RAM above 16 MiB), `rate=PAGES` page writes per
 //! second over all vCPUs (default 1000), `hot=PERCENT` of the filled memory
-//! the writes go to (default 100), `hb=MS` heartbeat period (default 10).
+//! the writes go to (default 100), `hb=MS` heartbeat period (default 10),
+//! `blk=N` data sectors of the block workload (default 256; 0: off),
+//! `ip=A.B.C.D` our IPv4 address (without it the network device answers nothing).
+//!
+//! Devices: polled virtio-mmio (version 2) in up to 8 slots at
+//! `VIRTIO_MMIO_BASE`, all driven by cpu 0 from ring 3 (virtio.rs): one block
+//! device (blk.rs) and one network device (net.rs).
 //!
 //! Serial output (COM1), one line each:
-//! `GUEST boot ...`, `READY fill_ms=...`, every period
-//! `HB seq=S t_us=T tick=A,B,.. w=W [behind=N] simd=ok|FAIL`, and on input bytes:
+//! `GUEST boot ...`, then per device `VIRTIO slot=I dev=blk capacity=SECTORS`
+//! or `VIRTIO slot=I dev=net mac=M` (failures: `VIRTIO slot=I error=WHAT`), the
+//! block workload's boot check `BLK found|init gen=G n=N ok=OK bad=BAD`
+//! (`ok` counts data sectors, `bad` bad sectors incl. the header and I/O
+//! errors; `BLK error=disk-too-small capacity=C n=N` when N+1 sectors do not
+//! fit; BLK lines end in ` error=WHAT` after a failed request),
+//! `READY fill_ms=...`, every period
+//! `HB seq=S t_us=T tick=A,B,.. w=W [behind=N] simd=ok|FAIL [blkerr=E]`
+//! (`blkerr`: failed background block rewrites, one per period), and on input bytes:
 //! `q` stop writes + `CK <hex> pages=N`, `c` checksum only, `r` resume
-//! writes (`RESUMED`), `x` power off through the i8042 (`POWEROFF`); every byte
-//! received is echoed as `RX <hex>`.
+//! writes (`RESUMED`), `x` power off through the i8042 (`POWEROFF`),
+//! `w` next block generation (`BLK wrote gen=G n=N ms=T`), `v` verify the
+//! disk (`BLK verify gen=G n=N ok=OK bad=BAD ms=T`), `n` network counters
+//! (`NET rx=R tx=T arp=A icmp=I udp=U drop=D`); `w`/`v`/`n` without the
+//! device print `BLK off` / `NET off`.  Every byte received is echoed as `RX <hex>`.
 #![no_std]
 #![no_main]
 
@@ -24,6 +40,11 @@ use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::*};
 
 global_asm!(include_str!("boot.s"));
+include!("../src/shared.rs");
+
+mod blk;
+mod net;
+mod virtio;
 
 const MAX_CPUS: usize = 16;
 const PAGE: u64 = 4096;
@@ -71,6 +92,9 @@ struct Params {
     ranges: [Range; 4],
     nranges: usize,
     pages: u64,
+    /// Block workload sectors (u64::MAX: the default).
+    blk: u64,
+    ip: Option<[u8; 4]>,
 }
 
 impl Params {
@@ -83,6 +107,8 @@ impl Params {
         ranges: [Range { start: 0, pages: 0 }; 4],
         nranges: 0,
         pages: 0,
+        blk: u64::MAX,
+        ip: None,
     };
 
     /// Guest-physical address of workload page `p`.
@@ -499,8 +525,81 @@ fn parse_cmdline(s: &[u8], p: &mut Params) {
             b"rate" => p.rate = n,
             b"hot" => p.hot_pct = n,
             b"hb" => p.hb_ms = n,
+            b"blk" => p.blk = n,
+            b"ip" => p.ip = parse_ip(v),
             _ => {}
         }
+    }
+}
+
+fn parse_ip(v: &[u8]) -> Option<[u8; 4]> {
+    let mut ip = [0u8; 4];
+    let mut parts = v.split(|&b| b == b'.');
+    for o in &mut ip {
+        let d = parts.next()?;
+        if d.is_empty() || d.len() > 3 || !d.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        *o = u8::try_from(d.iter().fold(0u32, |n, &c| n * 10 + (c - b'0') as u32)).ok()?;
+    }
+    parts.next().is_none().then_some(ip)
+}
+
+// ------------------------------------------------------------------ devices
+/// The virtio devices cpu 0 drives (the other cpus have none).
+struct Devices {
+    blk: Option<blk::BlkWork>,
+    net: Option<net::Net>,
+}
+
+impl Devices {
+    const NONE: Devices = Devices { blk: None, net: None };
+
+    /// Probes the virtio-mmio slots, prints a line per device, initialises
+    /// the first block and network device and runs the block boot check.
+    fn probe(p: &Params) -> Devices {
+        let mut d = Devices::NONE;
+        let mut blk_dev = None;
+        let mut net_seen = false;
+        for slot in 0..VIRTIO_MMIO_SLOTS {
+            let m = virtio::Mmio::slot(slot);
+            let mut l = Line::new();
+            l.s("VIRTIO slot=").u(slot);
+            let r = match m.probe() {
+                Ok(0) => continue,
+                Ok(2) => {
+                    let cap = blk::Blk::capacity(m);
+                    l.s(" dev=blk capacity=").u(cap).send();
+                    match blk_dev {
+                        Some(_) => Err("second-blk-device"),
+                        None => blk::Blk::init(m).map(|b| blk_dev = Some((b, cap))),
+                    }
+                }
+                Ok(1) => {
+                    l.s(" dev=net mac=");
+                    for (i, b) in net::Net::mac(m).iter().enumerate() {
+                        l.s(if i > 0 { ":" } else { "" }).x(*b as u64, 2);
+                    }
+                    l.send();
+                    if net_seen {
+                        Err("second-net-device")
+                    } else {
+                        net_seen = true;
+                        net::Net::init(m, p.ip).map(|n| d.net = Some(n))
+                    }
+                }
+                Ok(_) => Err("unsupported-device"),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                Line::new().s("VIRTIO slot=").u(slot).s(" error=").s(e).send();
+            }
+        }
+        let n = if p.blk == u64::MAX { 256 } else { p.blk };
+        if let (Some((b, cap)), true) = (blk_dev, n > 0) {
+            d.blk = blk::BlkWork::start(b, cap, n);
+        }
+        d
     }
 }
 
@@ -517,7 +616,8 @@ pub extern "C" fn user_main(cpu: u64) -> ! {
         core::hint::spin_loop();
     }
     fill(params(), cpu);
-    worker_loop(cpu)
+    let mut none = Devices::NONE;
+    worker_loop(cpu, &mut none)
 }
 
 fn bsp_main() -> ! {
@@ -583,6 +683,7 @@ fn bsp_main() -> ! {
         .s(" x2apic=")
         .s(if ecx & (1 << 21) != 0 { "yes" } else { "no" })
         .send();
+    let mut dev = Devices::probe(&p);
     GO.store(true, Release);
     let tf = now_ns(0);
     fill(params(), 0);
@@ -590,10 +691,11 @@ fn bsp_main() -> ! {
         core::hint::spin_loop();
     }
     Line::new().s("READY fill_ms=").u((now_ns(0) - tf) / 1_000_000).send();
-    worker_loop(0)
+    worker_loop(0, &mut dev)
 }
 
-fn worker_loop(cpu: usize) -> ! {
+/// `dev`: cpu 0's devices (none on the other cpus).
+fn worker_loop(cpu: usize, dev: &mut Devices) -> ! {
     let p = *params();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (cpu as u64 + 1) << 32 ^ now_ns(cpu);
     let start = now_ns(cpu);
@@ -630,14 +732,21 @@ fn worker_loop(cpu: usize) -> ! {
         }
         SKIPPED[cpu].store(skipped, Relaxed);
         SEEN_GEN[cpu].store(gen, Release);
+        if let Some(n) = &mut dev.net {
+            n.poll();
+        }
         if cpu == 0 && now >= next_hb {
-            heartbeat(&p, seq, now, &mut reported_fail);
+            let blkerr = dev.blk.as_ref().map_or(0, |b| b.errs);
+            heartbeat(&p, seq, now, &mut reported_fail, blkerr);
+            if let Some(b) = &mut dev.blk {
+                b.background();
+            }
             seq += 1;
             next_hb += p.hb_ms * 1_000_000;
             if next_hb < now {
                 next_hb = now + p.hb_ms * 1_000_000;
             }
-            poll_serial(&p);
+            poll_serial(&p, dev);
         }
         round += 1;
         if !idle_and_check(cpu, round) {
@@ -646,7 +755,7 @@ fn worker_loop(cpu: usize) -> ! {
     }
 }
 
-fn heartbeat(p: &Params, seq: u64, now: u64, reported: &mut [u64; MAX_CPUS]) {
+fn heartbeat(p: &Params, seq: u64, now: u64, reported: &mut [u64; MAX_CPUS], blkerr: u64) {
     let mut l = Line::new();
     l.s("HB seq=").u(seq).s(" t_us=").u(now / 1000).s(" tick=");
     let mut writes = 0;
@@ -670,10 +779,14 @@ fn heartbeat(p: &Params, seq: u64, now: u64, reported: &mut [u64; MAX_CPUS]) {
     if skipped > 0 {
         l.s(" behind=").u(skipped);
     }
-    l.s(" simd=").s(if fail { "FAIL" } else { "ok" }).send();
+    l.s(" simd=").s(if fail { "FAIL" } else { "ok" });
+    if blkerr > 0 {
+        l.s(" blkerr=").u(blkerr);
+    }
+    l.send();
 }
 
-fn poll_serial(p: &Params) {
+fn poll_serial(p: &Params, dev: &mut Devices) {
     while inb(COM1 + 5) & 1 != 0 {
         let b = inb(COM1);
         Line::new().s("RX ").x(b as u64, 2).send();
@@ -693,6 +806,31 @@ fn poll_serial(p: &Params) {
                 Line::new().s("POWEROFF").send();
                 outb(0x64, 0xfe);
             }
+            b'w' | b'v' => match &mut dev.blk {
+                Some(bw) if b == b'w' => bw.cmd_write(),
+                Some(bw) => bw.cmd_verify(),
+                None => Line::new().s("BLK off").send(),
+            },
+            b'n' => match &dev.net {
+                Some(n) => {
+                    let s = &n.stats;
+                    Line::new()
+                        .s("NET rx=")
+                        .u(s.rx)
+                        .s(" tx=")
+                        .u(s.tx)
+                        .s(" arp=")
+                        .u(s.arp)
+                        .s(" icmp=")
+                        .u(s.icmp)
+                        .s(" udp=")
+                        .u(s.udp)
+                        .s(" drop=")
+                        .u(s.drop)
+                        .send();
+                }
+                None => Line::new().s("NET off").send(),
+            },
             _ => {}
         }
     }

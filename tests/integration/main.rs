@@ -2,6 +2,7 @@
 //! check for it at run time and print `SKIPPED: <test>: <reason>` where it is missing.
 
 mod common;
+mod devices;
 mod hybrid;
 mod linux_boot;
 mod migration;

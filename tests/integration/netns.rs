@@ -23,6 +23,12 @@ pub struct TwoHosts {
     br: String,
     pub ip_a: String,
     pub ip_b: String,
+    /// [`TwoHosts::lan`]: the client namespace (on the same bridge).
+    pub c: String,
+    /// The client's address.
+    pub ip_c: String,
+    /// The address a guest on the hosts' taps should take.
+    pub ip_guest: String,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -53,6 +59,9 @@ impl TwoHosts {
             br: format!("ufm{tag}br"),
             ip_a: format!("10.{sub}.7.1"),
             ip_b: format!("10.{sub}.7.2"),
+            c: String::new(),
+            ip_c: format!("10.{sub}.7.100"),
+            ip_guest: format!("10.{sub}.7.50"),
         };
         for ns in [&h.a, &h.b, &h.br] {
             ip(&["netns", "add", ns])?;
@@ -97,12 +106,61 @@ impl TwoHosts {
         }
         Ok(h)
     }
+
+    /// [`TwoHosts::new`] plus what a VM's NIC needs: in each host a bridge `br0` holding `eth0`
+    /// (the host's address moves to `br0`) and a tap `tap0` for the VM, and a third namespace
+    /// `c` for a client, all on one subnet (the bridges learn where the guest's MAC is).
+    pub fn lan(shape: Shape) -> Result<TwoHosts, String> {
+        let mut h = TwoHosts::new(shape)?;
+        for (ns, addr) in [(&h.a, &h.ip_a), (&h.b, &h.ip_b)] {
+            let cidr = format!("{addr}/24");
+            ip(&["-n", ns, "addr", "del", &cidr, "dev", "eth0"])?;
+            ip(&["-n", ns, "link", "add", "br0", "type", "bridge"])?;
+            ip(&["-n", ns, "link", "set", "eth0", "master", "br0"])?;
+            ip(&["-n", ns, "tuntap", "add", "dev", "tap0", "mode", "tap"])?;
+            ip(&["-n", ns, "link", "set", "tap0", "master", "br0", "up"])?;
+            ip(&["-n", ns, "addr", "add", &cidr, "dev", "br0"])?;
+            ip(&["-n", ns, "link", "set", "br0", "up"])?;
+        }
+        h.c = h.br.replace("br", "c");
+        ip(&["netns", "add", &h.c])?;
+        ip(&[
+            "link", "add", "eth0", "netns", &h.c, "type", "veth", "peer", "name", "pc", "netns",
+            &h.br,
+        ])?;
+        ip(&["-n", &h.br, "link", "set", "pc", "master", "br0", "up"])?;
+        let cidr = format!("{}/24", h.ip_c);
+        ip(&["-n", &h.c, "addr", "add", &cidr, "dev", "eth0"])?;
+        ip(&["-n", &h.c, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &h.c, "link", "set", "lo", "up"])?;
+        Ok(h)
+    }
+
+    /// Runs `f` on a thread that lives in namespace `ns` (sockets it opens are there).
+    pub fn in_netns<T: Send + 'static>(
+        ns: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T, String>> {
+        let path = format!("/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+            // SAFETY: setns on this thread only, with a namespace fd we hold open.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
+            }
+            Ok(f())
+        })
+    }
 }
 
 impl Drop for TwoHosts {
     fn drop(&mut self) {
-        for ns in [&self.a, &self.b, &self.br] {
-            let _ = ip(&["netns", "del", ns]);
+        for ns in [&self.a, &self.b, &self.br, &self.c] {
+            if !ns.is_empty() {
+                let _ = ip(&["netns", "del", ns]);
+            }
         }
     }
 }

@@ -38,14 +38,24 @@ impl VmmProc {
 
     /// Like [`VmmProc::start`], inside network namespace `netns` when given.
     pub fn start_in(netns: Option<&str>, args: &[&str]) -> VmmProc {
+        let prefix: Vec<&str> = match netns {
+            None => vec![],
+            Some(ns) => vec!["ip", "netns", "exec", ns],
+        };
+        VmmProc::start_wrapped(&prefix, args)
+    }
+
+    /// Like [`VmmProc::start`], with the vmm run by the command `prefix` (which must end by
+    /// executing its arguments: the vmm path, then `args`).
+    pub fn start_wrapped(prefix: &[&str], args: &[&str]) -> VmmProc {
         let serial = temp_path("serial");
         let sock = temp_path("sock");
         let stderr = temp_path("stderr");
-        let mut cmd = match netns {
+        let mut cmd = match prefix.split_first() {
             None => Command::new(VMM),
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, VMM]);
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(VMM);
                 c
             }
         };

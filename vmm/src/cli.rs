@@ -118,7 +118,9 @@ struct RunArgs {
     #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
     /// Command line. Our guest takes `fill=MIB rate=PAGES/S hot=PERCENT hb=MS` (cpus= is
-    /// added); Linux defaults to `console=ttyS0 earlyprintk=serial`.
+    /// added), `blk=SECTORS` (its disk workload, default 256) and `ip=A.B.C.D` (its network
+    /// responder: ARP, ping, UDP echo on port 7); Linux defaults to
+    /// `console=ttyS0 earlyprintk=serial` (virtio-mmio devices are added to it).
     #[arg(long)]
     cmdline: Option<String>,
     /// A virtio-blk disk on a raw image: `PATH[,readonly]` (repeatable). For migration the

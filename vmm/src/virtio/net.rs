@@ -243,12 +243,13 @@ impl Net {
         while let Some(chain) = q.pop(ram)? {
             let bytes = gather(ram, &chain.descs, HDR + 65536)?;
             if bytes.len() > HDR && bytes.len() <= HDR + MAX_FRAME {
+                // a tap takes one whole frame per write
                 match self.tap.write(&bytes[HDR..]) {
-                    Ok(_) => {
+                    Ok(n) if n == bytes.len() - HDR => {
                         self.counters.tx_frames += 1;
                         self.counters.tx_bytes += (bytes.len() - HDR) as u64;
                     }
-                    Err(_) => self.counters.tx_dropped += 1,
+                    Ok(_) | Err(_) => self.counters.tx_dropped += 1,
                 }
             } else {
                 self.counters.tx_dropped += 1;
@@ -260,15 +261,16 @@ impl Net {
     }
 }
 
-/// Delivers one received frame into the receive queue (or drops it).
-fn deliver(t: &mut Transport, frame: &[u8]) {
+/// Delivers one received frame into the receive queue or drops it; false when the guest has
+/// no free buffer (the frame waits).
+fn deliver(t: &mut Transport, frame: &[u8]) -> bool {
     let ok = !t.paused && t.driver_ok();
     let Backend::Net(n) = &mut t.backend else {
-        return;
+        return true;
     };
     if !ok {
         n.counters.rx_dropped += 1;
-        return;
+        return true;
     }
     let q = &mut t.queues[RX_QUEUE];
     let r = (|| -> Result<bool, QueueError> {
@@ -287,9 +289,13 @@ fn deliver(t: &mut Transport, frame: &[u8]) {
             n.counters.rx_frames += 1;
             n.counters.rx_bytes += frame.len() as u64;
             t.interrupt();
+            true
         }
-        Ok(false) => n.counters.rx_dropped += 1,
-        Err(e) => t.broken(&e.to_string()),
+        Ok(false) => false,
+        Err(e) => {
+            t.broken(&e.to_string());
+            true
+        }
     }
 }
 
@@ -354,12 +360,13 @@ impl RxWorker {
                 for (i, wait) in [0u64, 50, 100, 150, 200].into_iter().enumerate() {
                     std::thread::sleep(Duration::from_millis(wait));
                     match (&*tap).write(&f) {
-                        Ok(_) => {
+                        Ok(n) if n == f.len() => {
                             if let Backend::Net(n) = &mut lock(&t).backend {
                                 n.counters.announces += 1;
                             }
                             log::debug!("announced {} ({})", mac_string(&mac), i + 1);
                         }
+                        Ok(n) => log::warn!("announcing {}: short write {n}", mac_string(&mac)),
                         Err(e) => log::warn!("announcing {}: {e}", mac_string(&mac)),
                     }
                 }
@@ -376,9 +383,40 @@ impl Drop for RxWorker {
     }
 }
 
+/// How long a frame waits for a receive buffer before the next try (drivers refill on their
+/// own schedule; the tap keeps queueing behind it meanwhile).
+const RX_RETRY_MS: i32 = 1;
+/// A frame that found no buffer for this long is dropped.
+const RX_WAIT_MAX: Duration = Duration::from_millis(100);
+
 fn rx_loop(t: Arc<Mutex<Transport>>, tap: Arc<File>, stop: EventFd) {
     let mut buf = vec![0u8; 65536];
+    // A frame waiting for a free receive buffer, and since when.
+    let mut waiting: Option<(usize, std::time::Instant)> = None;
     loop {
+        if let Some((n, since)) = waiting {
+            let mut g = lock(&t);
+            if deliver(&mut g, &buf[..n]) {
+                waiting = None;
+            } else if since.elapsed() > RX_WAIT_MAX {
+                if let Backend::Net(net) = &mut g.backend {
+                    net.counters.rx_dropped += 1;
+                }
+                waiting = None;
+            } else {
+                drop(g);
+                let mut fds = [libc::pollfd {
+                    fd: stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(fds.as_mut_ptr(), 1, RX_RETRY_MS) } > 0 {
+                    return;
+                }
+                continue;
+            }
+        }
         let mut fds = [
             libc::pollfd {
                 fd: tap.as_raw_fd(),
@@ -406,7 +444,12 @@ fn rx_loop(t: Arc<Mutex<Transport>>, tap: Arc<File>, stop: EventFd) {
         loop {
             match (&*tap).read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => deliver(&mut lock(&t), &buf[..n]),
+                Ok(n) => {
+                    if !deliver(&mut lock(&t), &buf[..n]) {
+                        waiting = Some((n, std::time::Instant::now()));
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
