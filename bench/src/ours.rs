@@ -87,21 +87,44 @@ pub fn ctl(sock: &Path, req: &Value, timeout: Duration) -> Result<Value> {
 }
 
 /// A vmm with its serial (stdout) followed and its stderr in a log file.
-struct Vmm {
-    proc: Proc,
-    serial: Follow,
-    sock: PathBuf,
-    log: PathBuf,
+pub struct Vmm {
+    /// The process.
+    pub proc: Proc,
+    /// Its serial console.
+    pub serial: Follow,
+    /// Its control socket.
+    pub sock: PathBuf,
+    /// Its stderr.
+    pub log: PathBuf,
 }
 
 impl Vmm {
     fn start(c: &OursConfig, tag: &str, args: &[String]) -> Result<Vmm> {
-        let sock = c.dir.join(format!("ours-{tag}.sock"));
-        let log = c.dir.join(format!("ours-{tag}.log"));
+        Vmm::start_at(&c.vmm, &c.dir, None, tag, args)
+    }
+
+    /// Starts `vmm ARGS` (inside network namespace `netns` when given), its sockets and logs in
+    /// `dir`, and waits for its control socket.
+    pub fn start_at(
+        vmm: &Path,
+        dir: &Path,
+        netns: Option<&str>,
+        tag: &str,
+        args: &[String],
+    ) -> Result<Vmm> {
+        let sock = dir.join(format!("ours-{tag}.sock"));
+        let log = dir.join(format!("ours-{tag}.log"));
         let _ = std::fs::remove_file(&sock);
         let stderr =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = Command::new(&c.vmm);
+        let mut cmd = match netns {
+            None => Command::new(vmm),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(vmm);
+                c
+            }
+        };
         cmd.args(args)
             .args(["--serial", "stdout", "--api-socket"])
             .arg(&sock)
@@ -123,7 +146,8 @@ impl Vmm {
         })
     }
 
-    fn fail_context(&mut self) -> String {
+    /// Exit status, serial and log tails, for an error message.
+    pub fn fail_context(&mut self) -> String {
         let status = self.proc.exited();
         format!(
             "{}: exit {status:?}; serial: {}; log: {}",
@@ -170,7 +194,7 @@ pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
         })
         .with_context(|| src.fail_context())?;
     progress(&format!("guest running; migrating in {:.1} s", c.run_s));
-    crate::settle_then_warm(c.run_s, (c.mem_mib + 512) << 20);
+    crate::hb::settle_then_warm(c.run_s, (c.mem_mib + 512) << 20);
     progress(&format!("vmm ctl migrate --to {to}"));
     let ctl_log = c.dir.join("ours-ctl.log");
     let mut cmd = Command::new(&c.vmm);

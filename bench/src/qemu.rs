@@ -341,7 +341,7 @@ pub fn migrate(c: &QemuConfig, progress: &dyn Fn(&str)) -> Result<QemuRun> {
         "guest running ({accel}); migrating in {:.1} s",
         c.run_s
     ));
-    crate::settle_then_warm(c.run_s, (c.mem_mib + 512) << 20);
+    crate::hb::settle_then_warm(c.run_s, (c.mem_mib + 512) << 20);
     progress(&format!("migrate to {uri} ({})", c.mode.name()));
     let start = Instant::now();
     src.qmp.cmd("migrate", json!({ "uri": uri }))?;

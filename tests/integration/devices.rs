@@ -101,7 +101,6 @@ pub(crate) fn echo_client(
 ) -> std::thread::JoinHandle<Result<EchoRun, String>> {
     TwoHosts::in_netns(ns, move || {
         let s = UdpSocket::bind("0.0.0.0:0").expect("udp socket");
-        s.set_nonblocking(true).expect("nonblocking");
         let to = format!("{target}:7");
         let mut run = EchoRun::default();
         let mut next = Instant::now();
@@ -117,14 +116,18 @@ pub(crate) fn echo_client(
                 run.sent += 1;
                 next += interval;
             }
-            while let Ok((n, _)) = s.recv_from(&mut buf) {
-                if n == 16 && &buf[8..16] == b"uffd-mig" {
+            // wait in recv until an answer or the next send (no busy loop)
+            let wait = next
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_micros(20));
+            s.set_read_timeout(Some(wait)).expect("timeout");
+            if let Ok((16, _)) = s.recv_from(&mut buf) {
+                if &buf[8..16] == b"uffd-mig" {
                     let seq = u64::from_le_bytes(buf[..8].try_into().unwrap());
                     run.answers.push((seq, Instant::now()));
                     answered.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            std::thread::sleep(Duration::from_micros(100));
         }
         run
     })

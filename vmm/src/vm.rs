@@ -185,6 +185,8 @@ pub struct Vm {
     dirty_log: Option<crate::dirty::Tracker>,
     /// Announce the NICs (RARP) at the next resume: the VM just arrived.
     announce_pending: bool,
+    /// Disk copy-ins started when the VM arrived (`migrate --copy-disk`).
+    disk_copies_started: usize,
 }
 
 fn console_out(s: &SerialOut) -> Result<ConsoleOut, VmError> {
@@ -436,6 +438,7 @@ impl Vm {
             kvm_pages_at_pause: Vec::new(),
             dirty_log: None,
             announce_pending: false,
+            disk_copies_started: 0,
         })
     }
 

@@ -327,6 +327,15 @@ impl Block {
         self.size
     }
 
+    /// A second handle for flushing outside the device lock (None: read-only or being copied
+    /// in).
+    pub(super) fn flush_handle(&self) -> Option<File> {
+        if self.cfg.readonly || self.staging.is_some() {
+            return None;
+        }
+        self.file.try_clone().ok()
+    }
+
     pub(super) fn features(&self) -> u64 {
         F_FLUSH | if self.cfg.readonly { F_RO } else { 0 }
     }
@@ -417,17 +426,8 @@ impl Block {
             ));
         }
         if id.sample != 0 {
-            // Read what the storage holds now, not what this host cached before the source's
-            // last writes.
-            // SAFETY: advisory call on our own open file descriptor.
-            unsafe {
-                libc::posix_fadvise(
-                    std::os::fd::AsRawFd::as_raw_fd(&self.file),
-                    0,
-                    0,
-                    libc::POSIX_FADV_DONTNEED,
-                )
-            };
+            // Nothing of the file was read here before (the offer check reads no data), so
+            // these reads see what the source flushed.
             let s = self.sample()?;
             if s != id.sample {
                 return Err(disk_err(

@@ -704,6 +704,24 @@ impl VirtioDevices {
         }
     }
 
+    /// Flushes every writable disk without stopping anything (before a pause whose save
+    /// flushes again, so that flush finds little left).
+    pub fn pre_flush(&self) {
+        let files: Vec<_> = self
+            .slots
+            .iter()
+            .filter_map(|s| match &lock(&s.transport).backend {
+                Backend::Block(b) => b.flush_handle(),
+                Backend::Net(_) => None,
+            })
+            .collect();
+        for f in files {
+            if let Err(e) = f.sync_data() {
+                log::warn!("flushing a disk before the pause: {e}");
+            }
+        }
+    }
+
     /// Saves every device (flushing disks).
     pub fn save(&self) -> Result<Vec<TransportState>, VirtioError> {
         self.slots
@@ -713,7 +731,12 @@ impl VirtioDevices {
     }
 
     /// Starts the background copy of every disk being copied in; `notify` hears how each ends.
-    pub fn start_disk_copies(&self, notify: impl Fn(DiskCopyEvent) + Clone + Send + 'static) {
+    /// Returns how many copies started.
+    pub fn start_disk_copies(
+        &self,
+        notify: impl Fn(DiskCopyEvent) + Clone + Send + 'static,
+    ) -> usize {
+        let mut started = 0;
         for s in &self.slots {
             let mut t = lock(&s.transport);
             let slot = t.slot;
@@ -725,10 +748,15 @@ impl VirtioDevices {
             };
             let tr = s.transport.clone();
             let n = notify.clone();
-            let _ = std::thread::Builder::new()
+            match std::thread::Builder::new()
                 .name(format!("disk-copy{slot}"))
-                .spawn(move || copy_thread(slot, tr, events, n));
+                .spawn(move || copy_thread(slot, tr, events, n))
+            {
+                Ok(_) => started += 1,
+                Err(e) => log::error!("disk slot {slot}: cannot start its copy thread: {e}"),
+            }
         }
+        started
     }
 
     /// Disks still being copied in.

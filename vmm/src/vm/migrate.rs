@@ -33,6 +33,8 @@ pub(super) struct Dest {
     pub(super) memory_complete: bool,
     /// Reports of the disks copied in so far.
     pub(super) disk_copies: Vec<serde_json::Value>,
+    /// Disks still being copied in (counted down as their `Done` events are handled).
+    pub(super) disks_pending: usize,
 }
 
 impl Vm {
@@ -120,6 +122,9 @@ impl Vm {
     }
 
     fn switchover(&mut self) -> Result<Switch, String> {
+        // Disks written back while the VM still runs: the flush in the pause then has little
+        // left to do (it is part of the downtime).
+        self.devices.virtio.pre_flush();
         let paused_at = mono_ns();
         let t = Instant::now();
         let was_paused = self.paused;
@@ -259,6 +264,7 @@ impl Vm {
             last_progress: Instant::now(),
             memory_complete: false,
             disk_copies: Vec::new(),
+            disks_pending: self.disk_copies_started,
         });
     }
 
@@ -297,11 +303,12 @@ impl Vm {
     }
 
     /// Starts copying in the disks of a `--copy-disk` migration (the VM runs here now).
-    pub fn start_disk_copies(&self) {
+    pub fn start_disk_copies(&mut self) {
         let tx = self.tx.clone();
-        self.devices.virtio.start_disk_copies(move |e| {
+        let n = self.devices.virtio.start_disk_copies(move |e| {
             let _ = tx.send(super::Event::DiskCopy(e));
         });
+        self.disk_copies_started = n;
     }
 
     /// A disk copy-in ended: on failure the VM stops (exit as for lost memory).
@@ -310,6 +317,7 @@ impl Vm {
             crate::virtio::DiskCopyEvent::Done { report, .. } => {
                 if let Some(d) = &mut self.dest {
                     d.disk_copies.push(report);
+                    d.disks_pending = d.disks_pending.saturating_sub(1);
                 }
                 self.dest_try_complete();
                 None
@@ -325,8 +333,10 @@ impl Vm {
 
     /// RAM and every disk are here: tell the source, with our figures, and drop the link.
     fn dest_try_complete(&mut self) {
-        let ready = self.dest.as_ref().is_some_and(|d| d.memory_complete)
-            && self.devices.virtio.copies_pending() == 0;
+        let ready = self
+            .dest
+            .as_ref()
+            .is_some_and(|d| d.memory_complete && d.disks_pending == 0);
         if !ready {
             return;
         }
