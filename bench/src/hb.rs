@@ -368,6 +368,35 @@ pub fn figures(hbs: &[(Instant, Hb)], start: Instant, end: Instant, period_ms: f
     f
 }
 
+/// Lets the guest run `run_s` seconds before the migration starts; 1 s before the start (the
+/// freeze window's beginning), warms `bytes` of host memory.
+pub fn settle_then_warm(run_s: f64, bytes: u64) {
+    std::thread::sleep(Duration::from_secs_f64((run_s - 1.0).max(0.0)));
+    warm_host_memory(bytes);
+    std::thread::sleep(Duration::from_secs(1));
+}
+
+/// Touches `bytes` of fresh memory once and frees it, right before a migration (for both VMMs
+/// alike): some hosts back their own memory lazily and take freed memory back after about two
+/// seconds (this nested VM: a virtio-balloon with free page reporting; a first touch costs
+/// ~2 s per GiB against ~0.25 s for a page touched recently), so the destination's fresh RAM
+/// would otherwise cost whichever VMM happened to get cold pages.
+pub fn warm_host_memory(bytes: u64) {
+    let t = Instant::now();
+    // zeroed allocation: fresh untouched pages from the kernel, touched once each below
+    let mut v: Vec<u8> = vec![0; bytes as usize];
+    for i in (0..v.len()).step_by(4096) {
+        v[i] = 1;
+    }
+    std::hint::black_box(&v);
+    drop(v);
+    eprintln!(
+        "[bench] warmed {} MiB of host memory in {:.1} s",
+        bytes >> 20,
+        t.elapsed().as_secs_f64()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,33 +458,4 @@ mod tests {
         v.push(hb(0, 2060));
         assert!(!figures(&v, at(2000), at(2100), 10.0).seq_continuous);
     }
-}
-
-/// Lets the guest run `run_s` seconds before the migration starts; 1 s before the start (the
-/// freeze window's beginning), warms `bytes` of host memory.
-pub fn settle_then_warm(run_s: f64, bytes: u64) {
-    std::thread::sleep(Duration::from_secs_f64((run_s - 1.0).max(0.0)));
-    warm_host_memory(bytes);
-    std::thread::sleep(Duration::from_secs(1));
-}
-
-/// Touches `bytes` of fresh memory once and frees it, right before a migration (for both VMMs
-/// alike): some hosts back their own memory lazily and take freed memory back after about two
-/// seconds (this nested VM: a virtio-balloon with free page reporting; a first touch costs
-/// ~2 s per GiB against ~0.25 s for a page touched recently), so the destination's fresh RAM
-/// would otherwise cost whichever VMM happened to get cold pages.
-pub fn warm_host_memory(bytes: u64) {
-    let t = Instant::now();
-    // zeroed allocation: fresh untouched pages from the kernel, touched once each below
-    let mut v: Vec<u8> = vec![0; bytes as usize];
-    for i in (0..v.len()).step_by(4096) {
-        v[i] = 1;
-    }
-    std::hint::black_box(&v);
-    drop(v);
-    eprintln!(
-        "[bench] warmed {} MiB of host memory in {:.1} s",
-        bytes >> 20,
-        t.elapsed().as_secs_f64()
-    );
 }
