@@ -68,6 +68,10 @@ struct IncomingArgs {
     /// is the new local image (it must not exist).
     #[arg(long, value_name = "FROM=TO", requires = "incoming")]
     disk_map: Vec<String>,
+    /// With --incoming: attach the source's tap FROM to tap TO here (repeatable; default: the
+    /// same name — e.g. two VMMs on one host need two taps on the bridge).
+    #[arg(long, value_name = "FROM=TO", requires = "incoming")]
+    tap_map: Vec<String>,
     /// With --incoming: serial console of the migrated VM, `stdout` or a file.
     #[arg(long, default_value = "stdout")]
     serial: String,
@@ -384,6 +388,18 @@ fn run(a: RunArgs) -> Result<ExitCode> {
     serve(vm)
 }
 
+/// `FROM=TO` options.
+fn parse_map<T: From<String>>(flag: &str, v: &[String]) -> Result<Vec<(T, T)>> {
+    v.iter()
+        .map(|m| match m.split_once('=') {
+            Some((f, t)) if !f.is_empty() && !t.is_empty() => {
+                Ok((T::from(f.to_owned()), T::from(t.to_owned())))
+            }
+            _ => Err(anyhow::anyhow!("{flag} {m:?}: expected FROM=TO")),
+        })
+        .collect()
+}
+
 /// 16 hex digits from the kernel's random pool.
 fn random_id() -> String {
     let mut b = [0u8; 8];
@@ -446,14 +462,8 @@ fn incoming(addr: &str, a: IncomingArgs) -> Result<ExitCode> {
         },
         timeout: a.wait_timeout_s.map(Duration::from_secs),
         paused: a.paused,
-        disk_map: a
-            .disk_map
-            .iter()
-            .map(|m| match m.split_once('=') {
-                Some((f, t)) if !f.is_empty() && !t.is_empty() => Ok((f.into(), t.into())),
-                _ => Err(anyhow::anyhow!("--disk-map {m:?}: expected FROM=TO")),
-            })
-            .collect::<Result<_>>()?,
+        disk_map: parse_map("--disk-map", &a.disk_map)?,
+        tap_map: parse_map("--tap-map", &a.tap_map)?,
     };
     let vm = incoming::receive(&cfg, &stop).context("receiving the VM")?;
     serve(vm)

@@ -48,6 +48,8 @@ pub struct IncomingConfig {
     pub paused: bool,
     /// Disk paths that differ here: (source path, path on this host).
     pub disk_map: Vec<(PathBuf, PathBuf)>,
+    /// Tap names that differ here: (source tap, tap on this host).
+    pub tap_map: Vec<(String, String)>,
 }
 
 enum Listener {
@@ -311,7 +313,7 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
     drop(kvm);
     // Disks and taps are opened (and disks checked to be the source's) before anything is
     // paused: a destination that cannot attach them refuses while the VM still runs there.
-    let backends = crate::virtio::open_offered(&offer.devices, &cfg.disk_map)
+    let backends = crate::virtio::open_offered(&offer.devices, &cfg.disk_map, &cfg.tap_map)
         .map_err(|e| refuse(link, e.to_string()))?;
     let pages: Addr = offer.page_server.parse().map_err(|e| {
         refuse(

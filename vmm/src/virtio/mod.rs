@@ -113,10 +113,13 @@ pub fn mapped_path(path: &std::path::Path, map: &[(PathBuf, PathBuf)]) -> PathBu
 }
 
 /// Opens, on a migration destination, the backends an offer names, and checks each disk is the
-/// source's file. The error says which device and why (the offer is then refused).
+/// source's file. `map` renames disk paths, `taps` tap names (`--tap-map FROM=TO`, e.g. for a
+/// migration between two VMMs on one host). The error says which device and why (the offer is
+/// then refused).
 pub fn open_offered(
     devs: &[OfferedDevice],
     map: &[(PathBuf, PathBuf)],
+    taps: &[(String, String)],
 ) -> Result<Vec<Backend>, VirtioError> {
     let mut out = Vec::new();
     for d in devs {
@@ -138,7 +141,13 @@ pub fn open_offered(
                 };
                 Backend::Block(disk)
             }
-            DeviceConfig::Net(n) => Backend::Net(net::Net::open(n)?),
+            DeviceConfig::Net(n) => {
+                let tap = taps
+                    .iter()
+                    .find(|(from, _)| *from == n.tap)
+                    .map_or_else(|| n.tap.clone(), |(_, to)| to.clone());
+                Backend::Net(net::Net::open(&net::NetConfig { tap, mac: n.mac })?)
+            }
         });
     }
     Ok(out)
