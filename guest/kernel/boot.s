@@ -22,6 +22,9 @@
 .set SEL_UDATA, 0x23
 .set SEL_UCODE, 0x2B
 .set SEL_TSS0, 0x30
+# The virtio-net device's interrupt (main.rs `NET_VECTOR`; cpu 0 routes the
+# device's IOAPIC pin to it from ring 3).
+.set NET_VECTOR, 0x21
 
 # ---------------------------------------------------------------- PVH note
 .section .note.Xen, "a", @note
@@ -177,7 +180,10 @@ build_tables:
 4:  cmp ecx, 0x20
     jne 5f
     mov rax, offset timer_isr
-5:  cmp ecx, 0xFF
+5:  cmp ecx, NET_VECTOR
+    jne 11f
+    mov rax, offset net_isr
+11: cmp ecx, 0xFF
     jne 6f
     mov rax, offset spurious_isr
 6:  mov rdx, rcx
@@ -327,6 +333,22 @@ timer_isr:
     pop rax
     iretq
 
+# Device interrupt (virtio-net, routed to cpu 0): no tick, only a wake-up
+# mark for this cpu, so its next idle `hlt` returns at once (the interrupt
+# may come in ring 3 between the driver's last look at the rings and its
+# `hlt`, which would otherwise sleep until the next timer tick).  Ring 3
+# clears the mark just before it polls the device.
+net_isr:
+    push rax
+    mov rax, rsp
+    sub rax, offset kstacks
+    shr rax, 12
+    mov byte ptr [irq_wake + rax], 1
+    mov rax, LAPIC
+    mov dword ptr [rax + 0xB0], 0
+    pop rax
+    iretq
+
 irq_generic:
     push rax
     mov rax, LAPIC
@@ -339,7 +361,9 @@ spurious_isr:
 
 # #GP from ring 3.  Two things land here by design:
 # - `hlt`: the workload's way to idle (syscall and int n do not work from
-#   user mode on the development host): wait here for the next interrupt;
+#   user mode on the development host): wait here for the next interrupt
+#   (any: the timer's or a device's), unless a device interrupt already
+#   came since ring 3 last polled (irq_wake, set by net_isr);
 # - `out dx, al` / `in al, dx`: hosts whose KVM keeps ring 3 at IOPL 0 no
 #   matter what the guest sets (PVM) fault on port I/O; do it here instead.
 #   (Where IOPL 3 holds, as with QEMU/KVM on hardware, these never fault.)
@@ -358,6 +382,11 @@ gp_isr:
     push 13
     jmp exc_common
 2:  inc qword ptr [rsp + 16]
+    mov rax, rsp
+    sub rax, offset kstacks
+    shr rax, 12
+    cmp byte ptr [irq_wake + rax], 0
+    jne 5f
     sti
     hlt
     cli
@@ -451,7 +480,7 @@ idt_ptr:
     .word 256 * 16 - 1
     .quad idt
 
-.global kmode_loop_tsc, start_info_ptr, aps_online, ticks, pvclock, kvmclock_ok, avx_ok, timer_initial_count
+.global kmode_loop_tsc, start_info_ptr, aps_online, ticks, pvclock, kvmclock_ok, avx_ok, timer_initial_count, irq_wake
 .p2align 3
 start_info_ptr: .quad 0
 kmode_loop_tsc: .quad 0
@@ -462,6 +491,9 @@ kvmclock_ok:    .byte 0
 avx_ok:         .byte 0
 .p2align 6
 ticks:          .fill MAX_CPUS, 8, 0
+# Per cpu: 1 when a device interrupt came since ring 3 last cleared it.
+.p2align 6
+irq_wake:       .fill MAX_CPUS, 1, 0
 .p2align 6
 pvclock:        .fill MAX_CPUS * 64, 1, 0
 

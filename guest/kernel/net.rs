@@ -35,12 +35,15 @@ pub struct Stats {
 }
 
 pub struct Net {
+    mmio: Mmio,
     rx: Queue,
     tx: Queue,
     mac: [u8; 6],
     ip: Option<[u8; 4]>,
     /// Bit i: transmit descriptor/buffer i is ours.
     tx_free: u32,
+    /// The device used buffers since our last InterruptACK.
+    unacked: bool,
     pub stats: Stats,
 }
 
@@ -77,7 +80,10 @@ impl Net {
         }
         m.driver_ok();
         rx.kick();
-        Ok(Net { rx, tx, mac, ip, tx_free: (1 << QSIZE) - 1, stats: Stats::default() })
+        // A frame that comes while cpu 0 idles in `hlt` wakes it (the first
+        // poll after this picks up whatever came before).
+        m.route_interrupt(crate::NET_VECTOR)?;
+        Ok(Net { mmio: m, rx, tx, mac, ip, tx_free: (1 << QSIZE) - 1, unacked: false, stats: Stats::default() })
     }
 
     fn reclaim_tx(&mut self) {
@@ -88,6 +94,7 @@ impl Net {
 
     /// Handles every received frame (cheap when there is none: memory reads only).
     pub fn poll(&mut self) {
+        self.unacked |= self.rx.pending() || self.tx.pending();
         self.reclaim_tx();
         let mut reposted = false;
         while let Some((id, len)) = self.rx.pop() {
@@ -103,6 +110,18 @@ impl Net {
         }
         if reposted {
             self.rx.kick();
+        }
+    }
+
+    /// Acknowledges the used-buffer interrupts since the last call, if any.
+    /// Not per poll: each ack is a VM exit (it made the median UDP echo
+    /// round trip ~0.08 ms longer), and this device sends an edge for every
+    /// used buffer whether or not InterruptStatus was acknowledged; the ack
+    /// only keeps that register from staying set for good.
+    pub fn ack_interrupts(&mut self) {
+        if self.unacked {
+            self.unacked = false;
+            self.mmio.ack_used();
         }
     }
 

@@ -2,8 +2,10 @@
 //!
 //! All of it runs in ring 3 on cpu 0: the device registers and our rings are
 //! reached through the identity map (virtual == guest-physical), so the
-//! address of a static is what the device is given.  No interrupts: drivers
-//! poll the used rings.
+//! address of a static is what the device is given.  Drivers poll the used
+//! rings; a driver that wants to be woken (net) routes its device's interrupt
+//! to cpu 0 with `Mmio::route_interrupt`, whose handler only ends cpu 0's
+//! idle `hlt` so that the poll runs at once.
 
 use core::cell::UnsafeCell;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
@@ -25,12 +27,35 @@ const QUEUE_NUM_MAX: u64 = 0x034;
 const QUEUE_NUM: u64 = 0x038;
 const QUEUE_READY: u64 = 0x044;
 const QUEUE_NOTIFY: u64 = 0x050;
+const INTERRUPT_ACK: u64 = 0x064;
 const STATUS: u64 = 0x070;
 const QUEUE_DESC: u64 = 0x080;
 const QUEUE_DRIVER: u64 = 0x090;
 const QUEUE_DEVICE: u64 = 0x0a0;
 const CONFIG_GENERATION: u64 = 0x0fc;
 const CONFIG: u64 = 0x100;
+
+/// InterruptStatus / InterruptACK bit: the device used buffers.
+const INT_USED_BUFFER: u32 = 1;
+
+/// GSI of slot 0's interrupt; slot `i` raises `VIRTIO_GSI_BASE + i` (the VMM's
+/// `virtio::GSI_BASE`, and the `virtio_mmio.device=...:GSI` it gives Linux).
+/// Below 24, KVM's default routing sends GSI n to IOAPIC pin n.
+const VIRTIO_GSI_BASE: u64 = 5;
+/// KVM's in-kernel IOAPIC: IOREGSEL at +0, IOWIN at +0x10.
+const IOAPIC: u64 = 0xfec0_0000;
+const IOAPIC_PINS: u64 = 24;
+/// The local APIC's ID register (ID in bits 24-31).
+const LAPIC_ID: u64 = 0xfee0_0020;
+
+fn ioapic_write(reg: u32, v: u32) {
+    // SAFETY: IOAPIC registers, identity-mapped and user-accessible; MMIO has
+    // no effect on memory Rust owns.  Only cpu 0, once per device, uses them.
+    unsafe {
+        write_volatile(IOAPIC as *mut u32, reg);
+        write_volatile((IOAPIC + 0x10) as *mut u32, v);
+    }
+}
 
 // Device status bits.
 const ACKNOWLEDGE: u32 = 1;
@@ -167,6 +192,34 @@ impl Mmio {
         Ok(Queue { mmio: self, index, ring, avail_idx: 0, last_used: 0 })
     }
 
+    /// This window's slot number.
+    pub fn slot_index(self) -> u64 {
+        (self.0 - crate::VIRTIO_MMIO_BASE) / crate::VIRTIO_MMIO_STRIDE
+    }
+
+    /// Routes this device's interrupt (an edge on IOAPIC pin `VIRTIO_GSI_BASE
+    /// + slot`, one per used-buffer notification) to `vector` on the calling
+    /// cpu: edge-triggered, active high, fixed delivery, physical destination,
+    /// unmasked.  Returns the pin.
+    pub fn route_interrupt(self, vector: u8) -> Result<u64, &'static str> {
+        let pin = VIRTIO_GSI_BASE + self.slot_index();
+        if pin >= IOAPIC_PINS {
+            return Err("no-ioapic-pin");
+        }
+        // SAFETY: the LAPIC page is identity-mapped and user-accessible; reading
+        // the ID register has no side effects.
+        let apic_id = unsafe { read_volatile(LAPIC_ID as *const u32) } >> 24;
+        let reg = 0x10 + 2 * pin as u32;
+        ioapic_write(reg + 1, apic_id << 24); // destination first, then unmask
+        ioapic_write(reg, vector as u32);
+        Ok(pin)
+    }
+
+    /// InterruptACK for used-buffer notifications.
+    pub fn ack_used(self) {
+        self.write(INTERRUPT_ACK, INT_USED_BUFFER);
+    }
+
     pub fn driver_ok(self) {
         self.write(STATUS, self.read(STATUS) | DRIVER_OK);
     }
@@ -264,6 +317,12 @@ impl Queue {
     pub fn kick(&self) {
         fence(SeqCst);
         self.mmio.write(QUEUE_NOTIFY, self.index);
+    }
+
+    /// True when the device has used chains we have not popped.
+    pub fn pending(&self) -> bool {
+        // SAFETY: the ring is ours; the device writes used.idx (volatile read).
+        unsafe { read_volatile(addr_of!((*self.ring).used.idx)) != self.last_used }
     }
 
     /// The next used chain: (head descriptor, bytes the device wrote).
