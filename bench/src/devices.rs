@@ -395,7 +395,10 @@ fn disk_run(a: &Args, vmm: &Path, mem: u64, img: &Path, run: u32, copy: bool) ->
         dargs.push(format!("--disk-map={imgs}={}", target.display()));
     }
     let mut dst = Vmm::start_at(vmm, &dir, None, "dst", &dargs)?;
-    hb::settle_then_warm(2.0, (mem + 512) << 20);
+    // this host backs its memory lazily (see hb::warm_host_memory): warm what the destination's
+    // RAM, a staging copy of the disk and the new image's page cache will take, for both runs
+    let disk_mib = std::fs::metadata(img)?.len() >> 20;
+    hb::settle_then_warm(2.0, (mem + 2 * disk_mib + 512) << 20);
     let r = ctl(
         &src.sock,
         &migrate_req(&to, "postcopy", copy),

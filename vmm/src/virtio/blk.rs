@@ -97,7 +97,7 @@ pub struct Block {
 impl Drop for Block {
     fn drop(&mut self) {
         // A copy-in that never finished leaves no half-written image behind.
-        if self.staging.as_ref().is_some_and(|s| !s.writing_back) {
+        if self.staging.as_ref().is_some() {
             log::warn!(
                 "disk {}: copy from the source incomplete; removing the local image",
                 self.cfg.path.display()
@@ -112,9 +112,29 @@ struct Staging {
     pager: pager::Pager,
     /// Host address of the staging mapping.
     base: u64,
-    /// Write-back to the file has begun: guest writes go to both.
-    writing_back: bool,
+    /// Per write-back chunk: already in the file (guest writes to it then go to both).
+    written: Vec<bool>,
+    /// Where the next scan for a chunk ready to write back starts.
+    cursor: usize,
+    /// Chunks written back.
+    chunks_done: usize,
     since: std::time::Instant,
+    /// Time spent writing back.
+    write_back: std::time::Duration,
+}
+
+/// Bytes written back to the local file per step (the guest's disk I/O waits at most one step).
+pub const WRITE_BACK_CHUNK: u64 = 1 << 20;
+
+/// What one write-back step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteBack {
+    /// A chunk went to the file.
+    Wrote,
+    /// No chunk not yet written has all its blocks here yet.
+    NothingReady,
+    /// Every chunk is in the file.
+    AllDone,
 }
 
 fn disk_err(cfg: &BlockConfig, what: impl Into<String>) -> VirtioError {
@@ -221,8 +241,11 @@ impl Block {
             staging: Some(Staging {
                 pager,
                 base,
-                writing_back: false,
+                written: vec![false; size.div_ceil(WRITE_BACK_CHUNK) as usize],
+                cursor: 0,
+                chunks_done: 0,
                 since: std::time::Instant::now(),
+                write_back: std::time::Duration::ZERO,
             }),
         })
     }
@@ -245,32 +268,59 @@ impl Block {
             .map(|s| (s.pager.present_pages(), s.pager.total_pages()))
     }
 
-    /// Writes staged bytes `[off, off + len)` to the local file (copy-in write-back; every
-    /// block is present by then). From now on guest writes go to both.
-    pub(super) fn write_back(&mut self, off: u64, len: u64) -> Result<(), VirtioError> {
+    /// Writes the next chunk whose blocks are all here to the local file (copy-in write-back,
+    /// while the copy goes on). Guest writes to a chunk already written go to both.
+    pub(super) fn write_back_step(&mut self) -> Result<WriteBack, VirtioError> {
         let Some(s) = self.staging.as_mut() else {
-            return Ok(());
+            return Ok(WriteBack::AllDone);
         };
-        s.writing_back = true;
-        let len = len.min(self.size.saturating_sub(off));
-        // SAFETY: [off, off + len) lies in the staging mapping of `size` bytes, owned by the
-        // pager we hold; every page is present (the pager completed), so reading does not fault.
-        let data = unsafe { std::slice::from_raw_parts((s.base + off) as *const u8, len as usize) };
-        self.file
-            .write_all_at(data, off)
-            .map_err(|e| disk_err(&self.cfg, format!("writing the local copy at {off}: {e}")))
+        let n = s.written.len();
+        if s.chunks_done == n {
+            return Ok(WriteBack::AllDone);
+        }
+        let pages_per_chunk = WRITE_BACK_CHUNK / 4096;
+        let total_pages = s.pager.total_pages();
+        for k in 0..n {
+            let c = (s.cursor + k) % n;
+            if s.written[c] {
+                continue;
+            }
+            let first = c as u64 * pages_per_chunk;
+            let last = (first + pages_per_chunk).min(total_pages);
+            if !(first..last).all(|p| s.pager.is_present(p)) {
+                continue;
+            }
+            let t = std::time::Instant::now();
+            let off = c as u64 * WRITE_BACK_CHUNK;
+            let len = WRITE_BACK_CHUNK.min(self.size - off);
+            // SAFETY: [off, off + len) lies in the staging mapping of `size` bytes, owned by the
+            // pager we hold, and every page of it is present: reading does not fault.
+            let data =
+                unsafe { std::slice::from_raw_parts((s.base + off) as *const u8, len as usize) };
+            self.file.write_all_at(data, off).map_err(|e| {
+                disk_err(&self.cfg, format!("writing the local copy at {off}: {e}"))
+            })?;
+            s.written[c] = true;
+            s.chunks_done += 1;
+            s.cursor = (c + 1) % n;
+            s.write_back += t.elapsed();
+            return Ok(WriteBack::Wrote);
+        }
+        Ok(WriteBack::NothingReady)
     }
 
-    /// Ends a copy-in: the file holds every block; the staging memory goes.
-    pub(super) fn finish_copy(&mut self) -> Result<f64, VirtioError> {
+    /// Ends a copy-in: the file holds every block; the staging memory goes. Returns (copy ms,
+    /// write-back ms).
+    pub(super) fn finish_copy(&mut self) -> Result<(f64, f64), VirtioError> {
         self.file
             .sync_all()
             .map_err(|e| disk_err(&self.cfg, format!("flushing the local copy: {e}")))?;
-        let ms = self
-            .staging
-            .take()
-            .map_or(0.0, |s| s.since.elapsed().as_secs_f64() * 1e3);
-        Ok(ms)
+        Ok(self.staging.take().map_or((0.0, 0.0), |s| {
+            (
+                s.since.elapsed().as_secs_f64() * 1e3,
+                s.write_back.as_secs_f64() * 1e3,
+            )
+        }))
     }
 
     /// Copy-in pager report (for the migration report).
@@ -308,7 +358,10 @@ impl Block {
                         data.len(),
                     )
                 };
-                if s.writing_back {
+                // chunks already written back get the write too
+                let first = (off / WRITE_BACK_CHUNK) as usize;
+                let last = ((off + data.len().max(1) as u64 - 1) / WRITE_BACK_CHUNK) as usize;
+                if (first..=last).any(|c| s.written.get(c).copied().unwrap_or(false)) {
                     self.file.write_all_at(data, off)?;
                 }
                 Ok(())

@@ -17,6 +17,7 @@ pub mod queue;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -496,8 +497,8 @@ pub enum DiskCopyEvent {
     },
 }
 
-/// Bytes written back to the local file per lock hold (guest disk I/O waits at most this long).
-const WRITE_BACK_CHUNK: u64 = 1 << 20;
+/// How often the copy thread looks for chunks to write back while blocks arrive.
+const WRITE_BACK_POLL: Duration = Duration::from_millis(10);
 
 fn copy_thread(
     slot: u32,
@@ -505,56 +506,62 @@ fn copy_thread(
     events: std::sync::mpsc::Receiver<pager::PagerEvent>,
     notify: impl Fn(DiskCopyEvent),
 ) {
+    use std::sync::mpsc::RecvTimeoutError;
     let fail = |reason: String| notify(DiskCopyEvent::Failed { slot, reason });
-    for ev in events {
-        match ev {
-            pager::PagerEvent::Complete => {
-                let t0 = std::time::Instant::now();
-                let (size, report) = match &lock(&t).backend {
-                    Backend::Block(b) => (b.size(), b.copy_report()),
-                    Backend::Net(_) => return,
-                };
-                let mut off = 0;
-                while off < size {
-                    let r = match &mut lock(&t).backend {
-                        Backend::Block(b) => b.write_back(off, WRITE_BACK_CHUNK),
-                        Backend::Net(_) => return,
+    let mut complete = false;
+    loop {
+        // write back every chunk that is complete, one lock hold per chunk
+        loop {
+            let step = match &mut lock(&t).backend {
+                Backend::Block(b) => b.write_back_step(),
+                Backend::Net(_) => return,
+            };
+            match step {
+                Ok(blk::WriteBack::Wrote) => continue,
+                Ok(blk::WriteBack::NothingReady) => break,
+                Ok(blk::WriteBack::AllDone) if complete => {
+                    let mut g = lock(&t);
+                    let Backend::Block(b) = &mut g.backend else {
+                        return;
                     };
-                    if let Err(e) = r {
-                        return fail(e.to_string());
-                    }
-                    off += WRITE_BACK_CHUNK;
+                    let (size, report) = (b.size(), b.copy_report());
+                    return match b.finish_copy() {
+                        Ok((ms, wb)) => {
+                            drop(g);
+                            log::info!(
+                                "disk slot {slot}: copied in {ms:.1} ms ({size} bytes; writing the file took {wb:.1} ms of it)"
+                            );
+                            notify(DiskCopyEvent::Done {
+                                slot,
+                                report: serde_json::json!({
+                                    "slot": slot,
+                                    "bytes": size,
+                                    "ms": ms,
+                                    "write_back_ms": wb,
+                                    "pager": report,
+                                }),
+                            });
+                        }
+                        Err(e) => fail(e.to_string()),
+                    };
                 }
-                let r = match &mut lock(&t).backend {
-                    Backend::Block(b) => b.finish_copy(),
-                    Backend::Net(_) => return,
-                };
-                match r {
-                    Ok(ms) => {
-                        let wb = t0.elapsed().as_secs_f64() * 1e3;
-                        log::info!(
-                            "disk slot {slot}: copied in {ms:.1} ms ({size} bytes; write-back {wb:.1} ms)"
-                        );
-                        notify(DiskCopyEvent::Done {
-                            slot,
-                            report: serde_json::json!({
-                                "slot": slot,
-                                "bytes": size,
-                                "ms": ms,
-                                "write_back_ms": wb,
-                                "pager": report,
-                            }),
-                        });
-                    }
-                    Err(e) => fail(e.to_string()),
-                }
-                return;
+                Ok(blk::WriteBack::AllDone) => break,
+                Err(e) => return fail(e.to_string()),
             }
-            pager::PagerEvent::Failed { reason } => return fail(reason),
-            pager::PagerEvent::SourceLost { cause } => {
+        }
+        match events.recv_timeout(WRITE_BACK_POLL) {
+            Ok(pager::PagerEvent::Complete) => complete = true,
+            Ok(pager::PagerEvent::Failed { reason }) => return fail(reason),
+            Ok(pager::PagerEvent::SourceLost { cause }) => {
                 log::warn!("disk slot {slot}: source lost ({cause}); reconnecting")
             }
-            pager::PagerEvent::Reconnected { .. } => {}
+            Ok(pager::PagerEvent::Reconnected { .. }) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                if !complete {
+                    return fail("the disk's pager stopped".into());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     }
 }
