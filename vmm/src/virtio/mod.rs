@@ -706,17 +706,9 @@ impl VirtioDevices {
 
     /// Stops (true) or restarts device activity with the vCPUs.
     pub fn set_paused(&self, paused: bool) {
+        // (a received frame waiting for a buffer is retried by its receive thread)
         for s in &self.slots {
             lock(&s.transport).paused = paused;
-        }
-        if !paused {
-            for s in &self.slots {
-                // Buffers made available while paused (none normally) and frames that waited.
-                let mut t = lock(&s.transport);
-                if let Backend::Net(_) = t.backend {
-                    t.notify(net::RX_QUEUE);
-                }
-            }
         }
     }
 
