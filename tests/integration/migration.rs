@@ -331,10 +331,14 @@ fn migrate_between_two_network_namespaces() {
     let r = migrate(&src, &addr, &[]);
     check_report(&r, 256 << 20);
     let rtt = r["rtt_us"].as_f64().unwrap();
-    assert!(
-        rtt > 900.0,
-        "the link should have a 1 ms round trip, measured {rtt} us"
-    );
+    if hosts.delayed {
+        assert!(
+            rtt > 900.0,
+            "the link should have a 1 ms round trip, measured {rtt} us"
+        );
+    } else {
+        println!("note: this kernel has no netem qdisc: the link is rate-limited (tbf) but not delayed (round trip {rtt:.0} us)");
+    }
     source_exits(&mut src);
     check_continues(&dest, &last_heartbeat(&src), 2);
     // and back, over the same link

@@ -29,6 +29,44 @@ pub struct TwoHosts {
     pub ip_c: String,
     /// The address a guest on the hosts' taps should take.
     pub ip_guest: String,
+    /// The shape's delay is applied (`tc netem`; some kernels lack it: then only the rate is,
+    /// with `tbf`).
+    pub delayed: bool,
+}
+
+/// Shapes `eth0` of namespace `ns`: `netem` (delay and rate) where the kernel has it, else the
+/// rate alone with `tbf`. Returns whether the delay is applied.
+fn shape_link(ns: &str, shape: Shape) -> Result<bool, String> {
+    let mut args: Vec<String> = ["netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let base = args.clone();
+    args.extend(["root", "netem"].map(String::from));
+    if shape.delay_us > 0 {
+        args.extend(["delay".into(), format!("{}us", shape.delay_us)]);
+    }
+    if shape.rate_mbit > 0 {
+        args.extend(["rate".into(), format!("{}mbit", shape.rate_mbit)]);
+        // room for a bandwidth-delay product of queued packets
+        args.extend(["limit".into(), "100000".into()]);
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match ip(&a) {
+        Ok(()) => Ok(true),
+        Err(e) if e.contains("qdisc kind is unknown") => {
+            if shape.rate_mbit > 0 {
+                let mut args = base;
+                args.extend(["root", "tbf", "rate"].map(String::from));
+                args.push(format!("{}mbit", shape.rate_mbit));
+                args.extend(["burst", "256kb", "latency", "50ms"].map(String::from));
+                let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                ip(&a)?;
+            }
+            Ok(shape.delay_us == 0)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -53,7 +91,7 @@ impl TwoHosts {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let tag = format!("{}x{n}", std::process::id() % 100_000);
         let sub = 100 + (std::process::id() % 50) as u8 * 2 + (n % 2) as u8;
-        let h = TwoHosts {
+        let mut h = TwoHosts {
             a: format!("ufm{tag}a"),
             b: format!("ufm{tag}b"),
             br: format!("ufm{tag}br"),
@@ -62,6 +100,7 @@ impl TwoHosts {
             c: String::new(),
             ip_c: format!("10.{sub}.7.100"),
             ip_guest: format!("10.{sub}.7.50"),
+            delayed: true,
         };
         for ns in [&h.a, &h.b, &h.br] {
             ip(&["netns", "add", ns])?;
@@ -87,21 +126,7 @@ impl TwoHosts {
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             if shape.delay_us > 0 || shape.rate_mbit > 0 {
-                let mut args: Vec<String> = ["netns", "exec", ns, "tc", "qdisc", "add", "dev"]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
-                args.extend(["eth0", "root", "netem"].map(String::from));
-                if shape.delay_us > 0 {
-                    args.extend(["delay".into(), format!("{}us", shape.delay_us)]);
-                }
-                if shape.rate_mbit > 0 {
-                    args.extend(["rate".into(), format!("{}mbit", shape.rate_mbit)]);
-                    // room for a bandwidth-delay product of queued packets
-                    args.extend(["limit".into(), "100000".into()]);
-                }
-                let a: Vec<&str> = args.iter().map(String::as_str).collect();
-                ip(&a)?;
+                h.delayed = shape_link(ns, shape)?;
             }
         }
         Ok(h)
