@@ -566,7 +566,10 @@ fn classify(
             s.merge_received(b.first.0, b.bits, b.count);
             Action::None
         }
-        (Role::Control(_), Message::Done) => Action::Close,
+        (Role::Control(_), Message::Done) => {
+            core.totals.clients_done.fetch_add(1, Ordering::Relaxed);
+            Action::Close
+        }
         (Role::Control(_), Message::State { .. }) => Action::None,
         (_, Message::Error { code, reason }) => {
             Action::Fail(code, format!("client reported error {code}: {reason}"))

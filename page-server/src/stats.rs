@@ -30,6 +30,8 @@ pub struct Counters {
 pub(crate) struct Totals {
     /// Sessions opened (control connections accepted).
     pub(crate) sessions_opened: AtomicU64,
+    /// Clients that said `Done` (they have every page).
+    pub(crate) clients_done: AtomicU64,
     /// What every session sent.
     pub(crate) sent: Counters,
 }
@@ -39,6 +41,7 @@ impl Totals {
         let s = &self.sent;
         ServerStats {
             sessions_opened: self.sessions_opened.load(Relaxed),
+            clients_done: self.clients_done.load(Relaxed),
             fault_pages: s.fault_pages.load(Relaxed),
             prefetch_pages: s.prefetch_pages.load(Relaxed),
             stream_pages: s.stream_pages.load(Relaxed),
@@ -57,6 +60,10 @@ impl Totals {
 pub struct ServerStats {
     /// Sessions opened (one per client connect or reconnect).
     pub sessions_opened: u64,
+    /// Clients that said `Done`: they had every page (a migration source learns the outcome
+    /// from this when its own link to the destination is gone).
+    #[serde(default)]
+    pub clients_done: u64,
     /// Pages sent because a fault asked for them.
     pub fault_pages: u64,
     /// Pages sent as prefetch with a fault's reply.

@@ -415,8 +415,11 @@ fn check_restored(p: &VmmProc, s: &Snapped) {
         "heartbeat sequence reset or skipped: before {:?}, after {first:?}",
         s.last
     );
+    // kvmclock is held while paused; the bound allows a restored vCPU that a loaded machine
+    // schedules late (as in the migration tests), and still catches a clock that ran through
+    // the snapshot and restore (which take longer than this)
     assert!(
-        first.t_us > s.last.t_us && first.t_us < s.last.t_us + 50_000,
+        first.t_us > s.last.t_us && first.t_us < s.last.t_us + 250_000,
         "guest time did not continue: before {:?}, after {first:?}",
         s.last
     );

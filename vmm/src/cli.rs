@@ -279,6 +279,12 @@ enum CtlCmd {
         /// destination writes a new image (its path through `--disk-map`, else the source's).
         #[arg(long)]
         copy_disk: bool,
+        /// After the switch, how long to wait out a silent or broken link to the destination
+        /// (its pagers reconnect on their own; their `Done` to our page-server also completes
+        /// the migration) before giving up on knowing the outcome — the VM then stays paused
+        /// here, its memory still served (default 120).
+        #[arg(long)]
+        recover_timeout_s: Option<u64>,
     },
 }
 
@@ -491,6 +497,7 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
             max_downtime_ms,
             dirty_tracking,
             copy_disk,
+            recover_timeout_s,
         } => Request::Migrate {
             to,
             mode: Some(mode),
@@ -500,6 +507,7 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
             max_downtime_ms,
             dirty_tracking,
             copy_disk,
+            recover_timeout_s,
         },
         CtlCmd::MigrateSwitchover => Request::MigrateSwitchover,
         CtlCmd::WriteMemory { gpa, hex } => Request::WriteMemory { gpa, hex },

@@ -107,6 +107,9 @@ pub enum Request {
         /// Move the disks too (they are not on storage both hosts share).
         #[serde(default)]
         copy_disk: bool,
+        /// Post-copy: seconds to wait out a silent or broken link to the destination.
+        #[serde(default)]
+        recover_timeout_s: Option<u64>,
     },
 }
 

@@ -742,6 +742,7 @@ impl Vm {
                         max_downtime_ms,
                         dirty_tracking,
                         copy_disk,
+                        recover_timeout_s,
                     },
                     reply,
                 )) => {
@@ -754,6 +755,9 @@ impl Vm {
                     );
                     plan.dirty_tracking = dirty_tracking;
                     plan.copy_disk = copy_disk;
+                    if let Some(s) = recover_timeout_s {
+                        plan.recover_timeout = Duration::from_secs(s);
+                    }
                     self.start_migration(to, plan, reply);
                 }
                 Event::Migration(m) => {

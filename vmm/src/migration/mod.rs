@@ -57,6 +57,9 @@ pub enum Mode {
     Precopy,
 }
 
+/// Default of [`Plan::recover_timeout`].
+pub const DEFAULT_RECOVER_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// What the caller asked for.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -75,6 +78,10 @@ pub struct Plan {
     pub dirty_tracking: Option<String>,
     /// Serve the disks to the destination (not shared storage).
     pub copy_disk: bool,
+    /// Post-copy: how long the source waits for a silent or broken migration link to come
+    /// back (or for the destination's pagers to say they have everything) before it gives up
+    /// knowing the outcome (the VM then stays paused here).
+    pub recover_timeout: Duration,
 }
 
 impl Plan {
@@ -101,6 +108,7 @@ impl Plan {
             verify,
             dirty_tracking: None,
             copy_disk: false,
+            recover_timeout: DEFAULT_RECOVER_TIMEOUT,
         }
     }
 
@@ -298,6 +306,19 @@ impl Link {
             buf: Vec::new(),
             peer,
         }
+    }
+
+    /// Whether a frame has started to arrive (or the connection ended) within `timeout`:
+    /// waiting without reading keeps a slow frame from being cut by a receive timeout.
+    pub fn readable(&self, timeout: Duration) -> bool {
+        let mut fds = [libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd for our own socket.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout.as_millis() as i32) };
+        n > 0
     }
 
     /// The peer, for messages.

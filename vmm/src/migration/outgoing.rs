@@ -164,6 +164,13 @@ fn run(ctx: Context, addr: Addr, sock: Sock) {
     }
 }
 
+/// The destination may run the VM: every page-server goes on serving.
+fn unknown(e: MigrationError, server: ServerHandle, disks: &mut Vec<ServerHandle>) -> Outcome {
+    let mut keep = vec![server];
+    keep.append(disks);
+    Outcome::Unknown(e, keep)
+}
+
 /// How a migration ended badly.
 enum Outcome {
     /// The destination never ran the VM.
@@ -347,11 +354,6 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
         dirty,
         precopy_pages,
     })?;
-    let mut unknown = |e: MigrationError, server: ServerHandle| {
-        let mut keep = vec![server];
-        keep.append(&mut disks);
-        Outcome::Unknown(e, keep)
-    };
     let (running_at, apply_ms) = match link.recv(Some(RESUME_TIMEOUT)) {
         Ok(Wire::Resumed {
             running_at,
@@ -360,9 +362,9 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
         Ok(Wire::Failed { reason }) => return Err(MigrationError::DestinationFailed(reason).into()),
         Ok(other) => {
             let e = MigrationError::Protocol(format!("expected Resumed, got {other:?}"));
-            return Err(unknown(e, server));
+            return Err(unknown(e, server, &mut disks));
         }
-        Err(e) => return Err(unknown(e, server)),
+        Err(e) => return Err(unknown(e, server, &mut disks)),
     };
     let running_src = i128::from(running_at) - offset_ns;
     let downtime_ms = (running_src - i128::from(sw.paused_at)) as f64 / 1e6;
@@ -374,11 +376,72 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
     // Post-copy: wait for the destination to have every page.
     let total_bytes = offer.config.mem_bytes;
     let mut last = (Instant::now(), 0u64);
+    // The destination runs the VM now: a silent or broken link is waited out (the page-servers
+    // keep serving; the destination's pagers reconnect on their own) until the recover timeout.
+    // The pagers' `Done` to our page-servers also says the destination has everything.
+    let mut heard = Instant::now();
+    let mut link_lost: Option<MigrationError> = None;
+    let mut all_done_since: Option<Instant> = None;
     let report = loop {
+        if all_done_since.is_none()
+            && server.stats().clients_done > 0
+            && disks.iter().all(|d| d.stats().clients_done > 0)
+        {
+            all_done_since = Some(Instant::now());
+        }
+        // the destination's own Complete (with its figures) normally follows its pagers' Done
+        // at once; without a link, or without it for a while, the Done is the answer
+        if all_done_since.is_some_and(|t| link_lost.is_some() || t.elapsed() > SILENCE_TIMEOUT) {
+            if let Some(e) = &link_lost {
+                log::info!(
+                    "the destination's pagers have every page (the migration link was lost: {})",
+                    crate::vm::error_chain(e)
+                );
+            }
+            break json!({"completion": "learnt from the page-servers (migration link lost)"})
+                .to_string();
+        }
+        if link_lost.is_none() && !link.readable(Duration::from_millis(200)) {
+            if heard.elapsed() > SILENCE_TIMEOUT
+                && heard.elapsed() <= SILENCE_TIMEOUT + Duration::from_millis(250)
+            {
+                log::warn!(
+                    "nothing from the destination for {SILENCE_TIMEOUT:?}; waiting up to {:?} for it (memory stays served)",
+                    ctx.plan.recover_timeout
+                );
+            }
+            if heard.elapsed() > ctx.plan.recover_timeout {
+                let e = MigrationError::Other(format!(
+                    "no word from the destination for {:?}",
+                    ctx.plan.recover_timeout
+                ));
+                return Err(unknown(e, server, &mut disks));
+            }
+            continue;
+        }
+        if link_lost.is_some() {
+            if heard.elapsed() > ctx.plan.recover_timeout {
+                let e = link_lost
+                    .take()
+                    .unwrap_or_else(|| MigrationError::Other("migration link lost".into()));
+                return Err(unknown(e, server, &mut disks));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
         let msg = match link.recv(Some(SILENCE_TIMEOUT)) {
             Ok(m) => m,
-            Err(e) => return Err(unknown(e, server)),
+            Err(e) => {
+                log::warn!(
+                    "migration link lost after the switch ({}); memory stays served, waiting up to {:?} for the destination's pagers to finish",
+                    crate::vm::error_chain(&e),
+                    ctx.plan.recover_timeout
+                );
+                link_lost = Some(e);
+                continue;
+            }
         };
+        heard = Instant::now();
         match msg {
             Wire::Progress { present, total } => {
                 let dt = last.0.elapsed().as_secs_f64().max(1e-6);
@@ -397,7 +460,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
             Wire::Complete { report } => break report,
             other => {
                 let e = MigrationError::Protocol(format!("expected Progress, got {other:?}"));
-                return Err(unknown(e, server));
+                return Err(unknown(e, server, &mut disks));
             }
         }
     };
