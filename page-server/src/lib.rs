@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 use thiserror::Error;
 
 pub use memory::{is_zero_page, FileImage, ImageError, MemoryProvider, RawRegions};
-pub use sock::{Addr, Sock};
+pub use sock::{set_liveness, Addr, Sock};
 pub use stats::ServerStats;
 
 /// Default socket buffer of a bulk connection, on both sides: enough for ~10 Gbit/s at 1 ms
@@ -49,7 +49,15 @@ pub struct ServerConfig {
     /// its pages as `Origin::Precopy`, pages marked with [`ServerHandle::resend`] go out again,
     /// and the stream does not end until [`ServerHandle::end_precopy`].
     pub precopy: bool,
+    /// A TCP client whose host stops answering (a cut link, a lost host) fails after this long
+    /// (keepalive + TCP_USER_TIMEOUT, see [`set_liveness`]), so its session's threads end
+    /// instead of blocking in the kernel's retransmissions. Zero: the kernel's defaults.
+    pub liveness_timeout: std::time::Duration,
 }
+
+/// Default [`ServerConfig::liveness_timeout`] (and the pager's): long enough for a congested
+/// link, short enough that a cut is noticed well within the usual recovery timeouts.
+pub const DEFAULT_LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -58,6 +66,7 @@ impl Default for ServerConfig {
             urgent_cpu: None,
             bulk_buffer_bytes: DEFAULT_BULK_BUFFER_BYTES,
             precopy: false,
+            liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
         }
     }
 }

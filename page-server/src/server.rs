@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -194,7 +194,13 @@ pub(crate) fn run(
         }
         for ev in events.iter() {
             match ev.token() {
-                LISTENER => accept_all(&mut listener, &poll, &mut conns, &mut next_token),
+                LISTENER => accept_all(
+                    &mut listener,
+                    &poll,
+                    &mut conns,
+                    &mut next_token,
+                    core.config.liveness_timeout,
+                ),
                 WAKER => {}
                 t => {
                     let Some(conn) = conns.get_mut(&t) else {
@@ -239,11 +245,15 @@ fn accept_all(
     poll: &Poll,
     conns: &mut HashMap<Token, Conn>,
     next: &mut usize,
+    liveness: std::time::Duration,
 ) {
     loop {
         let r = match listener {
             Listener::Tcp(l) => l.accept().map(|(s, a)| {
                 let _ = s.set_nodelay(true);
+                if let Err(e) = crate::sock::set_liveness(s.as_raw_fd(), liveness) {
+                    debug!("client {a}: keepalive options: {e}");
+                }
                 (MioSock::Tcp(s), a.to_string())
             }),
             Listener::Unix(l) => l

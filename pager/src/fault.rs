@@ -299,6 +299,10 @@ pub(crate) fn fault_loop(r: Arc<Remote>, urgent: Sock, generation: u64) {
         t.handle_faults();
         t.handle_replies();
         t.stream_arrivals();
+        sh.waiting.store(
+            (t.policy.outstanding() + t.policy.streaming()) as u64,
+            Ordering::Relaxed,
+        );
         // a reply usually comes within tens of microseconds: spin for it rather than pay a
         // sleep and a wake-up
         if t.policy.outstanding() > 0 && t.conn.is_some() {

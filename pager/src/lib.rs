@@ -44,6 +44,9 @@ pub use region::HostMemory;
 pub use stats::{Histogram, LatencySummary, Report, Stats};
 use uffd::{Uffd, UffdError};
 
+/// The longest pause between two reconnect attempts (the back-off doubles from 50 ms to this).
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(250);
+
 /// Pager tunables.
 #[derive(Debug, Clone)]
 pub struct PagerConfig {
@@ -66,8 +69,20 @@ pub struct PagerConfig {
     pub prefetch_max_pages: u32,
     /// How long to keep trying to reach a lost source before failing.
     pub reconnect_timeout: Duration,
-    /// Connect timeout of each attempt.
+    /// Connect timeout of the first connection (and its handshake).
     pub connect_timeout: Duration,
+    /// Each reconnect attempt (connect + handshake) gives up after this long and the next
+    /// starts: short, so that a link that comes back is found within about this long plus the
+    /// back-off (at most [`RECONNECT_BACKOFF_MAX`]), not after TCP's own SYN back-off.
+    pub reconnect_attempt_timeout: Duration,
+    /// A source whose host stops answering (cut link, lost host) is declared lost after this
+    /// long without acknowledgements (TCP keepalive + TCP_USER_TIMEOUT on every connection);
+    /// then the pager reconnects on its own. Zero: the kernel's defaults (~15 minutes).
+    pub liveness_timeout: Duration,
+    /// No page arrives for this long while faults wait on them, although the connections are
+    /// up (a source that is stopped, wedged or stalls mid-frame): the source is treated as
+    /// lost and the pager reconnects. Zero: never.
+    pub stall_timeout: Duration,
     /// Busy-poll for a fault reply this long before sleeping in poll(2). Zero by default: on a
     /// shared CPU, spinning keeps the CPU from the thread that would answer.
     pub reply_spin: Duration,
@@ -94,6 +109,9 @@ impl Default for PagerConfig {
             prefetch_max_pages: 64,
             reconnect_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
+            reconnect_attempt_timeout: Duration::from_millis(500),
+            liveness_timeout: page_server::DEFAULT_LIVENESS_TIMEOUT,
+            stall_timeout: Duration::from_secs(30),
             reply_spin: Duration::ZERO,
             fault_cpu: None,
             page_size: 4096,
@@ -226,6 +244,9 @@ pub(crate) struct Shared {
     /// Pages the fault thread awaits from the stream (answered `InFlight`): while non-zero, a
     /// streamer wakes the fault thread after each install.
     pub(crate) awaited_from_stream: AtomicU64,
+    /// Pages the fault thread waits on (requested or awaited from the stream), published
+    /// after each round: the supervisor's stall detector reads it.
+    pub(crate) waiting: AtomicU64,
     /// Pre-copy still runs (see [`PagerConfig::precopy`]).
     pub(crate) precopy: AtomicBool,
     /// Held (shared) by a streamer while it installs a `Precopy` frame, (exclusive) while
@@ -269,6 +290,7 @@ impl Shared {
             events: Mutex::new(None),
             socks: Mutex::default(),
             awaited_from_stream: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
             precopy: AtomicBool::new(precopy),
             precopy_lock: std::sync::RwLock::new(()),
             stale: AtomicBitmap::new(total),

@@ -96,14 +96,17 @@ fn open_channel(
     channel: Channel,
     session: u64,
     expected: &Layout,
+    timeout: Duration,
 ) -> Result<(Sock, u64, Layout), PagerError> {
     let conn_err = |source| PagerError::Connect {
         addr: addr.to_string(),
         source,
     };
-    let mut sock =
-        Sock::connect(addr, channel != Channel::Bulk, config.connect_timeout).map_err(conn_err)?;
-    sock.set_read_timeout(Some(config.connect_timeout.max(Duration::from_secs(1))))
+    let mut sock = Sock::connect(addr, channel != Channel::Bulk, timeout).map_err(conn_err)?;
+    if let Err(e) = sock.set_liveness(config.liveness_timeout) {
+        debug!("{addr}: keepalive options: {e}");
+    }
+    sock.set_read_timeout(Some(timeout.max(Duration::from_millis(100))))
         .map_err(conn_err)?;
     sock.set_write_timeout(Some(Duration::from_secs(5)))
         .map_err(conn_err)?;
@@ -154,9 +157,10 @@ fn connect_session(
     addr: &Addr,
     config: &PagerConfig,
     expected: &Layout,
+    timeout: Duration,
 ) -> Result<Session, PagerError> {
-    let (control, id, layout) = open_channel(addr, config, Channel::Control, 0, expected)?;
-    let (urgent, _, _) = open_channel(addr, config, Channel::Urgent, id, &layout)?;
+    let (control, id, layout) = open_channel(addr, config, Channel::Control, 0, expected, timeout)?;
+    let (urgent, _, _) = open_channel(addr, config, Channel::Urgent, id, &layout, timeout)?;
     let mut bulks = Vec::new();
     let n = if config.stream {
         config.bulk_connections.max(1)
@@ -164,7 +168,7 @@ fn connect_session(
         0
     };
     for _ in 0..n {
-        let (b, _, _) = open_channel(addr, config, Channel::Bulk, id, &layout)?;
+        let (b, _, _) = open_channel(addr, config, Channel::Bulk, id, &layout, timeout)?;
         b.set_buffers(config.bulk_buffer_bytes);
         bulks.push(b);
     }
@@ -253,7 +257,7 @@ pub(crate) fn start(
     config: PagerConfig,
 ) -> Result<Pager, PagerError> {
     let expected = adopt.as_ref().map(|(_, l)| l.clone()).unwrap_or_default();
-    let mut session = connect_session(addr, &config, &expected)?;
+    let mut session = connect_session(addr, &config, &expected, config.connect_timeout)?;
     let mem = match adopt {
         Some((m, _)) => m,
         None => HostMemory::map(&session.layout, config.page_size).map_err(|source| {
@@ -422,6 +426,7 @@ fn control_alive(s: &Sock) -> Result<(), String> {
 fn supervise(r: Arc<Remote>, control: Sock, mut streamers: Vec<std::thread::JoinHandle<()>>) {
     let sh = r.shared.clone();
     let mut control = Some(control);
+    let mut stall = Stall::new(sh.present_pages());
     loop {
         let (complete, failed) = sh.wait_outcome(Duration::from_millis(20));
         if complete {
@@ -433,6 +438,8 @@ fn supervise(r: Arc<Remote>, control: Sock, mut streamers: Vec<std::thread::Join
         }
         if let Some(c) = &control {
             if let Err(cause) = control_alive(c) {
+                r.report_lost(r.generation.load(Ordering::Acquire), cause);
+            } else if let Some(cause) = stall.check(&r) {
                 r.report_lost(r.generation.load(Ordering::Acquire), cause);
             }
         }
@@ -456,7 +463,13 @@ fn supervise(r: Arc<Remote>, control: Sock, mut streamers: Vec<std::thread::Join
         for t in streamers.drain(..) {
             let _ = t.join();
         }
-        match reconnect(&r) {
+        let lost_at = Instant::now();
+        let outcome = reconnect(&r);
+        sh.stats
+            .disconnected_ns
+            .fetch_add(lost_at.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        stall = Stall::new(sh.present_pages());
+        match outcome {
             Ok((c, s)) => {
                 control = Some(c);
                 streamers = s;
@@ -478,6 +491,55 @@ fn supervise(r: Arc<Remote>, control: Sock, mut streamers: Vec<std::thread::Join
     r.waker.wake();
     for t in streamers {
         let _ = t.join();
+    }
+}
+
+/// Notices a source that is connected but sends nothing: no page has arrived for
+/// [`PagerConfig::stall_timeout`] while pages are missing and awaited (by faults, or by a
+/// started stream). TCP cannot tell this: a stopped or wedged process's kernel still
+/// acknowledges, and a peer that stalls mid-frame keeps its connection open.
+struct Stall {
+    present: u64,
+    since: Instant,
+}
+
+impl Stall {
+    fn new(present: u64) -> Stall {
+        Stall {
+            present,
+            since: Instant::now(),
+        }
+    }
+
+    fn check(&mut self, r: &Remote) -> Option<String> {
+        let sh = &r.shared;
+        let present = sh.present_pages();
+        let limit = sh.config.stall_timeout;
+        if present != self.present || limit.is_zero() {
+            *self = Stall::new(present);
+            return None;
+        }
+        if self.since.elapsed() < limit || present == sh.total_pages() {
+            return None;
+        }
+        let waiting = sh.waiting.load(Ordering::Relaxed);
+        let streaming = r
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stream_started;
+        // during pre-copy the stream may well be idle (all sent, the VM writes nothing new)
+        if sh.precopy.load(Ordering::Acquire) || (waiting == 0 && !streaming) {
+            return None;
+        }
+        let cause = format!(
+            "no page arrived for {:.0} s while {} are missing ({waiting} awaited by faults); \
+             the source is stopped, wedged or stalls mid-frame",
+            self.since.elapsed().as_secs_f64(),
+            sh.total_pages() - present
+        );
+        *self = Stall::new(present);
+        Some(cause)
     }
 }
 
@@ -510,25 +572,55 @@ fn finish(r: &Remote, control: Option<Sock>) {
 
 type Reconnected = (Sock, Vec<std::thread::JoinHandle<()>>);
 
+/// An error with its causes, on one line.
+fn error_text(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Reconnects with bounded exponential back-off. Err(time spent) when the timeout passes.
 fn reconnect(r: &Arc<Remote>) -> Result<Reconnected, Duration> {
     let sh = &r.shared;
     let start = Instant::now();
     let deadline = start + sh.config.reconnect_timeout;
     let mut backoff = Duration::from_millis(50);
+    let mut attempts = 0u64;
     loop {
         if sh.stop.load(Ordering::Acquire) {
             return Err(start.elapsed());
         }
-        match connect_session(&r.addr, &sh.config, &r.layout).and_then(|s| resume(r, s)) {
+        attempts += 1;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = sh
+            .config
+            .reconnect_attempt_timeout
+            .min(left)
+            .max(Duration::from_millis(50));
+        match connect_session(&r.addr, &sh.config, &r.layout, timeout).and_then(|s| resume(r, s)) {
             Ok(x) => return Ok(x),
             Err(e) => {
-                debug!("reconnect to {}: {e}", r.addr);
+                // the first failure and then one in 20 (~every 5 s): a cut link is quiet
+                if attempts == 1 || attempts.is_multiple_of(20) {
+                    info!(
+                        "reconnect attempt {attempts} to {} ({:.1} s without it): {}",
+                        r.addr,
+                        start.elapsed().as_secs_f64(),
+                        error_text(&e)
+                    );
+                } else {
+                    debug!("reconnect to {}: {e}", r.addr);
+                }
                 if Instant::now() + backoff > deadline {
                     return Err(start.elapsed());
                 }
                 std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                backoff = (backoff * 2).min(crate::RECONNECT_BACKOFF_MAX);
             }
         }
     }

@@ -206,6 +206,8 @@ pub struct Stats {
     pub precopy_received: AtomicU64,
     /// Successful reconnections to the source.
     pub reconnects: AtomicU64,
+    /// Time spent without a source, from each loss to its reconnection or the give-up (ns).
+    pub disconnected_ns: AtomicU64,
 }
 
 /// The final (or current) figures of a pager, printable as a table and serializable as JSON.
@@ -251,6 +253,9 @@ pub struct Report {
     pub precopy_dropped: u64,
     /// Reconnections.
     pub reconnects: u64,
+    /// Time without a source (from each loss to its reconnection), ms: faults on missing
+    /// pages wait this long at most; vCPUs that need no missing page run on.
+    pub disconnected_ms: f64,
 }
 
 impl Stats {
@@ -283,6 +288,7 @@ impl Stats {
             precopy_rewrites: l(&self.precopy_rewrites),
             precopy_dropped: l(&self.precopy_dropped),
             reconnects: l(&self.reconnects),
+            disconnected_ms: l(&self.disconnected_ns) as f64 / 1e6,
         }
     }
 }
@@ -326,7 +332,11 @@ impl fmt::Display for Report {
             mib(self.prefetch_bytes),
             mib(self.stream_bytes)
         )?;
-        write!(f, "  reconnects           {}", self.reconnects)
+        write!(
+            f,
+            "  reconnects           {} ({:.1} ms without a source)",
+            self.reconnects, self.disconnected_ms
+        )
     }
 }
 

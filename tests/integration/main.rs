@@ -9,5 +9,6 @@ mod migration;
 mod netns;
 mod paging;
 mod precopy;
+mod recovery;
 mod server_robustness;
 mod vm;

@@ -85,6 +85,13 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// `ip -n NS ARGS...`, which must succeed (a test's own namespace).
+pub fn ip_in(ns: &str, args: &[&str]) {
+    let mut v = vec!["-n", ns];
+    v.extend_from_slice(args);
+    ip(&v).unwrap_or_else(|e| panic!("{e}"));
+}
+
 impl TwoHosts {
     /// Creates the namespaces, or says why it cannot (not root, no iproute2).
     pub fn new(shape: Shape) -> Result<TwoHosts, String> {

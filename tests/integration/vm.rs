@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::common::{kvm_or_skip, spawn_server, temp_path, uffd_or_skip, TempFile};
 
-const VMM: &str = env!("CARGO_BIN_EXE_vmm-fixture");
+pub const VMM: &str = env!("CARGO_BIN_EXE_vmm-fixture");
 
 /// A vmm process, killed (by PID, ours) on drop; its serial log and control socket.
 pub struct VmmProc {
@@ -146,6 +146,11 @@ impl VmmProc {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The vmm's process ID (for signals in tests).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
     }
 
     /// Waits for the process to end; returns its exit code.

@@ -52,10 +52,12 @@ struct IncomingArgs {
     /// With --incoming: no background stream, pages come on faults only.
     #[arg(long, requires = "incoming")]
     no_stream: bool,
-    /// With --incoming: give up on a lost source after this many seconds (the VM is then
-    /// paused, exit 3).
-    #[arg(long, default_value_t = 10, requires = "incoming")]
-    reconnect_timeout_s: u64,
+    /// With --incoming: after the switch, keep reconnecting to a lost or silent source this
+    /// many seconds before giving it up (the VM then stays paused, never run on missing
+    /// memory; exit 3). Default: as long as the source waits (its `migrate
+    /// --recover-timeout-s`, 120 unless set).
+    #[arg(long, alias = "reconnect-timeout-s", requires = "incoming")]
+    recover_timeout_s: Option<u64>,
     /// With --incoming: leave the migrated VM paused (resume with `vmm ctl resume`); its memory
     /// is still paged in.
     #[arg(long, requires = "incoming")]
@@ -463,9 +465,9 @@ fn incoming(addr: &str, a: IncomingArgs) -> Result<ExitCode> {
         max_vcpus: a.max_vcpus,
         pager: PagerConfig {
             stream: !a.no_stream,
-            reconnect_timeout: Duration::from_secs(a.reconnect_timeout_s),
             ..PagerConfig::default()
         },
+        recover_timeout: a.recover_timeout_s.map(Duration::from_secs),
         timeout: a.wait_timeout_s.map(Duration::from_secs),
         paused: a.paused,
         disk_map: parse_map("--disk-map", &a.disk_map)?,

@@ -170,6 +170,9 @@ pub struct Vm {
     paused_clock: Option<kvm_bindings::kvm_clock_data>,
     pager: Option<Pager>,
     memory_complete_after: Option<Duration>,
+    /// The memory source (or a disk's) is gone for good: why, and since when. The VM stays
+    /// paused and is never run again; see `on_source_lost`.
+    lost: Option<(String, Instant)>,
     times: StartTimes,
     created: Instant,
     guest: GuestCpu,
@@ -429,6 +432,7 @@ impl Vm {
             paused_clock: None,
             pager: None,
             memory_complete_after: None,
+            lost: None,
             times: StartTimes::default(),
             created: Instant::now(),
             guest: GuestCpu::default(),
@@ -641,6 +645,7 @@ impl Vm {
             None => (0, 0),
         };
         let state = match (&self.source, self.kept_server.is_empty(), self.paused) {
+            _ if self.lost.is_some() => "source_lost (paused, never run again)",
             (Some(_), _, true) => "migrating (paused here)",
             (Some(_), _, false) => "migrating",
             (None, false, _) => "paused after a migration of unknown outcome",
@@ -663,10 +668,18 @@ impl Vm {
             "memory_complete_ms": self.memory_complete_after.map(|d| d.as_secs_f64() * 1e3),
             "pager": self.pager.as_ref().map(|p| serde_json::to_value(p.report()).unwrap_or_default()),
             "devices": self.devices.virtio.stats(),
+            "source_lost": self.lost.as_ref().map(|(why, since)| json!({
+                "reason": why,
+                "since_ms": since.elapsed().as_millis() as u64,
+                "pages_missing": total - present,
+            })),
         }))
     }
 
     fn handle_request(&mut self, req: Request) -> (Reply, Option<Exit>) {
+        if let Some(refused) = self.refuse_while_lost(&req) {
+            return (refused, None);
+        }
         let r = match req {
             Request::Status => Ok(self.status()),
             Request::Pause => self.pause().map(|_| Reply::ok(json!({"state": "paused"}))),
@@ -678,7 +691,7 @@ impl Vm {
             Request::Shutdown => {
                 return (
                     Reply::ok(json!({"state": "shutdown"})),
-                    Some(Exit::Shutdown),
+                    Some(self.exit_now()),
                 )
             }
             Request::SerialInput { data } => {
@@ -815,13 +828,10 @@ impl Vm {
                 Event::Pager(PagerEvent::Reconnected { count }) => {
                     log::info!("memory source reconnected ({count} so far)")
                 }
-                Event::Pager(PagerEvent::Failed { reason: why }) => {
-                    let _ = self.pause();
-                    return Exit::SourceLost(why);
-                }
+                Event::Pager(PagerEvent::Failed { reason: why }) => self.on_source_lost(why),
                 Event::Signal(s) => {
                     log::info!("signal {s}: shutting down");
-                    return Exit::Shutdown;
+                    return self.exit_now();
                 }
             }
         }

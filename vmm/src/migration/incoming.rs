@@ -40,8 +40,11 @@ pub struct IncomingConfig {
     pub max_mem: Option<u64>,
     /// Refuse VMs with more vCPUs than this.
     pub max_vcpus: Option<u32>,
-    /// Pager tunables.
+    /// Pager tunables. Its `reconnect_timeout` is replaced by the source's recover timeout
+    /// (from the offer) unless `recover_timeout` is set.
     pub pager: PagerConfig,
+    /// Keep reconnecting to a lost source this long (default: as long as the source waits).
+    pub recover_timeout: Option<Duration>,
     /// Give up when no migration arrived within this time.
     pub timeout: Option<Duration>,
     /// Leave the migrated VM paused.
@@ -333,6 +336,9 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
         } else {
             cfg.pager.bulk_connections
         },
+        reconnect_timeout: cfg
+            .recover_timeout
+            .unwrap_or(Duration::from_millis(offer.recover_timeout_ms.max(1000))),
         ..cfg.pager.clone()
     };
     let mut prepared = Prepared::new(&offer.config, Some((&pages, &pcfg, ServedAs::Ranges)))

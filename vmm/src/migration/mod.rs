@@ -42,7 +42,7 @@ use thiserror::Error;
 use crate::state::MachineConfig;
 
 /// Version of the migration conversation (bumped on any change to [`Wire`]).
-pub const MIGRATION_VERSION: u32 = 4;
+pub const MIGRATION_VERSION: u32 = 5;
 
 /// How a migration moves memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +164,10 @@ pub struct Offer {
     /// The VM's virtio devices: the destination attaches the same disks (shared storage, or
     /// copied) and taps before it accepts.
     pub devices: Vec<crate::virtio::OfferedDevice>,
+    /// How long the source waits out a broken link after the switch (its
+    /// `--recover-timeout-s`): the destination's pager keeps reconnecting as long, unless
+    /// `vmm --incoming --recover-timeout-s` says otherwise.
+    pub recover_timeout_ms: u64,
 }
 
 /// One message of the migration conversation.
@@ -299,8 +303,13 @@ pub struct Link {
 }
 
 impl Link {
-    /// Wraps a connected socket.
+    /// Wraps a connected socket. A peer that stops answering (cut link, lost host) fails it
+    /// within [`page_server::DEFAULT_LIVENESS_TIMEOUT`] instead of TCP's ~15 minutes, and one
+    /// that restarted resets it at the first keepalive after the link is back.
     pub fn new(sock: Sock, peer: String) -> Link {
+        if let Err(e) = sock.set_liveness(page_server::DEFAULT_LIVENESS_TIMEOUT) {
+            log::debug!("migration link to {peer}: keepalive options: {e}");
+        }
         Link {
             sock,
             buf: Vec::new(),

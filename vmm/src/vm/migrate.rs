@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::{error_chain, Exit, Vm};
-use crate::control::Reply;
+use crate::control::{Reply, Request};
 use crate::migration::outgoing::{Context, DirtyOp, MigEvent, Outgoing, Switch};
 use crate::migration::{mono_ns, Link, Mode, Offer, Plan, Wire, PROGRESS_EVERY, REQUIRED_CAPS};
 use crate::state;
@@ -55,6 +55,10 @@ impl Vm {
         if let Err(why) = crate::dirty::Backend::parse(plan.dirty_tracking.as_deref()) {
             return refuse("bad_request", why);
         }
+        if let Some(r) = self.refuse_while_lost(&Request::MigrateSwitchover) {
+            let _ = reply.send(r);
+            return;
+        }
         if self.source.is_some() {
             return refuse("busy", "a migration is already running".into());
         }
@@ -86,6 +90,7 @@ impl Vm {
             precopy: mode != Mode::Postcopy,
             copy_before_resume: mode == Mode::Precopy,
             devices: self.devices.virtio.offered(),
+            recover_timeout_ms: plan.recover_timeout.as_millis() as u64,
         };
         let verify = plan.verify;
         let switchover = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -323,10 +328,10 @@ impl Vm {
                 None
             }
             crate::virtio::DiskCopyEvent::Failed { slot, reason } => {
-                let _ = self.pause();
-                Some(Exit::SourceLost(format!(
+                self.on_source_lost(format!(
                     "copying disk slot {slot} from the source: {reason}"
-                )))
+                ));
+                None
             }
         }
     }
@@ -354,6 +359,75 @@ impl Vm {
         let report = report.to_string();
         if let Err(e) = d.link.send(&Wire::Complete { report }) {
             log::warn!("telling the source we are complete: {}", error_chain(&e));
+        }
+    }
+}
+
+impl Vm {
+    /// The memory source (or a disk's source) is gone for good: the VM pauses and is never run
+    /// again here (its memory is incomplete), but the process stays, so that its state can be
+    /// looked at: `status` says `source_lost` with the reason and the pages missing, and
+    /// `read-memory` reads pages that are present. `shutdown` or a signal then ends it with
+    /// exit code 3.
+    pub(super) fn on_source_lost(&mut self, why: String) {
+        if self.lost.is_some() {
+            return;
+        }
+        let _ = self.pause();
+        let missing = self
+            .pager
+            .as_ref()
+            .map_or(0, |p| p.total_pages() - p.present_pages());
+        log::error!(
+            "memory source lost for good: {why}; {missing} pages never arrived. The VM is paused \
+             and will not run again here; its state stays inspectable over the control socket \
+             (status, read-memory of present pages) until `shutdown` (exit code 3)"
+        );
+        self.lost = Some((why, Instant::now()));
+    }
+
+    /// How the VM ends now: as a lost VM (exit 3) if its source was lost.
+    pub(super) fn exit_now(&self) -> Exit {
+        match &self.lost {
+            Some((why, _)) => Exit::SourceLost(why.clone()),
+            None => Exit::Shutdown,
+        }
+    }
+
+    /// What a VM whose source is lost cannot do: run, be moved or saved, or have memory read
+    /// that never arrived (the read would wait for ever).
+    pub(super) fn refuse_while_lost(&self, req: &Request) -> Option<Reply> {
+        let (why, _) = self.lost.as_ref()?;
+        let refuse = |what: &str| {
+            Some(Reply::err(
+                "state",
+                format!("{what}: the memory source was lost ({why}); the VM stays paused"),
+            ))
+        };
+        match req {
+            Request::Resume => refuse("cannot resume"),
+            Request::Migrate { .. } => refuse("cannot migrate"),
+            Request::Snapshot { .. } => refuse("cannot snapshot"),
+            Request::Checksum => refuse("cannot checksum all of RAM"),
+            Request::DirtyRate { .. } => refuse("cannot measure a dirty rate"),
+            Request::MigrateSwitchover => refuse("cannot migrate"),
+            Request::WriteMemory { .. } => refuse("cannot write guest memory"),
+            Request::ReadMemory { gpa, len } => {
+                let pager = self.pager.as_ref()?;
+                let page = u64::from(crate::memory::PAGE_SIZE);
+                let last = gpa.saturating_add((*len as u64).max(1) - 1);
+                let all = (gpa / page..=last / page).all(|p| {
+                    self.ram
+                        .page_index(p * page)
+                        .is_some_and(|i| pager.is_present(i))
+                });
+                if all {
+                    None
+                } else {
+                    refuse("that range holds pages that never arrived")
+                }
+            }
+            _ => None,
         }
     }
 }

@@ -1,0 +1,308 @@
+//! Fault tolerance after the switch: a migration link cut for 30 s mid post-copy, a source
+//! stopped (SIGSTOP) for 10 s, and a source killed (SIGKILL) for good; plus a control socket
+//! that refuses other users.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::migration::{gates, source_exits, start_dest};
+use crate::netns::{Shape, TwoHosts};
+use crate::vm::{boot_guest_in, checksum_line, ctl_raw, heartbeats, VmmProc};
+
+/// Sends `sig` to a process this test started.
+fn signal(p: &VmmProc, sig: i32) {
+    // SAFETY: kill(2) on the PID of a child we started and still hold (not yet reaped).
+    let rc = unsafe { libc::kill(p.pid(), sig) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+}
+
+/// Waits until the destination runs the VM after the switch (post-copy under way).
+fn wait_running(dest: &VmmProc) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = ctl_raw(&dest.sock, &["status"]);
+        if st["state"] == "running" {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "destination never ran: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn last_seq(p: &VmmProc) -> u64 {
+    heartbeats(&p.serial_text()).last().map_or(0, |h| h.seq)
+}
+
+/// The guest stops writing and prints the checksum of its memory (on the source).
+fn quiesce(src: &VmmProc) -> String {
+    let since = src.serial_text().len();
+    src.ctl(&["serial-input", "q"]);
+    checksum_line(src, since)
+}
+
+/// The guest's checksum of its memory, computed on the destination.
+fn guest_checksum(dest: &VmmProc) -> String {
+    let since = dest.serial_text().len();
+    dest.ctl(&["serial-input", "c"]);
+    checksum_line(dest, since)
+}
+
+/// Two namespaces on a 200 Mbit/s link (256 MiB take ~11 s to stream), or None (SKIPPED).
+fn slow_link(test: &str) -> Option<TwoHosts> {
+    match TwoHosts::new(Shape {
+        delay_us: 0,
+        rate_mbit: 200,
+    }) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            println!("SKIPPED: {test}: cannot create network namespaces: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn postcopy_survives_a_30s_link_cut() {
+    const T: &str = "postcopy_survives_a_30s_link_cut";
+    if !gates(T) {
+        return;
+    }
+    let Some(hosts) = slow_link(T) else { return };
+    let mut src = boot_guest_in(Some(&hosts.a), 2, "256M");
+    let before = quiesce(&src);
+    let (dest, addr) = start_dest(Some(&hosts.b), &hosts.ip_b, &[]);
+    let sock = src.sock.clone();
+    let started = Instant::now();
+    let m = std::thread::spawn(move || {
+        ctl_raw(
+            &sock,
+            &["migrate", "--to", &addr, "--recover-timeout-s", "90"],
+        )
+    });
+    wait_running(&dest);
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = dest.ctl(&["status"]);
+    let (present, total) = (
+        st["pages_present"].as_u64().unwrap(),
+        st["pages_total"].as_u64().unwrap(),
+    );
+    assert!(
+        present < total,
+        "post-copy already over before the cut: {st}"
+    );
+    // the source's side of the link goes down: nothing is closed, packets just vanish
+    let cut = Instant::now();
+    crate::netns::ip_in(&hosts.a, &["link", "set", "eth0", "down"]);
+    std::thread::sleep(Duration::from_secs(5));
+    let seq_a = last_seq(&dest);
+    std::thread::sleep(Duration::from_secs(20));
+    let seq_b = last_seq(&dest);
+    let mid = dest.ctl(&["status"]);
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(cut.elapsed()));
+    crate::netns::ip_in(&hosts.a, &["link", "set", "eth0", "up"]);
+    let up = Instant::now();
+    let r = m.join().unwrap();
+    let done = Instant::now();
+    assert_eq!(r["ok"], Value::Bool(true), "{r}");
+    source_exits(&mut src);
+    let st = dest.ctl(&["status"]);
+    assert_eq!(st["pages_present"], st["pages_total"], "{st}");
+    let pager = &st["pager"];
+    let reconnects = pager["reconnects"].as_u64().unwrap();
+    let without_ms = pager["disconnected_ms"].as_f64().unwrap();
+    println!(
+        "link cut 30 s mid post-copy ({present}/{total} pages present at the cut): migration done \
+         {:.1} s after it started, {:.1} s after the link came back; destination: {reconnects} \
+         reconnect(s), {:.1} s without a source, max fault latency {:.0} ms; heartbeats during \
+         the cut: {seq_a} -> {seq_b}",
+        (done - started).as_secs_f64(),
+        (done - up).as_secs_f64(),
+        without_ms / 1e3,
+        pager["fault_latency"]["max_us"].as_f64().unwrap_or(0.0) / 1e3,
+    );
+    assert!(reconnects >= 1, "{st}");
+    assert!(without_ms > 20_000.0, "{st}");
+    // the vCPUs ran on through the cut (the pages they use had arrived)
+    assert!(
+        seq_b > seq_a + 100,
+        "the guest stalled during the cut: {mid}"
+    );
+    assert_eq!(
+        guest_checksum(&dest),
+        before,
+        "guest memory changed in transit"
+    );
+    dest.ctl(&["shutdown"]);
+}
+
+#[test]
+fn postcopy_survives_a_source_stopped_for_10s() {
+    const T: &str = "postcopy_survives_a_source_stopped_for_10s";
+    if !gates(T) {
+        return;
+    }
+    let Some(hosts) = slow_link(T) else { return };
+    let mut src = boot_guest_in(Some(&hosts.a), 2, "256M");
+    let before = quiesce(&src);
+    let (dest, addr) = start_dest(Some(&hosts.b), &hosts.ip_b, &[]);
+    let sock = src.sock.clone();
+    let m = std::thread::spawn(move || ctl_raw(&sock, &["migrate", "--to", &addr]));
+    wait_running(&dest);
+    std::thread::sleep(Duration::from_millis(1000));
+    signal(&src, libc::SIGSTOP);
+    let stopped = Instant::now();
+    let seq_a = last_seq(&dest);
+    std::thread::sleep(Duration::from_secs(10));
+    let seq_b = last_seq(&dest);
+    let mid = dest.ctl(&["status"]);
+    signal(&src, libc::SIGCONT);
+    let r = m.join().unwrap();
+    println!(
+        "source stopped 10 s: migration done {:.1} s after the stop; heartbeats during it {seq_a} -> {seq_b}",
+        stopped.elapsed().as_secs_f64()
+    );
+    assert_eq!(r["ok"], Value::Bool(true), "{r}");
+    source_exits(&mut src);
+    let st = dest.ctl(&["status"]);
+    assert_eq!(st["pages_present"], st["pages_total"], "{st}");
+    assert!(mid["pages_present"].as_u64() < st["pages_total"].as_u64());
+    assert!(
+        seq_b > seq_a + 100,
+        "the guest stalled while the source was stopped: {mid}"
+    );
+    assert_eq!(
+        guest_checksum(&dest),
+        before,
+        "guest memory changed in transit"
+    );
+    dest.ctl(&["shutdown"]);
+}
+
+#[test]
+fn source_killed_mid_postcopy_leaves_the_destination_paused() {
+    const T: &str = "source_killed_mid_postcopy_leaves_the_destination_paused";
+    if !gates(T) {
+        return;
+    }
+    const RECOVER_S: u64 = 3;
+    let src = boot_guest_in(None, 2, "256M");
+    // no stream: pages come on faults only, so post-copy is still under way when the source dies
+    let (mut dest, addr) = start_dest(
+        None,
+        "127.0.0.1",
+        &["--no-stream", "--recover-timeout-s", &RECOVER_S.to_string()],
+    );
+    let sock = src.sock.clone();
+    let m = std::thread::spawn(move || ctl_raw(&sock, &["migrate", "--to", &addr]));
+    wait_running(&dest);
+    dest.heartbeats_after(None, 5);
+    signal(&src, libc::SIGKILL);
+    let killed = Instant::now();
+    let _ = m.join();
+    let st = loop {
+        let st = ctl_raw(&dest.sock, &["status"]);
+        if st["source_lost"].is_object() {
+            break st;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5 + RECOVER_S),
+            "the destination did not report the lost source within 5 s + {RECOVER_S} s: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let reported = killed.elapsed();
+    println!(
+        "source killed: destination reported it {:.2} s later (recover timeout {RECOVER_S} s): {}",
+        reported.as_secs_f64(),
+        st["source_lost"]
+    );
+    assert!(
+        st["state"].as_str().unwrap().starts_with("source_lost"),
+        "{st}"
+    );
+    let missing = st["source_lost"]["pages_missing"].as_u64().unwrap();
+    assert!(missing > 0, "{st}");
+    // paused for good: no heartbeat any more, resume and whole-RAM reads refused
+    let seq = last_seq(&dest);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        last_seq(&dest),
+        seq,
+        "the VM runs on after its source was lost"
+    );
+    for cmd in [
+        &["resume"][..],
+        &["checksum"],
+        &["migrate", "--to", "127.0.0.1:9"],
+    ] {
+        let r = ctl_raw(&dest.sock, cmd);
+        assert_eq!(r["ok"], Value::Bool(false), "{cmd:?}: {r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("source was lost"),
+            "{cmd:?}: {r}"
+        );
+    }
+    // guest state stays inspectable: present pages can be read (the guest's code ran here)
+    let r = ctl_raw(
+        &dest.sock,
+        &["read-memory", "--gpa", "0x100000", "--len", "16"],
+    );
+    assert_eq!(r["ok"], Value::Bool(true), "{r}");
+    let r = dest.ctl(&["status"]);
+    assert_eq!(r["source_lost"]["pages_missing"].as_u64().unwrap(), missing);
+    dest.ctl(&["shutdown"]);
+    assert_eq!(
+        dest.wait_exit(Duration::from_secs(10)),
+        3,
+        "{}",
+        dest.stderr_text()
+    );
+    assert!(dest.stderr_text().contains("memory source lost for good"));
+}
+
+#[test]
+fn control_socket_refuses_other_users() {
+    const T: &str = "control_socket_refuses_other_users";
+    if !gates(T) {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED: {T}: needs root to act as another user");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let p = crate::vm::boot_guest(1, "64M");
+    let as_nobody = || {
+        std::process::Command::new(crate::vm::VMM)
+            .args(["ctl", "--api-socket"])
+            .arg(&p.sock)
+            .args(["--json", "status"])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("run vmm ctl as nobody")
+    };
+    // 0600: another user cannot even connect
+    let out = as_nobody();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ermission denied"), "{err}");
+    // opened up by mistake: the vmm still refuses a peer of another user
+    std::fs::set_permissions(&p.sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("another user"), "{text}");
+    // and the owner is still served
+    assert_eq!(p.ctl(&["status"])["state"], "running");
+}
