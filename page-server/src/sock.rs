@@ -119,6 +119,28 @@ impl Sock {
         }
     }
 
+    /// The kernel's smoothed round-trip time of a TCP connection (None for Unix sockets).
+    pub fn rtt(&self) -> Option<Duration> {
+        use std::os::fd::AsRawFd;
+        let Sock::Tcp(s) = self else {
+            return None;
+        };
+        // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: getsockopt(TCP_INFO) writes at most `len` bytes into `info`, which we own.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
+    }
+
     /// Another handle on the same socket.
     pub fn try_clone(&self) -> io::Result<Sock> {
         Ok(match self {

@@ -45,7 +45,7 @@ pub use stats::{Histogram, LatencySummary, Report, Stats};
 use uffd::{Uffd, UffdError};
 
 /// The longest pause between two reconnect attempts (the back-off doubles from 50 ms to this).
-pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(250);
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(100);
 
 /// Pager tunables.
 #[derive(Debug, Clone)]
@@ -71,9 +71,11 @@ pub struct PagerConfig {
     pub reconnect_timeout: Duration,
     /// Connect timeout of the first connection (and its handshake).
     pub connect_timeout: Duration,
-    /// Each reconnect attempt (connect + handshake) gives up after this long and the next
-    /// starts: short, so that a link that comes back is found within about this long plus the
-    /// back-off (at most [`RECONNECT_BACKOFF_MAX`]), not after TCP's own SYN back-off.
+    /// Each reconnect attempt (connect + handshake, per connection) gives up after this long,
+    /// or after 4 round trips of the first connection plus 50 ms if that is longer, and the
+    /// next starts: short, so that a link that comes back is found within about this long
+    /// plus the back-off (at most [`RECONNECT_BACKOFF_MAX`]), not after TCP's own SYN
+    /// back-off (1, 2, 4 ... s).
     pub reconnect_attempt_timeout: Duration,
     /// A source whose host stops answering (cut link, lost host) is declared lost after this
     /// long without acknowledgements (TCP keepalive + TCP_USER_TIMEOUT on every connection);
@@ -109,7 +111,7 @@ impl Default for PagerConfig {
             prefetch_max_pages: 64,
             reconnect_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
-            reconnect_attempt_timeout: Duration::from_millis(500),
+            reconnect_attempt_timeout: Duration::from_millis(250),
             liveness_timeout: page_server::DEFAULT_LIVENESS_TIMEOUT,
             stall_timeout: Duration::from_secs(30),
             reply_spin: Duration::ZERO,

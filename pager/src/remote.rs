@@ -203,6 +203,9 @@ pub(crate) struct Remote {
     lost: Mutex<Option<(u64, String)>>,
     /// The layout of the first session; every reconnect must find the same.
     layout: Layout,
+    /// How long one reconnect attempt may take (see
+    /// [`PagerConfig::reconnect_attempt_timeout`]).
+    attempt_timeout: Duration,
     control: Mutex<Control>,
 }
 
@@ -268,6 +271,7 @@ pub(crate) fn start(
         })?,
     };
     let stream = config.stream && !config.stream_deferred;
+    let config_attempt = config.reconnect_attempt_timeout;
     let (shared, rx) = Pager::build(mem, config)?;
     let waker = Arc::new(Waker::new().map_err(PagerError::Spawn)?);
     let control = Control {
@@ -290,6 +294,11 @@ pub(crate) fn start(
         generation: AtomicU64::new(1),
         lost: Mutex::new(None),
         layout: session.layout.clone(),
+        attempt_timeout: session
+            .control
+            .rtt()
+            .map_or(Duration::ZERO, |rtt| rtt * 4 + Duration::from_millis(50))
+            .max(config_attempt),
         control: Mutex::new(control),
     });
     remote.register_socks(&session);
@@ -597,11 +606,7 @@ fn reconnect(r: &Arc<Remote>) -> Result<Reconnected, Duration> {
         }
         attempts += 1;
         let left = deadline.saturating_duration_since(Instant::now());
-        let timeout = sh
-            .config
-            .reconnect_attempt_timeout
-            .min(left)
-            .max(Duration::from_millis(50));
+        let timeout = r.attempt_timeout.min(left).max(Duration::from_millis(50));
         match connect_session(&r.addr, &sh.config, &r.layout, timeout).and_then(|s| resume(r, s)) {
             Ok(x) => return Ok(x),
             Err(e) => {

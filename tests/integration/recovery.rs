@@ -122,6 +122,12 @@ fn postcopy_survives_a_30s_link_cut() {
         pager["fault_latency"]["max_us"].as_f64().unwrap_or(0.0) / 1e3,
     );
     assert!(reconnects >= 1, "{st}");
+    // the source saw the reconnection too
+    println!("source's view: {}", r["recovery"]);
+    assert!(
+        r["recovery"]["page_server_reconnects"].as_u64().unwrap() >= 1,
+        "{r}"
+    );
     assert!(without_ms > 20_000.0, "{st}");
     // the vCPUs ran on through the cut (the pages they use had arrived)
     assert!(

@@ -381,6 +381,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
     // The pagers' `Done` to our page-servers also says the destination has everything.
     let mut heard = Instant::now();
     let mut link_lost: Option<MigrationError> = None;
+    let mut lost_at: Option<(Instant, String)> = None;
     let mut all_done_since: Option<Instant> = None;
     let report = loop {
         if all_done_since.is_none()
@@ -437,6 +438,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
                     crate::vm::error_chain(&e),
                     ctx.plan.recover_timeout
                 );
+                lost_at = Some((Instant::now(), crate::vm::error_chain(&e)));
                 link_lost = Some(e);
                 continue;
             }
@@ -500,6 +502,14 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
         "bytes_sent": served.data_bytes,
         "disk_bytes_sent": disk_sent,
         "pages_sent": served.pages_sent(),
+        // what recovery there was after the switch: the destination's pagers' sessions beyond
+        // the first are their reconnections (their time without us is `disconnected_ms` in
+        // the destination's figures, when its Complete came)
+        "recovery": {
+            "page_server_reconnects": served.sessions_opened.saturating_sub(1),
+            "migration_link_lost": lost_at.as_ref().map(|(_, why)| why.clone()),
+            "without_migration_link_ms": lost_at.as_ref().map(|(t, _)| t.elapsed().as_secs_f64() * 1e3),
+        },
     });
     if let (Value::Object(o), Value::Object(d)) = (&mut out, dest) {
         for (k, v) in d {
