@@ -5,6 +5,7 @@ mod common;
 mod devices;
 mod hybrid;
 mod linux_boot;
+mod load;
 mod migration;
 mod netns;
 mod paging;

@@ -312,3 +312,38 @@ fn control_socket_refuses_other_users() {
     // and the owner is still served
     assert_eq!(p.ctl(&["status"])["state"], "running");
 }
+
+#[test]
+fn destination_killed_before_resume_leaves_the_source_running() {
+    const T: &str = "destination_killed_before_resume_leaves_the_source_running";
+    if !gates(T) {
+        return;
+    }
+    let Some(hosts) = slow_link(T) else { return };
+    let src = boot_guest_in(Some(&hosts.a), 2, "256M");
+    // hybrid: a pre-copy pass (~11 s over this link) before the switch; the destination dies
+    // in it, before it ever had the VM's state
+    let (dest, addr) = start_dest(Some(&hosts.b), &hosts.ip_b, &[]);
+    let sock = src.sock.clone();
+    let m =
+        std::thread::spawn(move || ctl_raw(&sock, &["migrate", "--to", &addr, "--mode", "hybrid"]));
+    // 3 s into the first pass (of ~11 s)
+    std::thread::sleep(Duration::from_secs(3));
+    let st = src.ctl(&["status"]);
+    assert_eq!(st["state"], "migrating", "{st}");
+    signal(&dest, libc::SIGKILL);
+    let killed = Instant::now();
+    let r = m.join().unwrap();
+    println!(
+        "destination killed in pre-copy: the source answered {:.2} s later: {}",
+        killed.elapsed().as_secs_f64(),
+        r["error"]
+    );
+    assert_eq!(r["ok"], Value::Bool(false), "{r}");
+    assert_ne!(r["error"]["kind"], "migration_unknown", "{r}");
+    // the VM runs on at the source, and only there
+    let st = src.ctl(&["status"]);
+    assert_eq!(st["state"], "running", "{st}");
+    let seq = last_seq(&src);
+    src.heartbeats_after(Some(seq), 20);
+}
