@@ -25,7 +25,7 @@ mod ours;
 
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +35,7 @@ use clap::Parser;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use hb::ip;
 use ours::{ctl, Vmm};
 
 /// Network interruption and disk transfer of a migrating VM (our vmm), with targets.
@@ -81,20 +82,6 @@ fn say(m: &str) {
     eprintln!("[vm-devices] {m}");
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
 
 /// Hosts A and B (bridge br0 = uplink eth0 + tap0) and client C, on a bridge in a fourth
 /// namespace. Deleted on drop.

@@ -176,6 +176,23 @@ impl Follow {
     }
 }
 
+/// `ip ARGS...` (iproute2), failing with its stderr (vm-devices, vm-recovery).
+#[allow(dead_code)]
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// The last lines of a log file (a child's stderr), for error messages.
 pub fn log_tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

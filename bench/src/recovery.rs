@@ -15,7 +15,7 @@ mod hb;
 mod ours;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -23,6 +23,7 @@ use clap::Parser;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use hb::ip;
 use ours::{ctl, Vmm};
 
 /// Post-copy recovery after a link cut (our vmm), against a baseline run without the cut.
@@ -66,20 +67,6 @@ fn say(m: &str) {
     eprintln!("[vm-recovery] {m}");
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
 
 /// Hosts A and B, each with a rate-limited uplink eth0, on a bridge in namespace `sw`.
 struct Hosts {
