@@ -165,8 +165,9 @@ struct RestoreArgs {
     /// Lazy restore: no background stream, faults only.
     #[arg(long)]
     no_stream: bool,
-    /// Lazy restore: give up on a lost page-server after this many seconds.
-    #[arg(long, default_value_t = 10)]
+    /// Lazy restore: keep reconnecting to a lost page-server this many seconds before giving
+    /// it up (the VM then stays paused, never run on missing memory; exit 3 at shutdown).
+    #[arg(long, alias = "recover-timeout-s", default_value_t = 10)]
     reconnect_timeout_s: u64,
     /// Leave the vCPUs paused (resume with `vmm ctl resume`).
     #[arg(long)]
