@@ -8,13 +8,15 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use proto::handshake::{check, offer, Offer};
 use proto::{
-    error_code, Channel, Header, Message, Origin, PageIndex, Welcome, HEADER_LEN, PROTOCOL_VERSION,
+    error_code, Channel, Header, Kind, Message, Origin, PageIndex, Welcome, HEADER_LEN,
+    MAX_REASON_BYTES, MAX_REGIONS, PROTOCOL_VERSION,
 };
 
 use crate::memory::PageMap;
@@ -25,8 +27,27 @@ use crate::{bulk, ServerConfig, ServerError};
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
-/// A client whose replies pile up past this stops being read until it drains them.
+/// A client whose reply buffer holds more than this stops being read until it drains it. The
+/// buffer sheds what was written once that is half of it (see `flush`), so it never holds
+/// more than this plus one reply.
 const MAX_PENDING_WRITE: usize = 16 << 20;
+/// A connection that has not completed its Hello this long after connecting is dropped (a
+/// pager sends its Hello at once, and gives up on the Welcome after its connect timeout).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection holding part of a frame, with nothing of ours pending for it, that sends
+/// nothing more for this long is dropped (a client writes whole frames; a peer whose host
+/// vanished is caught sooner by the liveness timeout).
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Rounds of reading and answering one connection takes per event before the loop turns to
+/// the others (it comes back for the rest at once).
+const ROUNDS_PER_EVENT: usize = 8;
+/// How often the event loop looks for connections past those timeouts.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// Largest Hello payload: the fixed fields and a layout of [`MAX_REGIONS`] regions. A new
+/// connection announcing more is refused on its header, before anything is buffered for it.
+const MAX_HELLO_PAYLOAD: u32 = 20 + 16 * MAX_REGIONS as u32;
+/// Largest payload on an urgent connection (a request is 16 bytes, an error its reason).
+const MAX_URGENT_PAYLOAD: u32 = 2 + MAX_REASON_BYTES as u32;
 
 pub(crate) enum Listener {
     Tcp(TcpListener),
@@ -101,6 +122,12 @@ struct Conn {
     wbuf: Vec<u8>,
     wpos: usize,
     writable_armed: bool,
+    /// When it connected (for [`HANDSHAKE_TIMEOUT`]).
+    opened: Instant,
+    /// When bytes last moved either way (for [`STALL_TIMEOUT`]).
+    last_io: Instant,
+    /// `service` stopped with frames or bytes left to handle: come back without an event.
+    again: bool,
 }
 
 /// What to do with a connection after handling its input.
@@ -182,8 +209,9 @@ pub(crate) fn run(
     let mut next_token = 2usize;
     let mut events = Events::with_capacity(256);
     let mut scratch = vec![0u8; 256 << 10];
+    let mut last_sweep = Instant::now();
     loop {
-        if let Err(e) = poll.poll(&mut events, None) {
+        if let Err(e) = poll.poll(&mut events, Some(SWEEP_EVERY)) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
@@ -206,7 +234,9 @@ pub(crate) fn run(
                     let Some(conn) = conns.get_mut(&t) else {
                         continue;
                     };
-                    let next = service(&core, conn, &mut sessions, &mut scratch);
+                    // the peer's close may come with its last bytes, in the same edge
+                    let closed = ev.is_read_closed() || ev.is_error();
+                    let next = service(&core, conn, &mut sessions, &mut scratch, closed);
                     match next {
                         Next::Keep => {
                             if let Err(e) = arm_writable(&poll, t, conn) {
@@ -229,6 +259,10 @@ pub(crate) fn run(
                     }
                 }
             }
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = Instant::now();
+            drop_stalled(&poll, &mut conns, &mut sessions);
         }
     }
     for s in sessions.values() {
@@ -282,6 +316,9 @@ fn accept_all(
                         wbuf: Vec::new(),
                         wpos: 0,
                         writable_armed: false,
+                        opened: Instant::now(),
+                        last_io: Instant::now(),
+                        again: false,
                     },
                 );
             }
@@ -327,9 +364,49 @@ fn drop_conn(
     }
 }
 
+/// Why `c` has stalled past its timeout, if it has.
+fn stalled(c: &Conn, now: Instant) -> Option<String> {
+    if matches!(c.role, Role::New) && now.duration_since(c.opened) > HANDSHAKE_TIMEOUT {
+        return Some(format!(
+            "no complete Hello within {HANDSHAKE_TIMEOUT:?} of connecting ({} bytes of a frame received)",
+            c.rbuf.len()
+        ));
+    }
+    let waiting_for_us = c.wpos < c.wbuf.len();
+    let partial = !c.rbuf.is_empty() && !complete_frame(&c.rbuf);
+    if partial && !waiting_for_us && now.duration_since(c.last_io) > STALL_TIMEOUT {
+        return Some(format!(
+            "stalled mid-frame: {} bytes of a frame received, then nothing for {STALL_TIMEOUT:?}",
+            c.rbuf.len()
+        ));
+    }
+    None
+}
+
+/// Drops, with an error frame and a log line, every connection stalled past its timeout.
+fn drop_stalled(
+    poll: &Poll,
+    conns: &mut HashMap<Token, Conn>,
+    sessions: &mut HashMap<u64, Arc<Session>>,
+) {
+    let now = Instant::now();
+    let late: Vec<(Token, String)> = conns
+        .iter()
+        .filter_map(|(t, c)| stalled(c, now).map(|why| (*t, why)))
+        .collect();
+    for (t, why) in late {
+        if let Some(c) = conns.get_mut(&t) {
+            reply_error(c, error_code::PROTOCOL, &why);
+        }
+        drop_conn(poll, conns, t, Some(why), sessions);
+    }
+}
+
+/// Asks for writable events while replies wait — or, when `service` left work for later, for
+/// one at once (re-registering a writable socket reports it writable right away).
 fn arm_writable(poll: &Poll, t: Token, c: &mut Conn) -> io::Result<()> {
-    let want = c.wpos < c.wbuf.len();
-    if want != c.writable_armed {
+    let want = c.wpos < c.wbuf.len() || c.again;
+    if want != c.writable_armed || c.again {
         let interest = if want {
             Interest::READABLE | Interest::WRITABLE
         } else {
@@ -341,12 +418,17 @@ fn arm_writable(poll: &Poll, t: Token, c: &mut Conn) -> io::Result<()> {
     Ok(())
 }
 
-/// Flushes pending output; Err is fatal for the connection.
+/// Flushes pending output; Err is fatal for the connection. What was written is dropped from
+/// the buffer once it is at least half of it, so a client that keeps the buffer from ever
+/// emptying (requests pipelined as fast as it reads) does not make it grow without bound.
 fn flush(c: &mut Conn) -> io::Result<()> {
     while c.wpos < c.wbuf.len() {
         match c.sock.write(&c.wbuf[c.wpos..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => c.wpos += n,
+            Ok(n) => {
+                c.wpos += n;
+                c.last_io = Instant::now();
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -355,48 +437,69 @@ fn flush(c: &mut Conn) -> io::Result<()> {
     if c.wpos == c.wbuf.len() {
         c.wbuf.clear();
         c.wpos = 0;
+        if c.wbuf.capacity() > 4 << 20 {
+            c.wbuf.shrink_to(1 << 20);
+        }
+    } else if c.wpos >= c.wbuf.len() / 2 {
+        c.wbuf.drain(..c.wpos);
+        c.wpos = 0;
     }
     Ok(())
 }
 
-/// Reads what is available, handles whole frames, writes replies.
+/// Reads what is available, handles whole frames, writes replies. `closed`: the event said
+/// the peer closed, so read on to the end even after a short read.
 fn service(
     core: &Core,
     c: &mut Conn,
     sessions: &mut HashMap<u64, Arc<Session>>,
     scratch: &mut [u8],
+    closed: bool,
 ) -> Next {
     if let Err(e) = flush(c) {
         return Next::Drop(Some(format!("write failed: {e}")));
     }
     let mut eof = false;
-    loop {
-        if c.wbuf.len() - c.wpos > MAX_PENDING_WRITE {
-            break; // back-pressure: read again once the replies drain
-        }
-        match c.sock.read(scratch) {
-            Ok(0) => {
-                eof = true;
-                break;
-            }
-            Ok(n) => {
-                c.rbuf.extend_from_slice(&scratch[..n]);
-                if let Some(next) = handle_frames(core, c, sessions) {
-                    return next;
+    let mut more = true;
+    for _ in 0..ROUNDS_PER_EVENT {
+        let mut drained = false;
+        // back-pressure: past MAX_PENDING_WRITE of replies, read again once they drain
+        while !eof && !pressured(c) {
+            match c.sock.read(scratch) {
+                Ok(0) => eof = true,
+                Ok(n) => {
+                    c.last_io = Instant::now();
+                    c.rbuf.extend_from_slice(&scratch[..n]);
+                    if let Some(next) = handle_frames(core, c, sessions) {
+                        return next;
+                    }
+                    if n < scratch.len() && !closed {
+                        // a short read drained the socket: edge-triggered epoll reports new data
+                        drained = true;
+                        break;
+                    }
                 }
-                if n < scratch.len() {
-                    // a short read drained the socket: edge-triggered epoll reports new data
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
                     break;
                 }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Next::Drop(Some(format!("read failed: {e}"))),
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Next::Drop(Some(format!("read failed: {e}"))),
+        }
+        if let Some(next) = handle_frames(core, c, sessions) {
+            return next;
+        }
+        // handle_frames holds frames back while MAX_PENDING_WRITE of replies wait, then
+        // flushes them: a client that reads as fast as it asks may have taken them all, and
+        // then no event would ever come for the frames and bytes still waiting — go on here
+        if pressured(c) || eof || (drained && !complete_frame(&c.rbuf)) {
+            more = false;
+            break;
         }
     }
-    if let Some(next) = handle_frames(core, c, sessions) {
-        return next;
-    }
+    // out of rounds with work left: `arm_writable` has the loop come back (fairness)
+    c.again = more;
     if let Err(e) = flush(c) {
         return Next::Drop(Some(format!("write failed: {e}")));
     }
@@ -413,6 +516,18 @@ fn service(
     Next::Keep
 }
 
+/// Whether `c` holds so much output that it is not read until that drains (nothing pending
+/// means an empty buffer: `flush` clears it).
+fn pressured(c: &Conn) -> bool {
+    c.wbuf.len() > MAX_PENDING_WRITE
+}
+
+/// Whether `rbuf` starts with a whole frame (or a header `handle_frames` will refuse).
+fn complete_frame(rbuf: &[u8]) -> bool {
+    rbuf.len() >= HEADER_LEN
+        && Header::decode(rbuf).map_or(true, |h| rbuf.len() >= HEADER_LEN + h.payload_len as usize)
+}
+
 fn reply_error(c: &mut Conn, code: u16, reason: &str) {
     Message::Error { code, reason }.encode(&mut c.wbuf);
     let _ = flush(c);
@@ -427,7 +542,7 @@ fn handle_frames(
     let page_size = core.map.mem().page_size();
     let mut used = 0;
     let mut result = None;
-    while c.rbuf.len() - used >= HEADER_LEN && c.wbuf.len() - c.wpos <= MAX_PENDING_WRITE {
+    while c.rbuf.len() - used >= HEADER_LEN && !pressured(c) {
         let header = match Header::decode(&c.rbuf[used..]) {
             Ok(h) => h,
             Err(e) => {
@@ -435,6 +550,10 @@ fn handle_frames(
                 return Some(Next::Drop(Some(format!("bad frame header: {e}"))));
             }
         };
+        if let Some(why) = unfit_for_role(&c.role, &header) {
+            reply_error(c, error_code::PROTOCOL, &why);
+            return Some(Next::Drop(Some(why)));
+        }
         let end = used + HEADER_LEN + header.payload_len as usize;
         if c.rbuf.len() < end {
             break;
@@ -489,6 +608,24 @@ fn handle_frames(
         return Some(Next::Drop(Some(format!("write failed: {e}"))));
     }
     result
+}
+
+/// Refuses, on its header alone, a frame this connection can have no use for: anything but a
+/// Hello (of at most a Hello's size) before the handshake, anything larger than a request or an
+/// error on an urgent connection. Nothing is buffered for such a frame.
+fn unfit_for_role(role: &Role, h: &Header) -> Option<String> {
+    match role {
+        Role::New if h.kind != Kind::Hello => Some(format!("expected Hello, got {:?}", h.kind)),
+        Role::New if h.payload_len > MAX_HELLO_PAYLOAD => Some(format!(
+            "a Hello of {} bytes announced (a Hello is at most {MAX_HELLO_PAYLOAD})",
+            h.payload_len
+        )),
+        Role::Urgent(_) if h.payload_len > MAX_URGENT_PAYLOAD => Some(format!(
+            "a {:?} frame of {} bytes on the urgent channel (at most {MAX_URGENT_PAYLOAD} there)",
+            h.kind, h.payload_len
+        )),
+        _ => None,
+    }
 }
 
 enum Action {

@@ -165,10 +165,19 @@ impl FaultThread {
             }
             Err(e) => return Err(format!("bad reply: {e}")),
         };
-        let fault_end = self
-            .policy
-            .front()
-            .map_or(pages.first.0, |r| r.first + u64::from(r.fault_pages));
+        // a reply answers the oldest request, and only within it: anything else is a broken or
+        // hostile source, and none of its bytes may reach guest memory
+        let fault_end = match self.policy.front() {
+            Some(r) if r.first == pages.first.0 && pages.count > 0 && pages.count <= r.count => {
+                r.first + u64::from(r.fault_pages)
+            }
+            _ => {
+                return Err(format!(
+                    "reply for pages {}+{} matches no request",
+                    pages.first.0, pages.count
+                ))
+            }
+        };
         for run in pages.runs(ps) {
             // split the run where the fault pages end and prefetch begins
             let (a, b) = (run.first.0, run.first.0 + u64::from(run.count));

@@ -365,7 +365,7 @@ impl Shared {
         while done < count {
             let Some((host, left)) = self.mem.host(PageIndex(first + done)) else {
                 return Err(PagerError::Protocol {
-                    addr: String::new(),
+                    addr: "the page source".into(),
                     what: format!(
                         "page {} is outside the region of {} pages",
                         first + done,

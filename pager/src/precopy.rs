@@ -100,7 +100,7 @@ impl Pager {
         while sh.stats.precopy_received.load(Ordering::Acquire) < precopy_pages {
             if sh.stop.load(Ordering::Acquire) || std::time::Instant::now() > deadline {
                 return Err(PagerError::Protocol {
-                    addr: String::new(),
+                    addr: "the page source".into(),
                     what: format!(
                         "pre-copy: {} of the {precopy_pages} pages the source sent have come",
                         sh.stats.precopy_received.load(Ordering::Acquire)

@@ -114,7 +114,7 @@ fn open_channel(
         .map_err(conn_err)?;
     let mut buf = Vec::new();
     let header = read_frame(&mut sock, &mut buf)
-        .map_err(|e| proto_err(addr, format!("reading Welcome: {e}")))?;
+        .map_err(|e| proto_err(addr, format!("reading Welcome: {}", error_text(&e))))?;
     match Message::decode(&header, &buf, config.page_size) {
         Ok(Message::Welcome(w)) => {
             let theirs = Offer {
@@ -436,6 +436,9 @@ fn supervise(r: Arc<Remote>, control: Sock, mut streamers: Vec<std::thread::Join
     let sh = r.shared.clone();
     let mut control = Some(control);
     let mut stall = Stall::new(sh.present_pages());
+    // when the source was first lost without a page arriving since: a source that takes every
+    // reconnect and then breaks again (or lies) gets the reconnect timeout once, not each time
+    let mut fruitless: Option<(Instant, u64)> = None;
     loop {
         let (complete, failed) = sh.wait_outcome(Duration::from_millis(20));
         if complete {
@@ -473,7 +476,13 @@ fn supervise(r: Arc<Remote>, control: Sock, mut streamers: Vec<std::thread::Join
             let _ = t.join();
         }
         let lost_at = Instant::now();
-        let outcome = reconnect(&r);
+        let present = sh.present_pages();
+        let since = match fruitless {
+            Some((t, p)) if p == present => t,
+            _ => lost_at,
+        };
+        fruitless = Some((since, present));
+        let outcome = reconnect(&r, since);
         sh.stats
             .disconnected_ns
             .fetch_add(lost_at.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -593,15 +602,18 @@ fn error_text(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Reconnects with bounded exponential back-off. Err(time spent) when the timeout passes.
-fn reconnect(r: &Arc<Remote>) -> Result<Reconnected, Duration> {
+/// Reconnects with bounded exponential back-off until the reconnect timeout counted from
+/// `since` (the loss, or an earlier one with no page in between). Err(time spent) when it
+/// passes.
+fn reconnect(r: &Arc<Remote>, since: Instant) -> Result<Reconnected, Duration> {
     let sh = &r.shared;
-    let start = Instant::now();
+    let start = since;
     let deadline = start + sh.config.reconnect_timeout;
     let mut backoff = Duration::from_millis(50);
     let mut attempts = 0u64;
     loop {
-        if sh.stop.load(Ordering::Acquire) {
+        // (also when earlier reconnects, each taken and then broken, used up the time)
+        if sh.stop.load(Ordering::Acquire) || Instant::now() >= deadline {
             return Err(start.elapsed());
         }
         attempts += 1;

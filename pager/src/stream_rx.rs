@@ -62,6 +62,18 @@ impl StreamRx {
         sock.read_exact(&mut head[HEADER_LEN..])?;
         let bad = |e: proto::DecodeError| RxError::Lost(format!("bad Pages frame: {e}"));
         let (first, count, origin) = pages_fixed(&head[HEADER_LEN..]).map_err(bad)?;
+        if first.0 + u64::from(count) > sh.total_pages() {
+            // a broken source: fatal, before a byte of the frame is read or installed (its
+            // pages inside the layout are no more to be trusted than the others)
+            return Err(RxError::Install(PagerError::Protocol {
+                addr: peer(sock),
+                what: format!(
+                    "bulk connection: a Pages frame for pages {}+{count}, beyond the {} pages of the layout",
+                    first.0,
+                    sh.total_pages()
+                ),
+            }));
+        }
         self.mask.resize(mask_len(count), 0);
         sock.read_exact(&mut self.mask)?;
         pages_data_len(&header, count, &self.mask, ps as u32).map_err(bad)?;
@@ -139,6 +151,18 @@ impl StreamRx {
             Err(e) => RxError::Lost(format!("bad frame: {e}")),
         }
     }
+}
+
+/// The source's address as the connection sees it.
+fn peer(sock: &Sock) -> String {
+    let a = match sock {
+        Sock::Tcp(s) => s.peer_addr().map(|a| a.to_string()),
+        Sock::Unix(s) => s.peer_addr().map(|a| {
+            a.as_pathname()
+                .map_or("unix socket".into(), |p| p.display().to_string())
+        }),
+    };
+    a.unwrap_or_else(|e| format!("(peer address unknown: {e})"))
 }
 
 /// readv(2) until every iovec is full.

@@ -169,17 +169,24 @@ fn read_full<R: Read + ?Sized>(
 }
 
 /// Reads one frame: the header (checked), then its payload into `buf` (resized to exactly the
-/// payload; never beyond [`MAX_PAYLOAD_BYTES`]).
+/// payload; never beyond [`MAX_PAYLOAD_BYTES`]). The buffer grows as the payload arrives, not
+/// to what the header announces: a peer that announces the cap and sends a few bytes costs a
+/// few bytes.
 pub fn read_frame<R: Read + ?Sized>(r: &mut R, buf: &mut Vec<u8>) -> Result<Header, ReadError> {
     let mut hb = [0u8; HEADER_LEN];
     read_full(r, &mut hb, true)?;
     let header = Header::decode(&hb)?;
     let len = header.payload_len as usize;
+    buf.clear();
+    Read::take(&mut *r, len as u64)
+        .read_to_end(buf)
+        .map_err(ReadError::Io)?;
     if buf.len() < len {
-        buf.resize(len, 0);
+        return Err(ReadError::TruncatedFrame {
+            got: buf.len(),
+            want: len,
+        });
     }
-    buf.truncate(len);
-    read_full(r, buf, false)?;
     Ok(header)
 }
 
@@ -252,5 +259,33 @@ mod tests {
             read_frame(&mut &partial[..], &mut buf),
             Err(ReadError::TruncatedFrame { got: 2, want: 4 })
         ));
+        // a header announcing the cap, then 10 bytes: nothing near the cap is allocated
+        let mut big = Header {
+            kind: Kind::State,
+            payload_len: MAX_PAYLOAD_BYTES,
+        }
+        .encode()
+        .to_vec();
+        big.extend_from_slice(&[7; 10]);
+        let mut buf = Vec::new();
+        assert!(matches!(
+            read_frame(&mut &big[..], &mut buf),
+            Err(ReadError::TruncatedFrame { got: 10, want }) if want == MAX_PAYLOAD_BYTES as usize
+        ));
+        assert!(
+            buf.capacity() < 1 << 20,
+            "{} bytes allocated",
+            buf.capacity()
+        );
+        // and a whole frame after it reads exactly
+        let mut ok = Header {
+            kind: Kind::Done,
+            payload_len: 3,
+        }
+        .encode()
+        .to_vec();
+        ok.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(read_frame(&mut &ok[..], &mut buf).unwrap().payload_len, 3);
+        assert_eq!(buf, [1, 2, 3]);
     }
 }

@@ -3,6 +3,7 @@
 
 mod common;
 mod devices;
+mod hostile;
 mod hybrid;
 mod linux_boot;
 mod load;

@@ -22,10 +22,87 @@ use crate::memory::{self, PAGE_SIZE};
 use crate::state;
 use crate::vm::{error_chain, Event, Finish, Prepared, ServedAs, Vm};
 
-/// Time allowed for a connected source to send its offer.
+/// Time allowed for a connected source to send its offer, all of it.
 const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed between Accept and the state (the source pauses in between).
+/// Time allowed between Accept and the state (the source pauses in between), all of it.
 const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reads with one deadline for a whole message: a per-read timeout would let a peer that
+/// trickles a byte now and then hold the destination, which takes one source at a time, for
+/// as long as it likes.
+struct Deadline<'a> {
+    sock: &'a mut Sock,
+    until: Instant,
+    got: usize,
+}
+
+impl std::io::Read for Deadline<'_> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.sock.set_read_timeout(Some(left))?;
+        let n = self.sock.read(b)?;
+        self.got += n;
+        Ok(n)
+    }
+}
+
+/// Receives one message, which must have arrived whole by `until` (`what` and `allowed` name
+/// it and its time limit in the error).
+fn recv_by(
+    link: &mut Link,
+    until: Instant,
+    what: &str,
+    allowed: Duration,
+) -> Result<Wire, MigrationError> {
+    let peer = link.peer.clone();
+    let mut r = Deadline {
+        sock: &mut link.sock,
+        until,
+        got: 0,
+    };
+    let header = match proto::read_frame(&mut r, &mut link.buf) {
+        Ok(h) => h,
+        Err(proto::ReadError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(MigrationError::Io {
+                what: format!(
+                    "no complete {what} from {peer} within {allowed:?} ({} bytes received)",
+                    r.got
+                ),
+                source: std::io::ErrorKind::TimedOut.into(),
+            })
+        }
+        Err(proto::ReadError::Io(source)) => {
+            return Err(MigrationError::Io {
+                what: format!("receiving from {peer}"),
+                source,
+            })
+        }
+        Err(e @ (proto::ReadError::Closed | proto::ReadError::TruncatedFrame { .. })) => {
+            return Err(MigrationError::Io {
+                what: format!("receiving from {peer}"),
+                source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, e.to_string()),
+            })
+        }
+        Err(e) => {
+            return Err(MigrationError::Protocol(format!(
+                "from {peer}: {}",
+                error_chain(&e)
+            )))
+        }
+    };
+    let mut frame = Vec::with_capacity(proto::HEADER_LEN + link.buf.len());
+    frame.extend_from_slice(&header.encode());
+    frame.extend_from_slice(&link.buf);
+    super::decode(&frame)
+}
 
 /// How the destination waits and what it accepts.
 #[derive(Debug, Clone)]
@@ -296,7 +373,7 @@ fn check_offer(o: &Offer, cfg: &IncomingConfig, kvm: &kvm_ioctls::Kvm) -> Result
 
 /// One migration attempt on a connected link.
 fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> {
-    let offer = match link.recv(Some(OFFER_TIMEOUT))? {
+    let offer = match recv_by(link, Instant::now() + OFFER_TIMEOUT, "Offer", OFFER_TIMEOUT)? {
         Wire::Offer(o) => o,
         other => {
             return Err(MigrationError::Protocol(format!(
@@ -367,14 +444,17 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
         offer.config.mem_bytes >> 20,
         offer.config.vcpus
     );
+    // post-copy: the probes and the state within STATE_TIMEOUT of Accept, all of them
+    let state_by = Instant::now() + STATE_TIMEOUT;
     let (envelope, paused_at, dirty, precopy_pages) = loop {
         // hybrid: the pre-copy passes run while the source VM does (minutes at worst)
-        let wait = if offer.precopy {
-            Some(Duration::from_secs(600))
+        let (until, allowed) = if offer.precopy {
+            let wait = Duration::from_secs(600);
+            (Instant::now() + wait, wait)
         } else {
-            Some(STATE_TIMEOUT)
+            (state_by, STATE_TIMEOUT)
         };
-        match link.recv(wait)? {
+        match recv_by(link, until, "message (Ping or State)", allowed)? {
             Wire::Ping { t } => link.send(&Wire::Pong { t, dest: mono_ns() })?,
             Wire::Precopy if offer.precopy => {
                 if let Some(p) = prepared.pager() {
