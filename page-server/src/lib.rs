@@ -13,6 +13,7 @@
 
 mod bulk;
 pub mod cli;
+mod listen;
 mod memory;
 pub mod sched;
 mod server;
@@ -197,7 +198,7 @@ pub fn serve(
     mem.layout()
         .validate(mem.page_size())
         .map_err(ServerError::Layout)?;
-    let (listener, bound) = server::bind(addr)?;
+    let (listener, bound) = listen::bind(addr)?;
     let (poll, waker) = server::new_poll().map_err(ServerError::Poll)?;
     let stop = Arc::new(AtomicBool::new(false));
     let totals = Arc::new(stats::Totals::default());

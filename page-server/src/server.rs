@@ -5,13 +5,11 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use proto::handshake::{check, offer, Offer};
 use proto::{
@@ -19,9 +17,10 @@ use proto::{
     MAX_REASON_BYTES, MAX_REGIONS, PROTOCOL_VERSION,
 };
 
+use crate::listen::{Listener, MioSock};
 use crate::memory::PageMap;
 use crate::session::{build_frame, Claim, Frame, Session};
-use crate::sock::{Addr, Sock};
+use crate::sock::Addr;
 use crate::stats::Totals;
 use crate::{bulk, ServerConfig, ServerError};
 
@@ -48,65 +47,6 @@ const SWEEP_EVERY: Duration = Duration::from_millis(500);
 const MAX_HELLO_PAYLOAD: u32 = 20 + 16 * MAX_REGIONS as u32;
 /// Largest payload on an urgent connection (a request is 16 bytes, an error its reason).
 const MAX_URGENT_PAYLOAD: u32 = 2 + MAX_REASON_BYTES as u32;
-
-pub(crate) enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
-enum MioSock {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl MioSock {
-    fn source(&mut self) -> &mut dyn mio::event::Source {
-        match self {
-            MioSock::Tcp(s) => s,
-            MioSock::Unix(s) => s,
-        }
-    }
-    /// The blocking std socket behind this one.
-    fn into_blocking(self) -> io::Result<Sock> {
-        let s = match self {
-            MioSock::Tcp(s) => {
-                let fd = s.into_raw_fd();
-                // SAFETY: into_raw_fd gave up ownership of `fd`; it gets exactly one new owner.
-                let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-                Sock::Tcp(std)
-            }
-            MioSock::Unix(s) => {
-                let fd = s.into_raw_fd();
-                // SAFETY: as above.
-                let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
-                Sock::Unix(std)
-            }
-        };
-        s.set_nonblocking(false)?;
-        Ok(s)
-    }
-}
-
-impl Read for MioSock {
-    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-        match self {
-            MioSock::Tcp(s) => s.read(b),
-            MioSock::Unix(s) => s.read(b),
-        }
-    }
-}
-
-impl Write for MioSock {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        match self {
-            MioSock::Tcp(s) => s.write(b),
-            MioSock::Unix(s) => s.write(b),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 enum Role {
     New,
@@ -155,33 +95,6 @@ pub(crate) struct Core {
     pub(crate) precopy_gate: std::sync::RwLock<()>,
     /// Every session opened (for pre-copy's re-sends).
     pub(crate) sessions: std::sync::Mutex<Vec<std::sync::Weak<Session>>>,
-}
-
-/// Binds `addr` (port 0 picks a free port); returns the listener and the real address.
-pub(crate) fn bind(addr: &Addr) -> Result<(Listener, Addr), ServerError> {
-    let bind_err = |source| ServerError::Bind {
-        addr: addr.to_string(),
-        source,
-    };
-    Ok(match addr {
-        Addr::Tcp(a) => {
-            let l = std::net::TcpListener::bind(a).map_err(bind_err)?;
-            l.set_nonblocking(true).map_err(bind_err)?;
-            let real = l.local_addr().map_err(bind_err)?;
-            (Listener::Tcp(TcpListener::from_std(l)), Addr::Tcp(real))
-        }
-        Addr::Unix(p) => {
-            if std::fs::symlink_metadata(p).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            }) {
-                let _ = std::fs::remove_file(p);
-            }
-            let l = std::os::unix::net::UnixListener::bind(p).map_err(bind_err)?;
-            l.set_nonblocking(true).map_err(bind_err)?;
-            (Listener::Unix(UnixListener::from_std(l)), addr.clone())
-        }
-    })
 }
 
 /// Runs the event loop until woken with `stop` set.
@@ -282,18 +195,7 @@ fn accept_all(
     liveness: std::time::Duration,
 ) {
     loop {
-        let r = match listener {
-            Listener::Tcp(l) => l.accept().map(|(s, a)| {
-                let _ = s.set_nodelay(true);
-                if let Err(e) = crate::sock::set_liveness(s.as_raw_fd(), liveness) {
-                    debug!("client {a}: keepalive options: {e}");
-                }
-                (MioSock::Tcp(s), a.to_string())
-            }),
-            Listener::Unix(l) => l
-                .accept()
-                .map(|(s, _)| (MioSock::Unix(s), "unix".to_string())),
-        };
+        let r = crate::listen::accept(listener, liveness);
         match r {
             Ok((mut sock, peer)) => {
                 let t = Token(*next);
