@@ -325,7 +325,7 @@ fn connection<E>(conn: UnixStream, to_vm: Sender<E>, forward: fn(Incoming) -> E)
             );
             return;
         }
-        let req = match serde_json::from_slice::<Request>(&line) {
+        let req = match parse_request(&line) {
             Err(e) => {
                 let r = Reply::err("bad_request", format!("cannot parse request: {e}"));
                 if write_reply(&mut out, &r).is_err() {
@@ -354,6 +354,12 @@ fn connection<E>(conn: UnixStream, to_vm: Sender<E>, forward: fn(Incoming) -> E)
             }
         }
     }
+}
+
+/// Parses one request line as the control socket receives it (JSON; a trailing newline may be
+/// left on). The fuzz target `control` feeds it arbitrary bytes.
+pub fn parse_request(line: &[u8]) -> Result<Request, serde_json::Error> {
+    serde_json::from_slice(line)
 }
 
 /// Counts a request in [`IN_FLIGHT`] until its connection handler is done with it.

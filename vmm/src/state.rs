@@ -20,7 +20,7 @@ use kvm_bindings::{
 use kvm_bindings::{KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use kvm_ioctls::VmFd;
 use proto::{Message, HEADER_LEN, MAX_PAYLOAD_BYTES};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
 use crate::devices::DevicesState;
@@ -120,6 +120,7 @@ pub struct VcpuState {
     /// vCPU index (= APIC id).
     pub index: u32,
     /// CPUID as set on the vCPU.
+    #[serde(deserialize_with = "cpuid_capped")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// General registers.
     pub regs: kvm_regs,
@@ -179,9 +180,51 @@ pub struct Snapshot {
     /// VM-wide KVM state.
     pub vm: VmState,
     /// Per vCPU, in index order.
+    #[serde(deserialize_with = "vcpus_capped")]
     pub vcpus: Vec<VcpuState>,
     /// Devices.
     pub devices: DevicesState,
+}
+
+/// A sequence of at most `max` elements: refused from its length prefix, before anything is
+/// allocated. kvm-bindings decodes each KVM struct from a byte string of any length (it
+/// zero-fills), so one `VcpuState` (~6 KiB) costs as little as 12 bytes of input, and an
+/// envelope within the frame cap could otherwise decode into gigabytes.
+fn capped<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+    max: usize,
+    what: &'static str,
+) -> Result<Vec<T>, D::Error> {
+    use serde::de::{Error, SeqAccess, Visitor};
+    struct Capped<T>(usize, &'static str, std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Capped<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "at most {} {}", self.0, self.1)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            if let Some(n) = seq.size_hint().filter(|&n| n > self.0) {
+                return Err(A::Error::invalid_length(n, &self));
+            }
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            while let Some(e) = seq.next_element()? {
+                if v.len() == self.0 {
+                    return Err(A::Error::invalid_length(v.len() + 1, &self));
+                }
+                v.push(e);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(Capped(max, what, std::marker::PhantomData))
+}
+
+fn vcpus_capped<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<VcpuState>, D::Error> {
+    capped(d, crate::vm::MAX_VCPUS as usize, "vCPU states")
+}
+
+pub(crate) fn cpuid_capped<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<kvm_cpuid_entry2>, D::Error> {
+    capped(d, kvm_bindings::KVM_MAX_CPUID_ENTRIES, "CPUID entries")
 }
 
 /// KVM paravirtual MSRs whose value is a guest-physical address KVM writes to, enabled by bit 0:
@@ -458,6 +501,42 @@ mod tests {
         }
         .encode(&mut out);
         assert!(matches!(decode(&out, "x"), Err(StateError::Decode(_))));
+    }
+
+    /// A snapshot of `n` vCPUs of 12 bytes each, every KVM struct an empty byte string. Before
+    /// the caps, the 8.4 MB version (700 000 vCPUs, within the frame cap) decoded into more than
+    /// 4 GB (the `state` fuzz target ran out of its 2 GB on it).
+    fn minimal_vcpus(n: usize) -> Vec<u8> {
+        let s = sample();
+        let mut blob = STATE_VERSION.to_le_bytes().to_vec();
+        blob.extend(postcard::to_stdvec(&s.config).unwrap());
+        blob.extend([0; 5]); // VmState: five empty KVM structs
+        blob.extend(postcard::to_stdvec(&n).unwrap());
+        for _ in 0..n {
+            blob.extend([0; 12]);
+        }
+        blob.extend(postcard::to_stdvec(&s.devices).unwrap());
+        let mut out = Vec::new();
+        Message::State { blob: &blob }.encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn hostile_vcpu_and_cpuid_counts_are_refused() {
+        let max = crate::vm::MAX_VCPUS as usize;
+        assert_eq!(decode(&minimal_vcpus(max), "x").unwrap().vcpus.len(), max);
+        for n in [max + 1, 100_000] {
+            let e = decode(&minimal_vcpus(n), "x").unwrap_err();
+            assert!(matches!(e, StateError::Decode(_)), "{n}: {e}");
+        }
+        let mut s = sample();
+        s.vcpus[0].cpuid = vec![Default::default(); kvm_bindings::KVM_MAX_CPUID_ENTRIES];
+        assert!(decode(&encode(&s).unwrap(), "x").is_ok());
+        s.vcpus[0].cpuid.push(Default::default());
+        assert!(matches!(
+            decode(&encode(&s).unwrap(), "x"),
+            Err(StateError::Decode(_))
+        ));
     }
 
     #[test]

@@ -146,7 +146,9 @@ pub struct Offer {
     pub page_size: u32,
     /// Machine shape (memory layout, vCPUs).
     pub config: MachineConfig,
-    /// CPUID the guest runs with (vCPU 0).
+    /// CPUID the guest runs with (vCPU 0); at most KVM's 256 entries (refused from the
+    /// length prefix, before anything is allocated).
+    #[serde(deserialize_with = "crate::state::cpuid_capped")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// MSRs whose values will be sent.
     pub msrs: Vec<u32>,
