@@ -82,7 +82,6 @@ fn say(m: &str) {
     eprintln!("[vm-devices] {m}");
 }
 
-
 /// Hosts A and B (bridge br0 = uplink eth0 + tap0) and client C, on a bridge in a fourth
 /// namespace. Deleted on drop.
 struct Lan {

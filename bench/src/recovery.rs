@@ -67,7 +67,6 @@ fn say(m: &str) {
     eprintln!("[vm-recovery] {m}");
 }
 
-
 /// Hosts A and B, each with a rate-limited uplink eth0, on a bridge in namespace `sw`.
 struct Hosts {
     ns: [String; 3],

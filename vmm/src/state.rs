@@ -223,7 +223,9 @@ fn vcpus_capped<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<VcpuState>, D::Er
     capped(d, crate::vm::MAX_VCPUS as usize, "vCPU states")
 }
 
-pub(crate) fn cpuid_capped<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<kvm_cpuid_entry2>, D::Error> {
+pub(crate) fn cpuid_capped<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<kvm_cpuid_entry2>, D::Error> {
     capped(d, kvm_bindings::KVM_MAX_CPUID_ENTRIES, "CPUID entries")
 }
 
