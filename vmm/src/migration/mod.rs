@@ -332,6 +332,32 @@ impl Link {
         n > 0
     }
 
+    /// Whether the peer has closed the link or it failed (a reset, a liveness timeout), without
+    /// consuming anything: a peek. None while it is up (with or without data waiting).
+    pub fn gone(&self) -> Option<String> {
+        let mut b = [0u8; 1];
+        // SAFETY: peeking at most one byte into a local buffer, without blocking.
+        let r = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match r {
+            0 => Some(format!("{} closed the migration link", self.peer)),
+            r if r < 0 => {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => None,
+                    _ => Some(format!("migration link to {}: {e}", self.peer)),
+                }
+            }
+            _ => None,
+        }
+    }
+
     /// The peer, for messages.
     pub fn peer(&self) -> &str {
         &self.peer

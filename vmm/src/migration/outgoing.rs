@@ -567,6 +567,11 @@ fn precopy(
             let sent = server.stats().pages_sent();
             if sent != stalled_since.1 {
                 stalled_since = (Instant::now(), sent);
+            } else if let Some(why) = link.gone() {
+                // the destination died or hung up: no reason to wait out the silence
+                return Err(MigrationError::Other(format!(
+                    "pre-copy pass {pass}: {why}"
+                )));
             } else if stalled_since.0.elapsed() > SILENCE_TIMEOUT {
                 return Err(MigrationError::Other(format!(
                     "pre-copy pass {pass}: nothing sent for {SILENCE_TIMEOUT:?} (is the destination reading?)"
