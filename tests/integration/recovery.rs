@@ -217,13 +217,20 @@ fn source_killed_mid_postcopy_leaves_the_destination_paused() {
         "127.0.0.1",
         &["--no-stream", "--recover-timeout-s", &RECOVER_S.to_string()],
     );
-    let sock = src.sock.clone();
-    let m = std::thread::spawn(move || ctl_raw(&sock, &["migrate", "--to", &addr]));
+    // (the source dies before it can answer: no JSON reply is expected)
+    let m = std::process::Command::new(crate::vm::VMM)
+        .args(["ctl", "--api-socket"])
+        .arg(&src.sock)
+        .args(["--json", "migrate", "--to", &addr])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("vmm ctl migrate");
     wait_running(&dest);
     dest.heartbeats_after(None, 5);
     signal(&src, libc::SIGKILL);
     let killed = Instant::now();
-    let _ = m.join();
+    let _ = m.wait_with_output();
     let st = loop {
         let st = ctl_raw(&dest.sock, &["status"]);
         if st["source_lost"].is_object() {
