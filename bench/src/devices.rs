@@ -35,7 +35,7 @@ use clap::Parser;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use hb::ip;
+use hb::{ip, Switched};
 use ours::{ctl, Vmm};
 
 /// Network interruption and disk transfer of a migrating VM (our vmm), with targets.
@@ -85,34 +85,15 @@ fn say(m: &str) {
 /// Hosts A and B (bridge br0 = uplink eth0 + tap0) and client C, on a bridge in a fourth
 /// namespace. Deleted on drop.
 struct Lan {
-    ns: [String; 4],
+    net: Switched,
     ip_b: String,
     guest: String,
 }
 
 impl Lan {
     fn new() -> Result<Lan> {
-        let tag = std::process::id() % 100_000;
-        let ns = ["a", "b", "c", "sw"].map(|s| format!("vmdev{tag}{s}"));
-        let lan = Lan {
-            ns: ns.clone(),
-            ip_b: "10.213.7.2".into(),
-            guest: "10.213.7.50".into(),
-        };
-        for n in &ns {
-            ip(&["netns", "add", n])?;
-        }
-        let sw = &ns[3];
-        ip(&["-n", sw, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", sw, "link", "set", "br0", "up"])?;
-        for (i, n) in ns[..3].iter().enumerate() {
-            let port = format!("p{i}");
-            ip(&[
-                "link", "add", "eth0", "netns", n, "type", "veth", "peer", "name", &port, "netns",
-                sw,
-            ])?;
-            ip(&["-n", sw, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&["-n", n, "link", "set", "lo", "up"])?;
+        let net = Switched::new("vmdev", &["a", "b", "c"])?;
+        for (i, n) in net.ns[..3].iter().enumerate() {
             let cidr = format!("10.213.7.{}/24", [1, 2, 100][i]);
             if i < 2 {
                 ip(&["-n", n, "link", "add", "br0", "type", "bridge"])?;
@@ -126,15 +107,11 @@ impl Lan {
                 ip(&["-n", n, "link", "set", "eth0", "up"])?;
             }
         }
-        Ok(lan)
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        for n in &self.ns {
-            let _ = ip(&["netns", "del", n]);
-        }
+        Ok(Lan {
+            net,
+            ip_b: "10.213.7.2".into(),
+            guest: "10.213.7.50".into(),
+        })
     }
 }
 
@@ -244,7 +221,7 @@ fn net_run(a: &Args, vmm: &Path, mem: u64, mode: &str, run: u32) -> Result<NetRu
     let mut src = Vmm::start_at(
         vmm,
         &dir,
-        Some(&lan.ns[0]),
+        Some(&lan.net.ns[0]),
         "src",
         &boot_args(mem, &cmdline, &extra),
     )?;
@@ -254,12 +231,12 @@ fn net_run(a: &Args, vmm: &Path, mem: u64, mode: &str, run: u32) -> Result<NetRu
     let mut dst = Vmm::start_at(
         vmm,
         &dir,
-        Some(&lan.ns[1]),
+        Some(&lan.net.ns[1]),
         "dst",
         &["--incoming".into(), to.clone()],
     )?;
     let stop = Arc::new(AtomicBool::new(false));
-    let client = echo_client(lan.ns[2].clone(), lan.guest.clone(), stop.clone());
+    let client = echo_client(lan.net.ns[2].clone(), lan.guest.clone(), stop.clone());
     hb::settle_then_warm(2.0, (mem + 512) << 20);
     let t0 = Instant::now();
     let r = ctl(

@@ -193,6 +193,50 @@ pub fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Network namespaces standing in for hosts, each with an uplink `eth0` (a veth) on one bridge
+/// `br0` in a further namespace (the switch, last of `ns`); all deleted on drop. The caller gives
+/// each host its addresses.
+#[allow(dead_code)]
+pub struct Switched {
+    /// The hosts' namespaces, then the switch's.
+    pub ns: Vec<String>,
+}
+
+#[allow(dead_code)]
+impl Switched {
+    /// Namespaces `<prefix><pid><host>` for each of `hosts`, and `<prefix><pid>sw`.
+    pub fn new(prefix: &str, hosts: &[&str]) -> Result<Switched> {
+        let tag = std::process::id() % 100_000;
+        let mut sw = Switched { ns: Vec::new() };
+        for h in hosts.iter().chain(std::iter::once(&"sw")) {
+            let n = format!("{prefix}{tag}{h}");
+            ip(&["netns", "add", &n])?;
+            sw.ns.push(n);
+        }
+        let s = sw.ns[hosts.len()].clone();
+        ip(&["-n", &s, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &s, "link", "set", "br0", "up"])?;
+        for (i, n) in sw.ns[..hosts.len()].iter().enumerate() {
+            let port = format!("p{i}");
+            ip(&[
+                "link", "add", "eth0", "netns", n, "type", "veth", "peer", "name", &port, "netns",
+                &s,
+            ])?;
+            ip(&["-n", &s, "link", "set", &port, "master", "br0", "up"])?;
+            ip(&["-n", n, "link", "set", "lo", "up"])?;
+        }
+        Ok(sw)
+    }
+}
+
+impl Drop for Switched {
+    fn drop(&mut self) {
+        for n in &self.ns {
+            let _ = ip(&["netns", "del", n]);
+        }
+    }
+}
+
 /// The last lines of a log file (a child's stderr), for error messages.
 pub fn log_tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

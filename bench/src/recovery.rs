@@ -23,7 +23,7 @@ use clap::Parser;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use hb::ip;
+use hb::{ip, Switched};
 use ours::{ctl, Vmm};
 
 /// Post-copy recovery after a link cut (our vmm), against a baseline run without the cut.
@@ -69,32 +69,14 @@ fn say(m: &str) {
 
 /// Hosts A and B, each with a rate-limited uplink eth0, on a bridge in namespace `sw`.
 struct Hosts {
-    ns: [String; 3],
+    net: Switched,
     ip_b: String,
 }
 
 impl Hosts {
     fn new(rate_mbit: u32) -> Result<Hosts> {
-        let tag = std::process::id() % 100_000;
-        let ns = ["a", "b", "sw"].map(|s| format!("vmrec{tag}{s}"));
-        let h = Hosts {
-            ns: ns.clone(),
-            ip_b: "10.214.7.2".into(),
-        };
-        for n in &ns {
-            ip(&["netns", "add", n])?;
-        }
-        let sw = &ns[2];
-        ip(&["-n", sw, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", sw, "link", "set", "br0", "up"])?;
-        for (i, n) in ns[..2].iter().enumerate() {
-            let port = format!("p{i}");
-            ip(&[
-                "link", "add", "eth0", "netns", n, "type", "veth", "peer", "name", &port, "netns",
-                sw,
-            ])?;
-            ip(&["-n", sw, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&["-n", n, "link", "set", "lo", "up"])?;
+        let net = Switched::new("vmrec", &["a", "b"])?;
+        for (i, n) in net.ns[..2].iter().enumerate() {
             let cidr = format!("10.214.7.{}/24", i + 1);
             ip(&["-n", n, "addr", "add", &cidr, "dev", "eth0"])?;
             ip(&["-n", n, "link", "set", "eth0", "up"])?;
@@ -104,15 +86,10 @@ impl Hosts {
                 &rate, "burst", "256kb", "latency", "50ms",
             ])?;
         }
-        Ok(h)
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for n in &self.ns {
-            let _ = ip(&["netns", "del", n]);
-        }
+        Ok(Hosts {
+            net,
+            ip_b: "10.214.7.2".into(),
+        })
     }
 }
 
@@ -188,14 +165,14 @@ fn one(a: &Args, vmm: &Path, run: u32, cut: bool) -> Result<Run> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut src = Vmm::start_at(vmm, &dir, Some(&hosts.ns[0]), "src", &args)?;
+    let mut src = Vmm::start_at(vmm, &dir, Some(&hosts.net.ns[0]), "src", &args)?;
     wait_line(&src, "READY", 120, |l| l.starts_with("READY"))
         .with_context(|| src.fail_context())?;
     let to = format!("tcp:{}:{}", hosts.ip_b, 7950 + run);
     let mut dst = Vmm::start_at(
         vmm,
         &dir,
-        Some(&hosts.ns[1]),
+        Some(&hosts.net.ns[1]),
         "dst",
         &["--incoming".into(), to.clone()],
     )?;
@@ -222,14 +199,14 @@ fn one(a: &Args, vmm: &Path, run: u32, cut: bool) -> Result<Run> {
         std::thread::sleep(Duration::from_millis(a.cut_after_ms));
         let st = ctl(&dst.sock, &json!({"cmd": "status"}), Duration::from_secs(5))?;
         present_at_cut = st["pages_present"].as_u64();
-        ip(&["-n", &hosts.ns[0], "link", "set", "eth0", "down"])?;
+        ip(&["-n", &hosts.net.ns[0], "link", "set", "eth0", "down"])?;
         say(&format!(
             "run {run}: link down ({} of {} pages present)",
             present_at_cut.unwrap_or(0),
             st["pages_total"]
         ));
         std::thread::sleep(Duration::from_secs(a.cut_s));
-        ip(&["-n", &hosts.ns[0], "link", "set", "eth0", "up"])?;
+        ip(&["-n", &hosts.net.ns[0], "link", "set", "eth0", "up"])?;
         up = Some(Instant::now());
         say(&format!("run {run}: link up"));
     }

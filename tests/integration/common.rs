@@ -121,18 +121,28 @@ impl Drop for ServerProc {
 
 /// Starts the real page-server program on `listen`, waits until it listens.
 pub fn spawn_server(image: &Path, listen: &str) -> ServerProc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_page-server-fixture"))
-        .args([
-            "--serve",
-            image.to_str().unwrap(),
-            "--listen",
-            listen,
-            "--print-addr",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start page-server fixture");
+    spawn_server_logging(image, listen, None)
+}
+
+/// [`spawn_server`], with its log (RUST_LOG=info) written to `log` when given (else warnings
+/// only, to the test's stderr).
+pub fn spawn_server_logging(image: &Path, listen: &str, log: Option<&Path>) -> ServerProc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_page-server-fixture"));
+    cmd.args([
+        "--serve",
+        image.to_str().unwrap(),
+        "--listen",
+        listen,
+        "--print-addr",
+    ])
+    .stdout(Stdio::piped());
+    match log {
+        Some(path) => cmd
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(path).expect("log file")),
+        None => cmd.env("RUST_LOG", "warn"),
+    };
+    let mut child = cmd.spawn().expect("start page-server fixture");
     let out = child.stdout.take().expect("stdout");
     let mut line = String::new();
     BufReader::new(out)

@@ -13,10 +13,9 @@ mod vs_incoming;
 mod vs_pager;
 mod vs_server;
 
-pub(super) use std::io::{BufRead, BufReader, Read, Write};
+pub(super) use std::io::{BufReader, Read, Write};
 pub(super) use std::net::{Shutdown, TcpListener, TcpStream};
 pub(super) use std::path::{Path, PathBuf};
-pub(super) use std::process::{Child, Command, Stdio};
 pub(super) use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub(super) use std::sync::mpsc::Receiver;
 pub(super) use std::sync::{Arc, Mutex};

@@ -8,15 +8,15 @@ use super::*;
 
 /// The real page-server program with its log (RUST_LOG=info) in a file; killed on drop.
 struct LoggedServer {
-    child: Child,
+    proc: ServerProc,
     addr: String,
     log: PathBuf,
 }
 
 impl Drop for LoggedServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
         let _ = std::fs::remove_file(&self.log);
     }
 }
@@ -24,29 +24,9 @@ impl Drop for LoggedServer {
 impl LoggedServer {
     fn start(image: &Path) -> LoggedServer {
         let log = temp_path("page-server.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_page-server-fixture"))
-            .args([
-                "--serve",
-                image.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-                "--print-addr",
-            ])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start page-server fixture");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening ")
-            .unwrap_or_else(|| panic!("unexpected output {line:?}"))
-            .to_string();
-        LoggedServer { child, addr, log }
+        let proc = spawn_server_logging(image, "127.0.0.1:0", Some(&log));
+        let addr = proc.addr.clone();
+        LoggedServer { proc, addr, log }
     }
 
     fn log_text(&self) -> String {
@@ -54,7 +34,7 @@ impl LoggedServer {
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.child.id()
     }
 
     fn connect(&self) -> TcpStream {
@@ -320,7 +300,7 @@ fn page_server_refuses_lying_stalling_and_out_of_range_clients() {
     complete_and_verify(&mut demand, "the demand-paging pager");
     complete_and_verify(&mut streamed, "the streaming pager");
     assert!(
-        server.child.try_wait().unwrap().is_none(),
+        server.proc.child.try_wait().unwrap().is_none(),
         "the page-server died"
     );
     let log = server.log_text();
@@ -470,6 +450,6 @@ fn page_server_memory_stays_bounded_under_request_floods() {
         anon2 - base_anon2,
         bytes >> 20
     );
-    assert!(server.child.try_wait().unwrap().is_none());
+    assert!(server.proc.child.try_wait().unwrap().is_none());
     println!("took {:?}", t0.elapsed());
 }

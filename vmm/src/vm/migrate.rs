@@ -55,7 +55,7 @@ impl Vm {
         if let Err(why) = crate::dirty::Backend::parse(plan.dirty_tracking.as_deref()) {
             return refuse("bad_request", why);
         }
-        if let Some(r) = self.refuse_while_lost(&Request::MigrateSwitchover) {
+        if let Some(r) = self.lost_refusal("cannot migrate") {
             let _ = reply.send(r);
             return;
         }
@@ -394,16 +394,20 @@ impl Vm {
         }
     }
 
+    /// The reply refusing `what` because the memory source is lost (None if it is not).
+    fn lost_refusal(&self, what: &str) -> Option<Reply> {
+        let (why, _) = self.lost.as_ref()?;
+        Some(Reply::err(
+            "state",
+            format!("{what}: the memory source was lost ({why}); the VM stays paused"),
+        ))
+    }
+
     /// What a VM whose source is lost cannot do: run, be moved or saved, or have memory read
     /// that never arrived (the read would wait for ever).
     pub(super) fn refuse_while_lost(&self, req: &Request) -> Option<Reply> {
-        let (why, _) = self.lost.as_ref()?;
-        let refuse = |what: &str| {
-            Some(Reply::err(
-                "state",
-                format!("{what}: the memory source was lost ({why}); the VM stays paused"),
-            ))
-        };
+        self.lost.as_ref()?;
+        let refuse = |what: &str| self.lost_refusal(what);
         match req {
             Request::Resume => refuse("cannot resume"),
             Request::Migrate { .. } => refuse("cannot migrate"),
