@@ -400,6 +400,7 @@ fn pass(ok: bool) -> &'static str {
 }
 
 fn main() -> ExitCode {
+    page_server::cli::exit_quietly_on_broken_pipe();
     env_logger::init();
     let a = Args::parse();
     match run(&a) {

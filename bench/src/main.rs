@@ -137,6 +137,7 @@ fn target(what: &str, ratio: f64, limit: f64, at_least: bool) -> Target {
 }
 
 fn main() {
+    page_server::cli::exit_quietly_on_broken_pipe();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     if let Err(e) = run(Args::parse()) {
         eprintln!("fault-latency: error: {e:#}");

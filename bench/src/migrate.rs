@@ -581,6 +581,7 @@ fn run() -> Result<bool> {
 }
 
 fn main() -> ExitCode {
+    page_server::cli::exit_quietly_on_broken_pipe();
     match run() {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {

@@ -245,6 +245,7 @@ fn one(a: &Args, vmm: &Path, run: u32, cut: bool) -> Result<Run> {
 }
 
 fn main() -> ExitCode {
+    page_server::cli::exit_quietly_on_broken_pipe();
     env_logger::init();
     let a = Args::parse();
     let vmm = a.vmm.clone().unwrap_or_else(|| {

@@ -460,6 +460,7 @@ fn one_size(a: &Args, mib: u64) -> Result<SizeRow> {
 }
 
 fn main() -> Result<()> {
+    page_server::cli::exit_quietly_on_broken_pipe();
     let a = Args::parse();
     let mut rows = Vec::new();
     for &mib in &a.sizes {

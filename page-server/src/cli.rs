@@ -39,8 +39,30 @@ pub struct Args {
     pub print_addr: bool,
 }
 
+/// Makes a closed stdout (`prog | head`) end the process quietly with status 141 (128 +
+/// SIGPIPE, what a shell reports for a program killed by the pipe) instead of the panic that
+/// `println!` raises on EPIPE. SIGPIPE itself stays ignored, so a socket write to a vanished peer
+/// is still an error the code handles, not a silent death. Every binary of the project calls
+/// this first.
+pub fn exit_quietly_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to std") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info)
+    }));
+}
+
 /// Runs the program; returns the process exit code.
 pub fn main() -> i32 {
+    exit_quietly_on_broken_pipe();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
     match run(args) {

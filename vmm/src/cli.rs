@@ -541,6 +541,7 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
 
 /// Parses argv and runs; returns the documented exit code.
 pub fn main() -> ExitCode {
+    page_server::cli::exit_quietly_on_broken_pipe();
     let _ = vm::PROCESS_START.set(std::time::Instant::now());
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_micros()

@@ -2,5 +2,6 @@
 //! (`CARGO_BIN_EXE_vmm-fixture`).
 
 fn main() -> std::process::ExitCode {
+    page_server::cli::exit_quietly_on_broken_pipe();
     vmm::cli::main()
 }
