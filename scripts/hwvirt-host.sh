@@ -114,6 +114,10 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs -o size=1500m tmp /tmp; mkdir -p /dev/shm /dev/pts; mount -t tmpfs shm /dev/shm
 mount -t devpts devpts /dev/pts
 ip link set lo up
+# No transparent huge pages in L1: with them, L1 was seen to hang here (khugepaged and a kworker
+# blocked for minutes, the job never ending) under the TCG-emulated nested paging.
+echo never > /sys/kernel/mm/transparent_hugepage/enabled
+echo never > /sys/kernel/mm/transparent_hugepage/defrag
 for m in irqbypass kvm kvm-amd virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev \
          virtio_pci virtio_blk tun llc stp bridge; do
   insmod /lib/modules/$m.ko 2>/tmp/insmod.err || { echo "L1: insmod $m failed: $(cat /tmp/insmod.err)"; }

@@ -237,9 +237,9 @@ fn disk_and_network_move_with_the_vm() {
     let hosts = match TwoHosts::lan(Shape::default()) {
         Ok(h) => h,
         Err(e) => {
-            println!(
-                "SKIPPED: disk_and_network_move_with_the_vm: cannot create network namespaces: {e}"
-            );
+            crate::common::skip(format_args!(
+                "disk_and_network_move_with_the_vm: cannot create network namespaces: {e}"
+            ));
             return;
         }
     };

@@ -173,7 +173,9 @@ fn hybrid_with_userfaultfd_write_protect_tracking() {
     ];
     for (backend, avail) in backends {
         if let Err(e) = avail {
-            println!("SKIPPED: hybrid_with_userfaultfd_write_protect_tracking ({backend}): {e}");
+            crate::common::skip(format_args!(
+                "hybrid_with_userfaultfd_write_protect_tracking ({backend}): {e}"
+            ));
             continue;
         }
         for mode in ["hybrid", "precopy"] {
@@ -204,7 +206,9 @@ fn vmm_writes_during_precopy_are_tracked() {
     let gpa = "0xf00000";
     for (backend, avail) in backends {
         if let Err(e) = avail {
-            println!("SKIPPED: vmm_writes_during_precopy_are_tracked ({backend}): {e}");
+            crate::common::skip(format_args!(
+                "vmm_writes_during_precopy_are_tracked ({backend}): {e}"
+            ));
             continue;
         }
         // The guest writes fast (50 000 pages/s), so pre-copy runs several passes; once the

@@ -148,10 +148,10 @@ fn kvm_and_kernel_or_skip(test: &str, path: &str) -> Option<PathBuf> {
     }
     let kernel = Path::new(path);
     if !kernel.is_file() {
-        println!(
-            "SKIPPED: {test}: no Linux kernel at {} (run scripts/fetch-linux-kernel.sh)",
+        crate::common::skip(format_args!(
+            "{test}: no Linux kernel at {} (run scripts/fetch-linux-kernel.sh)",
             kernel.display()
-        );
+        ));
         return None;
     }
     Some(kernel.to_path_buf())
@@ -331,7 +331,9 @@ fn linux_full_boot_where_kernel_mode_is_native() {
     };
     let mips = kernel_mode_mips().unwrap_or_else(|e| panic!("{test}: the kmode probe failed: {e}"));
     if mips < NATIVE_KMODE_MIPS {
-        println!("SKIPPED: {test}: host KVM emulates guest kernel mode (kmode_mips={mips})");
+        crate::common::skip(format_args!(
+            "{test}: host KVM emulates guest kernel mode (kmode_mips={mips})"
+        ));
         return;
     }
     // No initrd and no disk: a complete boot ends in the root-fs panic (or runs an init).

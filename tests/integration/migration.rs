@@ -318,7 +318,9 @@ fn migrate_between_two_network_namespaces() {
     }) {
         Ok(h) => h,
         Err(e) => {
-            println!("SKIPPED: migrate_between_two_network_namespaces: cannot create network namespaces: {e}");
+            crate::common::skip(format_args!(
+                "migrate_between_two_network_namespaces: cannot create network namespaces: {e}"
+            ));
             return;
         }
     };

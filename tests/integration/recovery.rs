@@ -56,7 +56,9 @@ fn slow_link(test: &str) -> Option<TwoHosts> {
     }) {
         Ok(h) => Some(h),
         Err(e) => {
-            println!("SKIPPED: {test}: cannot create network namespaces: {e}");
+            crate::common::skip(format_args!(
+                "{test}: cannot create network namespaces: {e}"
+            ));
             None
         }
     }
@@ -303,7 +305,7 @@ fn control_socket_refuses_other_users() {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED: {T}: needs root to act as another user");
+        crate::common::skip(format_args!("{T}: needs root to act as another user"));
         return;
     }
     use std::os::unix::fs::PermissionsExt;

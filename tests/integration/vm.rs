@@ -650,7 +650,9 @@ fn dirty_rate_follows_the_guest_writes() {
     ];
     for (backend, avail) in backends {
         if let Err(e) = avail {
-            println!("SKIPPED: dirty_rate_follows_the_guest_writes ({backend}): {e}");
+            crate::common::skip(format_args!(
+                "dirty_rate_follows_the_guest_writes ({backend}): {e}"
+            ));
             continue;
         }
         let r = p.ctl(&["dirty-rate", "--ms", "500", "--backend", backend]);

@@ -1,0 +1,237 @@
+//! The Linux guest, for real: a stock Debian cloud kernel with the witness initramfs
+//! (`scripts/linux-guest.sh`), under our vmm, inside the simulated hardware-virt host
+//! (`scripts/hwvirt-host.sh`: QEMU TCG with SVM + nested paging, kvm-amd in it). This host's
+//! own KVM (PVM kind) cannot run Linux's kernel code in useful time; L1 can.
+//!
+//! Each test runs one job of `tests/l1/` inside L1 and judges what comes back: the guest's
+//! console (kernel log, `WHB` heartbeats with CLOCK_MONOTONIC, the witness's verdict over every
+//! stamped page) and the migration replies. Needs the release binaries (`cargo build
+//! --release`), QEMU 10 (`scripts/fetch-qemu.sh`) and the Debian kernel
+//! (`scripts/fetch-linux-kernel.sh`); where one is missing the test is skipped with a
+//! `SKIPPED:` line that names it (and `.ci/run` fails on skips README does not expect).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// What the simulated host needs, or the reason it cannot run here.
+fn l1_ready(test: &str) -> bool {
+    let r = root();
+    let need = [
+        (
+            "target/qemu/qemu-system-x86_64",
+            "run scripts/fetch-qemu.sh",
+        ),
+        ("target/linux/vmlinuz", "run scripts/fetch-linux-kernel.sh"),
+        ("target/release/vmm", "run cargo build --release"),
+        ("target/release/page-server", "run cargo build --release"),
+    ];
+    for (p, how) in need {
+        if !r.join(p).exists() {
+            crate::common::skip(format_args!("{test}: {p} is missing ({how})"));
+            return false;
+        }
+    }
+    true
+}
+
+/// The mark our vmm logs when a guest vCPU triple-faults or resets.
+const GUEST_RESET: &str = "shutdown at rip=0xfff0";
+
+/// Runs a job like [`run_l1_once`], once more if the Linux guest was reset by the simulated host.
+///
+/// Under load, the simulated host (nested SVM under TCG) resets 2-vCPU Linux guests on its own:
+/// measured here with no migration at all, for QEMU `-accel kvm` as for our vmm (README,
+/// "Linux guests"). A reset is never hidden: it is printed, and a second one fails the test.
+fn run_l1(test: &str, job: &str, args: &[&str], timeout_s: u32) -> (i32, PathBuf, String) {
+    let first = run_l1_once(test, job, args, timeout_s);
+    if first.0 == 0 || !guest_was_reset(&first.1) {
+        return first;
+    }
+    println!("{test}: the simulated host reset the Linux guest (a known defect of nested SVM under TCG); running the job once more");
+    eprintln!("{test}: the simulated host reset the Linux guest; running the job once more");
+    run_l1_once(test, job, args, timeout_s)
+}
+
+fn guest_was_reset(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            e.file_name().to_string_lossy().ends_with(".log")
+                && std::fs::read_to_string(e.path()).is_ok_and(|s| s.contains(GUEST_RESET))
+        })
+}
+
+/// Runs `tests/l1/JOB ARGS` in L1; returns (exit status, results directory, console).
+fn run_l1_once(test: &str, job: &str, args: &[&str], timeout_s: u32) -> (i32, PathBuf, String) {
+    // one simulated host at a time: each keeps both CPUs busy (TCG)
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = root().join("target/hwvirt/tests").join(test);
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let status = Command::new(root().join("scripts/hwvirt-host.sh"))
+        .arg("--quiet")
+        .arg("--out")
+        .arg(&out)
+        .arg("--timeout")
+        .arg(timeout_s.to_string())
+        .arg(root().join("tests/l1").join(job))
+        .args(args)
+        .status()
+        .expect("running scripts/hwvirt-host.sh");
+    let console = std::fs::read_to_string(out.join("serial.log")).unwrap_or_default();
+    (status.code().unwrap_or(-1), out, console)
+}
+
+fn read(dir: &Path, f: &str) -> String {
+    String::from_utf8_lossy(&std::fs::read(dir.join(f)).unwrap_or_default()).into_owned()
+}
+
+/// `key=value` of a line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// CLOCK_MONOTONIC of each heartbeat on a console.
+fn heartbeats(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter(|l| l.starts_with("WHB "))
+        .filter_map(|l| field(l, "mono_ns"))
+        .collect()
+}
+
+/// Lines of the Linux kernel's log that mean something went wrong in the guest.
+fn kernel_trouble(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .filter(|l| {
+            [
+                "Oops",
+                "BUG:",
+                "WARNING:",
+                "Call Trace",
+                "Kernel panic",
+                "general protection",
+            ]
+            .iter()
+            .any(|p| l.contains(p))
+        })
+        .collect()
+}
+
+#[test]
+fn linux_boots_to_user_space_in_the_simulated_host() {
+    const T: &str = "linux_boots_to_user_space_in_the_simulated_host";
+    if !l1_ready(T) {
+        return;
+    }
+    let (rc, dir, console) = run_l1(T, "boot.sh", &[], 600);
+    let serial = read(&dir, "vm0.serial");
+    assert_eq!(
+        rc, 0,
+        "the boot job failed; L1 console:\n{console}\nguest:\n{serial}"
+    );
+    assert!(
+        serial.contains("2 CPUs online"),
+        "both vCPUs must be online:\n{serial}"
+    );
+    let trouble = kernel_trouble(&serial);
+    assert!(
+        trouble.is_empty(),
+        "the kernel log shows trouble: {trouble:?}"
+    );
+    assert!(
+        serial.contains("WITNESS VERDICT ok"),
+        "the witness must find every page right:\n{serial}"
+    );
+    let hb = heartbeats(&serial);
+    assert!(hb.len() >= 10, "heartbeats: {}", hb.len());
+    assert!(
+        hb.windows(2).all(|w| w[1] > w[0]),
+        "CLOCK_MONOTONIC went back"
+    );
+}
+
+/// Judges a chain of moves left by `tests/l1/migrate.sh`.
+fn check_moves(test: &str, mode: &str, moves: usize) {
+    if !l1_ready(test) {
+        return;
+    }
+    let n = moves.to_string();
+    let (rc, dir, console) = run_l1(test, "migrate.sh", &[mode, &n], 1200);
+    let summary = read(&dir, "summary");
+    assert_eq!(
+        rc,
+        0,
+        "the migration job failed:\n{summary}\nL1 console (tail):\n{}",
+        console
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let done: Vec<&str> = summary.lines().filter(|l| l.starts_with("MOVE")).collect();
+    assert_eq!(done.len(), moves, "{summary}");
+    for i in 1..=moves {
+        let reply: serde_json::Value =
+            serde_json::from_str(read(&dir, &format!("mig{i}.out")).trim())
+                .unwrap_or_else(|e| panic!("move {i}: migrate reply is not JSON ({e})"));
+        assert_eq!(reply["ok"], true, "move {i}: {reply}");
+        let downtime_ms = reply["downtime_ms"].as_f64().unwrap_or(f64::NAN);
+        let before = heartbeats(&read(&dir, &format!("vm{}.serial", i - 1)));
+        let after = heartbeats(&read(&dir, &format!("vm{i}.serial")));
+        let (Some(&last), Some(&first)) = (before.last(), after.first()) else {
+            panic!(
+                "move {i}: heartbeats before {} after {}",
+                before.len(),
+                after.len()
+            );
+        };
+        assert!(
+            first > last,
+            "move {i}: CLOCK_MONOTONIC went back across the move"
+        );
+        // the heartbeat period is 20 ms; the guest is slow in L1 (everything runs under TCG),
+        // so the bound is generous: the clock must not jump by seconds beyond the pause
+        let jump_ms = (first - last) as f64 / 1e6;
+        assert!(
+            jump_ms <= downtime_ms + 2000.0,
+            "move {i}: CLOCK_MONOTONIC jumped {jump_ms:.0} ms across a {downtime_ms:.1} ms pause"
+        );
+        assert!(
+            after.len() >= 3,
+            "move {i}: the guest must go on running on the destination"
+        );
+        for trouble in kernel_trouble(&read(&dir, &format!("vm{i}.serial"))) {
+            panic!("move {i}: the kernel log shows trouble: {trouble}");
+        }
+        println!(
+            "{test}: move {i}: downtime {downtime_ms:.1} ms, total {} ms, clock jump {jump_ms:.0} ms",
+            reply["total_ms"]
+        );
+    }
+    for l in &done {
+        assert!(
+            l.contains("verdict=ok") && l.contains("source_exit=0"),
+            "{l}"
+        );
+    }
+}
+
+#[test]
+fn linux_guest_migrates_postcopy_in_the_simulated_host() {
+    check_moves(
+        "linux_guest_migrates_postcopy_in_the_simulated_host",
+        "postcopy",
+        2,
+    );
+}

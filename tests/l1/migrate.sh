@@ -1,0 +1,82 @@
+#!/bin/sh
+# Runs inside the simulated hardware-virt host (scripts/hwvirt-host.sh): boots the Linux guest
+# under `vmm run` and moves it COUNT times, each time to a new `vmm --incoming` on L1's loopback,
+# in MODE (postcopy | hybrid | precopy). After each move it asks the witness on the destination
+# to verify all of its memory. Leaves in /results (cwd) for the host side to judge:
+#   vmN.serial  the guest's console on VM N (0 = the first `vmm run`)
+#   vmN.log     that vmm's log;  migN.out / migN.err  `vmm ctl migrate --json`'s reply
+#   summary     one line per move: `MOVE i=N rc=.. source_exit=.. verdict=.. hb_after=..`
+# Usage: migrate.sh MODE COUNT [MEM] [WITNESS_MIB] [RATE] [EXTRA_MIGRATE_ARGS...]
+mode=$1; count=$2; mem=${3:-512M}; wmib=${4:-300}; rate=${5:-2000}
+shift 5 2>/dev/null || shift $#
+extra="$*"
+cmdline="console=ttyS0 quiet witness.mib=$wmib witness.rate=$rate witness.hb=20"
+: > summary
+
+# wait_for FILE PATTERN SECONDS [AFTER_LINES]: until a line matching PATTERN appears past line
+# AFTER_LINES of FILE; prints the line number.
+wait_for() {
+  n=0
+  while [ $n -lt $(($3 * 10)) ]; do
+    l=$(tail -n +$((${4:-0} + 1)) "$1" 2>/dev/null | grep -n -m1 -a "$2" | cut -d: -f1)
+    if [ -n "$l" ]; then echo $((l + ${4:-0})); return 0; fi
+    sleep 0.1; n=$((n + 1))
+  done
+  return 1
+}
+
+vmm run --mem "$mem" --vcpus 2 --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cmdline "$cmdline" \
+  --api-socket /tmp/vm0.sock --serial vm0.serial </dev/null >vm0.log 2>&1 &
+pid=$!
+echo "$pid" > /tmp/pids
+if ! wait_for vm0.serial "WITNESS READY" 120 >/dev/null; then
+  echo "BOOT failed: no WITNESS READY in 120 s" | tee -a summary
+  tail -5 vm0.log; kill $pid; exit 1
+fi
+wait_for vm0.serial "^WHB n=5 " 30 >/dev/null
+echo "BOOT ok: $(grep -a 'L2 userspace up' vm0.serial)" | tee -a summary
+failed=0
+i=1
+while [ $i -le "$count" ]; do
+  prev=$((i - 1))
+  port=$((7700 + i))
+  vmm --incoming "tcp:127.0.0.1:$port" --api-socket /tmp/vm$i.sock --serial vm$i.serial \
+    </dev/null >vm$i.log 2>&1 &
+  dpid=$!
+  echo "$dpid" >> /tmp/pids
+  for t in $(seq 50); do [ -S /tmp/vm$i.sock ] && break; sleep 0.1; done
+  echo "move $i: $mode to 127.0.0.1:$port"
+  timeout 300 vmm ctl --api-socket /tmp/vm$prev.sock --json migrate --to "127.0.0.1:$port" --mode "$mode" \
+    $extra >mig$i.out 2>mig$i.err
+  rc=$?
+  # the source ends (exit 0) once the destination has every page
+  sexit=running
+  for t in $(seq 600); do
+    if ! kill -0 $pid 2>/dev/null; then wait $pid; sexit=$?; break; fi
+    sleep 0.1
+  done
+  hb=0; verdict=none
+  if wait_for vm$i.serial "^WHB" 30 >/dev/null; then
+    wait_for vm$i.serial "^WHB" 10 "$(grep -a -c . vm$i.serial)" >/dev/null
+    before=$(grep -a -c . vm$i.serial)
+    vmm ctl --api-socket /tmp/vm$i.sock serial-input "v
+" >/dev/null 2>&1
+    if wait_for vm$i.serial "WITNESS VERDICT" 60 "$before" >/dev/null; then
+      verdict=$(tail -n +$((before + 1)) vm$i.serial | grep -a -m1 "WITNESS VERDICT" | tr -d '\r' | cut -d' ' -f3)
+    fi
+    hb=$(grep -a -c "^WHB" vm$i.serial)
+  fi
+  echo "MOVE i=$i mode=$mode rc=$rc source_exit=$sexit verdict=$verdict hb_after=$hb" | tee -a summary
+  if [ "$rc" != 0 ] || [ "$sexit" != 0 ] || [ "$verdict" != ok ]; then
+    failed=$((failed + 1))
+    tail -3 mig$i.err; grep -a -E "shutdown|reset|ERROR|error" vm$prev.log vm$i.log | tail -6
+    kill $pid $dpid 2>/dev/null
+    break
+  fi
+  pid=$dpid
+  i=$((i + 1))
+done
+kill $(cat /tmp/pids) 2>/dev/null
+sleep 0.5
+echo "DONE moves=$((i - 1 + failed)) failed=$failed" | tee -a summary
+[ $failed = 0 ]
