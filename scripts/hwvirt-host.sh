@@ -13,7 +13,8 @@
 # Options:
 #   --out DIR        where the files the job leaves in /results come back (default target/hwvirt/out)
 #   --file SRC[:DST] put a host file into L1 at DST (default /files/<name>); repeatable
-#   --timeout S      end QEMU after S seconds of wall time, whatever happens (default 900)
+#   --timeout S      end QEMU after S seconds of wall time, whatever happens (default 900); the
+#                    job itself is killed in L1 after 3/4 of that, so its results still come back
 #   --mem SIZE       L1's memory (default 3G); --cpus N its vCPUs (default 2)
 #   --log FILE       L1's whole serial output (default DIR/serial.log)
 #   --quiet          do not echo L1's console (it still goes to the log)
@@ -132,8 +133,18 @@ if [ -f /shell ]; then
 else
   cd /results
   echo "L1: job starts"
-  sh /job.sh $(cat /job.args 2>/dev/null)
+  # the job's own deadline (3/4 of --timeout): a job that hangs is killed here, so that its
+  # /results (logs) still come back and say where it hung
+  dl=$(cat /job.deadline)
+  timeout -s KILL "$dl" sh /job.sh $(cat /job.args 2>/dev/null)
   rc=$?
+  if [ $rc = 137 ]; then
+    echo "L1: the job did not end within its deadline of $dl s and was killed; processes:"
+    ps | grep -v ' \[' | tail -n 25
+    for f in /results/*.log /results/*.err; do
+      [ -s "$f" ] && { echo "L1: tail of $f:"; tail -n 4 "$f"; }
+    done
+  fi
   echo "L1: job ended with status $rc"
 fi
 cd /
@@ -213,6 +224,7 @@ if [ "$shell" = 1 ]; then
 else
   cp "$job" "$run/img/job.sh"
   printf '%s ' "${job_args[@]}" > "$run/img/job.args"
+  echo $((timeout_s * 3 / 4)) > "$run/img/job.deadline"
 fi
 for f in "${files[@]}"; do
   src="${f%%:*}"

@@ -7,27 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const PS: usize = 4096;
 
-/// Reports a skipped test: prints `SKIPPED: <test>: <reason>` (hidden by cargo's output capture)
-/// and appends the same line to the file `$SKIP_LOG` names (default `target/test-skips.log` of
-/// the workspace), which `.ci/run` prints, counts and checks against README's list of skips
-/// expected on this kind of machine (`scripts/check-skips.sh`).
-pub fn skip(line: impl std::fmt::Display) {
-    let line = line.to_string();
-    println!("SKIPPED: {line}");
-    let path = std::env::var_os("SKIP_LOG")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-skips.log"));
-    match std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-    {
-        Ok(mut f) => {
-            let _ = writeln!(f, "SKIPPED: {line}");
-        }
-        Err(e) => eprintln!("cannot record the skip in {}: {e}", path.display()),
-    }
-}
+pub use tests::skip;
 
 /// Whether userfaultfd works here; prints the SKIPPED line when not.
 pub fn uffd_or_skip(test: &str) -> bool {

@@ -6,7 +6,6 @@ mod devices;
 mod hostile;
 mod hybrid;
 mod linux_boot;
-mod linux_l1;
 mod load;
 mod migration;
 mod netns;

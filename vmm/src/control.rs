@@ -401,7 +401,16 @@ pub fn request_with_progress(
     s.set_read_timeout(Some(timeout)).map_err(cerr)?;
     let mut line = serde_json::to_vec(req).map_err(|e| cerr(std::io::Error::other(e)))?;
     line.push(b'\n');
-    s.write_all(&line).map_err(cerr)?;
+    if let Err(e) = s.write_all(&line) {
+        // A VMM that refuses a peer (another user) replies and closes without reading: its
+        // refusal may already wait in the socket, and it says more than the broken pipe.
+        if !matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ) {
+            return Err(cerr(e));
+        }
+    }
     let mut r = BufReader::new(s);
     loop {
         let mut reply = String::new();

@@ -31,7 +31,7 @@ fn l1_ready(test: &str) -> bool {
     ];
     for (p, how) in need {
         if !r.join(p).exists() {
-            crate::common::skip(format_args!("{test}: {p} is missing ({how})"));
+            tests::skip(format_args!("{test}: {p} is missing ({how})"));
             return false;
         }
     }
