@@ -4,11 +4,50 @@
 
 /// Pins the calling thread to `cpu`. Best effort: returns false if the kernel refused.
 pub fn pin_current_thread(cpu: usize) -> bool {
+    pin_current_thread_to(&[cpu])
+}
+
+/// Lets the calling thread run only on `cpus`. Best effort: returns false if the set is empty,
+/// names a CPU past `CPU_SETSIZE`, or the kernel refused (e.g. none of them is online).
+pub fn pin_current_thread_to(cpus: &[usize]) -> bool {
+    if cpus.is_empty() || cpus.iter().any(|&c| c >= libc::CPU_SETSIZE as usize) {
+        return false;
+    }
     set_affinity(|set| {
-        // SAFETY: CPU_SET writes within the set; `cpu` is checked against CPU_SETSIZE below.
-        unsafe { libc::CPU_SET(cpu, set) };
+        for &c in cpus {
+            // SAFETY: CPU_SET writes within the set; c < CPU_SETSIZE (checked above).
+            unsafe { libc::CPU_SET(c, set) };
+        }
         true
-    }) && cpu < libc::CPU_SETSIZE as usize
+    })
+}
+
+/// Parses a CPU list as `taskset -c` and cgroups write it: `0`, `0,2`, `0-3,6`.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let max = libc::CPU_SETSIZE as usize;
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&c| c < max)
+                .ok_or_else(|| format!("{t:?} in CPU list {s:?} is not a CPU number below {max}"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("range {part:?} in CPU list {s:?} runs backwards"));
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(num(part)?),
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
 }
 
 /// Lets the calling thread run on every online CPU except `cpu` (if there are others).
@@ -71,4 +110,18 @@ pub fn allow_all_cpus() -> bool {
         }
         true
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse_like_taskset() {
+        assert_eq!(parse_cpu_list("0").unwrap(), vec![0]);
+        assert_eq!(parse_cpu_list("3,0-1,1").unwrap(), vec![0, 1, 3]);
+        for bad in ["", "a", "2-1", "0,", "-1", "99999"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad:?}");
+        }
+    }
 }

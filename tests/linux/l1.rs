@@ -146,6 +146,11 @@ fn linux_boots_to_user_space_in_the_simulated_host() {
         serial.contains("2 CPUs online"),
         "both vCPUs must be online:\n{serial}"
     );
+    // the stock kernel finds our virtio-mmio devices through the DSDT (ACPI id LNRO0005)
+    assert!(
+        serial.contains("1 virtio disks, 1 NICs"),
+        "the guest must see its virtio disk and NIC:\n{serial}"
+    );
     let trouble = kernel_trouble(&serial);
     assert!(
         trouble.is_empty(),
@@ -238,6 +243,24 @@ fn linux_guest_migrates_postcopy_in_the_simulated_host() {
     check_moves(
         "linux_guest_migrates_postcopy_in_the_simulated_host",
         "postcopy",
+        2,
+    );
+}
+
+#[test]
+fn linux_guest_migrates_hybrid_in_the_simulated_host() {
+    check_moves(
+        "linux_guest_migrates_hybrid_in_the_simulated_host",
+        "hybrid",
+        2,
+    );
+}
+
+#[test]
+fn linux_guest_migrates_precopy_in_the_simulated_host() {
+    check_moves(
+        "linux_guest_migrates_precopy_in_the_simulated_host",
+        "precopy",
         2,
     );
 }

@@ -152,6 +152,7 @@ mod aml {
     const DWORD_PREFIX: u8 = 0x0c;
     const ZERO_OP: u8 = 0x00;
     const ONE_OP: u8 = 0x01;
+    const STRING_PREFIX: u8 = 0x0d;
 
     /// PkgLength for a package whose contents after the PkgLength are `body` bytes (the
     /// encoded length counts its own bytes).
@@ -257,22 +258,76 @@ mod aml {
         v
     }
 
+    /// A String (`"LNRO0005"`).
+    pub fn string(text: &str) -> Vec<u8> {
+        let mut v = vec![STRING_PREFIX];
+        v.extend_from_slice(text.as_bytes());
+        v.push(0);
+        v
+    }
+
+    /// Resource template: `Memory32Fixed (ReadWrite, base, len)`.
+    pub fn memory32_fixed(base: u32, len: u32) -> Vec<u8> {
+        let mut v = vec![0x86, 0x09, 0x00, 0x01];
+        v.extend_from_slice(&base.to_le_bytes());
+        v.extend_from_slice(&len.to_le_bytes());
+        v
+    }
+
+    /// Resource template: `Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }`.
+    pub fn extended_irq(gsi: u32) -> Vec<u8> {
+        let mut v = vec![0x89, 0x06, 0x00, 0x03, 0x01];
+        v.extend_from_slice(&gsi.to_le_bytes());
+        v
+    }
+
     /// Resource template end tag (checksum 0: "treat as correct").
     pub fn end_tag() -> Vec<u8> {
         vec![0x79, 0x00]
     }
 }
 
-/// The DSDT's AML: `Scope (\_SB) { Device (COM1) { _HID PNP0501, _UID 0, _CRS } }`.
-fn dsdt_aml() -> Vec<u8> {
+/// The DSDT's AML: `Scope (\_SB) { Device (COM1) { _HID PNP0501, _UID 0, _CRS } ... }` and,
+/// for each virtio-mmio window `(address, GSI)`, `Device (VRnn) { _HID "LNRO0005", _UID n,
+/// _CRS { Memory32Fixed 4 KiB, Interrupt GSI } }`: the ACPI id Linux's `virtio_mmio` driver
+/// binds, so a stock distro kernel (no `virtio_mmio.device=` support) finds our disks and NICs.
+fn dsdt_aml(virtio: &[(u64, u32)]) -> Result<Vec<u8>, BootError> {
     let mut crs = aml::io_resource(COM1, 8);
     crs.extend(aml::irq_resource(COM1_GSI as u8));
     crs.extend(aml::end_tag());
     let mut com1 = aml::name(b"_HID", &aml::eisa_id(b"PNP0501"));
     com1.extend(aml::name(b"_UID", &aml::integer(0)));
     com1.extend(aml::name(b"_CRS", &aml::buffer(&crs)));
-    aml::scope(b"\\_SB_", &aml::device(b"COM1", &com1))
+    let mut devices = aml::device(b"COM1", &com1);
+    if virtio.len() > 100 {
+        return Err(BootError::Other(format!(
+            "{} virtio devices for the DSDT (at most 100)",
+            virtio.len()
+        )));
+    }
+    for (n, &(addr, gsi)) in virtio.iter().enumerate() {
+        let base = u32::try_from(addr)
+            .ok()
+            .filter(|b| b.checked_add(VIRTIO_WINDOW).is_some())
+            .ok_or_else(|| {
+                BootError::Other(format!(
+                    "virtio window at {addr:#x} is not below 4 GiB (Memory32Fixed)"
+                ))
+            })?;
+        let mut crs = aml::memory32_fixed(base, VIRTIO_WINDOW);
+        crs.extend(aml::extended_irq(gsi));
+        crs.extend(aml::end_tag());
+        let mut dev = aml::name(b"_HID", &aml::string("LNRO0005"));
+        dev.extend(aml::name(b"_UID", &aml::integer(n as u32)));
+        dev.extend(aml::name(b"_CRS", &aml::buffer(&crs)));
+        let seg = [b'V', b'R', b'0' + (n / 10) as u8, b'0' + (n % 10) as u8];
+        devices.extend(aml::device(&seg, &dev));
+    }
+    Ok(aml::scope(b"\\_SB_", &devices))
 }
+
+/// Bytes of one virtio-mmio window.
+const VIRTIO_WINDOW: u32 = 0x1000;
 
 fn madt(vcpus: u32) -> Vec<u8> {
     let mut body = Vec::new();
@@ -341,9 +396,9 @@ fn align(v: &mut Vec<u8>) {
     v.resize(v.len().next_multiple_of(TABLE_ALIGN), 0);
 }
 
-/// The tables for `vcpus` vCPUs, laid out from guest-physical `base`
-/// (16-byte aligned, below 1 MiB).
-pub fn build(vcpus: u32, base: u64) -> Result<AcpiTables, BootError> {
+/// The tables for `vcpus` vCPUs and the virtio-mmio windows `virtio` (`(address, GSI)`), laid
+/// out from guest-physical `base` (16-byte aligned, below 1 MiB).
+pub fn build(vcpus: u32, base: u64, virtio: &[(u64, u32)]) -> Result<AcpiTables, BootError> {
     if vcpus == 0 || vcpus > 254 {
         return Err(BootError::Other(format!(
             "ACPI tables for {vcpus} vCPUs (1 to 254 supported)"
@@ -356,7 +411,7 @@ pub fn build(vcpus: u32, base: u64) -> Result<AcpiTables, BootError> {
     }
     // Offsets first (the sizes do not depend on the addresses), then the bytes.
     let at = |off: usize| base + off as u64;
-    let dsdt_t = table(b"DSDT", DSDT_REVISION, b"UFVMDSDT", &dsdt_aml());
+    let dsdt_t = table(b"DSDT", DSDT_REVISION, b"UFVMDSDT", &dsdt_aml(virtio)?);
     let madt_t = madt(vcpus);
     let xsdt_off = RSDP_LEN.next_multiple_of(TABLE_ALIGN);
     let fadt_off = (xsdt_off + HEADER_LEN + 2 * 8).next_multiple_of(TABLE_ALIGN);
@@ -384,9 +439,10 @@ pub fn build(vcpus: u32, base: u64) -> Result<AcpiTables, BootError> {
     })
 }
 
-/// Writes the tables for `vcpus` vCPUs at [`ACPI_START`]; returns the RSDP's address.
-pub fn write(ram: &GuestRam, vcpus: u32) -> Result<u64, BootError> {
-    let t = build(vcpus, ACPI_START)?;
+/// Writes the tables for `vcpus` vCPUs and the virtio-mmio windows `virtio` at
+/// [`ACPI_START`]; returns the RSDP's address.
+pub fn write(ram: &GuestRam, vcpus: u32, virtio: &[(u64, u32)]) -> Result<u64, BootError> {
+    let t = build(vcpus, ACPI_START, virtio)?;
     if ACPI_START + t.bytes.len() as u64 > ACPI_LIMIT {
         return Err(BootError::Other(format!(
             "ACPI tables of {} bytes do not fit below {ACPI_LIMIT:#x}",
@@ -425,7 +481,7 @@ mod tests {
     #[test]
     fn checksums_and_pointers() {
         for vcpus in [1u32, 2, 16, 254] {
-            let t = build(vcpus, ACPI_START).unwrap();
+            let t = build(vcpus, ACPI_START, &[(0xd000_0000, 5)]).unwrap();
             assert_eq!(t.rsdp, ACPI_START);
             assert_eq!(t.rsdp % 16, 0);
 
@@ -492,7 +548,7 @@ mod tests {
 
     #[test]
     fn dsdt_aml_describes_com1() {
-        let aml = dsdt_aml();
+        let aml = dsdt_aml(&[]).unwrap();
         // Scope (\_SB_) with a one-byte PkgLength covering the rest.
         assert_eq!(aml[0], 0x10);
         assert_eq!(aml[1] as usize, aml.len() - 1);
@@ -516,6 +572,34 @@ mod tests {
     }
 
     #[test]
+    fn dsdt_aml_describes_virtio_mmio_devices() {
+        let aml = dsdt_aml(&[(0xd000_0000, 5), (0xd000_1000, 6)]).unwrap();
+        // Scope (\_SB_) with a two-byte PkgLength covering the rest.
+        assert_eq!(aml[0], 0x10);
+        assert_eq!(
+            (aml[1] & 0x0f) as usize | (aml[2] as usize) << 4,
+            aml.len() - 1
+        );
+        for (n, base, gsi) in [
+            (0u8, [0x00, 0x00, 0x00, 0xd0], 5u8),
+            (1, [0x00, 0x10, 0x00, 0xd0], 6),
+        ] {
+            let name = [b'V', b'R', b'0', b'0' + n];
+            assert!(aml.windows(4).any(|w| w == name), "VR0{n}");
+            let mut crs = vec![0x86, 0x09, 0x00, 0x01];
+            crs.extend(base);
+            crs.extend([0x00, 0x10, 0x00, 0x00]); // 4 KiB
+            crs.extend([0x89, 0x06, 0x00, 0x03, 0x01, gsi, 0, 0, 0]); // edge, active high
+            crs.extend([0x79, 0x00]);
+            assert!(aml.windows(crs.len()).any(|w| w == crs), "VR0{n} _CRS");
+        }
+        let hid = [
+            0x08, b'_', b'H', b'I', b'D', 0x0d, b'L', b'N', b'R', b'O', b'0', b'0', b'0', b'5', 0,
+        ];
+        assert_eq!(aml.windows(hid.len()).filter(|w| *w == hid).count(), 2);
+    }
+
+    #[test]
     fn pkg_length_encodings() {
         assert_eq!(aml::pkg_length(0), vec![1]);
         assert_eq!(aml::pkg_length(62), vec![63]);
@@ -528,12 +612,13 @@ mod tests {
     #[test]
     fn writes_into_guest_memory_and_refuses_bad_shapes() {
         let ram = GuestRam::new(64 << 20).unwrap();
-        let rsdp = write(&ram, 2).unwrap();
+        let rsdp = write(&ram, 2, &[]).unwrap();
         assert_eq!(rsdp, ACPI_START);
         let sig: [u8; 8] = ram.mem().read_obj(GuestAddress(rsdp)).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
-        assert!(build(0, ACPI_START).is_err());
-        assert!(build(255, ACPI_START).is_err());
-        assert!(build(1, ACPI_START + 8).is_err());
+        assert!(build(0, ACPI_START, &[]).is_err());
+        assert!(build(255, ACPI_START, &[]).is_err());
+        assert!(build(1, ACPI_START + 8, &[]).is_err());
+        assert!(build(1, ACPI_START, &[(0x1_0000_0000, 5)]).is_err());
     }
 }

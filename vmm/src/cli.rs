@@ -77,6 +77,10 @@ struct IncomingArgs {
     /// With --incoming: serial console of the migrated VM, `stdout` or a file.
     #[arg(long, default_value = "stdout")]
     serial: String,
+    /// With --incoming: run the vCPU threads only on these host CPUs (a list as `taskset -c` takes: `2`, `2,3`,
+    /// `2-5`); the VMM's other threads (paging, migration, devices) keep every CPU.
+    #[arg(long, requires = "incoming", value_name = "CPUS", value_parser = parse_cpu_list)]
+    vcpu_cpus: Option<CpuList>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -104,6 +108,10 @@ struct Common {
     /// Serial console: `stdout` (stdin is forwarded as input) or a file path.
     #[arg(long, default_value = "stdout")]
     serial: String,
+    /// Run the vCPU threads only on these host CPUs (a list as `taskset -c` takes: `2`, `2,3`,
+    /// `2-5`); the VMM's other threads (paging, migration, devices) keep every CPU.
+    #[arg(long, value_name = "CPUS", value_parser = parse_cpu_list)]
+    vcpu_cpus: Option<CpuList>,
 }
 
 #[derive(Args, Debug)]
@@ -289,6 +297,14 @@ enum CtlCmd {
         #[arg(long)]
         recover_timeout_s: Option<u64>,
     },
+}
+
+/// A host CPU list (`--vcpu-cpus`).
+#[derive(Clone, Debug, PartialEq)]
+struct CpuList(Vec<usize>);
+
+fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
+    page_server::sched::parse_cpu_list(s).map(CpuList)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -554,6 +570,14 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
         }
     };
+    let vcpu_cpus = match &cli.cmd {
+        Some(Cmd::Run(a)) => a.common.vcpu_cpus.clone(),
+        Some(Cmd::Restore(a)) => a.common.vcpu_cpus.clone(),
+        _ => cli.incoming_args.vcpu_cpus.clone(),
+    };
+    if let Some(CpuList(cpus)) = vcpu_cpus {
+        let _ = crate::vcpu::VCPU_CPUS.set(cpus);
+    }
     let r = match (cli.incoming, cli.cmd) {
         (Some(addr), _) => incoming(&addr, cli.incoming_args),
         (None, None) => {
@@ -575,5 +599,25 @@ pub fn main() -> ExitCode {
             eprintln!("vmm: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent_and_takes_cpu_lists() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from(["vmm", "run", "--vcpu-cpus", "0-1,3"]).unwrap();
+        let Some(Cmd::Run(a)) = c.cmd else {
+            panic!("not run")
+        };
+        assert_eq!(a.common.vcpu_cpus, Some(CpuList(vec![0, 1, 3])));
+        let c = Cli::try_parse_from(["vmm", "--incoming", "tcp:127.0.0.1:1", "--vcpu-cpus", "0"])
+            .unwrap();
+        assert_eq!(c.incoming_args.vcpu_cpus, Some(CpuList(vec![0])));
+        assert!(Cli::try_parse_from(["vmm", "run", "--vcpu-cpus", "1-0"]).is_err());
     }
 }

@@ -267,13 +267,15 @@ fn zero_page(
     Ok(params)
 }
 
-/// Loads a Linux kernel (and initrd) and returns the BSP's registers.
+/// Loads a Linux kernel (and initrd), writes the boot tables (ACPI with the virtio-mmio windows
+/// `virtio`, `(address, GSI)`; MP table) and returns the BSP's registers.
 pub fn load(
     ram: &GuestRam,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
     vcpus: u32,
+    virtio: &[(u64, u32)],
     base: kvm_sregs,
 ) -> Result<BootSetup, BootError> {
     let image = read_file(kernel)?;
@@ -290,7 +292,7 @@ pub fn load(
         );
     }
     let initrd = initrd.map(|p| load_initrd(ram, p, &k)).transpose()?;
-    let rsdp = crate::acpi::write(ram, vcpus)?;
+    let rsdp = crate::acpi::write(ram, vcpus, virtio)?;
     let params = zero_page(ram, &k, cmdline_bytes, initrd, rsdp)?;
     LinuxBootConfigurator::write_bootparams::<vm_memory::GuestMemoryMmap<()>>(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
@@ -362,7 +364,7 @@ mod tests {
     #[test]
     fn missing_kernel_names_the_path() {
         let p = Path::new("/nonexistent/vmlinuz-for-test");
-        let e = load(&ram(), p, None, "", 1, sregs()).unwrap_err();
+        let e = load(&ram(), p, None, "", 1, &[], sregs()).unwrap_err();
         match e {
             BootError::Read { path, .. } => assert_eq!(path, p.display().to_string()),
             other => panic!("{other:?}"),
@@ -374,7 +376,16 @@ mod tests {
         let ram = ram();
         let k = temp("bz", &bzimage(0x020f, XLF_KERNEL_64));
         let initrd = temp("initrd", &[0x5a; 10_000]);
-        let setup = load(&ram, &k, Some(&initrd), "console=ttyS0 x=1", 2, sregs()).unwrap();
+        let setup = load(
+            &ram,
+            &k,
+            Some(&initrd),
+            "console=ttyS0 x=1",
+            2,
+            &[],
+            sregs(),
+        )
+        .unwrap();
         let _ = std::fs::remove_file(&k);
         let _ = std::fs::remove_file(&initrd);
         let mem = ram.mem();
@@ -434,21 +445,21 @@ mod tests {
         let k = temp("bz2", &bzimage(0x020f, XLF_KERNEL_64));
         let long = "x".repeat(CMDLINE_MAX);
         assert!(matches!(
-            load(&ram, &k, None, &long, 1, sregs()),
+            load(&ram, &k, None, &long, 1, &[], sregs()),
             Err(BootError::Cmdline { .. })
         ));
         assert!(matches!(
-            load(&ram, &k, None, "a\0b", 1, sregs()),
+            load(&ram, &k, None, "a\0b", 1, &[], sregs()),
             Err(BootError::Cmdline { .. })
         ));
         let old = temp("bz3", &bzimage(0x020f, 0));
         assert!(matches!(
-            load(&ram, &old, None, "", 1, sregs()),
+            load(&ram, &old, None, "", 1, &[], sregs()),
             Err(BootError::Other(_))
         ));
         let empty = temp("empty", &[]);
         assert!(matches!(
-            load(&ram, &k, Some(&empty), "", 1, sregs()),
+            load(&ram, &k, Some(&empty), "", 1, &[], sregs()),
             Err(BootError::Other(m)) if m.contains("empty")
         ));
         let huge = temp("huge", &[]);
@@ -459,12 +470,12 @@ mod tests {
             .set_len(63 << 20)
             .unwrap();
         assert!(matches!(
-            load(&ram, &k, Some(&huge), "", 1, sregs()),
+            load(&ram, &k, Some(&huge), "", 1, &[], sregs()),
             Err(BootError::Other(m)) if m.contains("does not fit")
         ));
         let junk = temp("junk", &[0u8; 8192]);
         assert!(matches!(
-            load(&ram, &junk, None, "", 1, sregs()),
+            load(&ram, &junk, None, "", 1, &[], sregs()),
             Err(BootError::Load { .. })
         ));
         for p in [k, old, junk, empty, huge] {

@@ -318,6 +318,9 @@ impl VcpuHandle {
     }
 }
 
+/// The CPUs every vCPU thread of this process may run on (`--vcpu-cpus`); unset: any.
+pub static VCPU_CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+
 fn vcpu_thread(
     mut vcpu: Vcpu,
     devices: Arc<Devices>,
@@ -325,6 +328,11 @@ fn vcpu_thread(
     reports: Sender<VcpuReport>,
 ) {
     let index = vcpu.index;
+    if let Some(cpus) = VCPU_CPUS.get() {
+        if !page_server::sched::pin_current_thread_to(cpus) {
+            log::warn!("vcpu{index}: cannot pin to CPUs {cpus:?}; it runs on any CPU");
+        }
+    }
     let mut running = false;
     loop {
         // Commands first; block only while paused.

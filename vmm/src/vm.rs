@@ -354,6 +354,7 @@ impl Vm {
                     initrd.as_deref(),
                     &linux_cmdline(cmdline, &windows),
                     cfg.vcpus,
+                    &windows,
                     base,
                 )?,
                 kernel.display().to_string(),
@@ -891,11 +892,16 @@ pub(crate) fn virtio_irq(fd: &VmFd) -> impl FnMut(u32) -> Result<EventFd, Virtio
     }
 }
 
-/// A Linux command line that also names the virtio-mmio devices.
+/// The Linux command line. The virtio-mmio devices are in the DSDT (ACPI id `LNRO0005`, which
+/// stock distro kernels bind); only a kernel told `acpi=off` also gets them as
+/// `virtio_mmio.device=4K@ADDR:GSI` (it needs `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`). Both at
+/// once would make Linux probe each device twice, the second time failing on a busy region.
 fn linux_cmdline(base: &str, windows: &[(u64, u32)]) -> String {
     let mut s = base.to_owned();
-    for (addr, gsi) in windows {
-        s.push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{gsi}"));
+    if base.split_whitespace().any(|w| w == "acpi=off") {
+        for (addr, gsi) in windows {
+            s.push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{gsi}"));
+        }
     }
     s
 }
