@@ -39,7 +39,7 @@ const CONFIG: u64 = 0x100;
 const INT_USED_BUFFER: u32 = 1;
 
 /// GSI of slot 0's interrupt; slot `i` raises `VIRTIO_GSI_BASE + i` (the VMM's
-/// `virtio::GSI_BASE`, and the `virtio_mmio.device=...:GSI` it gives Linux).
+/// `virtio::GSI_BASE`, and the interrupt its DSDT gives Linux for each device).
 /// Below 24, KVM's default routing sends GSI n to IOAPIC pin n.
 const VIRTIO_GSI_BASE: u64 = 5;
 /// KVM's in-kernel IOAPIC: IOREGSEL at +0, IOWIN at +0x10.

@@ -264,3 +264,60 @@ fn linux_guest_migrates_precopy_in_the_simulated_host() {
         2,
     );
 }
+
+#[test]
+fn linux_guest_restores_lazily_in_the_simulated_host() {
+    const T: &str = "linux_guest_restores_lazily_in_the_simulated_host";
+    if !l1_ready(T) {
+        return;
+    }
+    let (rc, dir, console) = run_l1(T, "restore.sh", &[], 900);
+    let summary = read(&dir, "summary");
+    assert_eq!(
+        rc,
+        0,
+        "the restore job failed:\n{summary}\nL1 console (tail):\n{}",
+        console
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        summary.contains("verdict=ok") && summary.contains("rc=running"),
+        "{summary}"
+    );
+    let snap: serde_json::Value = serde_json::from_str(read(&dir, "snap.out").trim())
+        .unwrap_or_else(|e| panic!("snapshot reply is not JSON ({e})"));
+    assert_eq!(snap["ok"], true, "{snap}");
+    let before = heartbeats(&read(&dir, "vm0.serial"));
+    let serial = read(&dir, "vm1.serial");
+    let after = heartbeats(&serial);
+    let (Some(&last), Some(&first)) = (before.last(), after.first()) else {
+        panic!("heartbeats before {} after {}", before.len(), after.len())
+    };
+    // kvmclock is held while the VM is saved: the guest's clock goes on from where it stopped
+    assert!(first > last, "CLOCK_MONOTONIC went back across the restore");
+    assert!(
+        (first - last) as f64 / 1e6 <= 2000.0,
+        "CLOCK_MONOTONIC jumped {} ms across the restore",
+        (first - last) / 1_000_000
+    );
+    let trouble = kernel_trouble(&serial);
+    assert!(
+        trouble.is_empty(),
+        "the kernel log shows trouble: {trouble:?}"
+    );
+    let log = read(&dir, "vm1.log");
+    assert!(
+        log.contains("all guest memory present"),
+        "the restore must complete:\n{log}"
+    );
+    println!(
+        "{T}: {}",
+        log.lines()
+            .find(|l| l.contains("restored"))
+            .unwrap_or("(no restore line)")
+    );
+}

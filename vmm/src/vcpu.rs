@@ -20,7 +20,8 @@ use crate::state::{Persist, StateError, VcpuState};
 /// MSRs never saved: KVM lists them, but hosts refuse them (arch capabilities
 /// on nested hosts) or they are read-only views.
 const SKIPPED_MSRS: &[u32] = &[0x10a];
-/// Restored last: the TSC deadline is relative to the TSC, restored first.
+/// Restored last: the TSC deadline is relative to the TSC, restored first; and once more after
+/// the LAPIC (see `Persist::restore`).
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
 /// IA32_TSC.
 const MSR_TSC: u32 = 0x10;
@@ -206,6 +207,23 @@ impl Persist for Vcpu {
         fd.set_debug_regs(&s.debugregs)
             .map_err(kvm("KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&s.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+        // The TSC deadline once more, now that the LAPIC is in TSC-deadline mode: KVM ignores
+        // the MSR while LVTT is in another mode (a fresh vCPU's) and KVM_SET_LAPIC clears it
+        // when the mode changes, so the guest's armed timer (Linux's next tick) would be lost
+        // and a tickless CPU would wait for any other interrupt to wake it.
+        if let Some(&d) = s.msrs.iter().find(|m| m.0 == MSR_TSC_DEADLINE) {
+            let n = fd
+                .set_msrs(&msrs_of(&[d])?)
+                .map_err(kvm("KVM_SET_MSRS (TSC deadline)"))?;
+            if n != 1 {
+                return Err(StateError::Msrs {
+                    op: "KVM_SET_MSRS (TSC deadline)",
+                    done: n,
+                    want: 1,
+                    index: d.0,
+                });
+            }
+        }
         fd.set_mp_state(s.mp_state)
             .map_err(kvm("KVM_SET_MP_STATE"))?;
         fd.set_vcpu_events(&s.vcpu_events)
@@ -419,5 +437,99 @@ fn vcpu_thread(
                 let _ = reports.send(VcpuReport::Fatal(index, format!("KVM_RUN: {e}")));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_ioctls::Kvm;
+
+    /// A vCPU as `Vm` makes one, on a fresh VM with an in-kernel irqchip (None: no /dev/kvm).
+    fn fresh_vcpu(kvm: &Kvm) -> Option<(kvm_ioctls::VmFd, Vcpu)> {
+        let vm = kvm.create_vm().ok()?;
+        vm.create_irq_chip().ok()?;
+        let fd = vm.create_vcpu(0).ok()?;
+        let mut cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .ok()?;
+        crate::cpuid::apply(&mut cpuid, 0, 1);
+        let list = kvm.get_msr_index_list().ok()?;
+        let mut v = Vcpu {
+            index: 0,
+            fd,
+            msr_list: Vec::new(),
+            cpuid: Vec::new(),
+        };
+        v.init_fresh(&cpuid).ok()?;
+        v.msr_list = readable_msrs(&v.fd, &order_msrs(list.as_slice()));
+        Some((vm, v))
+    }
+
+    /// A skip, where `.ci/run` sees it: printed and appended to `$SKIP_LOG` (default the
+    /// workspace's `target/test-skips.log`, which `scripts/check-skips.sh` checks).
+    fn skip(why: &str) {
+        use std::io::Write;
+        let line = format!("SKIPPED: an_armed_tsc_deadline_survives_save_and_restore: {why}");
+        println!("{line}");
+        let path = std::env::var_os("SKIP_LOG")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-skips.log")
+            });
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+
+    fn msr(fd: &VcpuFd, index: u32) -> u64 {
+        let mut m = msrs_of(&[(index, 0)]).unwrap();
+        assert_eq!(fd.get_msrs(&mut m).unwrap(), 1);
+        m.as_slice()[0].data
+    }
+
+    /// Linux arms its next tick in IA32_TSC_DEADLINE; a restored vCPU must still have it armed
+    /// (KVM ignores the MSR until the LAPIC is in TSC-deadline mode).
+    #[test]
+    fn an_armed_tsc_deadline_survives_save_and_restore() {
+        let Ok(kvm) = Kvm::new() else {
+            skip("no /dev/kvm");
+            return;
+        };
+        let Some((_vm, v)) = fresh_vcpu(&kvm) else {
+            skip("cannot make a vCPU");
+            return;
+        };
+        if !v.msr_list.contains(&MSR_TSC_DEADLINE) {
+            skip("KVM lists no TSC deadline MSR");
+            return;
+        }
+        // LAPIC software-enabled, LVTT in TSC-deadline mode (vector 0xec), deadline far ahead
+        let mut lapic = v.fd.get_lapic().unwrap();
+        set_lapic_reg(&mut lapic, 0xf0, 0x1ff);
+        set_lapic_reg(&mut lapic, 0x320, (2 << 17) | 0xec);
+        v.fd.set_lapic(&lapic).unwrap();
+        let deadline = msr(&v.fd, MSR_TSC) + (1 << 40);
+        v.fd.set_msrs(&msrs_of(&[(MSR_TSC_DEADLINE, deadline)]).unwrap())
+            .unwrap();
+        assert_eq!(
+            msr(&v.fd, MSR_TSC_DEADLINE),
+            deadline,
+            "armed before the save"
+        );
+        let state = v.save().unwrap();
+        let vm2 = kvm.create_vm().unwrap();
+        vm2.create_irq_chip().unwrap();
+        let fd2 = vm2.create_vcpu(0).unwrap();
+        let restored = Vcpu::restore((0, fd2), &state).unwrap();
+        assert_eq!(
+            msr(&restored.fd, MSR_TSC_DEADLINE),
+            deadline,
+            "the restored vCPU lost its armed TSC deadline"
+        );
     }
 }

@@ -1,0 +1,69 @@
+#!/bin/sh
+# Runs inside the simulated hardware-virt host (scripts/hwvirt-host.sh): boots the Linux guest
+# under `vmm run`, snapshots it while the witness writes (state + memory file), ends that VM,
+# serves the memory file with `page-server` and restores the guest lazily from it (every page
+# through userfaultfd on demand, the rest streamed), then asks the witness to verify all of its
+# memory. Leaves in /results: vm0.serial / vm0.log (the first VM), vm1.serial / vm1.log (the
+# restored one), snap.out, ps.log, and `summary` with one line
+#   RESTORE rc=.. verdict=.. hb_after=..
+# Usage: restore.sh [MEM] [WITNESS_MIB] [RATE]
+mem=${1:-512M}; wmib=${2:-300}; rate=${3:-2000}
+cmdline="console=ttyS0 quiet witness.mib=$wmib witness.rate=$rate witness.hb=20"
+: > summary
+# both vCPUs on L1's CPU 0: see migrate.sh
+on_cpu0="--vcpu-cpus 0"
+
+# wait_for FILE PATTERN SECONDS [AFTER_LINES] (as in migrate.sh)
+wait_for() {
+  n=0
+  while [ $n -lt $(($3 * 10)) ]; do
+    l=$(tail -n +$((${4:-0} + 1)) "$1" 2>/dev/null | grep -n -m1 -a "$2" | cut -d: -f1)
+    if [ -n "$l" ]; then echo $((l + ${4:-0})); return 0; fi
+    sleep 0.1; n=$((n + 1))
+  done
+  return 1
+}
+
+vmm run $on_cpu0 --mem "$mem" --vcpus 2 --kernel /l2/vmlinuz --initrd /l2/initrd.gz \
+  --cmdline "$cmdline" --api-socket /tmp/vm0.sock --serial vm0.serial </dev/null >vm0.log 2>&1 &
+pid=$!
+if ! wait_for vm0.serial "WITNESS READY" 120 >/dev/null; then
+  echo "BOOT failed: no WITNESS READY in 120 s" | tee -a summary
+  tail -5 vm0.log; kill $pid; exit 1
+fi
+wait_for vm0.serial "^WHB n=10 " 30 >/dev/null
+echo "BOOT ok: $(grep -a 'L2 userspace up' vm0.serial)" | tee -a summary
+timeout 300 vmm ctl --api-socket /tmp/vm0.sock --json snapshot --state /tmp/vm.state \
+  --memory /tmp/vm.mem >snap.out 2>&1
+src=$?
+vmm ctl --api-socket /tmp/vm0.sock shutdown >/dev/null 2>&1
+for t in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+kill $pid 2>/dev/null
+if [ $src != 0 ]; then
+  echo "RESTORE rc=snapshot-failed verdict=none hb_after=0" | tee -a summary
+  cat snap.out; exit 1
+fi
+page-server --serve /tmp/vm.mem --listen 127.0.0.1:7070 --print-addr </dev/null >ps.log 2>&1 &
+ps=$!
+for t in $(seq 50); do grep -q "^listening" ps.log && break; sleep 0.1; done
+vmm restore $on_cpu0 --state /tmp/vm.state --memory-from 127.0.0.1:7070 \
+  --api-socket /tmp/vm1.sock --serial vm1.serial </dev/null >vm1.log 2>&1 &
+rpid=$!
+hb=0; verdict=none; rc=running
+if wait_for vm1.serial "^WHB" 60 >/dev/null; then
+  wait_for vm1.log "all guest memory present" 120 >/dev/null
+  wait_for vm1.serial "^WHB" 10 "$(grep -a -c . vm1.serial)" >/dev/null
+  before=$(grep -a -c . vm1.serial)
+  vmm ctl --api-socket /tmp/vm1.sock serial-input "v
+" >/dev/null 2>&1
+  if wait_for vm1.serial "WITNESS VERDICT" 60 "$before" >/dev/null; then
+    verdict=$(tail -n +$((before + 1)) vm1.serial | grep -a -m1 "WITNESS VERDICT" | tr -d '\r' | cut -d' ' -f3)
+  fi
+  hb=$(grep -a -c "^WHB" vm1.serial)
+fi
+kill -0 $rpid 2>/dev/null || { wait $rpid; rc=$?; }
+echo "RESTORE rc=$rc verdict=$verdict hb_after=$hb" | tee -a summary
+grep -a -E "shutdown|reset|ERROR|error" vm1.log | tail -4
+kill $rpid $ps 2>/dev/null
+sleep 0.5
+[ "$verdict" = ok ] && [ "$rc" = running ]
