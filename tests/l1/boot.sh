@@ -7,7 +7,7 @@
 # (through the DSDT's LNRO0005 devices).
 dd if=/dev/zero of=/tmp/disk0.img bs=1M count=16 2>/dev/null
 tunctl -t l2tap0 >/dev/null && ip link set l2tap0 up
-vmm run --mem 512M --vcpus 2 --vcpu-cpus 0 --kernel /l2/vmlinuz --initrd /l2/initrd.gz \
+vmm run --mem 512M --vcpus 2 --kernel /l2/vmlinuz --initrd /l2/initrd.gz \
   --disk /tmp/disk0.img --net tap=l2tap0,mac=52:54:00:12:34:56 \
   --cmdline "console=ttyS0 witness.mib=300 witness.rate=2000 witness.hb=20" \
   --api-socket /tmp/vm0.sock --serial vm0.serial </dev/null >vm0.log 2>&1 &
