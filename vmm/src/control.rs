@@ -251,9 +251,21 @@ pub fn serve<E: Send + 'static>(
         what,
         source,
     };
-    let listener = UnixListener::bind(path).map_err(|e| sock_err("bind", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| sock_err("chmod 0600", e))?;
+    // Bound and listening under a temporary name, made 0600, then renamed into place: the path
+    // appears only once it is private and accepts connections (a client that saw the file
+    // between bind and listen was refused).
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(|e| sock_err("bind", e))?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| sock_err("chmod 0600", e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| sock_err("rename into place", e)));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
