@@ -158,6 +158,16 @@ fn heartbeats(console: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The last 30 lines of L1's console, newest first (for a failure message).
+fn console_tail(console: &str) -> String {
+    console
+        .lines()
+        .rev()
+        .take(30)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Lines of the Linux kernel's log that mean something went wrong in the guest.
 fn kernel_trouble(console: &str) -> Vec<&str> {
     console
@@ -233,12 +243,7 @@ fn check_moves(test: &str, mode: &str, moves: usize, job_args: &[&str]) {
         rc,
         0,
         "the migration job failed:\n{summary}\nL1 console (tail):\n{}",
-        console
-            .lines()
-            .rev()
-            .take(30)
-            .collect::<Vec<_>>()
-            .join("\n")
+        console_tail(&console)
     );
     let done: Vec<&str> = summary.lines().filter(|l| l.starts_with("MOVE")).collect();
     assert_eq!(done.len(), moves, "{summary}");
@@ -345,12 +350,7 @@ fn linux_guest_restores_lazily_in_the_simulated_host() {
         rc,
         0,
         "the restore job failed:\n{summary}\nL1 console (tail):\n{}",
-        console
-            .lines()
-            .rev()
-            .take(30)
-            .collect::<Vec<_>>()
-            .join("\n")
+        console_tail(&console)
     );
     assert!(
         summary.contains("verdict=ok") && summary.contains("rc=running"),
