@@ -352,6 +352,9 @@ fn vcpu_thread(
         }
     }
     let mut running = false;
+    // The last exit was port or MMIO I/O that KVM completes only on the next KVM_RUN (the
+    // value of an IN or MMIO read goes into a register, RIP moves past the instruction).
+    let mut io_pending = false;
     loop {
         // Commands first; block only while paused.
         let cmd = if running {
@@ -371,9 +374,20 @@ fn vcpu_thread(
             match c {
                 Command::Pause => {
                     running = false;
+                    if std::mem::take(&mut io_pending) {
+                        complete_pending_io(&mut vcpu);
+                    }
                     let _ = reports.send(VcpuReport::Paused(index));
                 }
                 Command::Resume => {
+                    // Tell the guest's kvmclock it was stopped (PVCLOCK_GUEST_STOPPED), so that
+                    // its watchdogs do not take a pause or a migration for a soft lockup, as
+                    // QEMU does. EINVAL: the guest has no kvmclock (yet).
+                    if let Err(e) = vcpu.fd.kvmclock_ctrl() {
+                        if e.errno() != libc::EINVAL {
+                            log::debug!("vcpu{index}: KVM_KVMCLOCK_CTRL: {e}");
+                        }
+                    }
                     running = true;
                     let _ = reports.send(VcpuReport::Running(index));
                 }
@@ -389,7 +403,15 @@ fn vcpu_thread(
             }
             continue;
         }
-        match vcpu.fd.run() {
+        let exit = vcpu.fd.run();
+        io_pending = matches!(
+            exit,
+            Ok(VcpuExit::IoOut(..)
+                | VcpuExit::IoIn(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..))
+        );
+        match exit {
             Ok(VcpuExit::IoOut(port, data)) => devices.pio_write(port, data),
             Ok(VcpuExit::IoIn(port, data)) => devices.pio_read(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -440,6 +462,24 @@ fn vcpu_thread(
     }
 }
 
+/// Lets KVM finish the I/O instruction of the last exit without running any further guest
+/// code: `KVM_RUN` with `immediate_exit` set completes a pending port or MMIO access (the value
+/// read lands in its register, RIP moves on) and returns EINTR. Until then the vCPU's registers
+/// show the instruction not yet done, and that is not state to save: a destination would run
+/// the access again (a second device read or write) or, for a read, lose its value.
+fn complete_pending_io(vcpu: &mut Vcpu) {
+    vcpu.fd.set_kvm_immediate_exit(1);
+    match vcpu.fd.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        Ok(exit) => log::warn!(
+            "vcpu{}: completing I/O before a pause: unexpected exit {exit:?}",
+            vcpu.index
+        ),
+        Err(e) => log::warn!("vcpu{}: completing I/O before a pause: {e}", vcpu.index),
+    }
+    vcpu.fd.set_kvm_immediate_exit(0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,9 +508,9 @@ mod tests {
 
     /// A skip, where `.ci/run` sees it: printed and appended to `$SKIP_LOG` (default the
     /// workspace's `target/test-skips.log`, which `scripts/check-skips.sh` checks).
-    fn skip(why: &str) {
+    fn skip(test: &str, why: &str) {
         use std::io::Write;
-        let line = format!("SKIPPED: an_armed_tsc_deadline_survives_save_and_restore: {why}");
+        let line = format!("SKIPPED: vcpu::tests::{test}: {why}");
         println!("{line}");
         let path = std::env::var_os("SKIP_LOG")
             .map(std::path::PathBuf::from)
@@ -497,15 +537,24 @@ mod tests {
     #[test]
     fn an_armed_tsc_deadline_survives_save_and_restore() {
         let Ok(kvm) = Kvm::new() else {
-            skip("no /dev/kvm");
+            skip(
+                "an_armed_tsc_deadline_survives_save_and_restore",
+                "no /dev/kvm",
+            );
             return;
         };
         let Some((_vm, v)) = fresh_vcpu(&kvm) else {
-            skip("cannot make a vCPU");
+            skip(
+                "an_armed_tsc_deadline_survives_save_and_restore",
+                "cannot make a vCPU",
+            );
             return;
         };
         if !v.msr_list.contains(&MSR_TSC_DEADLINE) {
-            skip("KVM lists no TSC deadline MSR");
+            skip(
+                "an_armed_tsc_deadline_survives_save_and_restore",
+                "KVM lists no TSC deadline MSR",
+            );
             return;
         }
         // LAPIC software-enabled, LVTT in TSC-deadline mode (vector 0xec), deadline far ahead
@@ -531,5 +580,105 @@ mod tests {
             deadline,
             "the restored vCPU lost its armed TSC deadline"
         );
+    }
+
+    /// A pause right after a port read must not leave the read half done: the saved registers
+    /// must hold the value read and RIP past the `IN` (KVM finishes it on the next KVM_RUN).
+    #[test]
+    fn a_pause_after_a_port_read_completes_it_before_the_state_is_saved() {
+        let Ok(kvm) = Kvm::new() else {
+            skip(
+                "a_pause_after_a_port_read_completes_it_before_the_state_is_saved",
+                "no /dev/kvm",
+            );
+            return;
+        };
+        let Some((vm, mut v)) = fresh_vcpu(&kvm) else {
+            skip(
+                "a_pause_after_a_port_read_completes_it_before_the_state_is_saved",
+                "cannot make a vCPU",
+            );
+            return;
+        };
+        // 64 KiB of guest memory at 0; real-mode code at 0x1000: `in al, 0x10; hlt`.
+        let len = 0x10000;
+        // SAFETY: a fresh private anonymous mapping, unmapped at the end of the test.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(host, libc::MAP_FAILED);
+        // SAFETY: 3 bytes inside the mapping just made.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                [0xe4u8, 0x10, 0xf4].as_ptr(),
+                host.cast::<u8>().add(0x1000),
+                3,
+            )
+        };
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: len as u64,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping outlives the VM (unmapped after it is dropped below).
+        unsafe { vm.set_user_memory_region(region) }.unwrap();
+        let mut sregs = v.fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        v.fd.set_sregs(&sregs).unwrap();
+        let regs = kvm_regs {
+            rip: 0x1000,
+            rflags: 2,
+            rax: 0x1234_5600,
+            ..Default::default()
+        };
+        v.fd.set_regs(&regs).unwrap();
+        let mut exit = None;
+        for _ in 0..100 {
+            match v.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    data[0] = 0xab;
+                    exit = Some(port);
+                    break;
+                }
+                Ok(VcpuExit::Intr) => continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                other => {
+                    skip(
+                        "a_pause_after_a_port_read_completes_it_before_the_state_is_saved",
+                        &format!("this KVM does not run the real-mode probe: {other:?}"),
+                    );
+                    drop((vm, v));
+                    // SAFETY: the mapping made above; the VM using it is gone.
+                    unsafe { libc::munmap(host, len) };
+                    return;
+                }
+            }
+        }
+        assert_eq!(exit, Some(0x10), "the guest's IN did not exit to us");
+        let before = v.fd.get_regs().unwrap();
+        assert_eq!(
+            before.rip, 0x1000,
+            "KVM moved RIP before the read completed"
+        );
+        complete_pending_io(&mut v);
+        let after = v.fd.get_regs().unwrap();
+        assert_eq!(after.rax, 0x1234_56ab, "the value read is not in AL");
+        assert_eq!(
+            after.rip, 0x1002,
+            "RIP is not past the IN (and not past the HLT)"
+        );
+        drop((vm, v));
+        // SAFETY: the mapping made above; the VM using it is gone.
+        unsafe { libc::munmap(host, len) };
     }
 }
