@@ -506,6 +506,19 @@ mod tests {
         Some((vm, v))
     }
 
+    /// /dev/kvm, a VM and a fresh vCPU for `test`, or None after printing and logging a skip.
+    fn vcpu_or_skip(test: &str) -> Option<(Kvm, kvm_ioctls::VmFd, Vcpu)> {
+        let Ok(kvm) = Kvm::new() else {
+            skip(test, "no /dev/kvm");
+            return None;
+        };
+        let Some((vm, v)) = fresh_vcpu(&kvm) else {
+            skip(test, "cannot make a vCPU");
+            return None;
+        };
+        Some((kvm, vm, v))
+    }
+
     /// A skip, where `.ci/run` sees it: printed and appended to `$SKIP_LOG` (default the
     /// workspace's `target/test-skips.log`, which `scripts/check-skips.sh` checks).
     fn skip(test: &str, why: &str) {
@@ -536,18 +549,8 @@ mod tests {
     /// (KVM ignores the MSR until the LAPIC is in TSC-deadline mode).
     #[test]
     fn an_armed_tsc_deadline_survives_save_and_restore() {
-        let Ok(kvm) = Kvm::new() else {
-            skip(
-                "an_armed_tsc_deadline_survives_save_and_restore",
-                "no /dev/kvm",
-            );
-            return;
-        };
-        let Some((_vm, v)) = fresh_vcpu(&kvm) else {
-            skip(
-                "an_armed_tsc_deadline_survives_save_and_restore",
-                "cannot make a vCPU",
-            );
+        let Some((kvm, _vm, v)) = vcpu_or_skip("an_armed_tsc_deadline_survives_save_and_restore")
+        else {
             return;
         };
         if !v.msr_list.contains(&MSR_TSC_DEADLINE) {
@@ -586,50 +589,23 @@ mod tests {
     /// must hold the value read and RIP past the `IN` (KVM finishes it on the next KVM_RUN).
     #[test]
     fn a_pause_after_a_port_read_completes_it_before_the_state_is_saved() {
-        let Ok(kvm) = Kvm::new() else {
-            skip(
-                "a_pause_after_a_port_read_completes_it_before_the_state_is_saved",
-                "no /dev/kvm",
-            );
+        const TEST: &str = "a_pause_after_a_port_read_completes_it_before_the_state_is_saved";
+        // 2 MiB of guest RAM at 0 (declared first: it outlives the VM); real-mode code at
+        // 0x1000: `in al, 0x10; hlt`.
+        let ram = crate::memory::GuestRam::new(2 << 20).unwrap();
+        ram.write_bytes(0x1000, &[0xe4, 0x10, 0xf4]).unwrap();
+        let Some((_kvm, vm, mut v)) = vcpu_or_skip(TEST) else {
             return;
         };
-        let Some((vm, mut v)) = fresh_vcpu(&kvm) else {
-            skip(
-                "a_pause_after_a_port_read_completes_it_before_the_state_is_saved",
-                "cannot make a vCPU",
-            );
-            return;
-        };
-        // 64 KiB of guest memory at 0; real-mode code at 0x1000: `in al, 0x10; hlt`.
-        let len = 0x10000;
-        // SAFETY: a fresh private anonymous mapping, unmapped at the end of the test.
-        let host = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(host, libc::MAP_FAILED);
-        // SAFETY: 3 bytes inside the mapping just made.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                [0xe4u8, 0x10, 0xf4].as_ptr(),
-                host.cast::<u8>().add(0x1000),
-                3,
-            )
-        };
+        let (gpa, host, len) = ram.host_regions()[0];
         let region = kvm_bindings::kvm_userspace_memory_region {
             slot: 0,
-            guest_phys_addr: 0,
-            memory_size: len as u64,
-            userspace_addr: host as u64,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host,
             flags: 0,
         };
-        // SAFETY: the mapping outlives the VM (unmapped after it is dropped below).
+        // SAFETY: `ram` is mapped for `len` bytes at `host` and outlives the VM.
         unsafe { vm.set_user_memory_region(region) }.unwrap();
         let mut sregs = v.fd.get_sregs().unwrap();
         sregs.cs.base = 0;
@@ -654,12 +630,9 @@ mod tests {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 other => {
                     skip(
-                        "a_pause_after_a_port_read_completes_it_before_the_state_is_saved",
+                        TEST,
                         &format!("this KVM does not run the real-mode probe: {other:?}"),
                     );
-                    drop((vm, v));
-                    // SAFETY: the mapping made above; the VM using it is gone.
-                    unsafe { libc::munmap(host, len) };
                     return;
                 }
             }
@@ -677,8 +650,5 @@ mod tests {
             after.rip, 0x1002,
             "RIP is not past the IN (and not past the HLT)"
         );
-        drop((vm, v));
-        // SAFETY: the mapping made above; the VM using it is gone.
-        unsafe { libc::munmap(host, len) };
     }
 }
