@@ -15,6 +15,8 @@
 //! same run.
 
 #[allow(dead_code)]
+mod guest;
+#[allow(dead_code)]
 mod hb;
 #[allow(dead_code)]
 mod image;

@@ -269,17 +269,35 @@ pub fn wait_path(path: &Path, timeout: Duration, proc: &mut Proc) -> Result<()> 
     Ok(())
 }
 
-/// One `HB seq=N t_us=T ...` line of the guest.
+/// One heartbeat line of the guest: ours (`HB seq=N t_us=T ... simd=..`) or the Linux witness's
+/// (`WHB n=N mono_ns=T real_ns=.. w=.. bad=N`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hb {
     /// Sequence number (the guest counts from 0 after READY).
     pub seq: u64,
-    /// Guest time (kvmclock) in microseconds.
+    /// Guest time in microseconds (ours: kvmclock; Linux: CLOCK_MONOTONIC).
     pub t_us: u64,
 }
 
 /// Parses a heartbeat line; anything else (or a line cut short) is `None`.
 pub fn parse_hb(line: &str) -> Option<Hb> {
+    if let Some(rest) = line.strip_prefix("WHB ") {
+        let (mut seq, mut t_ns, mut bad) = (None, None, None);
+        for kv in rest.split(' ') {
+            match kv.split_once('=') {
+                Some(("n", v)) => seq = v.parse().ok(),
+                Some(("mono_ns", v)) => t_ns = v.parse::<u64>().ok(),
+                Some(("bad", v)) => bad = v.trim_end().parse::<u64>().ok(),
+                _ => {}
+            }
+        }
+        // A complete witness heartbeat ends with its bad-page count.
+        bad?;
+        return Some(Hb {
+            seq: seq?,
+            t_us: t_ns? / 1000,
+        });
+    }
     let rest = line.strip_prefix("HB ")?;
     let (mut seq, mut t_us) = (None, None);
     for kv in rest.split(' ') {
@@ -469,6 +487,17 @@ mod tests {
         assert!(parse_hb("HB seq=12 t_us=34").is_none());
         assert!(parse_hb(" w=75032 behind=3594 simd=ok").is_none());
         assert!(parse_hb("HB seq=x t_us=1 simd=ok").is_none());
+        let w =
+            parse_hb("WHB n=411 mono_ns=41991354581 real_ns=1796299498257132182 w=37766 bad=0\r");
+        assert_eq!(
+            w,
+            Some(Hb {
+                seq: 411,
+                t_us: 41991354
+            })
+        );
+        assert!(parse_hb("WHB n=413 mono_ns=42071400769 real").is_none());
+        assert!(parse_hb("WHB n=413 mono_ns=42071400769 real_ns=1 w=2 bad=").is_none());
     }
 
     #[test]

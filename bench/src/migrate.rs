@@ -9,6 +9,7 @@
 //! time) the longest gap ("freeze") and the time lost to gaps ("stall"); and a limit: the
 //! guest's non-zero memory over raw loopback TCP throughput measured in the same run.
 
+mod guest;
 mod hb;
 // The raw loopback TCP throughput of the fault-latency benchmark (and what it needs).
 #[allow(dead_code)]
@@ -92,10 +93,49 @@ struct Args {
     /// QEMU postcopy / precopy / precopy->postcopy; writes target/bench/migrate-modes.json.
     #[arg(long)]
     modes: bool,
+    /// A Linux guest instead of ours: this bzImage (with --linux-initrd, the witness's
+    /// initramfs from scripts/linux-guest.sh). Its heartbeats and memory check come from the
+    /// witness; --rate is ignored (witness.rate= in --linux-cmdline).
+    #[arg(long, requires = "linux_initrd")]
+    linux_kernel: Option<PathBuf>,
+    /// The Linux guest's initramfs.
+    #[arg(long, requires = "linux_kernel")]
+    linux_initrd: Option<PathBuf>,
+    /// The Linux guest's command line.
+    #[arg(
+        long,
+        default_value = "console=ttyS0 quiet witness.mib=300 witness.rate=2000 witness.hb=20"
+    )]
+    linux_cmdline: String,
+    /// Migrations per VMM and size (one row each): how often each VMM moved the guest intact.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeat: u32,
     #[arg(skip = String::from("postcopy"))]
     ours_mode: String,
     #[arg(skip = qemu::QemuMode::Postcopy)]
     qemu_mode: qemu::QemuMode,
+}
+
+impl Args {
+    /// The guest both VMMs run.
+    fn guest(&self) -> guest::Guest {
+        match (&self.linux_kernel, &self.linux_initrd) {
+            (Some(k), Some(i)) => guest::Guest::Linux {
+                kernel: k.clone(),
+                initrd: i.clone(),
+                cmdline: self.linux_cmdline.clone(),
+            },
+            _ => guest::Guest::Ours { rate: self.rate },
+        }
+    }
+
+    /// The guest for table headings.
+    fn guest_name(&self) -> String {
+        match self.guest() {
+            guest::Guest::Ours { rate } => format!("guest writing {rate} pages/s"),
+            guest::Guest::Linux { cmdline, .. } => format!("Linux guest ({cmdline})"),
+        }
+    }
 }
 
 /// One row of the JSON output: one memory size, both VMMs.
@@ -104,6 +144,10 @@ struct Row {
     mem_mib: u64,
     vcpus: u32,
     rate_pages_s: u64,
+    /// `ours` or `linux`.
+    guest: String,
+    /// Which of --repeat runs this is (from 1).
+    run: u32,
     ours_downtime_ms: Option<f64>,
     qemu_downtime_ms: Option<f64>,
     ours_freeze_ms: Option<f64>,
@@ -118,6 +162,8 @@ struct Row {
     /// line, all RAM above 16 MiB); the low 16 MiB is counted as zero.
     limit_bytes: u64,
     tcp_gbps: f64,
+    /// Raw 4 KiB request/reply over loopback TCP, p50 (same run, threads unpinned).
+    rtt_p50_us: f64,
     qemu_accel: Option<String>,
     /// Migration start (command sent) -> completion seen by the host.
     ours_host_total_ms: Option<f64>,
@@ -131,7 +177,10 @@ struct Row {
     ours_blocked_ms: Option<f64>,
     ours_pages: Option<Value>,
     ours_source_exit: Option<i32>,
+    /// The destination guest's answer to the memory check (`CK ...` / `WITNESS VERDICT ...`).
     ours_checksum: Option<String>,
+    /// Linux: the witness found every page intact on the destination.
+    ours_memory_ok: Option<bool>,
     /// The whole reply of `vmm ctl migrate --json`.
     ours_report: Option<Value>,
     /// Source `STOP` event -> destination `RESUME` event (QMP events, host time): the
@@ -143,6 +192,7 @@ struct Row {
     qemu_postcopy_requests: Option<u64>,
     qemu_transferred_bytes: Option<u64>,
     qemu_checksum: Option<String>,
+    qemu_memory_ok: Option<bool>,
     /// Source `query-migrate` at completion.
     qemu_report: Option<Value>,
     ours_error: Option<String>,
@@ -181,10 +231,20 @@ fn heartbeat_figures(
     (src, dst): (Option<&hb::Follow>, Option<&hb::Follow>),
     (start, end): (Instant, Instant),
     timeline: &Path,
+    period_ms: f64,
 ) -> Result<hb::HbFigures> {
     let (src, dst) = (src.context("serial")?, dst.context("serial")?);
     hb::write_timeline(timeline, src, dst, start)?;
-    Ok(hb::figures(&hb::merged(src, dst), start, end, 10.0))
+    Ok(hb::figures(&hb::merged(src, dst), start, end, period_ms))
+}
+
+/// Linux: whether the witness found its memory intact (`None`: no answer, or our guest, whose
+/// checksum has nothing to compare with here).
+fn memory_ok(g: &guest::Guest, line: Option<&str>) -> Option<bool> {
+    match g {
+        guest::Guest::Ours { .. } => None,
+        guest::Guest::Linux { .. } => line.map(|l| g.check_ok(l)),
+    }
 }
 
 fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result<()> {
@@ -193,7 +253,7 @@ fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
         dir: dir.to_owned(),
         mem_mib: mib,
         vcpus: a.vcpus,
-        rate: a.rate,
+        guest: a.guest(),
         run_s: a.run_s,
         timeout: Duration::from_secs(a.timeout_s),
         mode: a.ours_mode.clone(),
@@ -204,6 +264,7 @@ fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
         (r.src_serial.as_ref(), r.dst_serial.as_ref()),
         (start, end),
         &dir.join("ours-serial.tsv"),
+        c.guest.hb_period_ms(),
     )?;
     let rep = &r.report;
     row.ours_downtime_ms = rep["downtime_ms"].as_f64();
@@ -246,6 +307,7 @@ fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
     pages.insert("bytes_sent".into(), bytes_sent.unwrap_or(Value::Null));
     row.ours_pages = Some(Value::Object(pages));
     row.ours_source_exit = r.source_exit;
+    row.ours_memory_ok = memory_ok(&c.guest, r.checksum_line.as_deref());
     row.ours_checksum = r.checksum_line;
     row.ours_report = Some(r.report.clone());
     if row.limit_bytes == 0 {
@@ -259,10 +321,10 @@ fn run_qemu(a: &Args, elf: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
         qemu: a.qemu.clone(),
         bios: a.qemu_bios.clone(),
         guest_elf: elf.to_owned(),
+        guest: a.guest(),
         dir: dir.to_owned(),
         mem_mib: mib,
         vcpus: a.vcpus,
-        rate: a.rate,
         run_s: a.run_s,
         timeout: Duration::from_secs(a.timeout_s),
         accel: a.qemu_accel.clone(),
@@ -274,6 +336,7 @@ fn run_qemu(a: &Args, elf: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
         (r.src_serial.as_ref(), r.dst_serial.as_ref()),
         (start, end),
         &dir.join("qemu-serial.tsv"),
+        c.guest.hb_period_ms(),
     )?;
     let info = &r.source_info;
     row.qemu_accel = Some(r.accel.clone());
@@ -303,6 +366,7 @@ fn run_qemu(a: &Args, elf: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
     row.qemu_blocktime_ms = r.dest_info["postcopy-blocktime"].as_f64();
     row.qemu_postcopy_requests = info["ram"]["postcopy-requests"].as_u64();
     row.qemu_transferred_bytes = info["ram"]["transferred"].as_u64();
+    row.qemu_memory_ok = memory_ok(&c.guest, r.checksum_line.as_deref());
     row.qemu_checksum = r.checksum_line;
     row.qemu_report = Some(r.source_info.clone());
     if row.limit_bytes == 0 {
@@ -350,6 +414,14 @@ fn judge(r: &mut Row) {
             "ours_total < qemu_total",
             both(r.ours_total_ms, r.qemu_total_ms, &|o, q| o < q),
         ),
+        (
+            "ours_fault_p50 <= 2 x raw RTT p50",
+            both(
+                r.ours_fault_p50_us,
+                Some(r.rtt_p50_us).filter(|v| v.is_finite() && *v > 0.0),
+                &|o, t| o <= 2.0 * t,
+            ),
+        ),
     ];
     r.targets = targets
         .into_iter()
@@ -375,14 +447,28 @@ fn flag(v: Option<bool>) -> String {
 fn print_row(r: &Row) {
     println!();
     println!(
-        "== {} MiB, {} vCPUs, guest writing {} pages/s; QEMU accel: {} ==",
+        "== {} MiB, {} vCPUs, {}{}; QEMU accel: {} ==",
         r.mem_mib,
         r.vcpus,
-        r.rate_pages_s,
+        if r.guest == "linux" {
+            "Linux guest (witness)".to_owned()
+        } else {
+            format!("guest writing {} pages/s", r.rate_pages_s)
+        },
+        if r.run > 1 {
+            format!("; run {}", r.run)
+        } else {
+            String::new()
+        },
         r.qemu_accel.as_deref().unwrap_or("-")
     );
     println!("{:<34} {:>12} {:>12}", "figure", "ours", "qemu");
-    let lines: [(&str, String, String); 9] = [
+    let intact = |ok: Option<bool>| match ok {
+        Some(true) => "ok".to_owned(),
+        Some(false) => "BAD".to_owned(),
+        None => "-".to_owned(),
+    };
+    let lines: [(&str, String, String); 10] = [
         (
             "downtime ms (VMM's own)",
             cell(r.ours_downtime_ms),
@@ -435,6 +521,11 @@ fn print_row(r: &Row) {
             },
             cell(r.qemu_blocktime_ms),
         ),
+        (
+            "memory intact (Linux witness)",
+            intact(r.ours_memory_ok),
+            intact(r.qemu_memory_ok),
+        ),
     ];
     for (k, o, q) in lines {
         println!("{k:<34} {o:>12} {q:>12}");
@@ -445,6 +536,10 @@ fn print_row(r: &Row) {
         r.limit_total_ms,
         r.limit_bytes >> 20,
         r.tcp_gbps
+    );
+    println!(
+        "{:<34} {:>12.0}",
+        "raw loopback 4 KiB RTT p50 us", r.rtt_p50_us
     );
     for t in &r.targets {
         println!("  target {:<40} {}", t.target, t.result);
@@ -460,13 +555,20 @@ fn print_row(r: &Row) {
     }
 }
 
-fn one_size(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path, mib: u64) -> Result<Row> {
-    let dir = a.workdir.join(format!("{mib}m"));
+fn one_size(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path, mib: u64, run: u32) -> Result<Row> {
+    let dir = if a.repeat > 1 {
+        a.workdir.join(format!("{mib}m-run{run}"))
+    } else {
+        a.workdir.join(format!("{mib}m"))
+    };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let linux = matches!(a.guest(), guest::Guest::Linux { .. });
     let mut row = Row {
         mem_mib: mib,
         vcpus: a.vcpus,
         rate_pages_s: a.rate,
+        guest: if linux { "linux" } else { "ours" }.into(),
+        run,
         ..Default::default()
     };
     if a.no_ours {
@@ -481,14 +583,77 @@ fn one_size(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path, mib: u64) -> Result
         progress(mib, "qemu", &format!("FAILED: {e:#}"));
         row.qemu_error = Some(format!("{e:#}"));
     }
-    if row.limit_bytes == 0 {
+    if linux {
+        // Linux's boot line says nothing about its memory: what our source found non-zero
+        // (the same guest and workload for both VMMs), else the witness's share.
+        let p = row.ours_pages.clone().unwrap_or(Value::Null);
+        row.limit_bytes = match (p["pages_total"].as_u64(), p["zero_pages"].as_u64()) {
+            (Some(t), Some(z)) if t > z => (t - z) << 12,
+            _ => mib.saturating_sub(64) << 20,
+        };
+    } else if row.limit_bytes == 0 {
         row.limit_bytes = mib.saturating_sub(16) << 20;
     }
-    progress(mib, "limit", "measuring raw loopback TCP throughput");
+    progress(
+        mib,
+        "limit",
+        "measuring raw loopback TCP throughput and round trip",
+    );
     row.tcp_gbps = measure::tcp_gbps(row.limit_bytes.max(256 << 20))?;
     row.limit_total_ms = row.limit_bytes as f64 * 8.0 / (row.tcp_gbps * 1e9) * 1e3;
+    row.rtt_p50_us = measure::raw_rtt(2000, None)?.q_us(0.5);
     judge(&mut row);
     Ok(row)
+}
+
+/// Over --repeat runs: per VMM, how many migrations were measured and (Linux) found every page
+/// intact, and the median of the main figures.
+fn print_tally(rows: &[Row]) {
+    fn median(mut v: Vec<f64>) -> String {
+        if v.is_empty() {
+            return "-".into();
+        }
+        v.sort_by(f64::total_cmp);
+        format!("{:.1}", v[v.len() / 2])
+    }
+    println!("\n== {} runs ==", rows.len());
+    type Pick = fn(&Row) -> (Option<f64>, Option<f64>);
+    let figures: [(&str, Pick); 5] = [
+        ("downtime ms", |r| (r.ours_downtime_ms, r.qemu_downtime_ms)),
+        ("freeze ms", |r| (r.ours_freeze_ms, r.qemu_freeze_ms)),
+        ("stall ms", |r| (r.ours_stall_ms, r.qemu_stall_ms)),
+        ("total ms", |r| (r.ours_total_ms, r.qemu_total_ms)),
+        ("fault p50 us", |r| (r.ours_fault_p50_us, None)),
+    ];
+    for (side, err, ok) in [
+        (
+            "ours",
+            rows.iter().filter(|r| r.ours_error.is_none()).count(),
+            rows.iter()
+                .filter(|r| r.ours_memory_ok == Some(true))
+                .count(),
+        ),
+        (
+            "qemu",
+            rows.iter().filter(|r| r.qemu_error.is_none()).count(),
+            rows.iter()
+                .filter(|r| r.qemu_memory_ok == Some(true))
+                .count(),
+        ),
+    ] {
+        let mut line = format!(
+            "{side}: {err}/{} migrations completed, {ok} with memory intact; median",
+            rows.len()
+        );
+        for (name, pick) in &figures {
+            let v: Vec<f64> = rows
+                .iter()
+                .filter_map(|r| if side == "ours" { pick(r).0 } else { pick(r).1 })
+                .collect();
+            line.push_str(&format!(" {name} {}", median(v)));
+        }
+        println!("{line}");
+    }
 }
 
 /// The vmm next to this program (or `--vmm`).
@@ -564,9 +729,14 @@ fn run() -> Result<bool> {
     }
     let mut rows = Vec::new();
     for &mib in &a.sizes {
-        let row = one_size(&a, &vmm, qemu_ok, &elf, mib)?;
-        print_row(&row);
-        rows.push(row);
+        for run in 1..=a.repeat {
+            let row = one_size(&a, &vmm, qemu_ok, &elf, mib, run)?;
+            print_row(&row);
+            rows.push(row);
+        }
+    }
+    if a.repeat > 1 {
+        print_tally(&rows);
     }
     if let Some(d) = a.out.parent() {
         std::fs::create_dir_all(d)?;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::guest::Guest;
 use crate::hb::{self, Follow, Proc};
 
 /// How to run our vmm.
@@ -26,8 +27,8 @@ pub struct OursConfig {
     pub mem_mib: u64,
     /// vCPUs.
     pub vcpus: u32,
-    /// Guest page writes per second.
-    pub rate: u64,
+    /// The guest and its workload.
+    pub guest: Guest,
     /// Seconds the guest runs after READY before the migration starts.
     pub run_s: f64,
     /// Time allowed for the migration.
@@ -49,11 +50,11 @@ pub struct OursRun {
     pub src_serial: Option<Follow>,
     /// Destination serial.
     pub dst_serial: Option<Follow>,
-    /// `GUEST boot` line of the source.
+    /// The boot line of the source (`GUEST boot ...`, or Linux's `L2 userspace up ...`).
     pub boot_line: String,
     /// The source vmm's exit status after the migration (expected: 0).
     pub source_exit: Option<i32>,
-    /// The `CK` line the destination printed after `q`.
+    /// The destination's answer to the memory check (`CK ...` or `WITNESS VERDICT ...`).
     pub checksum_line: Option<String>,
 }
 
@@ -167,29 +168,25 @@ pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
     let mut dst = Vmm::start(c, "dst", &["--incoming".into(), to.clone()])
         .context("starting the destination vmm")?;
     progress("booting the source...");
-    let mut src = Vmm::start(
-        c,
-        "src",
-        &[
-            "run".into(),
-            "--mem".into(),
-            format!("{}M", c.mem_mib),
-            "--vcpus".into(),
-            c.vcpus.to_string(),
-            "--cmdline".into(),
-            format!("rate={} hot=100", c.rate),
-        ],
-    )
-    .context("starting the source vmm")?;
+    let mut args = vec![
+        "run".into(),
+        "--mem".into(),
+        format!("{}M", c.mem_mib),
+        "--vcpus".into(),
+        c.vcpus.to_string(),
+    ];
+    args.extend(c.guest.vmm_args());
+    let mut src = Vmm::start(c, "src", &args).context("starting the source vmm")?;
+    let g = &c.guest;
     let fill = Duration::from_secs(60 + 60 * c.mem_mib.div_ceil(1024));
     let boot_line = src
         .serial
-        .wait("GUEST boot", Duration::from_secs(60), |l| {
-            l.starts_with("GUEST boot")
+        .wait(g.boot_marker(), Duration::from_secs(g.boot_secs()), |l| {
+            l.starts_with(g.boot_marker())
         })
         .and_then(|(_, b)| {
             src.serial
-                .wait("READY", fill, |l| l.starts_with("READY"))
+                .wait(g.ready_marker(), fill, |l| l.starts_with(g.ready_marker()))
                 .map(|_| b)
         })
         .with_context(|| src.fail_context())?;
@@ -243,19 +240,25 @@ pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
             "note: the source vmm exit status after migration is {source_exit:?} (expected 0)"
         ));
     }
-    // A few heartbeats after completion, then the guest's own checksum.
+    // A few heartbeats after completion, then the guest's own memory check.
     std::thread::sleep(Duration::from_millis(300));
     let checksum_line = ctl(
         &dst.sock,
-        &json!({"cmd": "serial_input", "data": "q"}),
+        &json!({"cmd": "serial_input", "data": g.check_input()}),
         Duration::from_secs(10),
     )
     .and_then(|_| {
         dst.serial
-            .wait("CK line", Duration::from_secs(30), |l| l.starts_with("CK "))
+            .wait("the memory check", Duration::from_secs(60), |l| {
+                l.starts_with(g.check_prefix())
+            })
     })
     .map(|(_, l)| l)
-    .map_err(|e| progress(&format!("note: no checksum from the destination: {e:#}")))
+    .map_err(|e| {
+        progress(&format!(
+            "note: no memory check from the destination: {e:#}"
+        ))
+    })
     .ok();
     let run = OursRun {
         start: Some(start),
@@ -292,20 +295,15 @@ fn last_writes(serial: &Follow) -> Option<u64> {
 /// all memory) while each backend tracks for 2 s, and without tracking; pages written per
 /// second, twice each, interleaved.
 pub fn tracking_cost(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<Vec<(String, f64)>> {
-    let cmdline = format!("rate={} hot=100", c.rate);
-    let mut vm = Vmm::start(
-        c,
-        "cost",
-        &[
-            "run".into(),
-            "--mem".into(),
-            format!("{}M", c.mem_mib),
-            "--vcpus".into(),
-            c.vcpus.to_string(),
-            "--cmdline".into(),
-            cmdline,
-        ],
-    )?;
+    let mut args = vec![
+        "run".into(),
+        "--mem".into(),
+        format!("{}M", c.mem_mib),
+        "--vcpus".into(),
+        c.vcpus.to_string(),
+    ];
+    args.extend(c.guest.vmm_args());
+    let mut vm = Vmm::start(c, "cost", &args)?;
     let fill = Duration::from_secs(60 + 60 * c.mem_mib.div_ceil(1024));
     vm.serial
         .wait("READY", fill, |l| l.starts_with("READY"))

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::guest::Guest;
 use crate::hb::{self, Follow, Proc};
 
 /// How to run QEMU.
@@ -26,16 +27,16 @@ pub struct QemuConfig {
     pub qemu: PathBuf,
     /// qboot (`-bios`); SeaBIOS brings up only one vCPU on this host.
     pub bios: PathBuf,
-    /// Our guest as a PVH ELF.
+    /// Our guest as a PVH ELF (for [`Guest::Ours`]).
     pub guest_elf: PathBuf,
+    /// The guest and its workload.
+    pub guest: Guest,
     /// Sockets, logs.
     pub dir: PathBuf,
     /// Guest memory.
     pub mem_mib: u64,
     /// vCPUs.
     pub vcpus: u32,
-    /// Guest page writes per second.
-    pub rate: u64,
     /// Seconds the guest runs after READY before the migration starts.
     pub run_s: f64,
     /// Time allowed for the migration.
@@ -246,10 +247,7 @@ fn spawn_qemu(c: &QemuConfig, accel: &str, tag: &str, incoming: bool) -> Result<
         .arg(c.mem_mib.to_string())
         .arg("-smp")
         .arg(c.vcpus.to_string())
-        .arg("-kernel")
-        .arg(&c.guest_elf)
-        .arg("-append")
-        .arg(format!("cpus={} rate={} hot=100", c.vcpus, c.rate))
+        .args(c.guest.qemu_args(&c.guest_elf, c.vcpus))
         .args(["-serial", "stdio", "-qmp"])
         .arg(format!("unix:{},server=on,wait=off", sock.display()));
     if incoming {
@@ -276,16 +274,17 @@ fn spawn_qemu(c: &QemuConfig, accel: &str, tag: &str, incoming: bool) -> Result<
 /// Boots the source with `accel` and waits for READY.
 fn boot_source(c: &QemuConfig, accel: &str) -> Result<(Qemu, String)> {
     let mut q = spawn_qemu(c, accel, "src", false)?;
+    let g = &c.guest;
     let boot = q
         .serial
-        .wait("GUEST boot", Duration::from_secs(60), |l| {
-            l.starts_with("GUEST boot")
+        .wait(g.boot_marker(), Duration::from_secs(g.boot_secs()), |l| {
+            l.starts_with(g.boot_marker())
         })
         .and_then(|(_, boot)| {
             // Filling memory: ~1 s per GiB with KVM here; TCG is slower.
             let fill = Duration::from_secs(60 + 60 * c.mem_mib.div_ceil(1024));
             q.serial
-                .wait("READY", fill, |l| l.starts_with("READY"))
+                .wait(g.ready_marker(), fill, |l| l.starts_with(g.ready_marker()))
                 .map(|_| boot)
         });
     match boot {
@@ -397,7 +396,7 @@ pub fn migrate(c: &QemuConfig, progress: &dyn Fn(&str)) -> Result<QemuRun> {
         .qmp
         .cmd("query-migrate", json!({}))
         .unwrap_or(Value::Null);
-    let checksum_line = checksum(&mut dst)
+    let checksum_line = checksum(&mut dst, &c.guest)
         .map_err(|e| progress(&format!("note: no checksum from the destination: {e:#}")))
         .ok();
     let run = QemuRun {
@@ -420,14 +419,17 @@ pub fn migrate(c: &QemuConfig, progress: &dyn Fn(&str)) -> Result<QemuRun> {
     Ok(run)
 }
 
-/// Sends `q` to the destination guest's serial (QEMU's stdin) and waits for its `CK` line.
-fn checksum(q: &mut Qemu) -> Result<String> {
+/// Types the guest's memory check on the destination's serial (QEMU's stdin) and waits for its
+/// answer.
+fn checksum(q: &mut Qemu, g: &Guest) -> Result<String> {
     let stdin = q.proc.child().stdin.as_mut().context("qemu stdin")?;
     stdin
-        .write_all(b"q")
+        .write_all(g.check_input().as_bytes())
         .context("writing to the guest's serial")?;
     stdin.flush()?;
     Ok(q.serial
-        .wait("CK line", Duration::from_secs(30), |l| l.starts_with("CK "))?
+        .wait("the memory check", Duration::from_secs(60), |l| {
+            l.starts_with(g.check_prefix())
+        })?
         .1)
 }

@@ -10,6 +10,8 @@
 //! own checksum of its memory, before and after).
 
 #[allow(dead_code)]
+mod guest;
+#[allow(dead_code)]
 mod hb;
 #[allow(dead_code)]
 mod ours;
