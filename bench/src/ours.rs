@@ -159,15 +159,8 @@ impl Vmm {
     }
 }
 
-/// Boots our guest in `vmm run`, migrates it with `vmm ctl migrate` to a `vmm --incoming` over
-/// loopback TCP, and asks the destination guest for its checksum.
-pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
-    let port = hb::free_port()?;
-    let to = format!("tcp:127.0.0.1:{port}");
-    progress("starting the destination (vmm --incoming)...");
-    let mut dst = Vmm::start(c, "dst", &["--incoming".into(), to.clone()])
-        .context("starting the destination vmm")?;
-    progress("booting the source...");
+/// `vmm run` with the configured memory, vCPUs and guest.
+fn run_args(c: &OursConfig) -> Vec<String> {
     let mut args = vec![
         "run".into(),
         "--mem".into(),
@@ -176,7 +169,19 @@ pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
         c.vcpus.to_string(),
     ];
     args.extend(c.guest.vmm_args());
-    let mut src = Vmm::start(c, "src", &args).context("starting the source vmm")?;
+    args
+}
+
+/// Boots the guest in `vmm run`, migrates it with `vmm ctl migrate` to a `vmm --incoming` over
+/// loopback TCP, and asks the destination guest for its checksum.
+pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
+    let port = hb::free_port()?;
+    let to = format!("tcp:127.0.0.1:{port}");
+    progress("starting the destination (vmm --incoming)...");
+    let mut dst = Vmm::start(c, "dst", &["--incoming".into(), to.clone()])
+        .context("starting the destination vmm")?;
+    progress("booting the source...");
+    let mut src = Vmm::start(c, "src", &run_args(c)).context("starting the source vmm")?;
     let g = &c.guest;
     let fill = Duration::from_secs(60 + 60 * c.mem_mib.div_ceil(1024));
     let boot_line = src
@@ -295,15 +300,7 @@ fn last_writes(serial: &Follow) -> Option<u64> {
 /// all memory) while each backend tracks for 2 s, and without tracking; pages written per
 /// second, twice each, interleaved.
 pub fn tracking_cost(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<Vec<(String, f64)>> {
-    let mut args = vec![
-        "run".into(),
-        "--mem".into(),
-        format!("{}M", c.mem_mib),
-        "--vcpus".into(),
-        c.vcpus.to_string(),
-    ];
-    args.extend(c.guest.vmm_args());
-    let mut vm = Vmm::start(c, "cost", &args)?;
+    let mut vm = Vmm::start(c, "cost", &run_args(c))?;
     let fill = Duration::from_secs(60 + 60 * c.mem_mib.div_ceil(1024));
     vm.serial
         .wait("READY", fill, |l| l.starts_with("READY"))
