@@ -251,6 +251,10 @@ fn source_serves_faults_while_streaming_at_full_speed() {
         assert!(!m.is_finished(), "migration ended early: {st}");
         std::thread::sleep(Duration::from_millis(5));
     }
+    // The guest prints its heartbeats and computes the checksum on one vCPU: told at once, its
+    // first heartbeat here would wait for the whole walk (seconds of faults) and look like a
+    // clock that ran through the move. One heartbeat first, then the walk.
+    dest.heartbeats_after(None, 1);
     let since = dest.serial_text().len();
     dest.ctl(&["serial-input", "c"]);
     // While the migration runs: random pages read and checked, and the destination's pager
