@@ -25,7 +25,9 @@
 #     tun, bridge and virtio-pci/blk modules from the same package;
 #   - busybox-static (apt-get download + dpkg -x) as the whole user space;
 #   - target/release/{vmm,page-server} with the libraries `ldd` lists;
-#   - /l2/vmlinuz (the same kernel) and /l2/initrd.gz, the Linux guest (scripts/linux-guest.sh);
+#   - /l2/vmlinuz (the same kernel) and /l2/initrd.gz, the Linux guest (scripts/linux-guest.sh),
+#     /l2/disk.ext4 (an empty ext4 image for its disk) and /bin/witness (the static witness, whose
+#     `witness peer` is the other end of the guest's TCP stream);
 #   - QEMU 10 (scripts/fetch-qemu.sh) under /qemu when --with-qemu is given, for side-by-side runs.
 # In L1 the job runs as /job.sh with `set -e` off, cwd /results; /results is tarred onto a raw
 # virtio disk on the way out and unpacked into --out here. The job's exit status becomes ours.
@@ -82,6 +84,8 @@ for b in vmm page-server; do
   [ -x "$root/target/release/$b" ] || die "target/release/$b is missing: run cargo build --release first"
 done
 l2_initrd="$cache/l2-initrd.gz"
+l2_disk="$cache/l2-disk.ext4"
+witness="$root/target/release/witness-static"
 "$root/scripts/linux-guest.sh" >/dev/null || die "building the Linux guest's initramfs failed (scripts/linux-guest.sh)"
 for t in gzip tar; do command -v "$t" >/dev/null || die "$t is missing (apt-get install $t)"; done
 [ -e /dev/kvm ] || echo "hwvirt-host: note: no /dev/kvm here; QEMU runs L1 under TCG anyway" >&2
@@ -165,7 +169,7 @@ fi
 
 # --- this project's binaries and the L2 guest (rebuilt when one of them is newer) -------------
 bins="$cache/l1-bins.cpio.gz"
-newest="$(ls -t "$root/target/release/vmm" "$root/target/release/page-server" "$l2_initrd" "$kernel" | head -n 1)"
+newest="$(ls -t "$root/target/release/vmm" "$root/target/release/page-server" "$l2_initrd" "$l2_disk" "$witness" "$kernel" | head -n 1)"
 if [ ! -f "$bins" ] || [ "$newest" -nt "$bins" ]; then
   d="$(mktemp -d)"
   mkdir -p "$d/bin" "$d/l2" "$d/lib64" "$d/lib/x86_64-linux-gnu"
@@ -178,6 +182,8 @@ if [ ! -f "$bins" ] || [ "$newest" -nt "$bins" ]; then
   done
   cp "$kernel" "$d/l2/vmlinuz"
   cp "$l2_initrd" "$d/l2/initrd.gz"
+  cp "$l2_disk" "$d/l2/disk.ext4"
+  cp "$witness" "$d/bin/witness"
   (cd "$d" && find . | "$busybox" cpio -o -H newc 2>/dev/null | gzip -1) > "$bins.tmp"
   mv "$bins.tmp" "$bins"
   rm -rf "$d"

@@ -2,13 +2,16 @@
 # Builds the Linux guest's initramfs ("L2"): busybox-static from Debian's archive, the virtio
 # modules of the Debian cloud kernel that scripts/fetch-linux-kernel.sh fetched, and our witness
 # (guest/witness, built here as a static binary), with an /init that starts the witness on the
-# serial console. Output: target/hwvirt/l2-initrd.gz (rebuilt when an input changes).
+# serial console. Output: target/hwvirt/l2-initrd.gz (rebuilt when an input changes), and
+# target/hwvirt/l2-disk.ext4, an empty 32 MiB ext4 image for the guest's virtio disk (the guest
+# mounts /dev/vda at /mnt and the witness keeps its disk log there).
 #
 #   scripts/linux-guest.sh             # build (or keep) the initramfs, print its path
 #   scripts/linux-guest.sh --busybox   # fetch busybox-static only, print the binary's path
 #
-# The guest's command line picks the workload: `witness.mib=N witness.rate=N witness.hb=MS`
-# (see guest/witness/src/main.rs); `l2.shell` gives a shell on the console instead.
+# The guest's command line picks the workload: `witness.mib=N witness.rate=N witness.hb=MS`,
+# `witness.log=/mnt/witness.log`, `witness.peer=10.0.2.1:5555` (see guest/witness/src/main.rs);
+# `l2.shell` gives a shell on the console instead. A NIC (eth0) gets 10.0.2.15/24.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="$root/target/hwvirt"
@@ -55,8 +58,17 @@ if [ ! -x "$witness" ] || [ "$src_newest" -nt "$witness" ]; then
   fi
 fi
 
-out="$cache/l2-initrd.gz"
 self="$root/scripts/linux-guest.sh"
+disk="$cache/l2-disk.ext4"
+if [ ! -f "$disk" ] || [ "$self" -nt "$disk" ]; then
+  command -v mke2fs >/dev/null || { echo "linux-guest: mke2fs is missing (apt-get install e2fsprogs)" >&2; exit 1; }
+  rm -f "$disk.tmp"
+  mke2fs -q -F -t ext4 -L l2disk "$disk.tmp" 32M >/dev/null ||
+    { echo "linux-guest: mke2fs of the guest's disk image failed" >&2; exit 1; }
+  mv "$disk.tmp" "$disk"
+fi
+
+out="$cache/l2-initrd.gz"
 if [ -f "$out" ] && [ "$out" -nt "$witness" ] && [ "$out" -nt "$self" ] && [ "$out" -nt "$bb" ]; then
   echo "$out"
   exit 0
@@ -84,6 +96,13 @@ for m in virtio virtio_ring virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_
   insmod /lib/modules/$m.ko 2>/dev/null
 done
 ip link set lo up
+if [ -b /dev/vda ]; then
+  if mount -t ext4 /dev/vda /mnt 2>/tmp/mount.err; then echo "L2 disk: /dev/vda (ext4) on /mnt"
+  else echo "L2 disk: mounting /dev/vda failed: $(cat /tmp/mount.err)"; fi
+fi
+if [ -d /sys/class/net/eth0 ]; then
+  ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && echo "L2 net: eth0 10.0.2.15/24 up"
+fi
 echo "L2 userspace up: $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs online, $(ls /sys/block | grep -c vd) virtio disks, $(ls /sys/class/net | grep -c eth) NICs"
 args=""
 for w in $(cat /proc/cmdline); do

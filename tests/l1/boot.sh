@@ -1,32 +1,32 @@
 #!/bin/sh
 # Runs inside the simulated hardware-virt host (scripts/hwvirt-host.sh): boots the Linux guest
-# under `vmm run` (2 vCPUs, 512 MiB, the kernel's full log on the console), lets the witness
-# run, asks it to verify all of its memory and leaves the console in /results/vm0.serial and
-# the vmm's log in /results/vm0.log. Exit status 0 when the verdict came back. The guest gets a
-# virtio disk and a virtio NIC (a tap in L1): its boot line counts what the stock kernel found
-# (through the DSDT's LNRO0005 devices).
-dd if=/dev/zero of=/tmp/disk0.img bs=1M count=16 2>/dev/null
-tunctl -t l2tap0 >/dev/null && ip link set l2tap0 up
+# under `vmm run` (2 vCPUs, 512 MiB, the kernel's full log on the console) with its ext4 virtio
+# disk and a virtio NIC on L1's bridge (/l1lib.sh: l2_io), lets the witness run (memory writes,
+# the disk log, the TCP stream to `witness peer` in L1), asks it to verify all three and leaves
+# the console in /results/vm0.serial, the vmm's log in /results/vm0.log and the peer's in
+# /results/peer.log. Exit status 0 when the verdict came back. The stock kernel finds the
+# devices through the DSDT's LNRO0005 entries; its boot line counts them.
+. /l1lib.sh
+: > /tmp/pids
+l2_io 1 || { echo "BOOT failed: setting up the guest's disk and network in L1"; exit 1; }
 vmm run --mem 512M --vcpus 2 --kernel /l2/vmlinuz --initrd /l2/initrd.gz \
-  --disk /tmp/disk0.img --net tap=l2tap0,mac=52:54:00:12:34:56 \
-  --cmdline "console=ttyS0 witness.mib=300 witness.rate=2000 witness.hb=20" \
+  --disk "$L2_DISK" --net tap=l2tap0,mac=$L2_MAC \
+  --cmdline "console=ttyS0 witness.mib=300 witness.rate=2000 witness.hb=20 $L2_IO_CMDLINE" \
   --api-socket /tmp/vm0.sock --serial vm0.serial </dev/null >vm0.log 2>&1 &
 pid=$!
 ok=1
-for t in $(seq 1200); do
-  grep -a -q "WITNESS READY" vm0.serial 2>/dev/null && ok=0 && break
-  kill -0 $pid 2>/dev/null || break
-  sleep 0.1
-done
-if [ $ok = 0 ]; then
+if wait_for vm0.serial "WITNESS READY" 120 >/dev/null; then
+  # a few seconds of disk log and stream before the verdict
+  wait_for vm0.serial "WITNESS NET up" 30 >/dev/null
   sleep 3
+  before=$(grep -a -c . vm0.serial)
   vmm ctl --api-socket /tmp/vm0.sock serial-input "v
 " >/dev/null
-  ok=1
-  for t in $(seq 600); do grep -a -q "WITNESS VERDICT" vm0.serial && ok=0 && break; sleep 0.1; done
+  wait_for vm0.serial "WITNESS VERDICT" 60 "$before" >/dev/null && ok=0
 fi
-grep -a -E "L2 userspace|WITNESS" vm0.serial
-kill $pid 2>/dev/null
+grep -a -E "L2 |WITNESS" vm0.serial | grep -v "^WHB"
+echo "peer: $(grep -c "PEER up" peer.log) connections, $(grep -c "PEER BAD" peer.log) BAD lines"
+kill $pid $(cat /tmp/pids) 2>/dev/null
 sleep 0.5
 tail -3 vm0.log
 exit $ok

@@ -10,17 +10,29 @@
 //!   duplicated (another page's stamp) or corrupt page is found while the workload runs;
 //! - a heartbeat thread prints `WHB` lines every `hb=` ms with CLOCK_MONOTONIC and
 //!   CLOCK_REALTIME, and reports a monotonic clock that goes back;
-//! - lines on stdin are commands: `v` verifies every page (writers held meanwhile) and prints a
-//!   verdict, `q` holds the writers, `r` lets them go on, `s` prints counters.
+//! - with `log=PATH` (a file on the guest's virtio disk) it appends a checksummed record every
+//!   `logms=` ms and syncs each ([`disklog`]);
+//! - with `peer=HOST:PORT` it holds a TCP connection to `witness peer` (run on the host side)
+//!   and both ends send and check the same byte stream ([`stream`]);
+//! - lines on stdin are commands: `v` verifies every page (writers held meanwhile), the disk log
+//!   (read back from the disk) and the stream, and prints a verdict over all three, `q` holds
+//!   the writers, `r` lets them go on, `s` prints counters.
 //!
 //! Output lines (all start with a word tests match on):
 //! `WITNESS START …`, `WITNESS READY …`, `WHB n= mono_ns= real_ns= w= bad=`,
 //! `WITNESS BAD page= kind= …`, `WITNESS CLOCK_BACK …`, `WITNESS VERIFY pages= bad= ms=`,
+//! `WITNESS DISK records= synced= bad=`, `WITNESS NET sent= recv= bad= state= idle_ms=`,
 //! `WITNESS VERDICT ok|BAD`.
 //!
 //! Arguments: `key=value` words — `mib=` (region size; default 70 % of MemAvailable), `rate=`
 //! (page writes per second per writer; default 2000, 0 = as fast as possible), `hb=` (heartbeat
-//! period in ms; default 20), `writers=` (default: online CPUs).
+//! period in ms; default 20), `writers=` (default: online CPUs), `log=PATH`, `logms=` (default
+//! 50), `peer=HOST:PORT`, `netkbs=` (KiB/s each way; default 256).
+//!
+//! `witness peer listen=ADDR` is the stream's other end (see [`stream::peer`]).
+
+mod disklog;
+mod stream;
 
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -33,7 +45,7 @@ const MAGIC: u64 = 0x2153_5345_4e54_4957; // "WITNESS!"
 /// Most `BAD` lines printed (the count goes on).
 const MAX_REPORTS: u64 = 20;
 
-fn clock(id: libc::clockid_t) -> u64 {
+pub(crate) fn clock(id: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -45,7 +57,11 @@ fn clock(id: libc::clockid_t) -> u64 {
 
 fn splitmix(x: &mut u64) -> u64 {
     *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *x;
+    mix(*x)
+}
+
+/// splitmix64's output function.
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
@@ -273,12 +289,39 @@ fn mem_available_kib() -> u64 {
         .unwrap_or(256 * 1024)
 }
 
+/// `witness peer listen=ADDR`.
+fn peer_main(args: &[String]) -> ! {
+    let mut listen = "0.0.0.0:5555".to_owned();
+    for a in args {
+        match a.split_once('=') {
+            Some(("listen", v)) => listen = v.to_owned(),
+            _ => {
+                eprintln!("witness peer: bad argument {a:?} (listen=ADDR)");
+                std::process::exit(2);
+            }
+        }
+    }
+    if let Err(e) = stream::peer(&listen) {
+        eprintln!("witness peer: {listen}: {e}");
+        std::process::exit(1);
+    }
+    std::process::exit(0);
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("peer") {
+        peer_main(&args[1..]);
+    }
     let mut mib = 0u64;
     let mut rate = 2000u64;
     let mut hb_ms = 20u64;
     let mut writers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for a in std::env::args().skip(1) {
+    let mut log_path: Option<String> = None;
+    let mut log_ms = 50u64;
+    let mut peer: Option<String> = None;
+    let mut net_kbs = 256u64;
+    for a in &args {
         let (k, v) = a.split_once('=').unwrap_or((a.as_str(), ""));
         let num = v.parse::<u64>();
         match (k, num) {
@@ -286,8 +329,14 @@ fn main() {
             ("rate", Ok(n)) => rate = n,
             ("hb", Ok(n)) if n > 0 => hb_ms = n,
             ("writers", Ok(n)) if n > 0 => writers = n as usize,
+            ("logms", Ok(n)) if n > 0 => log_ms = n,
+            ("netkbs", Ok(n)) if n > 0 => net_kbs = n,
+            ("log", _) if !v.is_empty() => log_path = Some(v.to_owned()),
+            ("peer", _) if !v.is_empty() => peer = Some(v.to_owned()),
             _ => {
-                eprintln!("witness: bad argument {a:?} (mib=N rate=N hb=MS writers=N)");
+                eprintln!(
+                    "witness: bad argument {a:?} (mib=N rate=N hb=MS writers=N log=PATH logms=MS peer=HOST:PORT netkbs=N)"
+                );
                 std::process::exit(2);
             }
         }
@@ -320,6 +369,28 @@ fn main() {
         let r = r.clone();
         std::thread::spawn(move || heartbeats(r, Duration::from_millis(hb_ms)));
     }
+    let run_id = mix(clock(libc::CLOCK_REALTIME) ^ clock(libc::CLOCK_MONOTONIC));
+    let log = log_path
+        .as_deref()
+        .and_then(|p| match disklog::DiskLog::create(p, run_id) {
+            Ok(l) => {
+                println!("WITNESS DISK log={p} every {log_ms} ms");
+                let l = Arc::new(l);
+                let w = l.clone();
+                std::thread::spawn(move || w.run(Duration::from_millis(log_ms)));
+                Some(l)
+            }
+            Err(e) => {
+                // counted as bad in every verdict: a log was asked for
+                println!("WITNESS DISK ERROR cannot create {p}: {e}");
+                None
+            }
+        });
+    let net = Arc::new(stream::Stream::default());
+    if let Some(p) = peer.clone() {
+        let n = net.clone();
+        std::thread::spawn(move || n.run(p, net_kbs));
+    }
     let stdin = std::io::stdin();
     let mut held = false;
     for line in stdin.lock().lines() {
@@ -339,8 +410,33 @@ fn main() {
                     r.bad.load(Ordering::Relaxed),
                     t.elapsed().as_millis()
                 );
-                let all = r.bad.load(Ordering::Relaxed);
-                println!("WITNESS VERDICT {}", if all == 0 { "ok" } else { "BAD" });
+                let mut ok = r.bad.load(Ordering::Relaxed) == 0;
+                if let Some(p) = &log_path {
+                    let c = log.as_ref().map(|l| l.verify());
+                    let (records, synced, bad) = c
+                        .as_ref()
+                        .map_or((0, 0, 1), |c| (c.records, c.synced, c.bad));
+                    let errors = log.as_ref().map_or(0, |l| l.errors.load(Ordering::Relaxed));
+                    println!(
+                        "WITNESS DISK log={p} records={records} synced={synced} bad={bad} errors={errors}"
+                    );
+                    ok &= c.is_some_and(|c| c.ok()) && errors == 0;
+                }
+                if peer.is_some() {
+                    let idle_ms = (clock(libc::CLOCK_MONOTONIC)
+                        .saturating_sub(net.last_recv_ns.load(Ordering::Relaxed)))
+                        / 1_000_000;
+                    let state = net.state();
+                    let bad = net.bad.load(Ordering::Relaxed);
+                    println!(
+                        "WITNESS NET sent={} recv={} bad={bad} state={state} idle_ms={idle_ms}",
+                        net.sent.load(Ordering::Relaxed),
+                        net.recv.load(Ordering::Relaxed),
+                    );
+                    // the stream must be up, right, and still flowing (bytes within 10 s)
+                    ok &= state == "up" && bad == 0 && idle_ms < 10_000;
+                }
+                println!("WITNESS VERDICT {}", if ok { "ok" } else { "BAD" });
             }
             "q" => {
                 r.hold_writers(writers);

@@ -1,0 +1,46 @@
+# Shared by the jobs in tests/l1 (and bench/linux.sh's): L1 has it as /l1lib.sh (the callers
+# give it to scripts/hwvirt-host.sh with --file). Plain busybox sh.
+
+# wait_for FILE PATTERN SECONDS [AFTER_LINES]: until a line matching PATTERN appears past line
+# AFTER_LINES of FILE; prints the line number.
+wait_for() {
+  n=0
+  while [ $n -lt $(($3 * 10)) ]; do
+    l=$(tail -n +$((${4:-0} + 1)) "$1" 2>/dev/null | grep -n -m1 -a "$2" | cut -d: -f1)
+    if [ -n "$l" ]; then echo $((l + ${4:-0})); return 0; fi
+    sleep 0.1; n=$((n + 1))
+  done
+  return 1
+}
+
+# The guest's disk and network, as on a real host: its ext4 disk image at $L2_DISK (a copy of
+# the empty /l2/disk.ext4), a bridge br0 with L1's address 10.0.2.1/24 (the guest's init gives
+# its eth0 10.0.2.15/24) and taps l2tap0 .. l2tap(N-1) in it, one per VMM that will run the
+# guest (a migration's destination attaches its own tap; the bridge learns where the guest's MAC
+# went from its first frame there), and `witness peer` on 10.0.2.1:5555, the other end of the
+# witness's TCP stream, logging to peer.log. The PIDs of what it starts go to /tmp/pids.
+L2_DISK=/tmp/disk0.img
+L2_MAC=52:54:00:12:34:56
+L2_IO_CMDLINE="witness.log=/mnt/witness.log witness.peer=10.0.2.1:5555"
+l2_io() {
+  cp /l2/disk.ext4 "$L2_DISK" || return 1
+  ip link add br0 type bridge || return 1
+  ip addr add 10.0.2.1/24 dev br0 && ip link set br0 up || return 1
+  i=0
+  while [ $i -lt "$1" ]; do
+    tunctl -t l2tap$i >/dev/null && ip link set l2tap$i master br0 && ip link set l2tap$i up ||
+      return 1
+    i=$((i + 1))
+  done
+  witness peer listen=10.0.2.1:5555 >peer.log 2>&1 &
+  echo $! >> /tmp/pids
+}
+
+# io_check FILE AFTER_LINES: the witness's disk and stream lines of its last verdict in FILE, as
+# `disk=RECORDS/BAD net=STATE/BAD`.
+io_check() {
+  d=$(tail -n +$(($2 + 1)) "$1" | grep -a -m1 "^WITNESS DISK log=.*records=" | tr -d '\r')
+  n=$(tail -n +$(($2 + 1)) "$1" | grep -a -m1 "^WITNESS NET sent=" | tr -d '\r')
+  echo "disk=$(echo "$d" | sed -n 's/.*records=\([0-9]*\).* bad=\([0-9]*\).*/\1\/\2/p')" \
+    "net=$(echo "$n" | sed -n 's/.* bad=\([0-9]*\) state=\([a-z]*\).*/\2\/\1/p')"
+}
