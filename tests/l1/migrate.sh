@@ -1,17 +1,24 @@
 #!/bin/sh
 # Runs inside the simulated hardware-virt host (scripts/hwvirt-host.sh): boots the Linux guest
 # under `vmm run` and moves it COUNT times, each time to a new `vmm --incoming` on L1's loopback,
-# in MODE (postcopy | hybrid | precopy). After each move it asks the witness on the destination
-# to verify all of its memory. Leaves in /results (cwd) for the host side to judge:
+# in MODE (postcopy | hybrid | precopy). The guest has its ext4 disk (one image, shared by the
+# VMMs in L1 as by hosts on shared storage) and a NIC on L1's bridge, each VMM on a tap of its
+# own (/l1lib.sh: l2_io). After each move it asks the witness on the destination to verify all
+# of its memory, its disk log (read back from the disk) and its TCP stream to the peer in L1.
+# Leaves in /results (cwd) for the host side to judge:
 #   vmN.serial  the guest's console on VM N (0 = the first `vmm run`)
 #   vmN.log     that vmm's log;  migN.out / migN.err  `vmm ctl migrate --json`'s reply
-#   summary     one line per move: `MOVE i=N rc=.. source_exit=.. verdict=.. hb_after=..`
+#   summary     one line per move:
+#               `MOVE i=N rc=.. source_exit=.. verdict=.. hb_after=.. disk=RECORDS/BAD net=STATE/BAD`
+#   peer.log    the stream's other end (`PEER BAD` on a wrong byte)
 # Usage: migrate.sh MODE COUNT [MEM] [WITNESS_MIB] [RATE] [EXTRA_MIGRATE_ARGS...]
 mode=$1; count=$2; mem=${3:-512M}; wmib=${4:-300}; rate=${5:-2000}
 shift 5 2>/dev/null || shift $#
 extra="$*"
-cmdline="console=ttyS0 quiet witness.mib=$wmib witness.rate=$rate witness.hb=20"
+. /l1lib.sh
+cmdline="console=ttyS0 quiet witness.mib=$wmib witness.rate=$rate witness.hb=20 $L2_IO_CMDLINE"
 : > summary
+: > /tmp/pids
 # Both vCPUs of the guest on L1's CPU 0 (the VMMs' other threads on any CPU) when L1 has more
 # than one: with the two vCPUs of a Linux guest running at once on two TCG CPUs, the simulated
 # host (nested SVM under TCG) reset the guest in 5 of 6 post-copy tries; pinned, fewer, but not
@@ -19,35 +26,27 @@ cmdline="console=ttyS0 quiet witness.mib=$wmib witness.rate=$rate witness.hb=20"
 # nothing.
 on_cpu0="--vcpu-cpus 0"
 
-# wait_for FILE PATTERN SECONDS [AFTER_LINES]: until a line matching PATTERN appears past line
-# AFTER_LINES of FILE; prints the line number.
-wait_for() {
-  n=0
-  while [ $n -lt $(($3 * 10)) ]; do
-    l=$(tail -n +$((${4:-0} + 1)) "$1" 2>/dev/null | grep -n -m1 -a "$2" | cut -d: -f1)
-    if [ -n "$l" ]; then echo $((l + ${4:-0})); return 0; fi
-    sleep 0.1; n=$((n + 1))
-  done
-  return 1
-}
-
+l2_io $((count + 1)) || { echo "BOOT failed: setting up the guest's disk and network in L1" | tee -a summary; exit 1; }
 vmm run $on_cpu0 --mem "$mem" --vcpus 2 --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cmdline "$cmdline" \
+  --disk "$L2_DISK" --net tap=l2tap0,mac=$L2_MAC \
   --api-socket /tmp/vm0.sock --serial vm0.serial </dev/null >vm0.log 2>&1 &
 pid=$!
-echo "$pid" > /tmp/pids
+echo "$pid" >> /tmp/pids
 if ! wait_for vm0.serial "WITNESS READY" 120 >/dev/null; then
   echo "BOOT failed: no WITNESS READY in 120 s" | tee -a summary
   tail -5 vm0.log; kill $pid; exit 1
 fi
 wait_for vm0.serial "^WHB n=5 " 30 >/dev/null
+wait_for vm0.serial "WITNESS NET up" 30 >/dev/null
 echo "BOOT ok: $(grep -a 'L2 userspace up' vm0.serial)" | tee -a summary
 failed=0
 i=1
 while [ $i -le "$count" ]; do
   prev=$((i - 1))
   port=$((7700 + i))
+  # this VMM's own tap (the source's tap stays the source's until it ends)
   vmm --incoming "tcp:127.0.0.1:$port" $on_cpu0 --api-socket /tmp/vm$i.sock --serial vm$i.serial \
-    </dev/null >vm$i.log 2>&1 &
+    --tap-map l2tap$prev=l2tap$i --tap-map l2tap0=l2tap$i </dev/null >vm$i.log 2>&1 &
   dpid=$!
   echo "$dpid" >> /tmp/pids
   for t in $(seq 50); do [ -S /tmp/vm$i.sock ] && break; sleep 0.1; done
@@ -61,7 +60,7 @@ while [ $i -le "$count" ]; do
     if ! kill -0 $pid 2>/dev/null; then wait $pid; sexit=$?; break; fi
     sleep 0.1
   done
-  hb=0; verdict=none
+  hb=0; verdict=none; before=$(grep -a -c . vm$i.serial)
   if wait_for vm$i.serial "^WHB" 30 >/dev/null; then
     wait_for vm$i.serial "^WHB" 10 "$(grep -a -c . vm$i.serial)" >/dev/null
     before=$(grep -a -c . vm$i.serial)
@@ -72,7 +71,7 @@ while [ $i -le "$count" ]; do
     fi
     hb=$(grep -a -c "^WHB" vm$i.serial)
   fi
-  echo "MOVE i=$i mode=$mode rc=$rc source_exit=$sexit verdict=$verdict hb_after=$hb" | tee -a summary
+  echo "MOVE i=$i mode=$mode rc=$rc source_exit=$sexit verdict=$verdict hb_after=$hb $(io_check vm$i.serial "$before")" | tee -a summary
   if [ "$rc" != 0 ] || [ "$sexit" != 0 ] || [ "$verdict" != ok ]; then
     failed=$((failed + 1))
     tail -3 mig$i.err; grep -a -E "shutdown|reset|ERROR|error" vm$prev.log vm$i.log | tail -6
@@ -84,5 +83,5 @@ while [ $i -le "$count" ]; do
 done
 kill $(cat /tmp/pids) 2>/dev/null
 sleep 0.5
-echo "DONE moves=$((i - 1 + failed)) failed=$failed" | tee -a summary
+echo "DONE moves=$((i - 1 + failed)) failed=$failed peer_bad=$(grep -c "PEER BAD" peer.log)" | tee -a summary
 [ $failed = 0 ]

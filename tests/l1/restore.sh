@@ -3,28 +3,23 @@
 # under `vmm run`, snapshots it while the witness writes (state + memory file), ends that VM,
 # serves the memory file with `page-server` and restores the guest lazily from it (every page
 # through userfaultfd on demand, the rest streamed), then asks the witness to verify all of its
-# memory. Leaves in /results: vm0.serial / vm0.log (the first VM), vm1.serial / vm1.log (the
-# restored one), snap.out, ps.log, and `summary` with one line
-#   RESTORE rc=.. verdict=.. hb_after=..
+# memory, its disk log and its TCP stream (the guest's disk and NIC: /l1lib.sh, l2_io; the
+# restored VM gets the first one's disk and tap). Leaves in /results: vm0.serial / vm0.log (the
+# first VM), vm1.serial / vm1.log (the restored one), snap.out, ps.log, peer.log, and `summary`
+# with one line
+#   RESTORE rc=.. verdict=.. hb_after=.. disk=RECORDS/BAD net=STATE/BAD
 # Usage: restore.sh [MEM] [WITNESS_MIB] [RATE]
 mem=${1:-512M}; wmib=${2:-300}; rate=${3:-2000}
-cmdline="console=ttyS0 quiet witness.mib=$wmib witness.rate=$rate witness.hb=20"
+. /l1lib.sh
+cmdline="console=ttyS0 quiet witness.mib=$wmib witness.rate=$rate witness.hb=20 $L2_IO_CMDLINE"
 : > summary
+: > /tmp/pids
 # both vCPUs on L1's CPU 0: see migrate.sh
 on_cpu0="--vcpu-cpus 0"
 
-# wait_for FILE PATTERN SECONDS [AFTER_LINES] (as in migrate.sh)
-wait_for() {
-  n=0
-  while [ $n -lt $(($3 * 10)) ]; do
-    l=$(tail -n +$((${4:-0} + 1)) "$1" 2>/dev/null | grep -n -m1 -a "$2" | cut -d: -f1)
-    if [ -n "$l" ]; then echo $((l + ${4:-0})); return 0; fi
-    sleep 0.1; n=$((n + 1))
-  done
-  return 1
-}
-
+l2_io 1 || { echo "BOOT failed: setting up the guest's disk and network in L1" | tee -a summary; exit 1; }
 vmm run $on_cpu0 --mem "$mem" --vcpus 2 --kernel /l2/vmlinuz --initrd /l2/initrd.gz \
+  --disk "$L2_DISK" --net tap=l2tap0,mac=$L2_MAC \
   --cmdline "$cmdline" --api-socket /tmp/vm0.sock --serial vm0.serial </dev/null >vm0.log 2>&1 &
 pid=$!
 if ! wait_for vm0.serial "WITNESS READY" 120 >/dev/null; then
@@ -32,6 +27,7 @@ if ! wait_for vm0.serial "WITNESS READY" 120 >/dev/null; then
   tail -5 vm0.log; kill $pid; exit 1
 fi
 wait_for vm0.serial "^WHB n=10 " 30 >/dev/null
+wait_for vm0.serial "WITNESS NET up" 30 >/dev/null
 echo "BOOT ok: $(grep -a 'L2 userspace up' vm0.serial)" | tee -a summary
 timeout 300 vmm ctl --api-socket /tmp/vm0.sock --json snapshot --state /tmp/vm.state \
   --memory /tmp/vm.mem >snap.out 2>&1
@@ -49,7 +45,7 @@ for t in $(seq 50); do grep -q "^listening" ps.log && break; sleep 0.1; done
 vmm restore $on_cpu0 --state /tmp/vm.state --memory-from 127.0.0.1:7070 \
   --api-socket /tmp/vm1.sock --serial vm1.serial </dev/null >vm1.log 2>&1 &
 rpid=$!
-hb=0; verdict=none; rc=running
+hb=0; verdict=none; rc=running; before=0
 if wait_for vm1.serial "^WHB" 60 >/dev/null; then
   wait_for vm1.log "all guest memory present" 120 >/dev/null
   wait_for vm1.serial "^WHB" 10 "$(grep -a -c . vm1.serial)" >/dev/null
@@ -62,8 +58,8 @@ if wait_for vm1.serial "^WHB" 60 >/dev/null; then
   hb=$(grep -a -c "^WHB" vm1.serial)
 fi
 kill -0 $rpid 2>/dev/null || { wait $rpid; rc=$?; }
-echo "RESTORE rc=$rc verdict=$verdict hb_after=$hb" | tee -a summary
+echo "RESTORE rc=$rc verdict=$verdict hb_after=$hb $(io_check vm1.serial "$before")" | tee -a summary
 grep -a -E "shutdown|reset|ERROR|error" vm1.log | tail -4
-kill $rpid $ps 2>/dev/null
+kill $rpid $ps $(cat /tmp/pids) 2>/dev/null
 sleep 0.5
 [ "$verdict" = ok ] && [ "$rc" = running ]

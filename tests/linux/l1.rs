@@ -324,6 +324,9 @@ fn check_moves(test: &str, mode: &str, moves: usize, job_args: &[&str]) {
             trouble.is_empty(),
             "move {i}: the kernel log shows trouble: {trouble:?}"
         );
+        // the disk log and the TCP stream came through the move: records synced on the source
+        // are read back on the destination, the connection is up and every byte was right
+        check_io(&serial, &read(&dir, "peer.log"));
         println!(
             "{test}: move {i}: downtime {downtime_ms:.1} ms, pre-copy {} ms, all memory on the \
              destination after {} ms, clock jump {jump_ms:.0} ms",
@@ -418,6 +421,7 @@ fn linux_guest_restores_lazily_in_the_simulated_host() {
         trouble.is_empty(),
         "the kernel log shows trouble: {trouble:?}"
     );
+    check_io(&serial, &read(&dir, "peer.log"));
     let log = read(&dir, "vm1.log");
     assert!(
         log.contains("all guest memory present"),
