@@ -10,7 +10,14 @@
 //! - leaf 0x7.0 EDX[29] (IA32_ARCH_CAPABILITIES) cleared: nested hosts
 //!   (e.g. PVM) refuse that MSR, and a guest that sees the bit reads it;
 //! - leaf 0x6 (thermal/power) and 0xA (architectural PMU) zeroed: we emulate
-//!   neither, and a migrated guest must not depend on the source's PMU.
+//!   neither, and a migrated guest must not depend on the source's PMU;
+//! - on AMD likewise no PMU: leaf 0x8000_0001 ECX PerfCtrExtCore / NB / LLC
+//!   cleared and leaf 0x8000_0022 (PerfMonV2) zeroed, and [`deny_pmu_msrs`]
+//!   makes every performance-counter MSR raise #GP, so that Linux's probe of
+//!   the legacy K7 counters (which AMD CPUs always have) fails cleanly ("PMU
+//!   not available due to virtualization") on every host alike, instead of
+//!   reaching a counter on one host and an ignored MSR on another (KVM
+//!   without a guest PMU drops such writes and logs `Unhandled WRMSR`).
 //!
 //! Everything else passes through, so migration between hosts needs the
 //! same CPU model (the destination compares the policy output in the
@@ -21,6 +28,41 @@ use kvm_bindings::CpuId;
 const ARCH_CAPABILITIES_BIT: u32 = 1 << 29;
 const HYPERVISOR_BIT: u32 = 1 << 31;
 const HTT_BIT: u32 = 1 << 28;
+/// Leaf 0x8000_0001 ECX: PerfCtrExtCore (23), PerfCtrExtNB (24), PerfCtrExtLLC (28).
+const AMD_PERFCTR_BITS: u32 = (1 << 23) | (1 << 24) | (1 << 28);
+
+/// The performance-monitoring MSRs no guest of ours may touch (first, count).
+const PMU_MSRS: &[(u32, u32)] = &[
+    (0xc1, 8),         // Intel IA32_PMC0..7
+    (0x186, 8),        // Intel IA32_PERFEVTSEL0..7
+    (0x309, 4),        // Intel fixed counters
+    (0x38d, 4),        // Intel fixed-counter control, global status / control / overflow
+    (0x4c1, 8),        // Intel full-width IA32_A_PMC0..7
+    (0xc000_0300, 4),  // AMD PerfMonV2 global status / control / status clear / set
+    (0xc001_0000, 8),  // AMD legacy (K7) PERF_CTL0..3 and PERF_CTR0..3
+    (0xc001_0200, 12), // AMD core PERF_CTL / PERF_CTR 0..5
+    (0xc001_0230, 16), // AMD L3 (LLC) counters
+    (0xc001_0240, 8),  // AMD northbridge / data-fabric counters
+];
+
+/// Makes the guest's every access to a performance-counter MSR ([`PMU_MSRS`]) fail with #GP
+/// (`KVM_X86_SET_MSR_FILTER`; accesses by this VMM itself, e.g. saving state, are not
+/// filtered). On a KVM without MSR filters (before Linux 5.10) this fails, and the host's own
+/// handling stays.
+pub fn deny_pmu_msrs(vm: &kvm_ioctls::VmFd) -> Result<(), kvm_ioctls::Error> {
+    use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
+    let deny = [0u8; 2];
+    let ranges: Vec<MsrFilterRange<'_>> = PMU_MSRS
+        .iter()
+        .map(|&(base, msr_count)| MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base,
+            msr_count,
+            bitmap: &deny,
+        })
+        .collect();
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+}
 
 /// Applies the policy for vCPU `index` of `count` to `cpuid` (in place).
 pub fn apply(cpuid: &mut CpuId, index: u32, count: u32) {
@@ -48,6 +90,15 @@ pub fn apply(cpuid: &mut CpuId, index: u32, count: u32) {
             }
             0x7 if e.index == 0 => {
                 e.edx &= !ARCH_CAPABILITIES_BIT;
+            }
+            0x8000_0001 => {
+                e.ecx &= !AMD_PERFCTR_BITS;
+            }
+            0x8000_0022 => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
             }
             0xb | 0x1f => {
                 e.edx = index;

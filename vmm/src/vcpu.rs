@@ -539,6 +539,85 @@ mod tests {
         }
     }
 
+    /// Puts `ram` at guest address 0 and starts `v` in real mode at 0x1000 with RAX = `rax`.
+    fn real_mode_at(vm: &kvm_ioctls::VmFd, v: &Vcpu, ram: &crate::memory::GuestRam, rax: u64) {
+        let (gpa, host, len) = ram.host_regions()[0];
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host,
+            flags: 0,
+        };
+        // SAFETY: `ram` is mapped for `len` bytes at `host`, and every caller declares it
+        // before the VM, so it outlives the VM.
+        unsafe { vm.set_user_memory_region(region) }.unwrap();
+        let mut sregs = v.fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        v.fd.set_sregs(&sregs).unwrap();
+        let regs = kvm_regs {
+            rip: 0x1000,
+            rflags: 2,
+            rax,
+            ..Default::default()
+        };
+        v.fd.set_regs(&regs).unwrap();
+    }
+
+    /// The first port a guest writes to (`out imm8, al`), or None when it stops otherwise.
+    fn first_port_out(v: &mut Vcpu) -> Result<u16, String> {
+        for _ in 0..100 {
+            match v.fd.run() {
+                Ok(VcpuExit::IoOut(port, _)) => return Ok(port),
+                Ok(VcpuExit::Intr) => continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                other => return Err(format!("{other:?}")),
+            }
+        }
+        Err("no exit in 100 runs".into())
+    }
+
+    /// A guest's RDMSR or WRMSR of a performance counter (the legacy AMD counter Linux probes,
+    /// and an Intel one) raises #GP: the VMM offers no PMU on any host.
+    #[test]
+    fn the_guest_gets_gp_on_performance_counter_msrs() {
+        const TEST: &str = "the_guest_gets_gp_on_performance_counter_msrs";
+        // rdmsr (0f 32) / wrmsr (0f 30) of ECX, then `out 0x10, al; hlt`; the #GP handler
+        // (real-mode IVT vector 13 -> 0:0x2000) does `out 0x11, al; hlt`
+        for (msr, op) in [(0xc001_0007u32, 0x30u8), (0xc001_0004, 0x32), (0xc1, 0x32)] {
+            let ram = crate::memory::GuestRam::new(2 << 20).unwrap();
+            let mut code = vec![0x66, 0xb9];
+            code.extend_from_slice(&msr.to_le_bytes());
+            code.extend_from_slice(&[0x66, 0x31, 0xd2, 0x0f, op, 0xe6, 0x10, 0xf4]);
+            ram.write_bytes(0x1000, &code).unwrap();
+            ram.write_bytes(0x2000, &[0xe6, 0x11, 0xf4]).unwrap();
+            ram.write_bytes(13 * 4, &[0x00, 0x20, 0x00, 0x00]).unwrap();
+            let Some((_kvm, vm, mut v)) = vcpu_or_skip(TEST) else {
+                return;
+            };
+            if let Err(e) = crate::cpuid::deny_pmu_msrs(&vm) {
+                skip(TEST, &format!("KVM_X86_SET_MSR_FILTER: {e}"));
+                return;
+            }
+            real_mode_at(&vm, &v, &ram, 0xffff);
+            let port = match first_port_out(&mut v) {
+                Ok(p) => p,
+                Err(e) => {
+                    skip(
+                        TEST,
+                        &format!("this KVM does not run the real-mode probe: {e}"),
+                    );
+                    return;
+                }
+            };
+            assert_eq!(
+                port, 0x11,
+                "MSR {msr:#x} (op 0f {op:02x}) did not raise #GP"
+            );
+        }
+    }
+
     fn msr(fd: &VcpuFd, index: u32) -> u64 {
         let mut m = msrs_of(&[(index, 0)]).unwrap();
         assert_eq!(fd.get_msrs(&mut m).unwrap(), 1);
@@ -597,27 +676,7 @@ mod tests {
         let Some((_kvm, vm, mut v)) = vcpu_or_skip(TEST) else {
             return;
         };
-        let (gpa, host, len) = ram.host_regions()[0];
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            guest_phys_addr: gpa,
-            memory_size: len,
-            userspace_addr: host,
-            flags: 0,
-        };
-        // SAFETY: `ram` is mapped for `len` bytes at `host` and outlives the VM.
-        unsafe { vm.set_user_memory_region(region) }.unwrap();
-        let mut sregs = v.fd.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        v.fd.set_sregs(&sregs).unwrap();
-        let regs = kvm_regs {
-            rip: 0x1000,
-            rflags: 2,
-            rax: 0x1234_5600,
-            ..Default::default()
-        };
-        v.fd.set_regs(&regs).unwrap();
+        real_mode_at(&vm, &v, &ram, 0x1234_5600);
         let mut exit = None;
         for _ in 0..100 {
             match v.fd.run() {

@@ -222,6 +222,9 @@ fn shell(mem_bytes: u64) -> Result<Shell, VmError> {
         ..Default::default()
     };
     fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    if let Err(e) = crate::cpuid::deny_pmu_msrs(&fd) {
+        log::info!("KVM_X86_SET_MSR_FILTER: {e}; the guest's performance-counter MSRs are left to this host's KVM");
+    }
     let ram = GuestRam::new(mem_bytes)?;
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
         what: "eventfd for the serial IRQ",
