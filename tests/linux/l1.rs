@@ -66,6 +66,8 @@ impl L1 {
 
 /// The mark our vmm logs when a guest vCPU triple-faults or resets.
 const GUEST_RESET: &str = "shutdown at rip=0xfff0";
+/// The mark of a panicking Linux kernel.
+const L1_PANIC: &str = "Kernel panic - not syncing";
 /// The mark Linux logs when one of its CPUs did not get to schedule for over 20 s.
 const SOFT_LOCKUP: &str = "watchdog: BUG: soft lockup";
 
@@ -104,8 +106,13 @@ fn guest_was_reset(dir: &Path) -> bool {
         .any(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             (name.ends_with(".log") || name.ends_with(".serial"))
-                && std::fs::read_to_string(e.path())
-                    .is_ok_and(|s| s.contains(GUEST_RESET) || s.contains(SOFT_LOCKUP))
+                && std::fs::read_to_string(e.path()).is_ok_and(|s| {
+                    s.contains(GUEST_RESET)
+                            || s.contains(SOFT_LOCKUP)
+                            // L1's own kernel (its console is serial.log; the guests' consoles
+                            // are vmN.serial): the panics of README's "Linux guests"
+                            || (name == "serial.log" && s.contains(L1_PANIC))
+                })
         })
 }
 
@@ -433,4 +440,43 @@ fn linux_guest_restores_lazily_in_the_simulated_host() {
             .find(|l| l.contains("restored"))
             .unwrap_or("(no restore line)")
     );
+}
+
+/// The source vmm is killed (SIGKILL) while the Linux guest runs post-copy on the destination
+/// with most of its memory still on the source (no background stream), its disk log and TCP
+/// stream going: the destination says so within seconds, keeps the guest paused for good
+/// (no heartbeat, `resume` refused with the reason), answers `status` meanwhile, and ends with
+/// exit code 3. (A device thread or vCPU waiting for a page that never comes cannot be stopped;
+/// it used to hold the destination's controller, and `status`, for ever.)
+#[test]
+fn linux_source_killed_mid_postcopy_leaves_the_destination_paused() {
+    const T: &str = "linux_source_killed_mid_postcopy_leaves_the_destination_paused";
+    if !l1_ready(T) {
+        return;
+    }
+    let (rc, dir, console) = run_l1(T, L1::TwoCpus, "killed.sh", &[], 600);
+    let summary = read(&dir, "summary");
+    let log = read(&dir, "vm1.log");
+    assert_eq!(
+        rc,
+        0,
+        "the job failed:\n{summary}\ndestination log:\n{log}\nthreads:\n{}\nL1 console (tail):\n{}",
+        read(&dir, "threads.txt"),
+        console_tail(&console)
+    );
+    let line = summary
+        .lines()
+        .find(|l| l.starts_with("KILLED"))
+        .unwrap_or_else(|| panic!("no KILLED line:\n{summary}"));
+    assert!(
+        field(line, "reported_ms").is_some_and(|ms| ms < 20_000),
+        "the loss must be reported within seconds: {line}"
+    );
+    assert!(line.contains("state=source_lost"), "{line}");
+    assert!(field(line, "missing").is_some_and(|n| n > 0), "{line}");
+    assert!(line.contains("hb_frozen=yes"), "the guest ran on: {line}");
+    assert!(line.contains("resume_refused=yes"), "{line}");
+    assert!(line.contains("exit=3"), "{line}");
+    assert!(log.contains("memory source lost for good"), "{log}");
+    println!("{T}: {line}");
 }

@@ -482,7 +482,8 @@ impl Vm {
                 log::warn!("KVM_SET_CLOCK on resume: {e}; guest time includes the pause");
             }
         }
-        self.devices.virtio.set_paused(false);
+        // (un-pausing waits for nothing and cannot fail)
+        let _ = self.devices.virtio.set_paused(false);
         for v in &self.vcpus {
             v.send(Command::Resume);
         }
@@ -525,11 +526,14 @@ impl Vm {
             }
         }
         self.paused = true;
-        self.devices.virtio.set_paused(true);
+        // the vCPUs are paused; a device access still in flight that does not end (one
+        // waiting for guest memory that never comes) fails the pause instead of holding it
+        let devices = self.devices.virtio.set_paused(true);
         match self.fd.get_clock() {
             Ok(c) => self.paused_clock = Some(c),
             Err(e) => log::warn!("KVM_GET_CLOCK on pause: {e}; guest time will include the pause"),
         }
+        devices?;
         Ok(())
     }
 
@@ -723,7 +727,8 @@ impl Vm {
                 let kind = match &e {
                     VmError::State(_) => "state",
                     VmError::Memory(_) => "memory",
-                    VmError::PauseTimeout(_) => "busy",
+                    VmError::PauseTimeout(_)
+                    | VmError::Device(crate::virtio::VirtioError::Busy(_)) => "busy",
                     _ => "internal",
                 };
                 (Reply::err(kind, error_chain(&e)), None)

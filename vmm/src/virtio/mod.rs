@@ -17,7 +17,9 @@ pub mod net;
 pub mod queue;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -70,6 +72,9 @@ pub enum VirtioError {
     /// A bad option or state.
     #[error("{0}")]
     Config(String),
+    /// A device did not stop in time.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// What a device is attached to. It travels with the VM (in the migration offer and the state),
@@ -264,8 +269,9 @@ pub struct Transport {
     regs: Regs,
     queues: Vec<Queue>,
     backend: Backend,
-    /// The VM is paused: no device activity (the network drops what arrives).
-    paused: bool,
+    /// The VM is paused: no device activity (the network drops what arrives). Outside the
+    /// lock: pausing must not wait for an access that waits for guest memory.
+    paused: Arc<AtomicBool>,
 }
 
 impl Transport {
@@ -278,8 +284,12 @@ impl Transport {
             regs: Regs::default(),
             queues,
             backend,
-            paused: false,
+            paused: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
     }
 
     fn driver_ok(&self) -> bool {
@@ -446,7 +456,7 @@ impl Transport {
 
     /// The driver made buffers available on queue `q`.
     fn notify(&mut self, q: usize) {
-        if !self.driver_ok() || self.paused {
+        if !self.driver_ok() || self.is_paused() {
             return;
         }
         let r = match &mut self.backend {
@@ -480,9 +490,30 @@ fn lock(m: &Mutex<Transport>) -> MutexGuard<'_, Transport> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// [`lock`], giving up at `deadline`: the lock's holder may be a device access waiting for a
+/// page of guest memory that never comes (a migration whose source was lost).
+fn lock_by(m: &Mutex<Transport>, deadline: Instant) -> Option<MutexGuard<'_, Transport>> {
+    loop {
+        match m.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() >= deadline => return None,
+            Err(std::sync::TryLockError::WouldBlock) => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+        }
+    }
+}
+
+/// How long a pause waits for a device's access in flight.
+const PAUSE_WAIT: Duration = Duration::from_secs(5);
+/// How long `status` waits for a device's counters.
+const STATS_WAIT: Duration = Duration::from_millis(100);
+
 /// A device plugged into a slot, with its helper thread (network receive).
 pub struct Slot {
     transport: Arc<Mutex<Transport>>,
+    paused: Arc<AtomicBool>,
     worker: Option<net::RxWorker>,
 }
 
@@ -549,7 +580,7 @@ impl VirtioDevices {
             }
             t.regs = s.regs.clone();
             t.queues = s.queues.clone();
-            t.paused = true;
+            t.paused.store(true, Ordering::Release);
             slots.push(Slot::start(t)?);
         }
         Ok(VirtioDevices { slots })
@@ -618,12 +649,28 @@ impl VirtioDevices {
         true
     }
 
-    /// Stops (true) or restarts device activity with the vCPUs.
-    pub fn set_paused(&self, paused: bool) {
+    /// Stops (true) or restarts device activity with the vCPUs. Every device is flagged at
+    /// once; then a pause waits (up to [`PAUSE_WAIT`]) for any access already in flight, and
+    /// fails naming the device whose access does not end: one waiting for guest memory that
+    /// never arrives would otherwise hold the VM for ever.
+    pub fn set_paused(&self, paused: bool) -> Result<(), VirtioError> {
         // (a received frame waiting for a buffer is retried by its receive thread)
         for s in &self.slots {
-            lock(&s.transport).paused = paused;
+            s.paused.store(paused, Ordering::Release);
         }
+        if !paused {
+            return Ok(());
+        }
+        let deadline = Instant::now() + PAUSE_WAIT;
+        for (i, s) in self.slots.iter().enumerate() {
+            if lock_by(&s.transport, deadline).is_none() {
+                return Err(VirtioError::Busy(format!(
+                    "virtio slot {i}: an access in flight did not end within {PAUSE_WAIT:?} \
+                     (waiting for guest memory that has not arrived?)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Flushes every writable disk without stopping anything (before a pause whose save
@@ -705,8 +752,14 @@ impl VirtioDevices {
     pub fn stats(&self) -> Vec<serde_json::Value> {
         self.slots
             .iter()
-            .map(|s| {
-                let t = lock(&s.transport);
+            .enumerate()
+            .map(|(i, s)| {
+                let Some(t) = lock_by(&s.transport, Instant::now() + STATS_WAIT) else {
+                    return serde_json::json!({
+                        "slot": i,
+                        "busy": "an access in flight (waiting for guest memory?)",
+                    });
+                };
                 let mut v = serde_json::json!({
                     "slot": t.slot,
                     "device": t.backend.config().describe(),
@@ -728,11 +781,16 @@ impl Slot {
             Backend::Net(n) => Some(n.rx_parts()?),
             Backend::Block(_) => None,
         };
+        let paused = t.paused.clone();
         let transport = Arc::new(Mutex::new(t));
         let worker = match rx {
             Some(parts) => Some(net::RxWorker::spawn(transport.clone(), parts)?),
             None => None,
         };
-        Ok(Slot { transport, worker })
+        Ok(Slot {
+            transport,
+            paused,
+            worker,
+        })
     }
 }

@@ -264,7 +264,7 @@ impl Net {
 /// Delivers one received frame into the receive queue or drops it; false when the guest has
 /// no free buffer (the frame waits).
 fn deliver(t: &mut Transport, frame: &[u8]) -> bool {
-    let ok = !t.paused && t.driver_ok();
+    let ok = !t.is_paused() && t.driver_ok();
     let Backend::Net(n) = &mut t.backend else {
         return true;
     };

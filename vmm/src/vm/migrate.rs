@@ -373,7 +373,6 @@ impl Vm {
         if self.lost.is_some() {
             return;
         }
-        let _ = self.pause();
         let missing = self
             .pager
             .as_ref()
@@ -384,6 +383,16 @@ impl Vm {
              (status, read-memory of present pages) until `shutdown` (exit code 3)"
         );
         self.lost = Some((why, Instant::now()));
+        // A vCPU or device thread waiting for a page that will never come cannot stop (on
+        // kernels before 6.2 not even a vCPU blocked inside KVM); the pause gives up on it
+        // after a few seconds, and that thread stays blocked until the process ends. Nothing
+        // else waits for it: the VM is never run again.
+        if let Err(e) = self.pause() {
+            log::warn!(
+                "pausing the VM after its source was lost: {}",
+                error_chain(&e)
+            );
+        }
     }
 
     /// How the VM ends now: as a lost VM (exit 3) if its source was lost.
