@@ -13,11 +13,11 @@ use crate::sock::Sock;
 
 pub(crate) fn run(core: Arc<Core>, mut sock: Sock, peer: String, session: Arc<Session>) {
     // spawned by the event loop, which may be pinned: the stream may use every CPU, at a
-    // priority below the loop's
+    // priority below the loop's (normal: nice 0, the loop's is raised)
     if core.config.urgent_cpu.is_some() {
         crate::sched::allow_all_cpus();
     }
-    crate::sched::set_nice(10);
+    crate::sched::set_nice(0);
     sock.set_buffers(core.config.bulk_buffer_bytes);
     let _ = sock.set_write_timeout(Some(Duration::from_secs(60)));
     let map = &core.map;

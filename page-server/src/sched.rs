@@ -84,7 +84,11 @@ pub fn online_cpus() -> usize {
         .clamp(1, libc::CPU_SETSIZE as usize)
 }
 
-/// Lowers the calling thread's priority to `nice` (best effort).
+/// The nice value of threads that answer faults (normal threads and vCPUs run at 0).
+pub const URGENT_NICE: i32 = -5;
+
+/// Sets the calling thread's nice value (best effort: raising the priority needs
+/// CAP_SYS_NICE).
 pub fn set_nice(nice: i32) {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;

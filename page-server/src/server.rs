@@ -105,6 +105,10 @@ pub(crate) fn run(
     mut poll: Poll,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), ServerError> {
+    // The loop answers the destination's faults: above normal priority (short work that a
+    // waiting vCPU waits for; best effort, it needs CAP_SYS_NICE), so that neither the bulk
+    // stream nor the guest's own vCPUs delay a fault reply.
+    crate::sched::set_nice(crate::sched::URGENT_NICE);
     if let Some(cpu) = core.config.urgent_cpu {
         if !crate::sched::pin_current_thread(cpu) {
             warn!("cannot pin the event loop to CPU {cpu}");
