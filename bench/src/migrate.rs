@@ -485,7 +485,7 @@ fn print_row(r: &Row) {
             cell(r.qemu_freeze_ms),
         ),
         (
-            "stall ms (sum of HB gap - 10)",
+            "stall ms (sum of HB gap - period)",
             cell(r.ours_stall_ms),
             cell(r.qemu_stall_ms),
         ),
