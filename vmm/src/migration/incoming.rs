@@ -526,11 +526,12 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
         vm.resume();
     }
     let running_at = mono_ns();
+    // (what the downtime holds: the stream and disk copies start after the vCPUs run)
+    let apply_ms = t_state.elapsed().as_secs_f64() * 1e3;
     if let Err(e) = vm.start_stream() {
         log::warn!("starting the background stream: {}", error_chain(&e));
     }
     vm.start_disk_copies();
-    let apply_ms = t_state.elapsed().as_secs_f64() * 1e3;
     // The VM runs here from now on, whatever happens to the link.
     if let Err(e) = link.send(&Wire::Resumed {
         running_at,

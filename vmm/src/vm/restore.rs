@@ -242,6 +242,7 @@ impl Vm {
                 .collect::<Result<Vec<_>, _>>()?,
         };
         let virtio = VirtioDevices::restore(&p.sh.ram, states, backends, virtio_irq(&p.sh.fd))?;
+        let t_virtio = t2.elapsed();
         let devices = Arc::new(Devices::restore(
             &snap.devices,
             sh_irq,
@@ -250,12 +251,31 @@ impl Vm {
             device_sender(&tx),
         )?);
         state::restore_vm(&p.sh.fd, &snap.vm)?;
-        let mut vcpus = Vec::new();
-        for (s, fd) in snap.vcpus.iter().zip(std::mem::take(&mut p.vcpu_fds)) {
-            vcpus.push(Vcpu::restore((s.index, fd), s)?);
-        }
+        let t_vm = t2.elapsed();
+        // Each vCPU's state on a thread of its own: a vCPU is a dozen ioctls (CPUID, MSRs,
+        // XSAVE, LAPIC, ...), and this is all downtime.
+        let fds = std::mem::take(&mut p.vcpu_fds);
+        let vcpus = std::thread::scope(|scope| {
+            let jobs: Vec<_> = snap
+                .vcpus
+                .iter()
+                .zip(fds)
+                .map(|(s, fd)| scope.spawn(move || Vcpu::restore((s.index, fd), s)))
+                .collect();
+            jobs.into_iter()
+                .map(|j| {
+                    j.join().unwrap_or_else(|_| {
+                        Err(StateError::Invalid("a vCPU restore thread panicked".into()))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })?;
         let mut state_apply = t2.elapsed();
-        log::debug!("VM and vCPU state applied after {state_apply:?}");
+        log::debug!(
+            "VM and vCPU state applied after {state_apply:?} (devices {t_virtio:?}, VM {:?}, vCPUs {:?})",
+            t_vm - t_virtio,
+            state_apply - t_vm
+        );
         let mut memory_load = p.took;
         // Eager: the file is read after the KVM state is applied, so it also overwrites what
         // KVM itself writes into guest memory while state is set (the kvmclock page): RAM then
@@ -278,6 +298,7 @@ impl Vm {
             forward_stdin(vm.tx.clone());
         }
         state_apply += t3.elapsed();
+        log::debug!("VM assembled after {:?}", t3.elapsed());
         if !f.paused {
             vm.resume();
         }
