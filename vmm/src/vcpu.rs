@@ -175,9 +175,11 @@ impl Persist for Vcpu {
                 s.index
             )));
         }
+        let t0 = Instant::now();
         let cpuid = CpuId::from_entries(&s.cpuid)
             .map_err(|e| StateError::Invalid(format!("CPUID: {e:?}")))?;
         fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        let t_cpuid = t0.elapsed();
         if let Err(e) = fd.set_tsc_khz(s.tsc_khz) {
             // Same-host restores keep the frequency; a host that cannot scale is an error only
             // when the frequency differs.
@@ -189,13 +191,16 @@ impl Persist for Vcpu {
                 });
             }
         }
+        let t_tsc = t0.elapsed();
         fd.set_sregs(&s.sregs).map_err(kvm("KVM_SET_SREGS"))?;
         fd.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
         // SAFETY: s.xsave is a kvm_xsave of the size KVM_SET_XSAVE reads.
         unsafe { fd.set_xsave(&s.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
         fd.set_xcrs(&s.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        let t_regs = t0.elapsed();
         let msrs = msrs_of(&s.msrs)?;
         let n = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        let t_msrs = t0.elapsed();
         if n != s.msrs.len() {
             return Err(StateError::Msrs {
                 op: "KVM_SET_MSRS",
@@ -228,6 +233,15 @@ impl Persist for Vcpu {
             .map_err(kvm("KVM_SET_MP_STATE"))?;
         fd.set_vcpu_events(&s.vcpu_events)
             .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        log::debug!(
+            "vcpu{index} restored in {:?}: CPUID {t_cpuid:?}, TSC kHz {:?}, registers and XSAVE {:?}, {} MSRs {:?}, the rest (debug regs, LAPIC, TSC deadline, MP state, events) {:?}",
+            t0.elapsed(),
+            t_tsc - t_cpuid,
+            t_regs - t_tsc,
+            s.msrs.len(),
+            t_msrs - t_regs,
+            t0.elapsed() - t_msrs
+        );
         Ok(Vcpu {
             index,
             fd,
