@@ -15,18 +15,7 @@ uptime_cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
 : > /tmp/pids
 cmdline="console=ttyS0 quiet witness.mib=300 witness.rate=2000 witness.hb=20 $L2_IO_CMDLINE"
 l2_io 2 || { echo "BOOT failed: setting up the guest's disk and network in L1" | tee -a summary; exit 1; }
-vmm run --mem 512M --vcpus 2 --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cmdline "$cmdline" \
-  --disk "$L2_DISK" --net tap=l2tap0,mac=$L2_MAC \
-  --api-socket /tmp/vm0.sock --serial vm0.serial </dev/null >vm0.log 2>&1 &
-pid=$!
-echo "$pid" >> /tmp/pids
-if ! wait_for vm0.serial "WITNESS READY" 120 >/dev/null; then
-  echo "BOOT failed: no WITNESS READY in 120 s" | tee -a summary
-  kill $(cat /tmp/pids); exit 1
-fi
-wait_for vm0.serial "WITNESS NET up" 30 >/dev/null
-wait_for vm0.serial "^WHB n=10 " 30 >/dev/null
-echo "BOOT ok: $(grep -a 'L2 userspace up' vm0.serial)" | tee -a summary
+l2_boot 512M "$cmdline" || { kill $(cat /tmp/pids); exit 1; }
 vmm --incoming tcp:127.0.0.1:7801 --no-stream --recover-timeout-s 3 --tap-map l2tap0=l2tap1 \
   --api-socket /tmp/vm1.sock --serial vm1.serial </dev/null >vm1.log 2>&1 &
 dpid=$!

@@ -44,3 +44,24 @@ io_check() {
   echo "disk=$(echo "$d" | sed -n 's/.*records=\([0-9]*\).* bad=\([0-9]*\).*/\1\/\2/p')" \
     "net=$(echo "$n" | sed -n 's/.* bad=\([0-9]*\) state=\([a-z]*\).*/\2\/\1/p')"
 }
+
+# l2_boot MEM CMDLINE [VMM_RUN_ARGS...]: boots the guest as VM 0 under `vmm run` with its disk and
+# tap l2tap0 (after l2_io), console vm0.serial, log vm0.log, control socket /tmp/vm0.sock; waits
+# until the witness is ready, ten heartbeats went and its stream is up. Sets $pid (also in
+# /tmp/pids) and writes `BOOT ok|failed: …` to summary; returns 1 when the guest never got ready.
+l2_boot() {
+  mem=$1; cl=$2; shift 2
+  vmm run "$@" --mem "$mem" --vcpus 2 --kernel /l2/vmlinuz --initrd /l2/initrd.gz \
+    --cmdline "$cl" --disk "$L2_DISK" --net tap=l2tap0,mac=$L2_MAC \
+    --api-socket /tmp/vm0.sock --serial vm0.serial </dev/null >vm0.log 2>&1 &
+  pid=$!
+  echo "$pid" >> /tmp/pids
+  if ! wait_for vm0.serial "WITNESS READY" 120 >/dev/null; then
+    echo "BOOT failed: no WITNESS READY in 120 s" | tee -a summary
+    tail -5 vm0.log
+    return 1
+  fi
+  wait_for vm0.serial "^WHB n=10 " 30 >/dev/null
+  wait_for vm0.serial "WITNESS NET up" 30 >/dev/null
+  echo "BOOT ok: $(grep -a 'L2 userspace up' vm0.serial)" | tee -a summary
+}

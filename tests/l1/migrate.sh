@@ -27,18 +27,7 @@ cmdline="console=ttyS0 quiet witness.mib=$wmib witness.rate=$rate witness.hb=20 
 on_cpu0="--vcpu-cpus 0"
 
 l2_io $((count + 1)) || { echo "BOOT failed: setting up the guest's disk and network in L1" | tee -a summary; exit 1; }
-vmm run $on_cpu0 --mem "$mem" --vcpus 2 --kernel /l2/vmlinuz --initrd /l2/initrd.gz --cmdline "$cmdline" \
-  --disk "$L2_DISK" --net tap=l2tap0,mac=$L2_MAC \
-  --api-socket /tmp/vm0.sock --serial vm0.serial </dev/null >vm0.log 2>&1 &
-pid=$!
-echo "$pid" >> /tmp/pids
-if ! wait_for vm0.serial "WITNESS READY" 120 >/dev/null; then
-  echo "BOOT failed: no WITNESS READY in 120 s" | tee -a summary
-  tail -5 vm0.log; kill $pid; exit 1
-fi
-wait_for vm0.serial "^WHB n=5 " 30 >/dev/null
-wait_for vm0.serial "WITNESS NET up" 30 >/dev/null
-echo "BOOT ok: $(grep -a 'L2 userspace up' vm0.serial)" | tee -a summary
+l2_boot "$mem" "$cmdline" $on_cpu0 || { kill $(cat /tmp/pids); exit 1; }
 failed=0
 i=1
 while [ $i -le "$count" ]; do
