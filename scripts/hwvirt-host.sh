@@ -73,7 +73,7 @@ done
 [[ "$timeout_s" =~ ^[0-9]+$ ]] || die "--timeout wants whole seconds, not $timeout_s"
 
 # --- inputs -----------------------------------------------------------------------------------
-qemu="$root/target/qemu/qemu-system-x86_64"
+qemu="${HWVIRT_QEMU:-$root/target/qemu/qemu-system-x86_64}"
 [ -x "$qemu" ] || die "QEMU is missing: run scripts/fetch-qemu.sh first ($qemu)"
 kernel="$root/target/linux/vmlinuz"
 [ -f "$kernel" ] || die "the Debian cloud kernel is missing: run scripts/fetch-linux-kernel.sh first ($kernel)"
@@ -247,7 +247,7 @@ mkdir -p "$out"
 [ -n "$log" ] || log="$out/serial.log"
 : > "$log"
 
-qemu_args=(-accel "tcg,thread=$tcg_thread" -cpu EPYC,+svm,+npt -smp "$cpus" -m "$mem"
+qemu_args=(-accel "tcg,thread=$tcg_thread" -cpu "${HWVIRT_CPU:-EPYC,+svm,+npt}" -smp "$cpus" -m "$mem"
   -kernel "$kernel" -initrd "$run/initrd.gz"
   -append "console=ttyS0 quiet panic=-1 oops=panic"
   -display none -nodefaults -no-reboot

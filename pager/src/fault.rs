@@ -88,6 +88,20 @@ impl FaultThread {
         }
     }
 
+    /// Asks for the pages at `addrs` as if they had faulted.
+    fn fetch(&mut self, addrs: &[u64]) {
+        if addrs.is_empty() {
+            return;
+        }
+        let sh = self.r.shared.clone();
+        let mut reqs = std::mem::take(&mut self.reqs);
+        sh.dispatch_early(&mut self.policy, addrs, |_, req| reqs.push(req));
+        for req in reqs.drain(..) {
+            self.send(req);
+        }
+        self.reqs = reqs;
+    }
+
     /// Reads and handles every pending fault event.
     fn handle_faults(&mut self) {
         let sh = self.r.shared.clone();
@@ -304,6 +318,8 @@ pub(crate) fn fault_loop(r: Arc<Remote>, urgent: Sock, generation: u64) {
             if let Some((s, g)) = inbox {
                 t.resume(s, g);
             }
+            let early = std::mem::take(&mut *r.early.lock().unwrap_or_else(|p| p.into_inner()));
+            t.fetch(&early);
         }
         t.handle_faults();
         t.handle_replies();

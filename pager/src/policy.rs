@@ -138,6 +138,26 @@ impl Policy {
         Some(Action::Request(req))
     }
 
+    /// A page about to be needed by someone who is not a faulting thread (see
+    /// `Pager::fetch_early`): a one-page request unless it is present or already asked for. No
+    /// waiter is recorded (the fault latency counts faults only) and the window stays.
+    pub fn on_early(&mut self, page: u64, present: impl Fn(u64) -> bool) -> Option<Req> {
+        if page >= self.total_pages
+            || present(page)
+            || self.in_flight.contains(&page)
+            || self.streaming.contains(&page)
+        {
+            return None;
+        }
+        let req = Req {
+            first: page,
+            count: 1,
+            fault_pages: 1,
+        };
+        self.track(req);
+        Some(req)
+    }
+
     fn track(&mut self, req: Req) {
         for p in req.first..req.first + u64::from(req.count) {
             self.in_flight.insert(p);
@@ -304,6 +324,26 @@ mod tests {
         assert_eq!(r.count, 2);
         // a fault inside an in-flight prefetch waits, no new request
         assert_eq!(p.on_fault(11, now(), |_| false, 89), None);
+    }
+
+    #[test]
+    fn an_early_fetch_is_one_request_with_no_fault_to_time() {
+        let mut p = Policy::new(100, 4, 16);
+        let r = p.on_early(40, |_| false).unwrap();
+        assert_eq!((r.first, r.count), (40, 1));
+        // asked for, present or out of range: nothing more
+        assert_eq!(p.on_early(40, |_| false), None);
+        assert_eq!(p.on_early(41, |x| x == 41), None);
+        assert_eq!(p.on_early(100, |_| false), None);
+        // a fault on it meanwhile waits for that request
+        assert_eq!(p.on_fault(40, now(), |_| false, 60), None);
+        let (_, out) = p.on_reply(40, 1, |x| x == 40).unwrap();
+        assert_eq!(out.satisfied.len(), 1, "only the real fault is timed");
+        // the window was left alone: the next fault asks for the minimum
+        let Some(Action::Request(r)) = p.on_fault(70, now(), |_| false, 30) else {
+            panic!()
+        };
+        assert_eq!(r.count, 4);
     }
 
     #[test]

@@ -199,6 +199,8 @@ pub(crate) struct Remote {
     pub(crate) waker: Arc<Waker>,
     /// A new urgent connection for the fault thread after a reconnect.
     pub(crate) inbox: Mutex<Option<(Sock, u64)>>,
+    /// Host addresses to fetch as if they had faulted ([`crate::Pager::fetch_early`]).
+    pub(crate) early: Mutex<Vec<u64>>,
     generation: AtomicU64,
     lost: Mutex<Option<(u64, String)>>,
     /// The layout of the first session; every reconnect must find the same.
@@ -291,6 +293,7 @@ pub(crate) fn start(
         addr: addr.clone(),
         waker: waker.clone(),
         inbox: Mutex::new(None),
+        early: Mutex::new(Vec::new()),
         generation: AtomicU64::new(1),
         lost: Mutex::new(None),
         layout: session.layout.clone(),
@@ -340,6 +343,18 @@ pub(crate) fn start(
 }
 
 /// Asks the source for the stream (see [`Pager::start_stream`]).
+/// Hands `addrs` to the fault thread, which asks for them on its next round.
+pub(crate) fn fetch_early(r: &Remote, addrs: &[u64]) {
+    if addrs.is_empty() || r.shared.is_complete() {
+        return;
+    }
+    r.early
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend_from_slice(addrs);
+    r.waker.wake();
+}
+
 pub(crate) fn start_stream(r: &Remote) -> Result<(), PagerError> {
     let sh = &r.shared;
     if !sh.config.stream || sh.is_complete() {

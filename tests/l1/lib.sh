@@ -65,3 +65,24 @@ l2_boot() {
   wait_for vm0.serial "WITNESS NET up" 30 >/dev/null
   echo "BOOT ok: $(grep -a 'L2 userspace up' vm0.serial)" | tee -a summary
 }
+
+# dump_threads PID FILE: where each thread of PID is, for a failure's diagnosis: name, state,
+# CPU time (utime+stime in ticks, read twice a second apart: a thread whose time grows is busy,
+# one whose time stays is blocked), wchan and kernel stack; then the tail of L1's kernel log.
+dump_threads() {
+  for t in /proc/$1/task/*; do
+    [ -d "$t" ] || continue
+    c0=$(cut -d' ' -f14,15 $t/stat 2>/dev/null | tr ' ' '+')
+    echo "$t $((c0))"
+  done > /tmp/cpu0
+  sleep 1
+  for t in /proc/$1/task/*; do
+    [ -d "$t" ] || continue
+    c1=$(($(cut -d' ' -f14,15 $t/stat 2>/dev/null | tr ' ' '+')))
+    c0=$(grep "^$t " /tmp/cpu0 | cut -d' ' -f2)
+    echo "== $(cat $t/comm) state=$(cut -d' ' -f3 $t/stat) cpu_ticks=$c1 (+$((c1 - ${c0:-0})) in 1 s) wchan=$(cat $t/wchan 2>/dev/null)"
+    cat $t/stack 2>/dev/null | head -n 12
+  done
+  echo "== L1 dmesg (last 40 lines)"
+  dmesg | tail -n 40
+}

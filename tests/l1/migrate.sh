@@ -11,6 +11,7 @@
 #   summary     one line per move:
 #               `MOVE i=N rc=.. source_exit=.. verdict=.. hb_after=.. disk=RECORDS/BAD net=STATE/BAD`
 #   peer.log    the stream's other end (`PEER BAD` on a wrong byte)
+#   threadsN.txt, statusN.json  on a failed move: the destination's threads (dump_threads) and status
 # Usage: migrate.sh MODE COUNT [MEM] [WITNESS_MIB] [RATE] [EXTRA_MIGRATE_ARGS...]
 mode=$1; count=$2; mem=${3:-512M}; wmib=${4:-300}; rate=${5:-2000}
 shift 5 2>/dev/null || shift $#
@@ -24,7 +25,7 @@ cmdline="console=ttyS0 quiet witness.mib=$wmib witness.rate=$rate witness.hb=20 
 # host (nested SVM under TCG) reset the guest in 5 of 6 post-copy tries; pinned, fewer, but not
 # none. The tests run migration jobs in an L1 of one CPU (tests/linux/l1.rs), where this changes
 # nothing.
-on_cpu0="--vcpu-cpus 0"
+on_cpu0=${L2_PIN---vcpu-cpus 0}
 
 l2_io $((count + 1)) || { echo "BOOT failed: setting up the guest's disk and network in L1" | tee -a summary; exit 1; }
 l2_boot "$mem" "$cmdline" $on_cpu0 || { kill $(cat /tmp/pids); exit 1; }
@@ -64,6 +65,8 @@ while [ $i -le "$count" ]; do
   if [ "$rc" != 0 ] || [ "$sexit" != 0 ] || [ "$verdict" != ok ]; then
     failed=$((failed + 1))
     tail -3 mig$i.err; grep -a -E "shutdown|reset|ERROR|error" vm$prev.log vm$i.log | tail -6
+    dump_threads $dpid > threads$i.txt 2>&1
+    timeout -s KILL 10 vmm ctl --api-socket /tmp/vm$i.sock --json status > status$i.json 2>&1
     kill $pid $dpid 2>/dev/null
     break
   fi

@@ -233,15 +233,24 @@ pub(crate) fn cpuid_capped<'de, D: Deserializer<'de>>(
 /// kvmclock (old and new), async page faults, steal time, PV EOI.
 const KVM_PV_AREA_MSRS: &[u32] = &[0x12, 0x4b56_4d01, 0x4b56_4d02, 0x4b56_4d03, 0x4b56_4d04];
 
-/// Guest pages KVM itself writes (kvmclock, steal time, ...), from the vCPUs' PV MSRs: their
-/// content legitimately differs between a source and a destination (KVM rewrites them when the
-/// state is applied), so RAM comparisons leave them out.
+/// KVM's wall-clock MSRs (old and new): the value is a guest-physical address (no enable bit)
+/// that KVM writes the host's wall clock to on every write of the MSR, restores included.
+const KVM_WALL_CLOCK_MSRS: &[u32] = &[0x11, 0x4b56_4d00];
+
+/// Guest pages KVM itself writes (kvmclock, the wall clock, steal time, ...), from the vCPUs' PV
+/// MSRs: their content legitimately differs between a source and a destination (KVM rewrites
+/// them when the state is applied), so RAM comparisons leave them out; and a lazy destination
+/// fetches them before it applies the vCPUs' state, whose KVM_SET_MSRS would otherwise wait
+/// for each of them in turn (in the simulated host: 1-6 ms each, most of the vCPU restore).
 pub fn kvm_owned_pages(s: &Snapshot) -> Vec<u64> {
     let mut v: Vec<u64> = s
         .vcpus
         .iter()
         .flat_map(|c| c.msrs.iter())
-        .filter(|(i, val)| KVM_PV_AREA_MSRS.contains(i) && val & 1 != 0)
+        .filter(|(i, val)| {
+            (KVM_PV_AREA_MSRS.contains(i) && val & 1 != 0)
+                || (KVM_WALL_CLOCK_MSRS.contains(i) && *val != 0)
+        })
         .map(|(_, val)| val & !0xfff)
         .collect();
     v.sort_unstable();

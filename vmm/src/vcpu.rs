@@ -75,6 +75,27 @@ fn msrs_of(entries: &[(u32, u64)]) -> Result<Msrs, StateError> {
     Msrs::from_entries(&e).map_err(|e| StateError::Invalid(format!("MSR list: {e:?}")))
 }
 
+/// KVM_SET_MSRS one MSR at a time, each timed: a diagnosis of a slow restore (`RUST_LOG=trace`)
+/// that names the MSRs that cost more than 100 µs. Returns how many were set, like the ioctl.
+fn set_msrs_one_by_one(index: u32, fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<usize, StateError> {
+    let mut slow = Vec::new();
+    for (n, &m) in msrs.iter().enumerate() {
+        let t = Instant::now();
+        if fd.set_msrs(&msrs_of(&[m])?).map_err(kvm("KVM_SET_MSRS"))? != 1 {
+            return Ok(n);
+        }
+        let took = t.elapsed();
+        if took.as_micros() > 100 {
+            slow.push(format!("{:#x}={:#x}: {took:?}", m.0, m.1));
+        }
+    }
+    log::trace!(
+        "vcpu{index}: MSRs over 100 us to set: [{}]",
+        slow.join(", ")
+    );
+    Ok(msrs.len())
+}
+
 /// A vCPU and the MSR list it saves.
 pub struct Vcpu {
     /// vCPU index (= APIC id).
@@ -198,8 +219,12 @@ impl Persist for Vcpu {
         unsafe { fd.set_xsave(&s.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
         fd.set_xcrs(&s.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
         let t_regs = t0.elapsed();
-        let msrs = msrs_of(&s.msrs)?;
-        let n = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        let n = if log::log_enabled!(log::Level::Trace) {
+            set_msrs_one_by_one(index, &fd, &s.msrs)?
+        } else {
+            fd.set_msrs(&msrs_of(&s.msrs)?)
+                .map_err(kvm("KVM_SET_MSRS"))?
+        };
         let t_msrs = t0.elapsed();
         if n != s.msrs.len() {
             return Err(StateError::Msrs {

@@ -228,6 +228,23 @@ impl Vm {
             .into());
         }
         let t2 = Instant::now();
+        // A lazy destination asks now, in one round, for the pages KVM writes while the state
+        // is applied (the kvmclock and wall-clock pages: KVM_SET_MSRS would wait for each in
+        // turn, vCPU after vCPU) and right after resume (steal time, ...); they come while the
+        // devices are restored.
+        if let Some(pager) = &p.pager {
+            let regions = p.sh.ram.host_regions();
+            let hosts: Vec<u64> = state::kvm_owned_pages(snap)
+                .into_iter()
+                .filter_map(|gpa| {
+                    regions
+                        .iter()
+                        .find(|&&(g, _, len)| gpa >= g && gpa < g + len)
+                        .map(|&(g, host, _)| host + (gpa - g))
+                })
+                .collect();
+            pager.fetch_early(&hosts);
+        }
         let (tx, rx) = match f.channel {
             Some(ch) => ch,
             None => std::sync::mpsc::channel(),
