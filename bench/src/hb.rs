@@ -369,6 +369,9 @@ pub struct HbFigures {
     pub stall_ms: f64,
     /// Heartbeats seen in the freeze window.
     pub heartbeats: u64,
+    /// Heartbeats seen after the migration started: none means the guest stopped before it
+    /// (or never ran on the destination), and the freeze and stall are then not measured.
+    pub heartbeats_after_start: u64,
     /// Every heartbeat's seq greater than the one before it (no reset across the switch).
     pub seq_continuous: bool,
     /// Sequence numbers missing between consecutive heartbeats (the guest skipped or a line
@@ -444,7 +447,16 @@ pub fn figures(hbs: &[(Instant, Hb)], start: Instant, end: Instant, period_ms: f
         .sort_by(|a, b| b.host_ms.total_cmp(&a.host_ms));
     f.longest_gaps.truncate(5);
     f.heartbeats = hbs.iter().filter(|(t, _)| *t >= pre && *t <= end).count() as u64;
+    f.heartbeats_after_start = hbs.iter().filter(|(t, _)| *t >= start).count() as u64;
     f
+}
+
+impl HbFigures {
+    /// Whether the guest was heard from after the migration started: without that its freeze
+    /// and stall are unknown (a guest that stopped, not one with no pause).
+    pub fn ran_on(&self) -> bool {
+        self.heartbeats_after_start > 0
+    }
 }
 
 /// Lets the guest run `run_s` seconds before the migration starts; 1 s before the start (the
@@ -545,7 +557,13 @@ mod tests {
         assert!((f.stall_ms - 40.0).abs() < 1e-6);
         assert!(f.seq_continuous);
         assert_eq!(f.seq_skipped, 0);
+        assert!(f.ran_on());
         v.push(hb(0, 2060));
         assert!(!figures(&v, at(2000), at(2100), 10.0).seq_continuous);
+        // a guest last heard before the migration started did not run on
+        let quiet: Vec<_> = (0..150).map(|i| hb(i, i * 10)).collect();
+        let f = figures(&quiet, at(2000), at(2100), 10.0);
+        assert!(!f.ran_on());
+        assert_eq!(f.heartbeats_after_start, 0);
     }
 }

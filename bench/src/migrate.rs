@@ -270,9 +270,16 @@ fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
     row.ours_downtime_ms = rep["downtime_ms"].as_f64();
     row.ours_total_ms = rep["total_ms"].as_f64();
     row.ours_host_total_ms = Some(ms(start, end));
-    row.ours_freeze_ms = Some(f.freeze_ms);
-    row.ours_stall_ms = Some(f.stall_ms);
-    row.ours_seq_continuous = Some(f.seq_continuous);
+    row.ours_freeze_ms = f.ran_on().then_some(f.freeze_ms);
+    row.ours_stall_ms = f.ran_on().then_some(f.stall_ms);
+    row.ours_seq_continuous = Some(f.seq_continuous && f.ran_on());
+    if !f.ran_on() {
+        progress(
+            mib,
+            "ours",
+            "no heartbeat after the migration started: the guest stopped (freeze and stall not measured)",
+        );
+    }
     row.ours_heartbeats = Some(f);
     row.ours_fault_p50_us = rep["fault_latency"]["p50_us"].as_f64();
     row.ours_fault_p99_us = rep["fault_latency"]["p99_us"].as_f64();
@@ -343,9 +350,16 @@ fn run_qemu(a: &Args, elf: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
     row.qemu_downtime_ms = info["downtime"].as_f64();
     row.qemu_total_ms = info["total-time"].as_f64();
     row.qemu_host_total_ms = Some(ms(start, end));
-    row.qemu_freeze_ms = Some(f.freeze_ms);
-    row.qemu_stall_ms = Some(f.stall_ms);
-    row.qemu_seq_continuous = Some(f.seq_continuous);
+    row.qemu_freeze_ms = f.ran_on().then_some(f.freeze_ms);
+    row.qemu_stall_ms = f.ran_on().then_some(f.stall_ms);
+    row.qemu_seq_continuous = Some(f.seq_continuous && f.ran_on());
+    if !f.ran_on() {
+        progress(
+            mib,
+            "qemu",
+            "no heartbeat after the migration started: the guest stopped (freeze and stall not measured)",
+        );
+    }
     row.qemu_heartbeats = Some(f);
     row.qemu_host_downtime_ms = match (r.stop, r.resume) {
         (Some(s), Some(e)) => Some(ms(s, e)),
@@ -500,7 +514,7 @@ fn print_row(r: &Row) {
             cell(r.qemu_host_total_ms),
         ),
         (
-            "HB seq continues (no reset)",
+            "HB go on, seq continues (no reset)",
             flag(r.ours_seq_continuous),
             flag(r.qemu_seq_continuous),
         ),
