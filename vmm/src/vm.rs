@@ -403,25 +403,29 @@ impl Vm {
             source,
         })?;
         let mut handles = Vec::new();
+        // One thread forwards every vCPU's reports (they name their vCPU) into the
+        // controller's queue: a thread spawn is downtime on a migration's destination.
+        let (rtx, rrx) = std::sync::mpsc::channel();
         for v in vcpus {
-            let reports = tx.clone();
-            let (rtx, rrx) = std::sync::mpsc::channel();
-            let h = VcpuHandle::spawn(v, devices.clone(), rtx).map_err(|source| VmError::Os {
-                what: "spawning a vCPU thread",
-                source,
+            let h = VcpuHandle::spawn(v, devices.clone(), rtx.clone()).map_err(|source| {
+                VmError::Os {
+                    what: "spawning a vCPU thread",
+                    source,
+                }
             })?;
-            // Forward this vCPU's reports into the controller's queue.
-            let _ = std::thread::Builder::new()
-                .name(format!("vcpu{}-reports", h.index))
-                .spawn(move || {
-                    for r in rrx {
-                        if reports.send(Event::Vcpu(r)).is_err() {
-                            return;
-                        }
-                    }
-                });
             handles.push(h);
         }
+        drop(rtx);
+        let reports = tx.clone();
+        let _ = std::thread::Builder::new()
+            .name("vcpu-reports".into())
+            .spawn(move || {
+                for r in rrx {
+                    if reports.send(Event::Vcpu(r)).is_err() {
+                        return;
+                    }
+                }
+            });
         Ok(Vm {
             _kvm: sh.kvm,
             fd: sh.fd,
