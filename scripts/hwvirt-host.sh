@@ -19,6 +19,11 @@
 #   --log FILE       L1's whole serial output (default DIR/serial.log)
 #   --quiet          do not echo L1's console (it still goes to the log)
 #
+# Environment, for experiments with the simulated host itself (defaults are what tests use):
+#   HWVIRT_QEMU=PATH        the QEMU binary that runs L1 (default target/qemu/qemu-system-x86_64)
+#   HWVIRT_CPU=MODEL        L1's -cpu (default EPYC,+svm,+npt)
+#   HWVIRT_TCG_THREAD=single|multi   TCG threading (default multi: one host thread per L1 CPU)
+#
 # What L1 holds (built only from Debian packages and this project's release binaries, cached in
 # target/hwvirt/ and rebuilt when an input changes):
 #   - Debian's cloud kernel (scripts/fetch-linux-kernel.sh) with kvm.ko, kvm-amd.ko, irqbypass.ko,
