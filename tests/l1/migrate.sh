@@ -24,7 +24,7 @@ cmdline="console=ttyS0 quiet witness.mib=$wmib witness.rate=$rate witness.hb=20 
 # than one: with the two vCPUs of a Linux guest running at once on two TCG CPUs, the simulated
 # host (nested SVM under TCG) reset the guest in 5 of 6 post-copy tries; pinned, fewer, but not
 # none. The tests run migration jobs in an L1 of one CPU (tests/linux/l1.rs), where this changes
-# nothing.
+# nothing. `L2_PIN=` (empty) in the environment runs them unpinned (for experiments).
 on_cpu0=${L2_PIN---vcpu-cpus 0}
 
 l2_io $((count + 1)) || { echo "BOOT failed: setting up the guest's disk and network in L1" | tee -a summary; exit 1; }
