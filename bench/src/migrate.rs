@@ -221,6 +221,23 @@ fn work_bytes(boot_line: &str, mem_mib: u64) -> u64 {
         << 20
 }
 
+/// Freeze, stall and "heartbeats go on" of one side's figures: freeze and stall only when the
+/// guest was heard from after the migration started (a stopped guest has none, not 0).
+fn hb_cells(mib: u64, side: &str, f: &hb::HbFigures) -> (Option<f64>, Option<f64>, Option<bool>) {
+    if !f.ran_on() {
+        progress(
+            mib,
+            side,
+            "no heartbeat after the migration started: the guest stopped (freeze and stall not measured)",
+        );
+    }
+    (
+        f.ran_on().then_some(f.freeze_ms),
+        f.ran_on().then_some(f.stall_ms),
+        Some(f.seq_continuous && f.ran_on()),
+    )
+}
+
 fn progress(mib: u64, side: &str, msg: &str) {
     eprintln!("[vm-migrate] {mib} MiB: {side}: {msg}");
 }
@@ -270,16 +287,11 @@ fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
     row.ours_downtime_ms = rep["downtime_ms"].as_f64();
     row.ours_total_ms = rep["total_ms"].as_f64();
     row.ours_host_total_ms = Some(ms(start, end));
-    row.ours_freeze_ms = f.ran_on().then_some(f.freeze_ms);
-    row.ours_stall_ms = f.ran_on().then_some(f.stall_ms);
-    row.ours_seq_continuous = Some(f.seq_continuous && f.ran_on());
-    if !f.ran_on() {
-        progress(
-            mib,
-            "ours",
-            "no heartbeat after the migration started: the guest stopped (freeze and stall not measured)",
-        );
-    }
+    (
+        row.ours_freeze_ms,
+        row.ours_stall_ms,
+        row.ours_seq_continuous,
+    ) = hb_cells(mib, "ours", &f);
     row.ours_heartbeats = Some(f);
     row.ours_fault_p50_us = rep["fault_latency"]["p50_us"].as_f64();
     row.ours_fault_p99_us = rep["fault_latency"]["p99_us"].as_f64();
@@ -350,16 +362,11 @@ fn run_qemu(a: &Args, elf: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result
     row.qemu_downtime_ms = info["downtime"].as_f64();
     row.qemu_total_ms = info["total-time"].as_f64();
     row.qemu_host_total_ms = Some(ms(start, end));
-    row.qemu_freeze_ms = f.ran_on().then_some(f.freeze_ms);
-    row.qemu_stall_ms = f.ran_on().then_some(f.stall_ms);
-    row.qemu_seq_continuous = Some(f.seq_continuous && f.ran_on());
-    if !f.ran_on() {
-        progress(
-            mib,
-            "qemu",
-            "no heartbeat after the migration started: the guest stopped (freeze and stall not measured)",
-        );
-    }
+    (
+        row.qemu_freeze_ms,
+        row.qemu_stall_ms,
+        row.qemu_seq_continuous,
+    ) = hb_cells(mib, "qemu", &f);
     row.qemu_heartbeats = Some(f);
     row.qemu_host_downtime_ms = match (r.stop, r.resume) {
         (Some(s), Some(e)) => Some(ms(s, e)),

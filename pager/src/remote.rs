@@ -342,7 +342,6 @@ pub(crate) fn start(
     })
 }
 
-/// Asks the source for the stream (see [`Pager::start_stream`]).
 /// Hands `addrs` to the fault thread, which asks for them on its next round.
 pub(crate) fn fetch_early(r: &Remote, addrs: &[u64]) {
     if addrs.is_empty() || r.shared.is_complete() {
@@ -355,6 +354,7 @@ pub(crate) fn fetch_early(r: &Remote, addrs: &[u64]) {
     r.waker.wake();
 }
 
+/// Asks the source for the stream (see [`Pager::start_stream`]).
 pub(crate) fn start_stream(r: &Remote) -> Result<(), PagerError> {
     let sh = &r.shared;
     if !sh.config.stream || sh.is_complete() {

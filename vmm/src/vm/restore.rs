@@ -233,15 +233,11 @@ impl Vm {
         // turn, vCPU after vCPU) and right after resume (steal time, ...); they come while the
         // devices are restored.
         if let Some(pager) = &p.pager {
-            let regions = p.sh.ram.host_regions();
             let hosts: Vec<u64> = state::kvm_owned_pages(snap)
                 .into_iter()
-                .filter_map(|gpa| {
-                    regions
-                        .iter()
-                        .find(|&&(g, _, len)| gpa >= g && gpa < g + len)
-                        .map(|&(g, host, _)| host + (gpa - g))
-                })
+                .filter_map(|gpa| p.sh.ram.page_index(gpa))
+                .filter_map(|i| pager.memory().host(proto::PageIndex(i)))
+                .map(|(host, _)| host)
                 .collect();
             pager.fetch_early(&hosts);
         }
