@@ -141,6 +141,10 @@ if [ -f /shell ]; then
   rc=0
 else
   cd /results
+  # L1's own pulse on its console: when L1 itself freezes (the simulated host, README's "Linux
+  # guests") the last tick dates it, and a job that only went quiet is told apart from it
+  ( while sleep 30; do echo "L1 tick uptime=$(cut -d' ' -f1 /proc/uptime)"; done ) &
+  tick=$!
   echo "L1: job starts"
   # the job's own deadline (3/4 of --timeout): a job that hangs is killed here, so that its
   # /results (logs) still come back and say where it hung
@@ -154,6 +158,7 @@ else
       [ -s "$f" ] && { echo "L1: tail of $f:"; tail -n 4 "$f"; }
     done
   fi
+  kill $tick 2>/dev/null
   echo "L1: job ended with status $rc"
 fi
 cd /
