@@ -13,6 +13,7 @@
 # loopback RTT and TCP limit measured in the same run, with PASS/MISS per target (as
 # bench/migrate.sh). --repeat N: N migrations per VMM, then a tally (how many moved the guest
 # intact) and medians. --modes: every mode of both VMMs once. --quick: one run (a few minutes).
+# Before the measured runs each VMM moves the guest once uncounted (a warm-up of L1's TCG).
 # JSON: target/bench/linux-migrate.json (--modes: linux-migrate-modes.json); every run's logs and
 # serial timelines: target/bench/linux/. Everything in L1 is TCG-slow (its loopback RTT is
 # ~0.5-1 ms, not ~15 us): only ratios against the same-run baselines mean anything.
@@ -53,7 +54,10 @@ mkdir -p "$work" "$(dirname "$out")"
 args=(--linux-kernel /l2/vmlinuz --linux-initrd /l2/initrd.gz --linux-cmdline "$cmdline"
       --vmm /bin/vmm --qemu /qemu/qemu --qemu-bios /qemu/fw/qboot.rom --qemu-accel kvm
       --sizes "$mem" --vcpus 2 --workdir /results/work --out /results/linux-migrate.json)
-if [ "$modes" = 1 ]; then args+=(--modes); else args+=(--repeat "$repeat"); fi
+# one uncounted migration per VMM first: TCG translates L1's KVM code paths on their first run,
+# which made whichever VMM moved first in a fresh L1 pay ~25 ms of downtime more (vm-migrate
+# --help, --warm-up)
+if [ "$modes" = 1 ]; then args+=(--modes); else args+=(--repeat "$repeat" --warm-up); fi
 printf '%q ' vm-migrate "${args[@]}" > "$work/job.sh"
 echo "[linux-bench] L1: $cpus CPUs; guest: $mem MiB, 2 vCPUs, $cmdline"
 rc=0

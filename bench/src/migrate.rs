@@ -89,6 +89,14 @@ struct Args {
     /// Our vmm binary (default: `vmm` next to this program).
     #[arg(long)]
     vmm: Option<PathBuf>,
+    /// Before the measured runs, one migration of each size with each VMM that is not counted
+    /// (one line, its downtimes, then forgotten). In the simulated host (QEMU TCG), the first
+    /// migration after L1 boots runs L1 kernel code (KVM's get/set-state paths, device
+    /// registration) that TCG has never translated: measured 2026-12-04, a throwaway 256 MiB
+    /// move first took the first measured move from downtime 54-59 ms (pause 13-16, apply
+    /// 26-38) to 29 ms (pause 8, apply 19). Without it the VMM that goes first pays for both.
+    #[arg(long)]
+    warm_up: bool,
     /// Compare migration modes instead (first size only): ours postcopy / hybrid / precopy,
     /// QEMU postcopy / precopy / precopy->postcopy; writes target/bench/migrate-modes.json.
     #[arg(long)]
@@ -577,7 +585,9 @@ fn print_row(r: &Row) {
 }
 
 fn one_size(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path, mib: u64, run: u32) -> Result<Row> {
-    let dir = if a.repeat > 1 {
+    let dir = if run == 0 {
+        a.workdir.join(format!("{mib}m-warm-up"))
+    } else if a.repeat > 1 {
         a.workdir.join(format!("{mib}m-run{run}"))
     } else {
         a.workdir.join(format!("{mib}m"))
@@ -604,6 +614,9 @@ fn one_size(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path, mib: u64, run: u32)
         progress(mib, "qemu", &format!("FAILED: {e:#}"));
         row.qemu_error = Some(format!("{e:#}"));
     }
+    if run == 0 {
+        return Ok(row);
+    }
     if linux {
         // Linux's boot line says nothing about its memory: what our source found non-zero
         // (the same guest and workload for both VMMs), else the witness's share.
@@ -625,6 +638,27 @@ fn one_size(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path, mib: u64, run: u32)
     row.rtt_p50_us = measure::raw_rtt(2000, None)?.q_us(0.5);
     judge(&mut row);
     Ok(row)
+}
+
+/// --warm-up: one uncounted migration per VMM (run 0), reported in one line.
+fn warm_up(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path, mib: u64) -> Result<()> {
+    progress(mib, "warm-up", "one migration per VMM, not counted");
+    let r = one_size(a, vmm, qemu_ok, elf, mib, 0)?;
+    let said = |d: Option<f64>, e: &Option<String>| match (d, e) {
+        (Some(d), _) => format!("downtime {d:.1} ms"),
+        (None, Some(e)) => format!("failed: {e}"),
+        (None, None) => "no figure".into(),
+    };
+    progress(
+        mib,
+        "warm-up",
+        &format!(
+            "done (not counted): ours {}; QEMU {}",
+            said(r.ours_downtime_ms, &r.ours_error),
+            said(r.qemu_downtime_ms, &r.qemu_error)
+        ),
+    );
+    Ok(())
 }
 
 /// Over --repeat runs: per VMM, how many migrations were measured and (Linux) found every page
@@ -750,6 +784,9 @@ fn run() -> Result<bool> {
     }
     let mut rows = Vec::new();
     for &mib in &a.sizes {
+        if a.warm_up {
+            warm_up(&a, &vmm, qemu_ok, &elf, mib)?;
+        }
         for run in 1..=a.repeat {
             let row = one_size(&a, &vmm, qemu_ok, &elf, mib, run)?;
             print_row(&row);
