@@ -23,6 +23,8 @@
 #   HWVIRT_QEMU=PATH        the QEMU binary that runs L1 (default target/qemu/qemu-system-x86_64)
 #   HWVIRT_CPU=MODEL        L1's -cpu (default EPYC,+svm,+npt)
 #   HWVIRT_TCG_THREAD=single|multi   TCG threading (default multi: one host thread per L1 CPU)
+#   HWVIRT_L1_KERNEL=DIR    L1's kernel and modules from another unpacked linux-image package
+#                           (`dpkg -x`; e.g. bookworm-backports' 6.12); L2 keeps the default one
 #
 # What L1 holds (built only from Debian packages and this project's release binaries, cached in
 # target/hwvirt/ and rebuilt when an input changes):
@@ -82,9 +84,15 @@ qemu="${HWVIRT_QEMU:-$root/target/qemu/qemu-system-x86_64}"
 [ -x "$qemu" ] || die "QEMU is missing: run scripts/fetch-qemu.sh first ($qemu)"
 kernel="$root/target/linux/vmlinuz"
 [ -f "$kernel" ] || die "the Debian cloud kernel is missing: run scripts/fetch-linux-kernel.sh first ($kernel)"
-kver="$(ls "$root/target/linux/pkg/lib/modules" 2>/dev/null | head -n 1)"
-[ -n "$kver" ] || die "no modules in target/linux/pkg/lib/modules: run scripts/fetch-linux-kernel.sh again"
-moddir="$root/target/linux/pkg/lib/modules/$kver/kernel"
+l2_kernel="$kernel"
+l1_pkg="${HWVIRT_L1_KERNEL:-$root/target/linux/pkg}"
+kver="$(ls "$l1_pkg/lib/modules" 2>/dev/null | head -n 1)"
+[ -n "$kver" ] || die "no modules in $l1_pkg/lib/modules: run scripts/fetch-linux-kernel.sh again"
+moddir="$l1_pkg/lib/modules/$kver/kernel"
+if [ -n "${HWVIRT_L1_KERNEL:-}" ]; then
+  kernel="$(ls "$l1_pkg"/boot/vmlinuz-* 2>/dev/null | head -n 1)"
+  [ -f "$kernel" ] || die "HWVIRT_L1_KERNEL=$l1_pkg has no boot/vmlinuz-*"
+fi
 for b in vmm page-server; do
   [ -x "$root/target/release/$b" ] || die "target/release/$b is missing: run cargo build --release first"
 done
@@ -114,8 +122,15 @@ if [ ! -f "$base" ]; then
            drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci_modern_dev.ko \
            drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko \
            drivers/net/tun.ko net/llc/llc.ko net/802/stp.ko net/bridge/bridge.ko; do
-    [ -f "$moddir/$m" ] || die "module $m is not in $kver's package"
-    cp "$moddir/$m" "$d/lib/modules/"
+    if [ -f "$moddir/$m" ]; then
+      cp "$moddir/$m" "$d/lib/modules/"
+    elif [ -f "$moddir/$m.xz" ]; then
+      xz -dc "$moddir/$m.xz" > "$d/lib/modules/$(basename "$m")"
+    elif grep -q "/$m\$" "$moddir/../modules.builtin" 2>/dev/null; then
+      :  # built into this kernel
+    else
+      die "module $m is not in $kver's package"
+    fi
   done
   cat > "$d/init" <<'INIT'
 #!/bin/sh
@@ -130,6 +145,7 @@ echo never > /sys/kernel/mm/transparent_hugepage/enabled
 echo never > /sys/kernel/mm/transparent_hugepage/defrag
 for m in irqbypass kvm kvm-amd virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev \
          virtio_pci virtio_blk tun llc stp bridge; do
+  [ -f /lib/modules/$m.ko ] || continue  # built in
   insmod /lib/modules/$m.ko 2>/tmp/insmod.err || { echo "L1: insmod $m failed: $(cat /tmp/insmod.err)"; }
 done
 echo "L1: up, kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs, $(grep -o -w -m1 -E 'svm' /proc/cpuinfo | head -1)+$(grep -o -w -m1 -E 'npt' /proc/cpuinfo | head -1)"
@@ -179,7 +195,7 @@ fi
 
 # --- this project's binaries and the L2 guest (rebuilt when one of them is newer) -------------
 bins="$cache/l1-bins.cpio.gz"
-newest="$(ls -t "$root/target/release/vmm" "$root/target/release/page-server" "$l2_initrd" "$l2_disk" "$witness" "$kernel" | head -n 1)"
+newest="$(ls -t "$root/target/release/vmm" "$root/target/release/page-server" "$l2_initrd" "$l2_disk" "$witness" "$l2_kernel" | head -n 1)"
 if [ ! -f "$bins" ] || [ "$newest" -nt "$bins" ]; then
   d="$(mktemp -d)"
   mkdir -p "$d/bin" "$d/l2" "$d/lib64" "$d/lib/x86_64-linux-gnu"
@@ -190,7 +206,7 @@ if [ ! -f "$bins" ] || [ "$newest" -nt "$bins" ]; then
       cp -L "$lib" "$d$lib"
     done
   done
-  cp "$kernel" "$d/l2/vmlinuz"
+  cp "$l2_kernel" "$d/l2/vmlinuz"
   cp "$l2_initrd" "$d/l2/initrd.gz"
   cp "$l2_disk" "$d/l2/disk.ext4"
   cp "$witness" "$d/bin/witness"
