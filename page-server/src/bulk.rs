@@ -7,8 +7,8 @@ use std::time::Duration;
 use log::{debug, warn};
 use proto::Origin;
 
-use crate::server::Core;
 use crate::session::{build_frame, Frame, Session};
+use crate::shared::Core;
 use crate::sock::Sock;
 
 pub(crate) fn run(core: Arc<Core>, mut sock: Sock, peer: String, session: Arc<Session>) {

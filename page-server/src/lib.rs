@@ -13,11 +13,14 @@
 
 mod bulk;
 pub mod cli;
+mod config;
+mod error;
 mod listen;
 mod memory;
 pub mod sched;
 mod server;
 mod session;
+mod shared;
 mod sock;
 mod stats;
 
@@ -25,72 +28,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use thiserror::Error;
-
+pub use config::{ServerConfig, DEFAULT_BULK_BUFFER_BYTES, DEFAULT_LIVENESS_TIMEOUT};
+pub use error::ServerError;
 pub use memory::{is_zero_page, FileImage, ImageError, MemoryProvider, RawRegions};
 pub use sock::{set_liveness, Addr, Sock};
 pub use stats::ServerStats;
-
-/// Default socket buffer of a bulk connection, on both sides: enough for ~10 Gbit/s at 1 ms
-/// round trip, small enough that a fault on a page queued behind it waits ~1 ms, not ~10.
-pub const DEFAULT_BULK_BUFFER_BYTES: usize = 2 << 20;
-
-/// Server tunables.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// Pages a bulk thread claims and sends per round (one or a few frames).
-    pub stream_chunk_pages: u32,
-    /// Socket buffer size of each bulk connection (SO_SNDBUF / SO_RCVBUF). Pages queued here
-    /// are already counted as sent: a fault on one waits until the stream delivers it, so this
-    /// bounds that wait (and should still cover the link's bandwidth-delay product).
-    pub bulk_buffer_bytes: usize,
-    /// Pin the event loop (control + urgent traffic) to this CPU and keep bulk threads off it.
-    pub urgent_cpu: Option<usize>,
-    /// Start in pre-copy: the memory is still being modified (a running VM). The stream sends
-    /// its pages as `Origin::Precopy`, pages marked with [`ServerHandle::resend`] go out again,
-    /// and the stream does not end until [`ServerHandle::end_precopy`].
-    pub precopy: bool,
-    /// A TCP client whose host stops answering (a cut link, a lost host) fails after this long
-    /// (keepalive + TCP_USER_TIMEOUT, see [`set_liveness`]), so its session's threads end
-    /// instead of blocking in the kernel's retransmissions. Zero: the kernel's defaults.
-    pub liveness_timeout: std::time::Duration,
-}
-
-/// Default [`ServerConfig::liveness_timeout`] (and the pager's): long enough for a congested
-/// link, short enough that a cut is noticed well within the usual recovery timeouts.
-pub const DEFAULT_LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            stream_chunk_pages: 256,
-            urgent_cpu: None,
-            bulk_buffer_bytes: DEFAULT_BULK_BUFFER_BYTES,
-            precopy: false,
-            liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
-        }
-    }
-}
-
-/// The server failed.
-#[derive(Debug, Error)]
-pub enum ServerError {
-    /// Could not listen.
-    #[error("cannot listen on {addr}")]
-    Bind {
-        /// The address.
-        addr: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The event loop failed.
-    #[error("event loop failed")]
-    Poll(#[source] std::io::Error),
-    /// The memory's layout is unusable.
-    #[error("memory cannot be served")]
-    Layout(#[source] proto::HandshakeError),
-}
 
 /// A running server; [`ServerHandle::stop`] (or drop) ends it and every session.
 pub struct ServerHandle {
@@ -99,7 +41,7 @@ pub struct ServerHandle {
     waker: Arc<mio::Waker>,
     thread: Option<JoinHandle<Result<(), ServerError>>>,
     totals: Arc<stats::Totals>,
-    core: Arc<server::Core>,
+    core: Arc<shared::Core>,
 }
 
 impl ServerHandle {
@@ -203,7 +145,7 @@ pub fn serve(
     let stop = Arc::new(AtomicBool::new(false));
     let totals = Arc::new(stats::Totals::default());
     let config_precopy = config.precopy;
-    let core = Arc::new(server::Core {
+    let core = Arc::new(shared::Core {
         map: memory::PageMap::new(mem),
         config,
         next_session: AtomicU64::new(1),

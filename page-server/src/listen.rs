@@ -8,8 +8,8 @@ use std::time::Duration;
 use log::debug;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
+use crate::error::ServerError;
 use crate::sock::{Addr, Sock};
-use crate::ServerError;
 
 pub(crate) enum Listener {
     Tcp(TcpListener),

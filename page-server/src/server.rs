@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,12 +17,12 @@ use proto::{
     MAX_REASON_BYTES, MAX_REGIONS, PROTOCOL_VERSION,
 };
 
+use crate::bulk;
+use crate::error::ServerError;
 use crate::listen::{Listener, MioSock};
-use crate::memory::PageMap;
 use crate::session::{build_frame, Claim, Frame, Session};
+use crate::shared::Core;
 use crate::sock::Addr;
-use crate::stats::Totals;
-use crate::{bulk, ServerConfig, ServerError};
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -77,24 +77,6 @@ enum Next {
     Drop(Option<String>),
     /// Hand it to a bulk thread.
     Bulk(Arc<Session>),
-}
-
-/// The running server's shared parts.
-pub(crate) struct Core {
-    /// The memory served, with its page table.
-    pub(crate) map: PageMap,
-    pub(crate) config: ServerConfig,
-    pub(crate) next_session: AtomicU64,
-    /// What every session sent.
-    pub(crate) totals: Arc<Totals>,
-    /// Pre-copy: the memory is still being modified; the stream sends `Precopy` pages and
-    /// waits for pages to send again instead of ending.
-    pub(crate) precopy: std::sync::atomic::AtomicBool,
-    /// Held (shared) while a bulk thread picks a frame's origin and builds (counts) it,
-    /// (exclusive) while pre-copy ends: after that, every `Precopy` page is counted.
-    pub(crate) precopy_gate: std::sync::RwLock<()>,
-    /// Every session opened (for pre-copy's re-sends).
-    pub(crate) sessions: std::sync::Mutex<Vec<std::sync::Weak<Session>>>,
 }
 
 /// Runs the event loop until woken with `stop` set.

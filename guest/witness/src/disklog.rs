@@ -44,7 +44,7 @@ impl LogCheck {
 }
 
 fn record(run: u64, seq: u64) -> [u8; REC] {
-    let sum = crate::mix(run ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let sum = crate::mix::mix(run ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let text = format!("WL {run:016x} {seq:016x} {sum:016x}");
     let mut r = [b' '; REC];
     r[..text.len()].copy_from_slice(text.as_bytes());
@@ -67,7 +67,7 @@ impl DiskLog {
             file: Mutex::new((file, 0)),
             synced: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            last_sync_ns: AtomicU64::new(crate::clock(libc::CLOCK_MONOTONIC)),
+            last_sync_ns: AtomicU64::new(crate::clock::clock(libc::CLOCK_MONOTONIC)),
         })
     }
 
@@ -83,8 +83,10 @@ impl DiskLog {
             Ok(()) => {
                 g.1 += 1;
                 self.synced.store(g.1, Ordering::Release);
-                self.last_sync_ns
-                    .store(crate::clock(libc::CLOCK_MONOTONIC), Ordering::Relaxed);
+                self.last_sync_ns.store(
+                    crate::clock::clock(libc::CLOCK_MONOTONIC),
+                    Ordering::Relaxed,
+                );
             }
             Err(e) => {
                 if self.errors.fetch_add(1, Ordering::Relaxed) < MAX_REPORTS {
@@ -150,7 +152,7 @@ impl DiskLog {
         }
         // the log must still be going: a disk that stopped completing writes (after a
         // migration, say) leaves the writer stuck in its sync
-        let idle_ms = crate::clock(libc::CLOCK_MONOTONIC)
+        let idle_ms = crate::clock::clock(libc::CLOCK_MONOTONIC)
             .saturating_sub(self.last_sync_ns.load(Ordering::Relaxed))
             / 1_000_000;
         if idle_ms > 10_000 {

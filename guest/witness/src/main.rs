@@ -31,7 +31,9 @@
 //!
 //! `witness peer listen=ADDR` is the stream's other end (see [`stream::peer`]).
 
+mod clock;
 mod disklog;
+mod mix;
 mod stream;
 
 use std::io::{BufRead, Write};
@@ -39,33 +41,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clock::clock;
+use mix::{mix, splitmix};
+
 const PAGE: usize = 4096;
 const WORDS: usize = PAGE / 8;
 const MAGIC: u64 = 0x2153_5345_4e54_4957; // "WITNESS!"
 /// Most `BAD` lines printed (the count goes on).
 const MAX_REPORTS: u64 = 20;
-
-pub(crate) fn clock(id: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into the valid local `ts`.
-    unsafe { libc::clock_gettime(id, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn splitmix(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    mix(*x)
-}
-
-/// splitmix64's output function.
-pub(crate) fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
 
 /// The page body's seed for a write.
 fn seed(index: u64, seq: u64) -> u64 {

@@ -14,7 +14,7 @@ const MAX_REPORTS: u64 = 10;
 
 /// Byte `i` of the stream.
 pub fn byte_at(i: u64) -> u8 {
-    crate::mix((i / 8) ^ 0x5354_5245_414d).to_le_bytes()[(i % 8) as usize]
+    crate::mix::mix((i / 8) ^ 0x5354_5245_414d).to_le_bytes()[(i % 8) as usize]
 }
 
 /// Bytes `at..at + buf.len()` of the stream.
@@ -63,8 +63,10 @@ impl Stream {
             }
         };
         let _ = conn.set_nodelay(true);
-        self.last_recv_ns
-            .store(crate::clock(libc::CLOCK_MONOTONIC), Ordering::Relaxed);
+        self.last_recv_ns.store(
+            crate::clock::clock(libc::CLOCK_MONOTONIC),
+            Ordering::Relaxed,
+        );
         self.up.store(true, Ordering::Release);
         println!("WITNESS NET up peer={peer} tries={tries}");
         let reader = match conn.try_clone() {
@@ -115,8 +117,10 @@ impl Stream {
             }
             at += n as u64;
             self.recv.store(at, Ordering::Relaxed);
-            self.last_recv_ns
-                .store(crate::clock(libc::CLOCK_MONOTONIC), Ordering::Relaxed);
+            self.last_recv_ns.store(
+                crate::clock::clock(libc::CLOCK_MONOTONIC),
+                Ordering::Relaxed,
+            );
         }
     }
 

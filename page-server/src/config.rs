@@ -1,0 +1,42 @@
+//! How a page-server runs: chunk size, socket buffers, CPU placement, pre-copy, liveness.
+
+/// Default socket buffer of a bulk connection, on both sides: enough for ~10 Gbit/s at 1 ms
+/// round trip, small enough that a fault on a page queued behind it waits ~1 ms, not ~10.
+pub const DEFAULT_BULK_BUFFER_BYTES: usize = 2 << 20;
+
+/// Server tunables.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Pages a bulk thread claims and sends per round (one or a few frames).
+    pub stream_chunk_pages: u32,
+    /// Socket buffer size of each bulk connection (SO_SNDBUF / SO_RCVBUF). Pages queued here
+    /// are already counted as sent: a fault on one waits until the stream delivers it, so this
+    /// bounds that wait (and should still cover the link's bandwidth-delay product).
+    pub bulk_buffer_bytes: usize,
+    /// Pin the event loop (control + urgent traffic) to this CPU and keep bulk threads off it.
+    pub urgent_cpu: Option<usize>,
+    /// Start in pre-copy: the memory is still being modified (a running VM). The stream sends
+    /// its pages as `Origin::Precopy`, pages marked with [`ServerHandle::resend`] go out again,
+    /// and the stream does not end until [`ServerHandle::end_precopy`].
+    pub precopy: bool,
+    /// A TCP client whose host stops answering (a cut link, a lost host) fails after this long
+    /// (keepalive + TCP_USER_TIMEOUT, see [`set_liveness`]), so its session's threads end
+    /// instead of blocking in the kernel's retransmissions. Zero: the kernel's defaults.
+    pub liveness_timeout: std::time::Duration,
+}
+
+/// Default [`ServerConfig::liveness_timeout`] (and the pager's): long enough for a congested
+/// link, short enough that a cut is noticed well within the usual recovery timeouts.
+pub const DEFAULT_LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            stream_chunk_pages: 256,
+            urgent_cpu: None,
+            bulk_buffer_bytes: DEFAULT_BULK_BUFFER_BYTES,
+            precopy: false,
+            liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
+        }
+    }
+}
