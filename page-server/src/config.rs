@@ -16,11 +16,11 @@ pub struct ServerConfig {
     /// Pin the event loop (control + urgent traffic) to this CPU and keep bulk threads off it.
     pub urgent_cpu: Option<usize>,
     /// Start in pre-copy: the memory is still being modified (a running VM). The stream sends
-    /// its pages as `Origin::Precopy`, pages marked with [`ServerHandle::resend`] go out again,
-    /// and the stream does not end until [`ServerHandle::end_precopy`].
+    /// its pages as `Origin::Precopy`, pages marked with [`crate::ServerHandle::resend`] go out again,
+    /// and the stream does not end until [`crate::ServerHandle::end_precopy`].
     pub precopy: bool,
     /// A TCP client whose host stops answering (a cut link, a lost host) fails after this long
-    /// (keepalive + TCP_USER_TIMEOUT, see [`set_liveness`]), so its session's threads end
+    /// (keepalive + TCP_USER_TIMEOUT, see [`crate::set_liveness`]), so its session's threads end
     /// instead of blocking in the kernel's retransmissions. Zero: the kernel's defaults.
     pub liveness_timeout: std::time::Duration,
 }

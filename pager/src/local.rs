@@ -9,11 +9,16 @@ use std::time::Duration;
 use page_server::{is_zero_page, FileImage};
 use proto::Layout;
 
+use crate::config::PagerConfig;
+use crate::error::PagerError;
+use crate::event::PagerEvent;
+use crate::placement::{place_fault_thread, place_streamer};
 use crate::policy::Policy;
-use crate::remote::{poll_in, Waker};
-use crate::{HostMemory, Origin, Pager, PagerConfig, PagerError, Shared, Source};
+use crate::region::HostMemory;
+use crate::shared::{Origin, Running, Shared};
+use crate::wake::{poll_in, Waker};
 
-/// Holds the streamer back until [`Pager::start_stream`] (with `stream_deferred`).
+/// Holds the streamer back until [`crate::Pager::start_stream`] (with `stream_deferred`).
 #[derive(Debug, Default)]
 pub(crate) struct StreamGate {
     open: Mutex<bool>,
@@ -91,7 +96,10 @@ fn install_from(
     Ok(())
 }
 
-pub(crate) fn start(path: &Path, config: PagerConfig) -> Result<Pager, PagerError> {
+pub(crate) fn start(
+    path: &Path,
+    config: PagerConfig,
+) -> Result<(Running, Arc<StreamGate>), PagerError> {
     let img = Arc::new(Image(FileImage::open(path, config.page_size)?));
     let layout = Layout::single(img.len() as u64);
     let mem = HostMemory::map(&layout, config.page_size).map_err(|source| PagerError::Map {
@@ -103,7 +111,7 @@ pub(crate) fn start(path: &Path, config: PagerConfig) -> Result<Pager, PagerErro
     if !config.stream_deferred {
         gate.open();
     }
-    let (shared, rx) = Pager::build(mem, config)?;
+    let (shared, rx) = Shared::start(mem, config)?;
     let waker = Arc::new(Waker::new().map_err(PagerError::Spawn)?);
     let mut threads = Vec::new();
     let (sh, im, w) = (shared.clone(), img.clone(), waker.clone());
@@ -131,7 +139,7 @@ pub(crate) fn start(path: &Path, config: PagerConfig) -> Result<Pager, PagerErro
                     let (complete, failed) = sh.wait_outcome(std::time::Duration::from_millis(50));
                     if complete {
                         sh.unregister();
-                        sh.event(crate::PagerEvent::Complete);
+                        sh.event(PagerEvent::Complete);
                         break;
                     }
                     if failed || sh.stop.load(Ordering::Acquire) {
@@ -143,18 +151,20 @@ pub(crate) fn start(path: &Path, config: PagerConfig) -> Result<Pager, PagerErro
             })
             .map_err(PagerError::Spawn)?,
     );
-    Ok(Pager {
-        shared,
-        threads,
-        waker: Some(waker),
-        events: Mutex::new(Some(rx)),
-        source: Source::Local(gate),
-    })
+    Ok((
+        Running {
+            shared,
+            threads,
+            waker,
+            events: rx,
+        },
+        gate,
+    ))
 }
 
 fn fault_loop(sh: Arc<Shared>, img: Arc<Image>, waker: Arc<Waker>) {
     let cfg = sh.config.clone();
-    crate::remote::place_fault_thread(&cfg);
+    place_fault_thread(&cfg);
     let mut policy = Policy::new(
         sh.total_pages(),
         cfg.prefetch_min_pages,
@@ -200,7 +210,7 @@ fn fault_loop(sh: Arc<Shared>, img: Arc<Image>, waker: Arc<Waker>) {
 }
 
 fn stream_loop(sh: Arc<Shared>, img: Arc<Image>, gate: &StreamGate) {
-    crate::remote::place_streamer(&sh.config);
+    place_streamer(&sh.config);
     if !gate.wait(&sh.stop) {
         return;
     }

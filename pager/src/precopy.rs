@@ -6,7 +6,9 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::{Origin, Pager, PagerError, Shared};
+use crate::error::PagerError;
+use crate::shared::{Origin, Shared};
+use crate::Pager;
 
 impl Shared {
     /// Installs a run of `count` stream pages from `first` (`data`, or zero pages) while

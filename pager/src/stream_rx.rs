@@ -13,7 +13,8 @@ use proto::{
     bit, mask_len, pages_data_len, pages_fixed, Header, Kind, Message, HEADER_LEN, PAGES_FIXED_LEN,
 };
 
-use crate::{Origin, PagerError, Shared};
+use crate::error::PagerError;
+use crate::shared::{Origin, Shared};
 
 /// Why receiving stopped.
 pub(crate) enum RxError {

@@ -1,10 +1,10 @@
 //! The network source: session setup (control, urgent, bulk connections), the streamers, the
 //! supervisor that completes, or reconnects after a loss, and starting a deferred stream.
-//! The fault thread is in `fault.rs`.
+//! The fault thread is in `fault.rs`, the state all of them share in `link.rs`.
 
 use std::io::{self, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,73 +14,21 @@ use page_server::{Addr, Sock};
 use proto::handshake::{check, offer, Offer};
 use proto::{read_frame, BitmapKind, Channel, Layout, Message, PageIndex};
 
-use crate::fault::fault_loop;
+use crate::config::{PagerConfig, RECONNECT_BACKOFF_MAX};
+use crate::error::PagerError;
+use crate::event::PagerEvent;
+use crate::placement::place_streamer;
+use crate::region::HostMemory;
+use crate::shared::{Running, Shared};
 use crate::stream_rx::{RxError, StreamRx};
-use crate::{HostMemory, Pager, PagerConfig, PagerError, PagerEvent, Shared, Source};
+use crate::wake::Waker;
 
-/// An eventfd that wakes the fault thread out of poll(2).
-#[derive(Debug)]
-pub(crate) struct Waker(OwnedFd);
+mod fault;
+mod link;
 
-impl Waker {
-    pub(crate) fn new() -> io::Result<Waker> {
-        // SAFETY: eventfd takes flags only and returns a new descriptor or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor we own.
-        Ok(Waker(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-    pub(crate) fn wake(&self) {
-        let one = 1u64;
-        // SAFETY: writing 8 bytes from a live u64 to our eventfd.
-        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-    pub(crate) fn drain(&self) {
-        let mut v = 0u64;
-        // SAFETY: reading 8 bytes into a live u64 from our non-blocking eventfd.
-        unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-    }
-    pub(crate) fn fd(&self) -> i32 {
-        self.0.as_raw_fd()
-    }
-}
-
-/// poll(2) for input on up to three descriptors (-1: none) for at most `timeout_ms`. Returns
-/// which are readable (all false on timeout or EINTR).
-pub(crate) fn poll_in(fds: [i32; 3], timeout_ms: i32) -> [bool; 3] {
-    let mut p = fds.map(|fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    });
-    // SAFETY: polling three pollfd structs we own (negative fds are ignored by the kernel).
-    let n = unsafe { libc::poll(p.as_mut_ptr(), 3, timeout_ms) };
-    if n <= 0 {
-        return [false; 3];
-    }
-    p.map(|x| x.revents != 0)
-}
-
-/// Shuts down every connection of a pager (wakes threads blocked on them).
-pub(crate) fn shutdown_all(shared: &Shared) {
-    for s in shared
-        .socks
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain(..)
-    {
-        let _ = s.shutdown(Shutdown::Both);
-    }
-}
-
-struct Session {
-    control: Sock,
-    urgent: Sock,
-    bulks: Vec<Sock>,
-    layout: Layout,
-}
+use fault::fault_loop;
+pub(crate) use link::Remote;
+use link::{Control, Session};
 
 fn proto_err(addr: &Addr, what: impl Into<String>) -> PagerError {
     PagerError::Protocol {
@@ -181,62 +129,7 @@ fn connect_session(
     })
 }
 
-/// What is written on the control connection, by whichever thread: every write holds the
-/// lock, so frames never interleave and a reconnect never misses a `start_stream`.
-#[derive(Debug, Default)]
-struct Control {
-    /// The stream was asked for (at connect, or later by [`start_stream`]); every new
-    /// session enables it again.
-    stream_started: bool,
-    /// The current session's control connection (None while reconnecting).
-    sock: Option<Sock>,
-}
-
-/// State of a remote pager shared by its threads.
-pub(crate) struct Remote {
-    pub(crate) shared: Arc<Shared>,
-    addr: Addr,
-    pub(crate) waker: Arc<Waker>,
-    /// A new urgent connection for the fault thread after a reconnect.
-    pub(crate) inbox: Mutex<Option<(Sock, u64)>>,
-    /// Host addresses to fetch as if they had faulted ([`crate::Pager::fetch_early`]).
-    pub(crate) early: Mutex<Vec<u64>>,
-    generation: AtomicU64,
-    lost: Mutex<Option<(u64, String)>>,
-    /// The layout of the first session; every reconnect must find the same.
-    layout: Layout,
-    /// How long one reconnect attempt may take (see
-    /// [`PagerConfig::reconnect_attempt_timeout`]).
-    attempt_timeout: Duration,
-    control: Mutex<Control>,
-}
-
 impl Remote {
-    pub(crate) fn report_lost(&self, generation: u64, cause: String) {
-        let sh = &self.shared;
-        if sh.is_complete() || sh.stop.load(Ordering::Acquire) {
-            return;
-        }
-        let mut l = self.lost.lock().unwrap_or_else(|p| p.into_inner());
-        if l.is_none() && generation == self.generation.load(Ordering::Acquire) {
-            *l = Some((generation, cause));
-        }
-        drop(l);
-        sh.notify();
-    }
-
-    fn register_socks(&self, s: &Session) {
-        let mut v = self.shared.socks.lock().unwrap_or_else(|p| p.into_inner());
-        for sock in std::iter::once(&s.control)
-            .chain(std::iter::once(&s.urgent))
-            .chain(s.bulks.iter())
-        {
-            if let Ok(c) = sock.try_clone() {
-                v.push(c);
-            }
-        }
-    }
-
     fn spawn_streamers(
         self: &Arc<Self>,
         bulks: Vec<Sock>,
@@ -260,7 +153,7 @@ pub(crate) fn start(
     addr: &Addr,
     adopt: Option<(HostMemory, Layout)>,
     config: PagerConfig,
-) -> Result<Pager, PagerError> {
+) -> Result<(Running, Arc<Remote>), PagerError> {
     let expected = adopt.as_ref().map(|(_, l)| l.clone()).unwrap_or_default();
     let mut session = connect_session(addr, &config, &expected, config.connect_timeout)?;
     let mem = match adopt {
@@ -274,7 +167,7 @@ pub(crate) fn start(
     };
     let stream = config.stream && !config.stream_deferred;
     let config_attempt = config.reconnect_attempt_timeout;
-    let (shared, rx) = Pager::build(mem, config)?;
+    let (shared, rx) = Shared::start(mem, config)?;
     let waker = Arc::new(Waker::new().map_err(PagerError::Spawn)?);
     let control = Control {
         stream_started: stream,
@@ -333,13 +226,15 @@ pub(crate) fn start(
             .spawn(move || supervise(r, control, streamers))
             .map_err(PagerError::Spawn)?,
     );
-    Ok(Pager {
-        shared,
-        threads,
-        waker: Some(waker),
-        events: Mutex::new(Some(rx)),
-        source: Source::Remote(remote),
-    })
+    Ok((
+        Running {
+            shared,
+            threads,
+            waker,
+            events: rx,
+        },
+        remote,
+    ))
 }
 
 /// Hands `addrs` to the fault thread, which asks for them on its next round.
@@ -380,25 +275,6 @@ pub(crate) fn start_stream(r: &Remote) -> Result<(), PagerError> {
         );
     }
     Ok(())
-}
-
-/// Places the fault thread: above the vCPUs' priority (its work is short and every vCPU waiting
-/// on a page waits for it; best effort, it needs CAP_SYS_NICE), pinned where configured.
-pub(crate) fn place_fault_thread(cfg: &PagerConfig) {
-    page_server::sched::set_nice(page_server::sched::URGENT_NICE);
-    if let Some(cpu) = cfg.fault_cpu {
-        if !page_server::sched::pin_current_thread(cpu) {
-            warn!("cannot pin the fault thread to CPU {cpu}");
-        }
-    }
-}
-
-/// Streamers run at the vCPUs' priority (below the fault thread's). Lower, they lost the CPU to
-/// busy vCPUs on a host with fewer CPUs than threads and the migration took 1.5-1.75x QEMU's
-/// time there (measured in the simulated host, where an idle guest made both equal).
-pub(crate) fn place_streamer(cfg: &PagerConfig) {
-    let _ = cfg;
-    page_server::sched::set_nice(0);
 }
 
 fn stream_loop(r: Arc<Remote>, mut sock: Sock, generation: u64) {
@@ -488,7 +364,7 @@ fn supervise(r: Arc<Remote>, control: Sock, mut streamers: Vec<std::thread::Join
         sh.event(PagerEvent::SourceLost {
             cause: cause.clone(),
         });
-        shutdown_all(&sh);
+        sh.shutdown_socks();
         drop(control.take());
         r.control.lock().unwrap_or_else(|p| p.into_inner()).sock = None;
         for t in streamers.drain(..) {
@@ -524,7 +400,7 @@ fn supervise(r: Arc<Remote>, control: Sock, mut streamers: Vec<std::thread::Join
             }
         }
     }
-    shutdown_all(&sh);
+    sh.shutdown_socks();
     r.waker.wake();
     for t in streamers {
         let _ = t.join();
@@ -597,7 +473,7 @@ fn finish(r: &Remote, control: Option<Sock>) {
         let _ = c.shutdown(Shutdown::Both);
     }
     sh.stop.store(true, Ordering::Release);
-    shutdown_all(sh);
+    sh.shutdown_socks();
     r.waker.wake();
     info!(
         "all {} pages present after {:?}; source released",
@@ -656,7 +532,7 @@ fn reconnect(r: &Arc<Remote>, since: Instant) -> Result<Reconnected, Duration> {
                     return Err(start.elapsed());
                 }
                 std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(crate::RECONNECT_BACKOFF_MAX);
+                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
             }
         }
     }

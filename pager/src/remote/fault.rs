@@ -14,9 +14,11 @@ use std::time::Instant;
 use page_server::Sock;
 use proto::{Header, Message, PageIndex, HEADER_LEN, MAX_PAYLOAD_BYTES};
 
+use super::link::Remote;
+use crate::placement::place_fault_thread;
 use crate::policy::{Policy, ReplyOutcome, Req};
-use crate::remote::{place_fault_thread, poll_in, Remote};
-use crate::Origin;
+use crate::shared::Origin;
+use crate::wake::poll_in;
 
 /// Receives into `buf[*filled..]` without blocking. Ok(false) on EOF.
 fn recv_nonblocking(sock: &Sock, buf: &mut [u8], filled: &mut usize) -> io::Result<bool> {
