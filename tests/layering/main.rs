@@ -26,7 +26,6 @@ fn root() -> PathBuf {
 const KNOWN_CIRCLES: &[&str] = &[
     "bench (bin vm-migrate): (root), modes",
     "vmm (lib): acpi, devices, dirty, dirty_uffd, linux, migration, migration::outgoing, state, vcpu, vm, vm::migrate, vm::restore",
-    "vmm (lib): virtio, virtio::blk, virtio::copy, virtio::net",
 ];
 
 /// One module: its path inside the unit (`[]` for the root) and the file that holds it.

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::error::VirtioError;
 use super::queue::{gather, scatter, Queue, QueueError};
-use super::VirtioError;
 use crate::memory::GuestRam;
 
 /// Sector size of the virtio-blk protocol.

@@ -4,7 +4,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{blk, lock, Backend, Transport};
+use super::backend::Backend;
+use super::blk;
+use super::mmio::{lock, Transport};
 
 /// How a disk copy-in (`migrate --copy-disk`) ended, for the controller.
 #[derive(Debug, Clone)]

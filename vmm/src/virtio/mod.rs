@@ -11,24 +11,30 @@
 //! backend's configuration: it migrates with the vCPUs; the backend (file, tap) is re-opened on
 //! the destination, never copied.
 
+mod backend;
 pub mod blk;
+mod config;
 mod copy;
+mod error;
+mod mmio;
 pub mod net;
 pub mod queue;
+mod rx;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestRam;
+pub use backend::{mapped_path, open_offered, Backend, F_VERSION_1};
+pub use config::{DeviceConfig, OfferedDevice};
 use copy::copy_thread;
 pub use copy::DiskCopyEvent;
-use queue::Queue;
+pub use error::VirtioError;
+use mmio::{lock, lock_by, PAUSE_WAIT, STATS_WAIT};
+pub use mmio::{BackendState, Regs, Transport, TransportState, QUEUE_MAX};
 
 /// First device's MMIO window.
 pub const MMIO_BASE: u64 = 0xd000_0000;
@@ -38,483 +44,12 @@ pub const MMIO_STRIDE: u64 = 0x1000;
 pub const MMIO_SLOTS: u32 = 8;
 /// GSI of slot 0.
 pub const GSI_BASE: u32 = 5;
-/// Largest queue a driver may set up.
-pub const QUEUE_MAX: u16 = 256;
-
-const MAGIC: u32 = 0x7472_6976;
-/// Feature bit: virtio 1.x.
-pub const F_VERSION_1: u64 = 1 << 32;
-
-const S_ACKNOWLEDGE: u32 = 1;
-const S_DRIVER_OK: u32 = 4;
-const S_FEATURES_OK: u32 = 8;
-const S_NEEDS_RESET: u32 = 0x40;
-
-/// A device could not be set up, or its state not applied.
-#[derive(Debug, Error)]
-pub enum VirtioError {
-    /// The disk image.
-    #[error("disk {path}: {what}")]
-    Disk {
-        /// The image.
-        path: String,
-        /// What is wrong.
-        what: String,
-    },
-    /// The tap device.
-    #[error("tap {name}: {what}")]
-    Tap {
-        /// Interface name.
-        name: String,
-        /// What is wrong.
-        what: String,
-    },
-    /// A bad option or state.
-    #[error("{0}")]
-    Config(String),
-    /// A device did not stop in time.
-    #[error("{0}")]
-    Busy(String),
-}
-
-/// What a device is attached to. It travels with the VM (in the migration offer and the state),
-/// so the destination opens the same backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DeviceConfig {
-    /// virtio-blk on a raw image.
-    Block(blk::BlockConfig),
-    /// virtio-net on a tap.
-    Net(net::NetConfig),
-}
-
-impl DeviceConfig {
-    /// One line for logs and errors.
-    pub fn describe(&self) -> String {
-        match self {
-            DeviceConfig::Block(b) => format!(
-                "disk {}{}",
-                b.path.display(),
-                if b.readonly { " (read-only)" } else { "" }
-            ),
-            DeviceConfig::Net(n) => format!("net tap {} mac {}", n.tap, net::mac_string(&n.mac)),
-        }
-    }
-}
-
-/// A device as a migration offer names it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OfferedDevice {
-    /// Its backend at the source.
-    pub config: DeviceConfig,
-    /// A disk's size and inode (the destination checks it opened the same file).
-    pub disk: Option<blk::DiskId>,
-    /// `--copy-disk`: the page-server serving the image (the disk is not shared).
-    pub copy_from: Option<String>,
-}
-
-/// Where the destination finds a disk: `map` renames source paths (`--disk-map FROM=TO`).
-pub fn mapped_path(path: &std::path::Path, map: &[(PathBuf, PathBuf)]) -> PathBuf {
-    map.iter()
-        .find(|(from, _)| from == path)
-        .map(|(_, to)| to.clone())
-        .unwrap_or_else(|| path.to_owned())
-}
-
-/// Opens, on a migration destination, the backends an offer names, and checks each disk is the
-/// source's file. `map` renames disk paths, `taps` tap names (`--tap-map FROM=TO`, e.g. for a
-/// migration between two VMMs on one host). The error says which device and why (the offer is
-/// then refused).
-pub fn open_offered(
-    devs: &[OfferedDevice],
-    map: &[(PathBuf, PathBuf)],
-    taps: &[(String, String)],
-) -> Result<Vec<Backend>, VirtioError> {
-    let mut out = Vec::new();
-    for d in devs {
-        out.push(match &d.config {
-            DeviceConfig::Block(b) => {
-                let cfg = blk::BlockConfig {
-                    path: mapped_path(&b.path, map),
-                    readonly: b.readonly,
-                };
-                let disk = match &d.copy_from {
-                    Some(addr) => blk::Block::copy_in(&cfg, d.disk.as_ref(), addr)?,
-                    None => {
-                        let disk = blk::Block::open(&cfg)?;
-                        if let Some(id) = &d.disk {
-                            disk.check_same(id)?;
-                        }
-                        disk
-                    }
-                };
-                Backend::Block(disk)
-            }
-            DeviceConfig::Net(n) => {
-                let tap = taps
-                    .iter()
-                    .find(|(from, _)| *from == n.tap)
-                    .map_or_else(|| n.tap.clone(), |(_, to)| to.clone());
-                Backend::Net(net::Net::open(&net::NetConfig { tap, mac: n.mac })?)
-            }
-        });
-    }
-    Ok(out)
-}
-
-/// An opened backend, ready to be attached to a transport.
-pub enum Backend {
-    /// A disk.
-    Block(blk::Block),
-    /// A NIC.
-    Net(net::Net),
-}
-
-impl Backend {
-    /// Opens `cfg`'s backend on this host.
-    pub fn open(cfg: &DeviceConfig) -> Result<Backend, VirtioError> {
-        Ok(match cfg {
-            DeviceConfig::Block(b) => Backend::Block(blk::Block::open(b)?),
-            DeviceConfig::Net(n) => Backend::Net(net::Net::open(n)?),
-        })
-    }
-
-    fn config(&self) -> DeviceConfig {
-        match self {
-            Backend::Block(b) => DeviceConfig::Block(b.config().clone()),
-            Backend::Net(n) => DeviceConfig::Net(n.config().clone()),
-        }
-    }
-
-    fn device_id(&self) -> u32 {
-        match self {
-            Backend::Block(_) => 2,
-            Backend::Net(_) => 1,
-        }
-    }
-
-    fn features(&self) -> u64 {
-        F_VERSION_1
-            | match self {
-                Backend::Block(b) => b.features(),
-                Backend::Net(_) => net::FEATURES,
-            }
-    }
-
-    fn queues(&self) -> usize {
-        match self {
-            Backend::Block(_) => 1,
-            Backend::Net(_) => 2,
-        }
-    }
-
-    fn read_config(&self, off: u64, data: &mut [u8]) {
-        let cfg = match self {
-            Backend::Block(b) => b.config_space(),
-            Backend::Net(n) => n.config_space(),
-        };
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = cfg.get(off as usize + i).copied().unwrap_or(0);
-        }
-    }
-}
-
-/// The transport registers a driver programs (saved and restored as they are).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Regs {
-    /// Device status.
-    pub status: u32,
-    /// DeviceFeaturesSel.
-    pub device_features_sel: u32,
-    /// Features the driver accepted.
-    pub driver_features: u64,
-    /// DriverFeaturesSel.
-    pub driver_features_sel: u32,
-    /// QueueSel.
-    pub queue_sel: u32,
-    /// InterruptStatus.
-    pub interrupt_status: u32,
-    /// ConfigGeneration.
-    pub config_generation: u32,
-}
-
-/// A device's saved state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TransportState {
-    /// MMIO slot.
-    pub slot: u32,
-    /// Registers.
-    pub regs: Regs,
-    /// Queues.
-    pub queues: Vec<Queue>,
-    /// The backend it was attached to.
-    pub config: DeviceConfig,
-    /// Backend state (disk identity after the flush, network counters).
-    pub backend: BackendState,
-}
-
-/// Backend part of a device's saved state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum BackendState {
-    /// Disk: its identity once flushed (the destination checks it is the same file).
-    Block(blk::DiskId),
-    /// NIC: nothing beyond the configuration.
-    Net,
-}
-
-/// One virtio-mmio device: registers, queues and backend.
-pub struct Transport {
-    slot: u32,
-    ram: GuestRam,
-    irq: EventFd,
-    regs: Regs,
-    queues: Vec<Queue>,
-    backend: Backend,
-    /// The VM is paused: no device activity (the network drops what arrives). Outside the
-    /// lock: pausing must not wait for an access that waits for guest memory.
-    paused: Arc<AtomicBool>,
-}
-
-impl Transport {
-    fn new(slot: u32, ram: GuestRam, irq: EventFd, backend: Backend) -> Transport {
-        let queues = vec![Queue::default(); backend.queues()];
-        Transport {
-            slot,
-            ram,
-            irq,
-            regs: Regs::default(),
-            queues,
-            backend,
-            paused: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::Acquire)
-    }
-
-    fn driver_ok(&self) -> bool {
-        self.regs.status & S_DRIVER_OK != 0 && self.regs.status & S_NEEDS_RESET == 0
-    }
-
-    fn reset(&mut self) {
-        self.regs = Regs {
-            config_generation: self.regs.config_generation,
-            ..Regs::default()
-        };
-        for q in &mut self.queues {
-            q.reset();
-        }
-    }
-
-    /// Raises the used-buffer interrupt.
-    fn interrupt(&mut self) {
-        self.regs.interrupt_status |= 1;
-        if let Err(e) = self.irq.write(1) {
-            log::warn!("virtio slot {}: interrupt: {e}", self.slot);
-        }
-    }
-
-    /// A driver error on a queue: the device needs a reset.
-    fn broken(&mut self, what: &str) {
-        log::warn!(
-            "virtio slot {} ({}): {what}; the device stops until the driver resets it",
-            self.slot,
-            self.backend.config().describe()
-        );
-        self.regs.status |= S_NEEDS_RESET;
-        self.regs.interrupt_status |= 2;
-        let _ = self.irq.write(1);
-    }
-
-    fn queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.regs.queue_sel as usize)
-    }
-
-    fn read(&mut self, off: u64, data: &mut [u8]) {
-        if off >= 0x100 {
-            self.backend.read_config(off - 0x100, data);
-            return;
-        }
-        let q = self.queues.get(self.regs.queue_sel as usize);
-        let v: u32 = match off {
-            0x000 => MAGIC,
-            0x004 => 2,
-            0x008 => self.backend.device_id(),
-            0x00c => 0x554d_4551, // vendor "QEMU"-style id: drivers do not check it
-            0x010 => {
-                let f = self.backend.features();
-                match self.regs.device_features_sel {
-                    0 => f as u32,
-                    1 => (f >> 32) as u32,
-                    _ => 0,
-                }
-            }
-            0x034 => q.map_or(0, |_| u32::from(QUEUE_MAX)),
-            0x044 => q.map_or(0, |q| u32::from(q.ready)),
-            0x060 => self.regs.interrupt_status,
-            0x070 => self.regs.status,
-            0x0fc => self.regs.config_generation,
-            _ => 0,
-        };
-        let b = v.to_le_bytes();
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = b.get(i).copied().unwrap_or(0);
-        }
-    }
-
-    fn write(&mut self, off: u64, data: &[u8]) {
-        if off >= 0x100 {
-            return; // no writable config fields
-        }
-        let mut b = [0u8; 4];
-        for (i, d) in data.iter().take(4).enumerate() {
-            b[i] = *d;
-        }
-        let v = u32::from_le_bytes(b);
-        let set_lo = |x: &mut u64, v: u32| *x = (*x & !0xffff_ffff) | u64::from(v);
-        let set_hi = |x: &mut u64, v: u32| *x = (*x & 0xffff_ffff) | (u64::from(v) << 32);
-        match off {
-            0x014 => self.regs.device_features_sel = v,
-            0x020 => {
-                let offered = self.backend.features();
-                let f = &mut self.regs.driver_features;
-                match self.regs.driver_features_sel {
-                    0 => set_lo(f, v & offered as u32),
-                    1 => set_hi(f, v & (offered >> 32) as u32),
-                    _ => {}
-                }
-            }
-            0x024 => self.regs.driver_features_sel = v,
-            0x030 => self.regs.queue_sel = v,
-            0x038 => {
-                if let Some(q) = self.queue() {
-                    q.size = if v > 0 && v <= u32::from(QUEUE_MAX) && v.is_power_of_two() {
-                        v as u16
-                    } else {
-                        0
-                    };
-                }
-            }
-            0x044 => {
-                if let Some(q) = self.queue() {
-                    q.ready = v == 1;
-                }
-            }
-            0x050 => self.notify(v as usize),
-            0x064 => self.regs.interrupt_status &= !v,
-            0x070 => self.set_status(v),
-            0x080 => self
-                .queue()
-                .into_iter()
-                .for_each(|q| set_lo(&mut q.desc, v)),
-            0x084 => self
-                .queue()
-                .into_iter()
-                .for_each(|q| set_hi(&mut q.desc, v)),
-            0x090 => self
-                .queue()
-                .into_iter()
-                .for_each(|q| set_lo(&mut q.avail, v)),
-            0x094 => self
-                .queue()
-                .into_iter()
-                .for_each(|q| set_hi(&mut q.avail, v)),
-            0x0a0 => self
-                .queue()
-                .into_iter()
-                .for_each(|q| set_lo(&mut q.used, v)),
-            0x0a4 => self
-                .queue()
-                .into_iter()
-                .for_each(|q| set_hi(&mut q.used, v)),
-            _ => log::debug!("virtio slot {}: write {v:#x} at +{off:#x}", self.slot),
-        }
-    }
-
-    fn set_status(&mut self, v: u32) {
-        if v == 0 {
-            self.reset();
-            return;
-        }
-        let mut v = v;
-        // FEATURES_OK sticks only for a driver that speaks virtio 1.x.
-        if v & S_FEATURES_OK != 0
-            && self.regs.status & S_FEATURES_OK == 0
-            && self.regs.driver_features & F_VERSION_1 == 0
-        {
-            log::warn!(
-                "virtio slot {}: driver did not accept VERSION_1; refusing FEATURES_OK",
-                self.slot
-            );
-            v &= !S_FEATURES_OK;
-        }
-        self.regs.status = v | (self.regs.status & S_NEEDS_RESET);
-        if v & S_ACKNOWLEDGE == 0 {
-            log::debug!("virtio slot {}: status {v:#x}", self.slot);
-        }
-    }
-
-    /// The driver made buffers available on queue `q`.
-    fn notify(&mut self, q: usize) {
-        if !self.driver_ok() || self.is_paused() {
-            return;
-        }
-        let r = match &mut self.backend {
-            Backend::Block(b) => b.process(&self.ram, &mut self.queues[..]),
-            Backend::Net(n) => n.notify(q, &self.ram, &mut self.queues[..]),
-        };
-        match r {
-            Ok(true) => self.interrupt(),
-            Ok(false) => {}
-            Err(e) => self.broken(&e.to_string()),
-        }
-    }
-
-    /// Saves the device (the VM is paused). Flushes a disk first.
-    fn save(&mut self) -> Result<TransportState, VirtioError> {
-        let backend = match &mut self.backend {
-            Backend::Block(b) => BackendState::Block(b.flush_and_identify()?),
-            Backend::Net(_) => BackendState::Net,
-        };
-        Ok(TransportState {
-            slot: self.slot,
-            regs: self.regs.clone(),
-            queues: self.queues.clone(),
-            config: self.backend.config(),
-            backend,
-        })
-    }
-}
-
-fn lock(m: &Mutex<Transport>) -> MutexGuard<'_, Transport> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// [`lock`], giving up at `deadline`: the lock's holder may be a device access waiting for a
-/// page of guest memory that never comes (a migration whose source was lost).
-fn lock_by(m: &Mutex<Transport>, deadline: Instant) -> Option<MutexGuard<'_, Transport>> {
-    loop {
-        match m.try_lock() {
-            Ok(g) => return Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) if Instant::now() >= deadline => return None,
-            Err(std::sync::TryLockError::WouldBlock) => {
-                std::thread::sleep(Duration::from_millis(1))
-            }
-        }
-    }
-}
-
-/// How long a pause waits for a device's access in flight.
-const PAUSE_WAIT: Duration = Duration::from_secs(5);
-/// How long `status` waits for a device's counters.
-const STATS_WAIT: Duration = Duration::from_millis(100);
 
 /// A device plugged into a slot, with its helper thread (network receive).
 pub struct Slot {
     transport: Arc<Mutex<Transport>>,
     paused: Arc<AtomicBool>,
-    worker: Option<net::RxWorker>,
+    worker: Option<rx::RxWorker>,
 }
 
 /// Every virtio device of a VM.
@@ -784,7 +319,7 @@ impl Slot {
         let paused = t.paused.clone();
         let transport = Arc::new(Mutex::new(t));
         let worker = match rx {
-            Some(parts) => Some(net::RxWorker::spawn(transport.clone(), parts)?),
+            Some(parts) => Some(rx::RxWorker::spawn(transport.clone(), parts)?),
             None => None,
         };
         Ok(Slot {
@@ -797,6 +332,8 @@ impl Slot {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// A device access that does not end (in the field: one waiting for guest memory whose
