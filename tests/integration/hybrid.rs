@@ -176,8 +176,8 @@ fn hybrid_with_userfaultfd_write_protect_tracking() {
         return;
     }
     let backends = [
-        ("uffd-wp", vmm::dirty_uffd::UffdWp::available()),
-        ("uffd-wp-async", vmm::dirty_uffd::UffdWpAsync::available()),
+        ("uffd-wp", vmm::dirty::uffd::UffdWp::available()),
+        ("uffd-wp-async", vmm::dirty::uffd::UffdWpAsync::available()),
     ];
     for (backend, avail) in backends {
         if let Err(e) = avail {
@@ -203,8 +203,8 @@ fn vmm_writes_during_precopy_are_tracked() {
     }
     let backends = [
         ("kvm", Ok(())),
-        ("uffd-wp", vmm::dirty_uffd::UffdWp::available()),
-        ("uffd-wp-async", vmm::dirty_uffd::UffdWpAsync::available()),
+        ("uffd-wp", vmm::dirty::uffd::UffdWp::available()),
+        ("uffd-wp-async", vmm::dirty::uffd::UffdWpAsync::available()),
     ];
     let pattern: String = (0..4096)
         .map(|i| format!("{:02x}", (i * 7 + 1) % 251))

@@ -12,7 +12,7 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::state::{Persist, StateError};
+use crate::persist::{Persist, StateError};
 use crate::virtio::{TransportState, VirtioDevices};
 
 /// COM1 base port.

@@ -21,98 +21,15 @@ use kvm_bindings::{KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_S
 use kvm_ioctls::VmFd;
 use proto::{Message, HEADER_LEN, MAX_PAYLOAD_BYTES};
 use serde::{Deserialize, Deserializer, Serialize};
-use thiserror::Error;
 
 use crate::devices::DevicesState;
+pub use crate::persist::{Persist, StateError};
+
+/// Largest vCPU count (our guest's limit, and the xAPIC id space we use).
+pub const MAX_VCPUS: u32 = 16;
 
 /// Version of the [`Snapshot`] encoding.
 pub const STATE_VERSION: u32 = 2;
-
-/// Saving or restoring state failed.
-#[derive(Debug, Error)]
-pub enum StateError {
-    /// A KVM ioctl failed.
-    #[error("KVM {op} failed")]
-    Kvm {
-        /// The ioctl.
-        op: &'static str,
-        /// errno.
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    /// KVM accepted only part of the MSRs.
-    #[error("KVM {op}: {done} of {want} MSRs (stopped at index {index:#x})")]
-    Msrs {
-        /// Get or set.
-        op: &'static str,
-        /// Accepted.
-        done: usize,
-        /// Asked.
-        want: usize,
-        /// First MSR not accepted.
-        index: u32,
-    },
-    /// The state does not fit what it is restored into.
-    #[error("invalid state: {0}")]
-    Invalid(String),
-    /// The state file could not be read or written.
-    #[error("state file {path}")]
-    Io {
-        /// The file.
-        path: String,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The state file is larger than a state frame may be.
-    #[error("state file {path} has {len} bytes, more than the {cap}-byte cap")]
-    TooLarge {
-        /// The file.
-        path: String,
-        /// Its size.
-        len: u64,
-        /// The cap.
-        cap: u64,
-    },
-    /// The envelope is not a valid state frame (magic, version, length, CRC).
-    #[error("state file {path} is not a valid state frame")]
-    Frame {
-        /// The file.
-        path: String,
-        /// Cause.
-        #[source]
-        source: proto::DecodeError,
-    },
-    /// Bytes after the frame.
-    #[error("state file {path} has {extra} bytes after the state frame")]
-    Trailing {
-        /// The file.
-        path: String,
-        /// How many.
-        extra: usize,
-    },
-    /// Another state version.
-    #[error("state version {found} (this vmm reads version {STATE_VERSION})")]
-    Version {
-        /// Found in the blob.
-        found: u32,
-    },
-    /// The blob does not decode.
-    #[error("state blob does not decode")]
-    Decode(#[source] postcard::Error),
-}
-
-/// A component whose state is saved and restored.
-pub trait Persist: Sized {
-    /// The saved form.
-    type State;
-    /// Live resources needed to rebuild it.
-    type Args;
-    /// Captures the state (the VM is paused).
-    fn save(&self) -> Result<Self::State, StateError>;
-    /// Rebuilds the component from `state`.
-    fn restore(args: Self::Args, state: &Self::State) -> Result<Self, StateError>;
-}
 
 /// One vCPU's complete state.
 #[derive(Debug, Serialize, Deserialize)]
@@ -220,7 +137,7 @@ fn capped<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 }
 
 fn vcpus_capped<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<VcpuState>, D::Error> {
-    capped(d, crate::vm::MAX_VCPUS as usize, "vCPU states")
+    capped(d, MAX_VCPUS as usize, "vCPU states")
 }
 
 pub(crate) fn cpuid_capped<'de, D: Deserializer<'de>>(
@@ -298,7 +215,10 @@ pub fn decode(bytes: &[u8], path: &str) -> Result<Snapshot, StateError> {
     };
     let found = u32::from_le_bytes(*v);
     if found != STATE_VERSION {
-        return Err(StateError::Version { found });
+        return Err(StateError::Version {
+            found,
+            supported: STATE_VERSION,
+        });
     }
     let (s, left) = postcard::take_from_bytes::<Snapshot>(rest).map_err(StateError::Decode)?;
     if !left.is_empty() {
@@ -479,7 +399,7 @@ mod tests {
         Message::State { blob: &blob }.encode(&mut out);
         assert!(matches!(
             decode(&out, "x"),
-            Err(StateError::Version { found }) if found == other
+            Err(StateError::Version { found, .. }) if found == other
         ));
     }
 
@@ -534,7 +454,7 @@ mod tests {
 
     #[test]
     fn hostile_vcpu_and_cpuid_counts_are_refused() {
-        let max = crate::vm::MAX_VCPUS as usize;
+        let max = MAX_VCPUS as usize;
         assert_eq!(decode(&minimal_vcpus(max), "x").unwrap().vcpus.len(), max);
         for n in [max + 1, 100_000] {
             let e = decode(&minimal_vcpus(n), "x").unwrap_err();

@@ -15,19 +15,20 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use pager::{Pager, PagerEvent};
 use serde_json::json;
-use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
 pub use crate::config::{BootSource, Exit, RestoreConfig, RestoreMemory, RunConfig, SerialOut};
-pub use restore::{Finish, Prepared, ServedAs};
+use crate::error::kvm_err;
+pub use crate::error::{error_chain, VmError};
 
 mod migrate;
-mod restore;
+pub mod restore;
+mod roles;
 use crate::control::{self, Incoming, Reply, Request};
 use crate::devices::{Console, ConsoleOut, DeviceEvent, Devices, COM1_GSI};
-use crate::memory::{GuestRam, MemoryError};
-use crate::state::{self, MachineConfig, Snapshot, StateError};
+use crate::memory::GuestRam;
+use crate::state::{self, MachineConfig, Snapshot, MAX_VCPUS};
 use crate::vcpu::{self, Command, Vcpu, VcpuHandle, VcpuReport};
 use crate::virtio::{Backend, VirtioDevices, VirtioError};
 
@@ -37,66 +38,6 @@ pub static PROCESS_START: OnceLock<Instant> = OnceLock::new();
 fn since_start() -> Duration {
     PROCESS_START.get_or_init(Instant::now).elapsed()
 }
-
-/// Building or running the VM failed.
-#[derive(Debug, Error)]
-pub enum VmError {
-    /// /dev/kvm or a VM-level ioctl.
-    #[error("KVM {op} failed")]
-    Kvm {
-        /// The operation.
-        op: &'static str,
-        /// errno.
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    /// Guest memory.
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
-    /// Boot image.
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    /// Saving / restoring state.
-    #[error(transparent)]
-    State(#[from] StateError),
-    /// The control socket.
-    #[error(transparent)]
-    Control(#[from] control::ControlError),
-    /// Lazy restore could not start paging.
-    #[error("lazy restore from {addr}")]
-    Pager {
-        /// The page-server.
-        addr: String,
-        /// Cause.
-        #[source]
-        source: pager::PagerError,
-    },
-    /// A configuration the VMM refuses.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// Threads, eventfds.
-    #[error("{what}")]
-    Os {
-        /// What failed.
-        what: &'static str,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A virtio device.
-    #[error(transparent)]
-    Device(#[from] crate::virtio::VirtioError),
-    /// vCPUs did not pause.
-    #[error("vCPUs did not pause within {0:?}")]
-    PauseTimeout(Duration),
-}
-
-fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-    move |source| VmError::Kvm { op, source }
-}
-
-/// Largest vCPU count (our guest's limit, and the xAPIC id space we use).
-pub const MAX_VCPUS: u32 = 16;
 
 /// Everything the controller reacts to.
 pub enum Event {
@@ -177,9 +118,9 @@ pub struct Vm {
     created: Instant,
     guest: GuestCpu,
     /// Migrating away.
-    source: Option<migrate::Source>,
+    source: Option<roles::Source>,
     /// Arrived by migration, still paging in.
-    dest: Option<migrate::Dest>,
+    dest: Option<roles::Dest>,
     /// Serves guest RAM after a migration whose outcome is unknown.
     kept_server: Vec<page_server::ServerHandle>,
     /// Pages KVM owned when the migration paused the VM (left out of RAM comparisons).
@@ -899,18 +840,6 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
-}
-
-/// `err: cause: cause` on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// Interrupt eventfds for virtio slots, each registered as the slot's GSI.

@@ -274,14 +274,14 @@ pub enum MigrationError {
     DestinationFailed(String),
     /// The VM could not be prepared or rebuilt.
     #[error(transparent)]
-    Vm(Box<crate::vm::VmError>),
+    Vm(Box<crate::error::VmError>),
     /// Anything else the migration cannot go on from.
     #[error("{0}")]
     Other(String),
 }
 
-impl From<crate::vm::VmError> for MigrationError {
-    fn from(e: crate::vm::VmError) -> Self {
+impl From<crate::error::VmError> for MigrationError {
+    fn from(e: crate::error::VmError) -> Self {
         MigrationError::Vm(Box::new(e))
     }
 }
@@ -399,7 +399,7 @@ impl Link {
             other => MigrationError::Protocol(format!(
                 "from {}: {}",
                 self.peer,
-                crate::vm::error_chain(&other)
+                crate::error::error_chain(&other)
             )),
         })?;
         let mut frame = Vec::with_capacity(HEADER_LEN + self.buf.len());

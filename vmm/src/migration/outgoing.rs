@@ -5,7 +5,7 @@
 
 use std::net::Shutdown;
 use std::ptr::NonNull;
-use std::sync::mpsc::{Sender, SyncSender};
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,7 +16,6 @@ use serde_json::{json, Value};
 
 use super::{mono_ns, Link, MigrationError, Mode, Offer, Plan, Wire};
 use crate::memory::PAGE_SIZE;
-use crate::vm::Event;
 
 /// Time allowed for the destination to build its VM shell and answer the offer.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -75,13 +74,17 @@ pub struct Context {
     pub regions: Vec<(u64, u64)>,
     /// The RAM layout (guest-physical ranges).
     pub layout: Layout,
-    /// The controller.
-    pub events: Sender<Event>,
+    /// The controller: takes each [`MigEvent`]; false once it is gone.
+    pub events: Controller,
     /// Mode and pre-copy limits.
     pub plan: Plan,
     /// Set by `migrate-switchover`: end the pre-copy passes now.
     pub switchover: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// How the migration thread reaches the VM's controller (which wraps each [`MigEvent`] into an
+/// event of its own): returns false once the controller is gone.
+pub type Controller = Arc<dyn Fn(MigEvent) -> bool + Send + Sync>;
 
 /// A running migration (source side).
 pub struct Outgoing {
@@ -140,7 +143,7 @@ impl Drop for Outgoing {
 fn run(ctx: Context, addr: Addr, sock: Sock) {
     let events = ctx.events.clone();
     let send = |e: MigEvent| {
-        let _ = events.send(Event::Migration(e));
+        events(e);
     };
     let pages = page_server_addr(&sock);
     let remove_socket = || {
@@ -155,11 +158,11 @@ fn run(ctx: Context, addr: Addr, sock: Sock) {
         }
         Err(Outcome::NotRun(e)) => {
             remove_socket();
-            send(MigEvent::Failed(crate::vm::error_chain(&e)))
+            send(MigEvent::Failed(crate::error::error_chain(&e)))
         }
         // the page-server goes on serving (a destination that runs the VM needs its pages)
         Err(Outcome::Unknown(e, server)) => {
-            send(MigEvent::Stuck(crate::vm::error_chain(&e), server))
+            send(MigEvent::Stuck(crate::error::error_chain(&e), server))
         }
     }
 }
@@ -214,7 +217,7 @@ fn serve_disks(offer: &mut Offer, pages: &Addr) -> Result<Vec<ServerHandle>, Mig
             Addr::Unix(p) => Addr::Unix(p.with_extension(format!("disk{i}"))),
         };
         let server = page_server::serve(Arc::new(img), &at, ServerConfig::default())
-            .map_err(|e| err(crate::vm::error_chain(&e)))?;
+            .map_err(|e| err(crate::error::error_chain(&e)))?;
         log::info!(
             "serving {} for the destination on {}",
             b.path.display(),
@@ -265,7 +268,9 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
             ..ServerConfig::default()
         },
     )
-    .map_err(|e| MigrationError::Other(format!("page-server: {}", crate::vm::error_chain(&e))))?;
+    .map_err(|e| {
+        MigrationError::Other(format!("page-server: {}", crate::error::error_chain(&e)))
+    })?;
     let mut offer = ctx.offer.clone();
     offer.page_server = addr_string(server.addr());
     let mut disks = if ctx.plan.copy_disk {
@@ -314,9 +319,9 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
     };
     // Switchover: the controller pauses and saves.
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    ctx.events
-        .send(Event::Migration(MigEvent::Switchover(tx)))
-        .map_err(|_| MigrationError::Other("the VM is gone".into()))?;
+    if !(ctx.events)(MigEvent::Switchover(tx)) {
+        return Err(MigrationError::Other("the VM is gone".into()).into());
+    }
     let sw = match rx.recv_timeout(Duration::from_secs(20)) {
         Ok(Ok(sw)) => sw,
         Ok(Err(why)) => {
@@ -396,7 +401,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
             if let Some(e) = &link_lost {
                 log::info!(
                     "the destination's pagers have every page (the migration link was lost: {})",
-                    crate::vm::error_chain(e)
+                    crate::error::error_chain(e)
                 );
             }
             break json!({"completion": "learnt from the page-servers (migration link lost)"})
@@ -435,10 +440,10 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
             Err(e) => {
                 log::warn!(
                     "migration link lost after the switch ({}); memory stays served, waiting up to {:?} for the destination's pagers to finish",
-                    crate::vm::error_chain(&e),
+                    crate::error::error_chain(&e),
                     ctx.plan.recover_timeout
                 );
-                lost_at = Some((Instant::now(), crate::vm::error_chain(&e)));
+                lost_at = Some((Instant::now(), crate::error::error_chain(&e)));
                 link_lost = Some(e);
                 continue;
             }
@@ -450,14 +455,14 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
                 let mbps =
                     (present.saturating_sub(last.1) * u64::from(PAGE_SIZE)) as f64 / dt / 1e6;
                 last = (Instant::now(), present);
-                let _ = ctx.events.send(Event::Migration(MigEvent::Progress(json!({
+                (ctx.events)(MigEvent::Progress(json!({
                     "phase": "postcopy",
                     "pages_present": present,
                     "pages_total": total,
                     "percent": if total > 0 { present as f64 * 100.0 / total as f64 } else { 100.0 },
                     "mb_per_s": mbps,
                     "elapsed_ms": t_start.elapsed().as_secs_f64() * 1e3,
-                }))));
+                })));
             }
             Wire::Complete { report } => break report,
             other => {
@@ -530,9 +535,9 @@ struct Precopied {
 
 fn dirty_op(ctx: &Context, op: DirtyOp) -> Result<(Vec<u8>, u64), MigrationError> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    ctx.events
-        .send(Event::Migration(MigEvent::Dirty(op, tx)))
-        .map_err(|_| MigrationError::Other("the VM is gone".into()))?;
+    if !(ctx.events)(MigEvent::Dirty(op, tx)) {
+        return Err(MigrationError::Other("the VM is gone".into()));
+    }
     rx.recv_timeout(Duration::from_secs(20))
         .map_err(|_| MigrationError::Other("the controller did not answer".into()))?
         .map_err(|e| MigrationError::Other(format!("dirty logging: {e}")))
@@ -590,13 +595,13 @@ fn precopy(
             "dirty_rate_pages_s": n as f64 / secs.max(1e-6),
             "ms": secs * 1e3,
         });
-        let _ = ctx.events.send(Event::Migration(MigEvent::Progress(json!({
+        (ctx.events)(MigEvent::Progress(json!({
             "phase": "precopy",
             "pass": pass,
             "pages_sent": sent - sent_before,
             "pages_dirtied": n,
             "elapsed_ms": t_start.elapsed().as_secs_f64() * 1e3,
-        }))));
+        })));
         log::info!("pre-copy pass {pass}: {p}");
         passes.push(p);
         sent_before = sent;

@@ -6,36 +6,12 @@ use std::time::Instant;
 
 use serde_json::json;
 
+use super::roles::{Dest, Source};
 use super::{error_chain, Exit, Vm};
 use crate::control::{Reply, Request};
 use crate::migration::outgoing::{Context, DirtyOp, MigEvent, Outgoing, Switch};
 use crate::migration::{mono_ns, Link, Mode, Offer, Plan, Wire, PROGRESS_EVERY, REQUIRED_CAPS};
 use crate::state;
-
-/// A migration this VM is the source of.
-pub(super) struct Source {
-    pub(super) run: Outgoing,
-    pub(super) reply: std::sync::mpsc::Sender<Reply>,
-    /// The migration paused the VM (and resumes it if the destination never ran it).
-    pub(super) paused_it: bool,
-    /// Add the checksum of RAM at the pause to the report.
-    pub(super) verify: bool,
-    /// Ends the pre-copy passes (`migrate-switchover`).
-    pub(super) switchover: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    pub(super) hybrid: bool,
-}
-
-/// This VM arrived by migration and still depends on its source.
-pub(super) struct Dest {
-    pub(super) link: Link,
-    pub(super) last_progress: Instant,
-    /// Every RAM page is here (disks copied in may still be coming).
-    pub(super) memory_complete: bool,
-    /// Reports of the disks copied in so far.
-    pub(super) disk_copies: Vec<serde_json::Value>,
-    /// Disks still being copied in (counted down as their `Done` events are handled).
-    pub(super) disks_pending: usize,
-}
 
 impl Vm {
     /// `migrate` from the control socket: starts the source side, or replies with why not.
@@ -104,7 +80,10 @@ impl Vm {
                 .map(|&(_, h, l)| (h, l))
                 .collect(),
             layout: self.ram.layout(),
-            events: self.tx.clone(),
+            events: {
+                let tx = self.tx.clone();
+                std::sync::Arc::new(move |e| tx.send(super::Event::Migration(e)).is_ok())
+            },
             plan,
             switchover: switchover.clone(),
         };

@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use thiserror::Error;
 
-use crate::dirty::PageSet;
+use super::pageset::PageSet;
 use crate::memory::{GuestRam, PAGE_SIZE};
 
 const UFFD_API: u64 = 0xAA;
