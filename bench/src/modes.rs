@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::qemu::QemuMode;
-use crate::{progress, run_ours, run_qemu, Args, Row};
+use crate::runs::{progress, run_ours, run_qemu, Args, Row};
 
 #[derive(Debug, Default, Serialize)]
 struct ModeRow {
