@@ -7,9 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use page_server::sched::pin_current_thread;
-use pager::uffd::Uffd;
 use pager::{Addr, Pager, PagerConfig};
+use transport::sched::pin_current_thread;
+use uffd::Uffd;
 
 use crate::image::Rng;
 
@@ -116,7 +116,7 @@ impl Pinned {
 impl Drop for Pinned {
     fn drop(&mut self) {
         if self.0 {
-            page_server::sched::allow_all_cpus();
+            transport::sched::allow_all_cpus();
         }
     }
 }

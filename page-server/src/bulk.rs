@@ -9,15 +9,15 @@ use proto::Origin;
 
 use crate::session::{build_frame, Frame, Session};
 use crate::shared::Core;
-use crate::sock::Sock;
+use transport::Sock;
 
 pub(crate) fn run(core: Arc<Core>, mut sock: Sock, peer: String, session: Arc<Session>) {
     // spawned by the event loop, which may be pinned: the stream may use every CPU, at a
     // priority below the loop's (normal: nice 0, the loop's is raised)
     if core.config.urgent_cpu.is_some() {
-        crate::sched::allow_all_cpus();
+        transport::sched::allow_all_cpus();
     }
-    crate::sched::set_nice(0);
+    transport::sched::set_nice(0);
     sock.set_buffers(core.config.bulk_buffer_bytes);
     let _ = sock.set_write_timeout(Some(Duration::from_secs(60)));
     let map = &core.map;

@@ -8,7 +8,9 @@ use anyhow::Context;
 use clap::Parser;
 use log::info;
 
-use crate::{serve, Addr, FileImage, ServerConfig};
+use transport::{Addr, FileImage};
+
+use crate::{serve, ServerConfig};
 
 /// Serve the pages of a raw memory image to post-copy pagers.
 ///

@@ -1,8 +1,6 @@
 //! How a page-server runs: chunk size, socket buffers, CPU placement, pre-copy, liveness.
 
-/// Default socket buffer of a bulk connection, on both sides: enough for ~10 Gbit/s at 1 ms
-/// round trip, small enough that a fault on a page queued behind it waits ~1 ms, not ~10.
-pub const DEFAULT_BULK_BUFFER_BYTES: usize = 2 << 20;
+use transport::{DEFAULT_BULK_BUFFER_BYTES, DEFAULT_LIVENESS_TIMEOUT};
 
 /// Server tunables.
 #[derive(Debug, Clone)]
@@ -20,14 +18,10 @@ pub struct ServerConfig {
     /// and the stream does not end until [`crate::ServerHandle::end_precopy`].
     pub precopy: bool,
     /// A TCP client whose host stops answering (a cut link, a lost host) fails after this long
-    /// (keepalive + TCP_USER_TIMEOUT, see [`crate::set_liveness`]), so its session's threads end
+    /// (keepalive + TCP_USER_TIMEOUT, see [`transport::set_liveness`]), so its session's threads end
     /// instead of blocking in the kernel's retransmissions. Zero: the kernel's defaults.
     pub liveness_timeout: std::time::Duration,
 }
-
-/// Default [`ServerConfig::liveness_timeout`] (and the pager's): long enough for a congested
-/// link, short enough that a cut is noticed well within the usual recovery timeouts.
-pub const DEFAULT_LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Default for ServerConfig {
     fn default() -> Self {

@@ -17,22 +17,20 @@ mod config;
 mod error;
 mod listen;
 mod memory;
-pub mod sched;
 mod server;
 mod session;
 mod shared;
-mod sock;
 mod stats;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-pub use config::{ServerConfig, DEFAULT_BULK_BUFFER_BYTES, DEFAULT_LIVENESS_TIMEOUT};
+pub use config::ServerConfig;
 pub use error::ServerError;
-pub use memory::{is_zero_page, FileImage, ImageError, MemoryProvider, RawRegions};
-pub use sock::{set_liveness, Addr, Sock};
+pub use memory::{MemoryProvider, RawRegions};
 pub use stats::ServerStats;
+use transport::Addr;
 
 /// A running server; [`ServerHandle::stop`] (or drop) ends it and every session.
 pub struct ServerHandle {

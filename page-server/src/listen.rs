@@ -1,5 +1,5 @@
 //! Listening and accepting: TCP or a Unix socket, chosen by the address's form; accepted
-//! TCP connections get TCP_NODELAY and the liveness options (see [`crate::sock::set_liveness`]).
+//! TCP connections get TCP_NODELAY and the liveness options (see [`transport::set_liveness`]).
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
@@ -9,7 +9,7 @@ use log::debug;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::error::ServerError;
-use crate::sock::{Addr, Sock};
+use transport::{Addr, Sock};
 
 pub(crate) enum Listener {
     Tcp(TcpListener),
@@ -102,7 +102,7 @@ pub(crate) fn accept(listener: &mut Listener, liveness: Duration) -> io::Result<
     match listener {
         Listener::Tcp(l) => l.accept().map(|(s, a)| {
             let _ = s.set_nodelay(true);
-            if let Err(e) = crate::sock::set_liveness(s.as_raw_fd(), liveness) {
+            if let Err(e) = transport::set_liveness(s.as_raw_fd(), liveness) {
                 debug!("client {a}: keepalive options: {e}");
             }
             (MioSock::Tcp(s), a.to_string())

@@ -22,7 +22,7 @@ use crate::error::ServerError;
 use crate::listen::{Listener, MioSock};
 use crate::session::{build_frame, Claim, Frame, Session};
 use crate::shared::Core;
-use crate::sock::Addr;
+use transport::Addr;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -90,9 +90,9 @@ pub(crate) fn run(
     // The loop answers the destination's faults: above normal priority (short work that a
     // waiting vCPU waits for; best effort, it needs CAP_SYS_NICE), so that neither the bulk
     // stream nor the guest's own vCPUs delay a fault reply.
-    crate::sched::set_nice(crate::sched::URGENT_NICE);
+    transport::sched::set_nice(transport::sched::URGENT_NICE);
     if let Some(cpu) = core.config.urgent_cpu {
-        if !crate::sched::pin_current_thread(cpu) {
+        if !transport::sched::pin_current_thread(cpu) {
             warn!("cannot pin the event loop to CPU {cpu}");
         }
     }

@@ -11,9 +11,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use proto::bitmap::AtomicBitmap;
 use proto::{encode_pages_prefix, mask_len, Origin, PageIndex, MAX_PAGES_PER_FRAME};
 
-use crate::memory::{is_zero_page, PageMap};
-use crate::sock::Sock;
+use crate::memory::PageMap;
 use crate::stats::{Counters, Totals};
+use proto::is_zero_page;
+use transport::Sock;
 
 #[derive(Debug, Default)]
 struct Flow {

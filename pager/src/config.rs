@@ -53,7 +53,7 @@ pub struct PagerConfig {
     /// Page size in bytes.
     pub page_size: u32,
     /// Socket buffer size of each bulk connection (see
-    /// [`page_server::DEFAULT_BULK_BUFFER_BYTES`]): bounds how long a fault on a page already
+    /// [`transport::DEFAULT_BULK_BUFFER_BYTES`]): bounds how long a fault on a page already
     /// streamed, still queued, waits.
     pub bulk_buffer_bytes: usize,
 }
@@ -70,12 +70,12 @@ impl Default for PagerConfig {
             reconnect_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
             reconnect_attempt_timeout: Duration::from_millis(250),
-            liveness_timeout: page_server::DEFAULT_LIVENESS_TIMEOUT,
+            liveness_timeout: transport::DEFAULT_LIVENESS_TIMEOUT,
             stall_timeout: Duration::from_secs(30),
             reply_spin: Duration::ZERO,
             fault_cpu: None,
             page_size: 4096,
-            bulk_buffer_bytes: page_server::DEFAULT_BULK_BUFFER_BYTES,
+            bulk_buffer_bytes: transport::DEFAULT_BULK_BUFFER_BYTES,
         }
     }
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::uffd::UffdError;
+use uffd::UffdError;
 
 /// The pager failed.
 #[derive(Debug, Error)]
@@ -71,7 +71,7 @@ pub enum PagerError {
     },
     /// The local image could not be used.
     #[error("local image")]
-    Image(#[from] page_server::ImageError),
+    Image(#[from] transport::ImageError),
     /// A thread could not be started.
     #[error("cannot start a pager thread")]
     Spawn(#[source] std::io::Error),

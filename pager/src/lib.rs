@@ -30,7 +30,7 @@ mod remote;
 mod shared;
 mod stats;
 mod stream_rx;
-pub mod uffd;
+
 mod wake;
 
 use std::sync::atomic::Ordering;
@@ -44,11 +44,11 @@ use proto::Layout;
 pub use config::{PagerConfig, RECONNECT_BACKOFF_MAX};
 pub use error::PagerError;
 pub use event::PagerEvent;
-pub use page_server::Addr;
 pub use policy::{Action, Policy, Req};
 pub use region::HostMemory;
 use shared::{Running, Shared};
 pub use stats::{Histogram, LatencySummary, Report, Stats};
+pub use transport::Addr;
 use wake::Waker;
 
 /// Where pages come from, as far as the owner can still steer it.

@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use page_server::{is_zero_page, FileImage};
+use proto::is_zero_page;
 use proto::Layout;
+use transport::FileImage;
 
 use crate::config::PagerConfig;
 use crate::error::PagerError;

@@ -7,9 +7,9 @@ use crate::config::PagerConfig;
 /// Places the fault thread: above the vCPUs' priority (its work is short and every vCPU waiting
 /// on a page waits for it; best effort, it needs CAP_SYS_NICE), pinned where configured.
 pub(crate) fn place_fault_thread(cfg: &PagerConfig) {
-    page_server::sched::set_nice(page_server::sched::URGENT_NICE);
+    transport::sched::set_nice(transport::sched::URGENT_NICE);
     if let Some(cpu) = cfg.fault_cpu {
-        if !page_server::sched::pin_current_thread(cpu) {
+        if !transport::sched::pin_current_thread(cpu) {
             warn!("cannot pin the fault thread to CPU {cpu}");
         }
     }
@@ -20,5 +20,5 @@ pub(crate) fn place_fault_thread(cfg: &PagerConfig) {
 /// time there (measured in the simulated host, where an idle guest made both equal).
 pub(crate) fn place_streamer(cfg: &PagerConfig) {
     let _ = cfg;
-    page_server::sched::set_nice(0);
+    transport::sched::set_nice(0);
 }

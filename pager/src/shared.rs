@@ -16,8 +16,8 @@ use crate::event::PagerEvent;
 use crate::policy::{Action, Policy, Req};
 use crate::region::HostMemory;
 use crate::stats::Stats;
-use crate::uffd::Uffd;
 use crate::wake::Waker;
+use uffd::Uffd;
 
 #[derive(Debug, Default)]
 struct Outcome {
@@ -43,7 +43,7 @@ pub(crate) struct Shared {
     cv: Condvar,
     events: Mutex<Option<Sender<PagerEvent>>>,
     /// Every live connection, so any thread can shut them all down.
-    pub(crate) socks: Mutex<Vec<page_server::Sock>>,
+    pub(crate) socks: Mutex<Vec<transport::Sock>>,
     /// Pages the fault thread awaits from the stream (answered `InFlight`): while non-zero, a
     /// streamer wakes the fault thread after each install.
     pub(crate) awaited_from_stream: AtomicU64,

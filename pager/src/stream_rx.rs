@@ -8,10 +8,10 @@
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 
-use page_server::Sock;
 use proto::{
     bit, mask_len, pages_data_len, pages_fixed, Header, Kind, Message, HEADER_LEN, PAGES_FIXED_LEN,
 };
+use transport::Sock;
 
 use crate::error::PagerError;
 use crate::shared::{Origin, Shared};

@@ -59,6 +59,7 @@ mod frame;
 pub mod handshake;
 mod layout;
 mod msg;
+mod zero;
 
 pub use error::{DecodeError, HandshakeError};
 pub use frame::{
@@ -73,3 +74,4 @@ pub use msg::{
     BitmapKind, Channel, Hello, Message, Origin, Pages, Request, Run, Welcome, MAX_PAGES_PER_FRAME,
     MAX_PAGE_DATA_BYTES, MAX_REASON_BYTES, PAGES_FIXED_LEN,
 };
+pub use zero::is_zero_page;

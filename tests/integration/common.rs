@@ -11,7 +11,7 @@ pub use tests::skip;
 
 /// Whether userfaultfd works here; prints the SKIPPED line when not.
 pub fn uffd_or_skip(test: &str) -> bool {
-    match pager::uffd::probe() {
+    match uffd::probe() {
         Ok(_) => true,
         Err(e) => {
             crate::common::skip(format_args!("{test}: userfaultfd unavailable: {e}"));

@@ -176,8 +176,11 @@ fn hybrid_with_userfaultfd_write_protect_tracking() {
         return;
     }
     let backends = [
-        ("uffd-wp", vmm::dirty::uffd::UffdWp::available()),
-        ("uffd-wp-async", vmm::dirty::uffd::UffdWpAsync::available()),
+        ("uffd-wp", vmm::dirty::uffd_wp::UffdWp::available()),
+        (
+            "uffd-wp-async",
+            vmm::dirty::uffd_wp::UffdWpAsync::available(),
+        ),
     ];
     for (backend, avail) in backends {
         if let Err(e) = avail {
@@ -203,8 +206,11 @@ fn vmm_writes_during_precopy_are_tracked() {
     }
     let backends = [
         ("kvm", Ok(())),
-        ("uffd-wp", vmm::dirty::uffd::UffdWp::available()),
-        ("uffd-wp-async", vmm::dirty::uffd::UffdWpAsync::available()),
+        ("uffd-wp", vmm::dirty::uffd_wp::UffdWp::available()),
+        (
+            "uffd-wp-async",
+            vmm::dirty::uffd_wp::UffdWpAsync::available(),
+        ),
     ];
     let pattern: String = (0..4096)
         .map(|i| format!("{:02x}", (i * 7 + 1) % 251))

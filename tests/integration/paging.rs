@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use page_server::{serve, Addr, FileImage, ServerConfig};
+use page_server::{serve, ServerConfig};
 use pager::{Pager, PagerConfig, PagerError, PagerEvent};
+use transport::{Addr, FileImage};
 
 use crate::common::*;
 

@@ -6,9 +6,10 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use page_server::{serve, FileImage, ServerConfig};
+use page_server::{serve, ServerConfig};
 use pager::{Pager, PagerConfig};
 use proto::{Channel, Header, Kind, Layout, Message};
+use transport::FileImage;
 
 use crate::common::*;
 
@@ -43,7 +44,7 @@ fn garbage_truncated_and_oversized_frames_do_not_disturb_a_good_client() {
     )
     .unwrap();
     let addr = match server.addr() {
-        page_server::Addr::Tcp(a) => *a,
+        transport::Addr::Tcp(a) => *a,
         _ => unreachable!(),
     };
     // a good client starts first and keeps going through everything below

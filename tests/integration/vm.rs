@@ -645,8 +645,11 @@ fn dirty_rate_follows_the_guest_writes() {
     // userfaultfd write protection, synchronous and asynchronous, sees the same writes (where
     // the kernel has it)
     let backends = [
-        ("uffd-wp", vmm::dirty::uffd::UffdWp::available()),
-        ("uffd-wp-async", vmm::dirty::uffd::UffdWpAsync::available()),
+        ("uffd-wp", vmm::dirty::uffd_wp::UffdWp::available()),
+        (
+            "uffd-wp-async",
+            vmm::dirty::uffd_wp::UffdWpAsync::available(),
+        ),
     ];
     for (backend, avail) in backends {
         if let Err(e) = avail {

@@ -509,6 +509,15 @@ fn no_module_circles_in_any_crate() {
     );
 }
 
+/// One line each, or `(none)`.
+fn list(v: &[&String]) -> String {
+    if v.is_empty() {
+        "(none)".to_string()
+    } else {
+        v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  ")
+    }
+}
+
 /// The crate edges of the workspace: `a -> b` (normal), `a -> b (dev)`, `a -> b (build)`.
 fn crate_edges() -> BTreeSet<String> {
     let all = crates();
@@ -564,8 +573,8 @@ fn crate_edges_are_the_documented_ones() {
     assert!(
         undocumented.is_empty() && stale.is_empty(),
         "crate edges not in docs/architecture.md:\n  {}\nlisted there but not in any Cargo.toml:\n  {}",
-        undocumented.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  "),
-        stale.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  ")
+        list(&undocumented),
+        list(&stale)
     );
 }
 

@@ -10,8 +10,8 @@ use crate::virtio::{blk::BlockConfig, net::NetConfig, DeviceConfig};
 use crate::vm::{self, BootSource, Event, RestoreConfig, RestoreMemory, RunConfig, SerialOut, Vm};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use page_server::Addr;
 use pager::PagerConfig;
+use transport::Addr;
 
 /// A KVM VMM with post-copy live migration, snapshot and restore (eager, or lazy through
 /// userfaultfd).
@@ -304,7 +304,7 @@ enum CtlCmd {
 struct CpuList(Vec<usize>);
 
 fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
-    page_server::sched::parse_cpu_list(s).map(CpuList)
+    transport::sched::parse_cpu_list(s).map(CpuList)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

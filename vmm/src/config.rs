@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use page_server::Addr;
 use pager::PagerConfig;
+use transport::Addr;
 
 /// What a fresh VM boots.
 #[derive(Debug, Clone)]

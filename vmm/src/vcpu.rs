@@ -386,7 +386,7 @@ fn vcpu_thread(
 ) {
     let index = vcpu.index;
     if let Some(cpus) = VCPU_CPUS.get() {
-        if !page_server::sched::pin_current_thread_to(cpus) {
+        if !transport::sched::pin_current_thread_to(cpus) {
             log::warn!("vcpu{index}: cannot pin to CPUs {cpus:?}; it runs on any CPU");
         }
     }

@@ -11,8 +11,8 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use page_server::Sock;
 use proto::{Header, Message, PageIndex, HEADER_LEN, MAX_PAYLOAD_BYTES};
+use transport::Sock;
 
 use super::link::Remote;
 use crate::placement::place_fault_thread;

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use page_server::{Addr, Sock};
 use proto::Layout;
+use transport::{Addr, Sock};
 
 use crate::shared::Shared;
 use crate::wake::Waker;

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use page_server::{Addr, Sock};
 use proto::handshake::{check, offer, Offer};
 use proto::{read_frame, BitmapKind, Channel, Layout, Message, PageIndex};
+use transport::{Addr, Sock};
 
 use crate::config::{PagerConfig, RECONNECT_BACKOFF_MAX};
 use crate::error::PagerError;

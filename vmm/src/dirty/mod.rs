@@ -1,5 +1,5 @@
 //! Dirty-page tracking of guest RAM, three backends ([`Backend`]): `kvm` (KVM's dirty log,
-//! [`kvm`]), `uffd-wp` and `uffd-wp-async` (userfaultfd write protection, [`uffd`]). Each
+//! [`kvm`]), `uffd-wp` and `uffd-wp-async` (userfaultfd write protection, [`uffd_wp`]). Each
 //! collection returns a [`PageSet`].
 //!
 //! Pages are numbered flat across the RAM regions in guest-physical order (the page index space
@@ -7,14 +7,14 @@
 
 mod kvm;
 mod pageset;
-pub mod uffd;
+pub mod uffd_wp;
 
 use kvm_ioctls::VmFd;
 
 use crate::memory::GuestRam;
 pub use kvm::KvmDirtyLog;
 pub use pageset::PageSet;
-use uffd::{UffdWp, UffdWpAsync};
+use uffd_wp::{UffdWp, UffdWpAsync};
 
 /// Which dirty-tracking backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

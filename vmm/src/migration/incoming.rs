@@ -11,9 +11,9 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use page_server::{Addr, Sock};
 use pager::PagerConfig;
 use serde_json::json;
+use transport::{Addr, Sock};
 
 use super::{mono_ns, Link, MigrationError, Offer, Wire};
 use crate::config::SerialOut;

@@ -34,10 +34,10 @@ use std::io::Write;
 use std::time::Duration;
 
 use kvm_bindings::kvm_cpuid_entry2;
-use page_server::Sock;
 use proto::{read_frame, Message, HEADER_LEN, MAX_PAYLOAD_BYTES};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use transport::Sock;
 
 use crate::state::MachineConfig;
 
@@ -306,10 +306,10 @@ pub struct Link {
 
 impl Link {
     /// Wraps a connected socket. A peer that stops answering (cut link, lost host) fails it
-    /// within [`page_server::DEFAULT_LIVENESS_TIMEOUT`] instead of TCP's ~15 minutes, and one
+    /// within [`transport::DEFAULT_LIVENESS_TIMEOUT`] instead of TCP's ~15 minutes, and one
     /// that restarted resets it at the first keepalive after the link is back.
     pub fn new(sock: Sock, peer: String) -> Link {
-        if let Err(e) = sock.set_liveness(page_server::DEFAULT_LIVENESS_TIMEOUT) {
+        if let Err(e) = sock.set_liveness(transport::DEFAULT_LIVENESS_TIMEOUT) {
             log::debug!("migration link to {peer}: keepalive options: {e}");
         }
         Link {

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use page_server::{Addr, RawRegions, ServerConfig, ServerHandle, Sock};
+use page_server::{RawRegions, ServerConfig, ServerHandle};
 use proto::Layout;
 use serde_json::{json, Value};
+use transport::{Addr, Sock};
 
 use super::{mono_ns, Link, MigrationError, Mode, Offer, Plan, Wire};
 use crate::memory::PAGE_SIZE;
@@ -207,7 +208,7 @@ fn serve_disks(offer: &mut Offer, pages: &Addr) -> Result<Vec<ServerHandle>, Mig
         let err = |what: String| {
             MigrationError::Other(format!("--copy-disk {}: {what}", b.path.display()))
         };
-        let img = page_server::FileImage::open(&b.path, PAGE_SIZE).map_err(|e| {
+        let img = transport::FileImage::open(&b.path, PAGE_SIZE).map_err(|e| {
             err(format!(
                 "{e} (copy-disk needs an image whose size is a multiple of {PAGE_SIZE} bytes)"
             ))

@@ -194,7 +194,7 @@ impl Block {
         let size = id
             .map(|i| i.size)
             .ok_or_else(|| disk_err(cfg, "the offer does not give the disk's size"))?;
-        let a: page_server::Addr = addr
+        let a: transport::Addr = addr
             .parse()
             .map_err(|e| disk_err(cfg, format!("disk page-server {addr:?}: {e}")))?;
         let file = OpenOptions::new()

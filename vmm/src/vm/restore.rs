@@ -49,7 +49,7 @@ pub struct Prepared {
 /// Registers guest RAM with a pager fed by the page-server at `addr`.
 fn connect_pager(
     ram: &GuestRam,
-    addr: &page_server::Addr,
+    addr: &transport::Addr,
     cfg: &PagerConfig,
     served: ServedAs,
 ) -> Result<Pager, VmError> {
@@ -77,7 +77,7 @@ impl Prepared {
     /// hosts) while the vCPUs are created and the pager connects.
     pub fn new(
         config: &MachineConfig,
-        remote: Option<(&page_server::Addr, &PagerConfig, ServedAs)>,
+        remote: Option<(&transport::Addr, &PagerConfig, ServedAs)>,
     ) -> Result<Prepared, VmError> {
         let t = Instant::now();
         check_shape(config.mem_bytes, config.vcpus)?;

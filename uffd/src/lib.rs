@@ -1,97 +1,45 @@
-//! userfaultfd, wrapped: open (kernel-mode faults included, so a KVM vCPU's accesses are
-//! reported), register, copy / zero-page / wake, read fault events. All of the pager's unsafe
-//! kernel calls are here, and the EEXIST / EAGAIN handling of installs lives in exactly one
-//! function, [`Uffd::install`].
+//! The workspace's one userfaultfd binding: open (kernel-mode faults included, so a KVM vCPU's
+//! accesses are reported), feature negotiation, register (missing pages, write protection),
+//! copy / zero page / wake, write-protect, fault events, and `PAGEMAP_SCAN` ([`pagemap`]) for
+//! asynchronous write protection. Every unsafe kernel call of the pager and of the VMM's
+//! userfaultfd dirty tracking is here, and the EEXIST / EAGAIN handling of installs lives in
+//! exactly one function, [`Uffd::install`].
 //!
-//! The structures and ioctl numbers are those of `<linux/userfaultfd.h>` (the `libc` crate has
-//! none of them). The `userfaultfd` crate was not used: its copy result folds a negative errno
-//! into the byte count, and later issues need WP_ASYNC, PAGEMAP_SCAN and MOVE, which it lacks.
+//! The kernel ABI (structures, ioctl numbers, feature bits) comes from `linux-raw-sys`
+//! (`src/abi.rs` names the two numbers it lacks). The `userfaultfd` crate was not used: its copy
+//! result folds a negative errno into the byte count, and it lacks WP_ASYNC, PAGEMAP_SCAN and
+//! MOVE; `userfaultfd-sys` needs bindgen and libclang to build.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use thiserror::Error;
 
-const UFFD_API: u64 = 0xAA;
-const UFFDIO: u64 = 0xAA;
+mod abi;
+pub mod pagemap;
 
-const fn iowr(nr: u64, size: usize) -> u64 {
-    (3 << 30) | ((size as u64) << 16) | (UFFDIO << 8) | nr
-}
-const fn ior(nr: u64, size: usize) -> u64 {
-    (2 << 30) | ((size as u64) << 16) | (UFFDIO << 8) | nr
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioZeropage {
-    range: UffdioRange,
-    mode: u64,
-    zeropage: i64,
-}
-
-const UFFDIO_API: u64 = iowr(0x3F, std::mem::size_of::<UffdioApi>());
-const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
-const UFFDIO_UNREGISTER: u64 = ior(0x01, std::mem::size_of::<UffdioRange>());
-const UFFDIO_WAKE: u64 = ior(0x02, std::mem::size_of::<UffdioRange>());
-const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>());
-const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>());
-/// `_IO(0xAA, 0)` on /dev/userfaultfd.
-const USERFAULTFD_IOC_NEW: u64 = UFFDIO << 8;
-
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+use abi::*;
 
 /// Kernel feature bits (`UFFD_FEATURE_*`) reported by [`Uffd::features`].
 pub mod feature {
+    use linux_raw_sys::general as g;
+
     /// Write-protect faults (kernel ≥ 5.7).
-    pub const PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+    pub const PAGEFAULT_FLAG_WP: u64 = g::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64;
     /// Missing-page handling on shmem.
-    pub const MISSING_SHMEM: u64 = 1 << 5;
+    pub const MISSING_SHMEM: u64 = g::UFFD_FEATURE_MISSING_SHMEM as u64;
     /// Thread ids in fault messages.
-    pub const THREAD_ID: u64 = 1 << 8;
+    pub const THREAD_ID: u64 = g::UFFD_FEATURE_THREAD_ID as u64;
     /// Minor faults on shmem.
-    pub const MINOR_SHMEM: u64 = 1 << 10;
+    pub const MINOR_SHMEM: u64 = g::UFFD_FEATURE_MINOR_SHMEM as u64;
+    /// Write protection of pages never touched (kernel ≥ 6.4).
+    pub const WP_UNPOPULATED: u64 = g::UFFD_FEATURE_WP_UNPOPULATED as u64;
     /// UFFDIO_POISON.
-    pub const POISON: u64 = 1 << 14;
+    pub const POISON: u64 = g::UFFD_FEATURE_POISON as u64;
     /// Asynchronous write-protect (kernel ≥ 6.7).
-    pub const WP_ASYNC: u64 = 1 << 15;
+    pub const WP_ASYNC: u64 = g::UFFD_FEATURE_WP_ASYNC as u64;
     /// UFFDIO_MOVE (kernel ≥ 6.8).
-    pub const MOVE: u64 = 1 << 16;
+    pub const MOVE: u64 = g::UFFD_FEATURE_MOVE as u64;
 }
 
 /// A userfaultfd call failed.
@@ -127,6 +75,9 @@ pub enum UffdError {
     /// An event of a kind we never asked for.
     #[error("unexpected userfaultfd event {0:#x}")]
     UnexpectedEvent(u8),
+    /// /proc/self/pagemap could not be opened (for `PAGEMAP_SCAN`).
+    #[error("cannot open /proc/self/pagemap")]
+    Pagemap(#[source] io::Error),
 }
 
 /// Whether userfaultfd can be used here, and if not why (for `SKIPPED:` lines).
@@ -154,6 +105,13 @@ impl Uffd {
     /// Opens a userfaultfd that reports kernel-mode faults too (no `UFFD_USER_MODE_ONLY`): tries
     /// the syscall, then /dev/userfaultfd.
     pub fn new() -> Result<Uffd, UffdError> {
+        Uffd::with_features(0)
+    }
+
+    /// Like [`Uffd::new`], asking the kernel for `features` (`feature::*` bits) in the API
+    /// handshake; a kernel without one of them refuses it ([`UffdError::Api`]): check
+    /// [`probe`] first for a clear reason.
+    pub fn with_features(features: u64) -> Result<Uffd, UffdError> {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: userfaultfd(2) takes only flags and returns a new fd or -1.
         let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
@@ -168,9 +126,10 @@ impl Uffd {
         };
         // SAFETY: `raw` is a fresh descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut api = UffdioApi {
+        let mut api = uffdio_api {
             api: UFFD_API,
-            ..Default::default()
+            features,
+            ioctls: 0,
         };
         // SAFETY: UFFDIO_API with a pointer to a properly laid-out uffdio_api that lives across
         // the call.
@@ -201,7 +160,7 @@ impl Uffd {
         addr: u64,
         len: u64,
     ) -> Result<(), UffdError> {
-        let mut range = UffdioRange { start: addr, len };
+        let mut range = uffdio_range { start: addr, len };
         // SAFETY: the request takes a uffdio_range that lives across the call; the kernel
         // validates the range itself.
         let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, &mut range) };
@@ -218,9 +177,39 @@ impl Uffd {
 
     /// Registers `[addr, addr + len)` for missing-page faults.
     pub fn register_missing(&self, addr: u64, len: u64) -> Result<(), UffdError> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange { start: addr, len },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
+        self.register(addr, len, UFFDIO_REGISTER_MODE_MISSING)
+    }
+
+    /// Registers `[addr, addr + len)` for write-protect faults (the pages are not protected
+    /// yet: [`Uffd::write_protect`]).
+    pub fn register_write_protect(&self, addr: u64, len: u64) -> Result<(), UffdError> {
+        self.register(addr, len, UFFDIO_REGISTER_MODE_WP)
+    }
+
+    /// Write-protects `[addr, addr + len)` (`on`), or lifts the protection and wakes the
+    /// writers waiting there.
+    pub fn write_protect(&self, addr: u64, len: u64, on: bool) -> Result<(), UffdError> {
+        let mut wp = uffdio_writeprotect {
+            range: uffdio_range { start: addr, len },
+            mode: if on { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT with a uffdio_writeprotect that lives across the call.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut wp) };
+        if r < 0 {
+            return Err(UffdError::Range {
+                op: "UFFDIO_WRITEPROTECT",
+                addr,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    fn register(&self, addr: u64, len: u64, mode: u64) -> Result<(), UffdError> {
+        let mut reg = uffdio_register {
+            range: uffdio_range { start: addr, len },
+            mode,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER with a uffdio_register that lives across the call.
@@ -258,7 +247,7 @@ impl Uffd {
         let mode = if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE };
         let (r, done) = match src {
             Some(src) => {
-                let mut c = UffdioCopy {
+                let mut c = uffdio_copy {
                     dst,
                     src: src as u64,
                     len,
@@ -271,8 +260,8 @@ impl Uffd {
                 (r, c.copy)
             }
             None => {
-                let mut z = UffdioZeropage {
-                    range: UffdioRange { start: dst, len },
+                let mut z = uffdio_zeropage {
+                    range: uffdio_range { start: dst, len },
                     mode,
                     zeropage: 0,
                 };
@@ -349,9 +338,18 @@ impl Uffd {
     /// Reads pending fault addresses into `out` (non-blocking). Returns how many; 0 if none.
     /// Fewer than [`Uffd::READ_BATCH`] means the queue was drained.
     pub fn read_faults(&self, out: &mut Vec<u64>) -> Result<usize, UffdError> {
+        self.read_events(|f| out.push(f.address))
+    }
+
+    /// Like [`Uffd::read_faults`], with each fault's flags ([`Fault`]).
+    pub fn read_fault_events(&self, out: &mut Vec<Fault>) -> Result<usize, UffdError> {
+        self.read_events(|f| out.push(f))
+    }
+
+    fn read_events(&self, mut each: impl FnMut(Fault)) -> Result<usize, UffdError> {
         const N: usize = Uffd::READ_BATCH;
-        let mut msgs = [[0u8; 32]; N];
-        // SAFETY: reading into a buffer of N 32-byte uffd_msg slots we own.
+        let mut msgs = [[0u8; MSG_LEN]; N];
+        // SAFETY: reading into a buffer of N uffd_msg-sized slots we own.
         let r = unsafe {
             libc::read(
                 self.fd.as_raw_fd(),
@@ -366,18 +364,33 @@ impl Uffd {
                 _ => Err(UffdError::Read(e)),
             };
         }
-        let n = r as usize / 32;
+        let n = r as usize / MSG_LEN;
+        let u64_at = |m: &[u8; MSG_LEN], at: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&m[at..at + 8]);
+            u64::from_ne_bytes(a)
+        };
         for m in &msgs[..n] {
             if m[0] != UFFD_EVENT_PAGEFAULT {
                 return Err(UffdError::UnexpectedEvent(m[0]));
             }
-            // pagefault: u64 flags at 8, u64 address at 16
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&m[16..24]);
-            out.push(u64::from_ne_bytes(a));
+            let flags = u64_at(m, MSG_FAULT_FLAGS);
+            each(Fault {
+                address: u64_at(m, MSG_FAULT_ADDRESS),
+                write_protect: flags & UFFD_PAGEFAULT_FLAG_WP != 0,
+            });
         }
         Ok(n)
     }
+}
+
+/// One page fault as userfaultfd reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// The faulting address (not page-aligned).
+    pub address: u64,
+    /// A write to a write-protected page (else a missing page).
+    pub write_protect: bool,
 }
 
 fn open_dev(flags: i32) -> io::Result<RawFd> {
@@ -395,19 +408,4 @@ fn open_dev(flags: i32) -> io::Result<RawFd> {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ioctl_numbers_match_the_kernel_headers() {
-        assert_eq!(UFFDIO_API, 0xc018_aa3f);
-        assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
-        assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
-        assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
-        assert_eq!(UFFDIO_COPY, 0xc028_aa03);
-        assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
-    }
 }

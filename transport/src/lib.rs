@@ -1,0 +1,23 @@
+//! How pages and messages travel between the hosts of a migration, and the pieces both ends
+//! share: the socket type (TCP or Unix, by the address's form) with connect deadlines, buffer
+//! sizes and liveness (keepalive + `TCP_USER_TIMEOUT`), the placement and priority of the
+//! threads that use them, and memory image files (pages at rest, read through the page cache).
+//!
+//! The page-server, the pager and the VMM's migration link all sit on this crate; the
+//! authentication and encryption of every connection is to plug in here.
+
+mod image;
+pub mod sched;
+mod sock;
+
+pub use image::{FileImage, ImageError};
+pub use sock::{set_liveness, Addr, Sock};
+
+/// Default socket buffer of a bulk connection, on both sides: enough for ~10 Gbit/s at 1 ms
+/// round trip, small enough that a fault on a page queued behind it waits ~1 ms, not ~10.
+pub const DEFAULT_BULK_BUFFER_BYTES: usize = 2 << 20;
+
+/// Default liveness timeout of a connection (page-server, pager, migration link): long enough
+/// for a congested link, short enough that a cut is noticed well within the usual recovery
+/// timeouts.
+pub const DEFAULT_LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
