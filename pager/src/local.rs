@@ -152,15 +152,7 @@ pub(crate) fn start(
             })
             .map_err(PagerError::Spawn)?,
     );
-    Ok((
-        Running {
-            shared,
-            threads,
-            waker,
-            events: rx,
-        },
-        gate,
-    ))
+    Ok(Running::with(shared, threads, waker, rx, gate))
 }
 
 fn fault_loop(sh: Arc<Shared>, img: Arc<Image>, waker: Arc<Waker>) {

@@ -354,3 +354,25 @@ pub(crate) struct Running {
     pub(crate) waker: Arc<Waker>,
     pub(crate) events: Receiver<PagerEvent>,
 }
+
+impl Running {
+    /// Bundles a started source's parts with what it hands its owner (its stream gate or its
+    /// remote state).
+    pub(crate) fn with<T>(
+        shared: Arc<Shared>,
+        threads: Vec<std::thread::JoinHandle<()>>,
+        waker: Arc<Waker>,
+        events: Receiver<PagerEvent>,
+        handle: T,
+    ) -> (Running, T) {
+        (
+            Running {
+                shared,
+                threads,
+                waker,
+                events,
+            },
+            handle,
+        )
+    }
+}

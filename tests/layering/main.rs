@@ -514,7 +514,10 @@ fn list(v: &[&String]) -> String {
     if v.is_empty() {
         "(none)".to_string()
     } else {
-        v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  ")
+        v.iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n  ")
     }
 }
 

@@ -226,15 +226,7 @@ pub(crate) fn start(
             .spawn(move || supervise(r, control, streamers))
             .map_err(PagerError::Spawn)?,
     );
-    Ok((
-        Running {
-            shared,
-            threads,
-            waker,
-            events: rx,
-        },
-        remote,
-    ))
+    Ok(Running::with(shared, threads, waker, rx, remote))
 }
 
 /// Hands `addrs` to the fault thread, which asks for them on its next round.

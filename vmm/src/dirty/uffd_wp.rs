@@ -67,23 +67,12 @@ pub struct UffdWpAsync {
 impl UffdWpAsync {
     /// Whether this kernel offers the features (for gates and defaults).
     pub fn available() -> Result<(), UffdWpError> {
-        let features = offered()?;
-        if features & feature::WP_ASYNC == 0 {
-            return Err(UffdWpError::Unsupported("UFFD_FEATURE_WP_ASYNC"));
-        }
-        if features & feature::WP_UNPOPULATED == 0 {
-            return Err(UffdWpError::Unsupported("UFFD_FEATURE_WP_UNPOPULATED"));
-        }
-        Ok(())
+        require(ASYNC_FEATURES)
     }
 
     /// Registers every RAM region for asynchronous write protection and protects it all.
     pub fn start(ram: &GuestRam) -> Result<UffdWpAsync, UffdWpError> {
-        Self::available()?;
-        let uffd = Uffd::with_features(feature::WP_ASYNC | feature::WP_UNPOPULATED)
-            .map_err(uf("UFFDIO_API"))?;
-        let (regions, pages) = ram_regions(ram);
-        register_and_protect(&uffd, &regions)?;
+        let (uffd, regions, pages) = protect_all(ram, ASYNC_FEATURES)?;
         Ok(UffdWpAsync {
             uffd,
             pagemap: Pagemap::open().map_err(uf("opening /proc/self/pagemap"))?,
@@ -114,9 +103,41 @@ impl UffdWpAsync {
     }
 }
 
-/// What this kernel's userfaultfd offers.
-fn offered() -> Result<u64, UffdWpError> {
-    uffd::probe().map_err(uf("userfaultfd(2)"))
+/// Each RAM region's `(host address, bytes, first flat page)`.
+type Regions = Vec<(u64, u64, u64)>;
+
+/// The features `uffd-wp-async` needs, with their names for the refusal.
+const ASYNC_FEATURES: &[(u64, &str)] = &[
+    (feature::WP_ASYNC, "UFFD_FEATURE_WP_ASYNC"),
+    (feature::WP_UNPOPULATED, "UFFD_FEATURE_WP_UNPOPULATED"),
+];
+/// The features `uffd-wp` needs.
+const SYNC_FEATURES: &[(u64, &str)] = &[
+    (feature::PAGEFAULT_FLAG_WP, "UFFD_FEATURE_PAGEFAULT_FLAG_WP"),
+    (feature::WP_UNPOPULATED, "UFFD_FEATURE_WP_UNPOPULATED"),
+];
+
+/// Whether this kernel's userfaultfd offers every one of `needed`; names the first it lacks.
+fn require(needed: &[(u64, &'static str)]) -> Result<(), UffdWpError> {
+    let offered = uffd::probe().map_err(uf("userfaultfd(2)"))?;
+    match needed.iter().find(|(bit, _)| offered & bit == 0) {
+        Some(&(_, name)) => Err(UffdWpError::Unsupported(name)),
+        None => Ok(()),
+    }
+}
+
+/// A userfaultfd with `needed`, every RAM region of `ram` registered for write-protect faults
+/// and protected; with the regions `(host address, bytes, first flat page)` and the page count.
+fn protect_all(
+    ram: &GuestRam,
+    needed: &[(u64, &'static str)],
+) -> Result<(Uffd, Regions, u64), UffdWpError> {
+    require(needed)?;
+    let uffd = Uffd::with_features(needed.iter().fold(0, |a, (bit, _)| a | bit))
+        .map_err(uf("UFFDIO_API"))?;
+    let (regions, pages) = ram_regions(ram);
+    register_and_protect(&uffd, &regions)?;
+    Ok((uffd, regions, pages))
 }
 
 /// Registers `regions` (host address, bytes) of `uffd` for write-protect faults and protects
@@ -167,23 +188,12 @@ pub struct UffdWp {
 impl UffdWp {
     /// Whether this kernel offers write-protect faults on anonymous memory.
     pub fn available() -> Result<(), UffdWpError> {
-        let features = offered()?;
-        if features & feature::PAGEFAULT_FLAG_WP == 0 {
-            return Err(UffdWpError::Unsupported("UFFD_FEATURE_PAGEFAULT_FLAG_WP"));
-        }
-        if features & feature::WP_UNPOPULATED == 0 {
-            return Err(UffdWpError::Unsupported("UFFD_FEATURE_WP_UNPOPULATED"));
-        }
-        Ok(())
+        require(SYNC_FEATURES)
     }
 
     /// Registers and protects guest RAM and starts the fault thread.
     pub fn start(ram: &GuestRam) -> Result<UffdWp, UffdWpError> {
-        Self::available()?;
-        let uffd = Uffd::with_features(feature::PAGEFAULT_FLAG_WP | feature::WP_UNPOPULATED)
-            .map_err(uf("UFFDIO_API"))?;
-        let (regions, pages) = ram_regions(ram);
-        register_and_protect(&uffd, &regions)?;
+        let (uffd, regions, pages) = protect_all(ram, SYNC_FEATURES)?;
         let uffd = std::sync::Arc::new(uffd);
         let dirty = std::sync::Arc::new(proto::bitmap::AtomicBitmap::new(pages));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
