@@ -21,3 +21,16 @@ pub const DEFAULT_BULK_BUFFER_BYTES: usize = 2 << 20;
 /// for a congested link, short enough that a cut is noticed well within the usual recovery
 /// timeouts.
 pub const DEFAULT_LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An error and its causes on one line, `error: cause: cause` (how every crate of the
+/// workspace logs and reports an error chain).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

@@ -20,7 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError};
 pub use crate::config::{BootSource, Exit, RestoreConfig, RestoreMemory, RunConfig, SerialOut};
 use crate::error::kvm_err;
-pub use crate::error::{error_chain, VmError};
+pub use crate::error::VmError;
+use transport::error_chain;
 
 mod migrate;
 pub mod restore;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use proto::handshake::{check, offer, Offer};
 use proto::{read_frame, BitmapKind, Channel, Layout, Message, PageIndex};
-use transport::{Addr, Sock};
+use transport::{error_chain, Addr, Sock};
 
 use crate::config::{PagerConfig, RECONNECT_BACKOFF_MAX};
 use crate::error::PagerError;
@@ -62,7 +62,7 @@ fn open_channel(
         .map_err(conn_err)?;
     let mut buf = Vec::new();
     let header = read_frame(&mut sock, &mut buf)
-        .map_err(|e| proto_err(addr, format!("reading Welcome: {}", error_text(&e))))?;
+        .map_err(|e| proto_err(addr, format!("reading Welcome: {}", error_chain(&e))))?;
     match Message::decode(&header, &buf, config.page_size) {
         Ok(Message::Welcome(w)) => {
             let theirs = Offer {
@@ -477,18 +477,6 @@ fn finish(r: &Remote, control: Option<Sock>) {
 
 type Reconnected = (Sock, Vec<std::thread::JoinHandle<()>>);
 
-/// An error with its causes, on one line.
-fn error_text(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// Reconnects with bounded exponential back-off until the reconnect timeout counted from
 /// `since` (the loss, or an earlier one with no page in between). Err(time spent) when it
 /// passes.
@@ -515,7 +503,7 @@ fn reconnect(r: &Arc<Remote>, since: Instant) -> Result<Reconnected, Duration> {
                         "reconnect attempt {attempts} to {} ({:.1} s without it): {}",
                         r.addr,
                         start.elapsed().as_secs_f64(),
-                        error_text(&e)
+                        error_chain(&e)
                     );
                 } else {
                     debug!("reconnect to {}: {e}", r.addr);

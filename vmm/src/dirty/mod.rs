@@ -71,10 +71,10 @@ impl Tracker {
                 .map_err(|e| format!("turning KVM dirty logging on: {e}")),
             Backend::UffdWp => UffdWp::start(ram)
                 .map(Tracker::UffdWp)
-                .map_err(|e| crate::error::error_chain(&e)),
+                .map_err(|e| transport::error_chain(&e)),
             Backend::UffdWpAsync => UffdWpAsync::start(ram)
                 .map(Tracker::UffdWpAsync)
-                .map_err(|e| crate::error::error_chain(&e)),
+                .map_err(|e| transport::error_chain(&e)),
         }
     }
 
@@ -87,8 +87,8 @@ impl Tracker {
         let vmm = ram.take_vmm_dirty();
         let mut set = match self {
             Tracker::Kvm(l) => l.collect(fd).map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}")),
-            Tracker::UffdWp(t) => t.collect().map_err(|e| crate::error::error_chain(&e)),
-            Tracker::UffdWpAsync(t) => t.collect().map_err(|e| crate::error::error_chain(&e)),
+            Tracker::UffdWp(t) => t.collect().map_err(|e| transport::error_chain(&e)),
+            Tracker::UffdWpAsync(t) => t.collect().map_err(|e| transport::error_chain(&e)),
         }?;
         for (bi, &b) in vmm.iter().enumerate() {
             let mut b = b;
@@ -106,8 +106,8 @@ impl Tracker {
             Tracker::Kvm(l) => l
                 .stop(fd)
                 .map_err(|e| format!("turning KVM dirty logging off: {e}")),
-            Tracker::UffdWp(t) => t.stop().map_err(|e| crate::error::error_chain(&e)),
-            Tracker::UffdWpAsync(t) => t.stop().map_err(|e| crate::error::error_chain(&e)),
+            Tracker::UffdWp(t) => t.stop().map_err(|e| transport::error_chain(&e)),
+            Tracker::UffdWpAsync(t) => t.stop().map_err(|e| transport::error_chain(&e)),
         }
     }
 

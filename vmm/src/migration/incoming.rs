@@ -18,11 +18,11 @@ use transport::{Addr, Sock};
 use super::{mono_ns, Link, MigrationError, Offer, Wire};
 use crate::config::SerialOut;
 use crate::control::{self, Reply, Request};
-use crate::error::error_chain;
 use crate::memory::{self, PAGE_SIZE};
 use crate::state;
 use crate::vm::restore::{Finish, Prepared, ServedAs};
 use crate::vm::{Event, Vm};
+use transport::error_chain;
 
 /// Time allowed for a connected source to send its offer, all of it.
 const OFFER_TIMEOUT: Duration = Duration::from_secs(10);

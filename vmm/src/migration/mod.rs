@@ -399,7 +399,7 @@ impl Link {
             other => MigrationError::Protocol(format!(
                 "from {}: {}",
                 self.peer,
-                crate::error::error_chain(&other)
+                transport::error_chain(&other)
             )),
         })?;
         let mut frame = Vec::with_capacity(HEADER_LEN + self.buf.len());

@@ -159,11 +159,11 @@ fn run(ctx: Context, addr: Addr, sock: Sock) {
         }
         Err(Outcome::NotRun(e)) => {
             remove_socket();
-            send(MigEvent::Failed(crate::error::error_chain(&e)))
+            send(MigEvent::Failed(transport::error_chain(&e)))
         }
         // the page-server goes on serving (a destination that runs the VM needs its pages)
         Err(Outcome::Unknown(e, server)) => {
-            send(MigEvent::Stuck(crate::error::error_chain(&e), server))
+            send(MigEvent::Stuck(transport::error_chain(&e), server))
         }
     }
 }
@@ -218,7 +218,7 @@ fn serve_disks(offer: &mut Offer, pages: &Addr) -> Result<Vec<ServerHandle>, Mig
             Addr::Unix(p) => Addr::Unix(p.with_extension(format!("disk{i}"))),
         };
         let server = page_server::serve(Arc::new(img), &at, ServerConfig::default())
-            .map_err(|e| err(crate::error::error_chain(&e)))?;
+            .map_err(|e| err(transport::error_chain(&e)))?;
         log::info!(
             "serving {} for the destination on {}",
             b.path.display(),
@@ -269,9 +269,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
             ..ServerConfig::default()
         },
     )
-    .map_err(|e| {
-        MigrationError::Other(format!("page-server: {}", crate::error::error_chain(&e)))
-    })?;
+    .map_err(|e| MigrationError::Other(format!("page-server: {}", transport::error_chain(&e))))?;
     let mut offer = ctx.offer.clone();
     offer.page_server = addr_string(server.addr());
     let mut disks = if ctx.plan.copy_disk {
@@ -402,7 +400,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
             if let Some(e) = &link_lost {
                 log::info!(
                     "the destination's pagers have every page (the migration link was lost: {})",
-                    crate::error::error_chain(e)
+                    transport::error_chain(e)
                 );
             }
             break json!({"completion": "learnt from the page-servers (migration link lost)"})
@@ -441,10 +439,10 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
             Err(e) => {
                 log::warn!(
                     "migration link lost after the switch ({}); memory stays served, waiting up to {:?} for the destination's pagers to finish",
-                    crate::error::error_chain(&e),
+                    transport::error_chain(&e),
                     ctx.plan.recover_timeout
                 );
-                lost_at = Some((Instant::now(), crate::error::error_chain(&e)));
+                lost_at = Some((Instant::now(), transport::error_chain(&e)));
                 link_lost = Some(e);
                 continue;
             }

@@ -5,9 +5,10 @@
 use std::time::Instant;
 
 use serde_json::json;
+use transport::error_chain;
 
 use super::roles::{Dest, Source};
-use super::{error_chain, Exit, Vm};
+use super::{Exit, Vm};
 use crate::control::{Reply, Request};
 use crate::migration::outgoing::{Context, DirtyOp, MigEvent, Outgoing, Switch};
 use crate::migration::{mono_ns, Link, Mode, Offer, Plan, Wire, PROGRESS_EVERY, REQUIRED_CAPS};

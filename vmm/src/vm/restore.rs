@@ -131,7 +131,7 @@ impl Prepared {
         };
         match p.wait(timeout) {
             Some(Ok(_)) => Ok(()),
-            Some(Err(e)) => Err(crate::error::error_chain(&e)),
+            Some(Err(e)) => Err(transport::error_chain(&e)),
             None => Err(format!(
                 "{} of {} pages after {timeout:?}",
                 p.present_pages(),
