@@ -3,7 +3,6 @@
 //! that serves the control socket and reacts to vCPUs, devices and the pager.
 
 use std::collections::VecDeque;
-use std::path::Path;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -14,24 +13,23 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VmFd};
 
 use pager::{Pager, PagerEvent};
-use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::{self, BootError};
 pub use crate::config::{BootSource, Exit, RestoreConfig, RestoreMemory, RunConfig, SerialOut};
 use crate::error::kvm_err;
 pub use crate::error::VmError;
-use transport::error_chain;
 
+mod launch;
 mod migrate;
+mod requests;
 pub mod restore;
 mod roles;
-use crate::control::{self, Incoming, Reply, Request};
-use crate::devices::{Console, ConsoleOut, DeviceEvent, Devices, COM1_GSI};
+use crate::control::{Incoming, Request};
+use crate::devices::{ConsoleOut, DeviceEvent, Devices, COM1_GSI};
 use crate::memory::GuestRam;
 use crate::state::{self, MachineConfig, Snapshot, MAX_VCPUS};
 use crate::vcpu::{self, Command, Vcpu, VcpuHandle, VcpuReport};
-use crate::virtio::{Backend, VirtioDevices, VirtioError};
+use crate::virtio::VirtioError;
 
 /// Set as early as possible in `main`: restore timings count from here.
 pub static PROCESS_START: OnceLock<Instant> = OnceLock::new();
@@ -214,124 +212,6 @@ fn check_shape(mem_bytes: u64, vcpus: u32) -> Result<(), VmError> {
 }
 
 impl Vm {
-    /// Builds and boots a fresh VM (vCPUs running on return).
-    pub fn boot(cfg: &RunConfig) -> Result<Vm, VmError> {
-        check_shape(cfg.mem_bytes, cfg.vcpus)?;
-        let sh = shell(cfg.mem_bytes)?;
-        set_memslots(&sh.fd, &sh.ram)?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let backends = cfg
-            .devices
-            .iter()
-            .map(Backend::open)
-            .collect::<Result<Vec<_>, _>>()?;
-        let virtio = VirtioDevices::new(&sh.ram, backends, virtio_irq(&sh.fd))?;
-        let windows = virtio.windows();
-        let devices = Arc::new(Devices::new(
-            Console::new(clone_fd(&sh.irq)?, console_out(&cfg.serial)?),
-            virtio,
-            device_sender(&tx),
-        ));
-        let supported = sh
-            .kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let msr_index = sh
-            .kvm
-            .get_msr_index_list()
-            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
-        let mut vcpus = Vec::new();
-        let mut msr_list = Vec::new();
-        let mut guest_cpu = GuestCpu::default();
-        for i in 0..cfg.vcpus {
-            let fd = sh
-                .fd
-                .create_vcpu(u64::from(i))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let mut cpuid = supported.clone();
-            crate::cpuid::apply(&mut cpuid, i, cfg.vcpus);
-            let mut v = Vcpu {
-                index: i,
-                fd,
-                msr_list: Vec::new(),
-                cpuid: Vec::new(),
-            };
-            v.init_fresh(&cpuid)?;
-            if i == 0 {
-                msr_list = vcpu::readable_msrs(&v.fd, &vcpu::order_msrs(msr_index.as_slice()));
-                log::debug!("saving {} MSRs per vCPU", msr_list.len());
-                guest_cpu = GuestCpu {
-                    cpuid: cpuid.as_slice().to_vec(),
-                    msrs: msr_list.clone(),
-                    tsc_khz: v.fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?,
-                };
-            }
-            v.msr_list = msr_list.clone();
-            vcpus.push(v);
-        }
-        let base = vcpus[0].fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        let (setup, what) = match &cfg.boot {
-            BootSource::Guest { elf, cmdline } => {
-                let (bytes, what) = match elf {
-                    None => (guest::ELF.to_vec(), "embedded guest".to_owned()),
-                    Some(p) => (
-                        std::fs::read(p).map_err(|source| BootError::Read {
-                            path: p.display().to_string(),
-                            source,
-                        })?,
-                        p.display().to_string(),
-                    ),
-                };
-                let mut line = cmdline.clone();
-                if elf.is_none() && !line.split(' ').any(|w| w.starts_with("cpus=")) {
-                    line = format!("cpus={} {line}", cfg.vcpus).trim().to_owned();
-                }
-                (boot::load_pvh(&sh.ram, &bytes, &what, &line, base)?, what)
-            }
-            BootSource::Linux {
-                kernel,
-                initrd,
-                cmdline,
-            } => (
-                crate::linux::load(
-                    &sh.ram,
-                    kernel,
-                    initrd.as_deref(),
-                    &linux_cmdline(cmdline, &windows),
-                    cfg.vcpus,
-                    &windows,
-                    base,
-                )?,
-                kernel.display().to_string(),
-            ),
-        };
-        vcpus[0].set_boot_regs(&setup.regs, &setup.sregs)?;
-        let config = MachineConfig {
-            mem_bytes: cfg.mem_bytes,
-            vcpus: cfg.vcpus,
-            ram: sh.ram.ranges().to_vec(),
-            boot: what,
-        };
-        let mut vm = Vm::assemble(sh, devices, vcpus, tx, rx, config)?;
-        vm.guest = guest_cpu;
-        if let Some(p) = &cfg.api_socket {
-            control::serve(p, vm.tx.clone(), Event::Control)?;
-        }
-        if matches!(cfg.serial, SerialOut::Stdout) {
-            forward_stdin(vm.tx.clone());
-        }
-        vm.resume();
-        vm.times.running_after = since_start();
-        log::info!(
-            "booted {} with {} vCPUs, {} MiB; running {:.1} ms after process start",
-            vm.config.boot,
-            vm.config.vcpus,
-            vm.config.mem_bytes >> 20,
-            vm.times.running_after.as_secs_f64() * 1e3
-        );
-        Ok(vm)
-    }
-
     fn assemble(
         sh: Shell,
         devices: Arc<Devices>,
@@ -528,180 +408,6 @@ impl Vm {
         })
     }
 
-    /// Pauses, then writes the state and memory files. Stays paused.
-    pub fn snapshot(&mut self, state_path: &Path, memory_path: &Path) -> Result<Reply, VmError> {
-        let t0 = Instant::now();
-        let snap = self.save()?;
-        let state_bytes = state::write_file(&snap, state_path)?;
-        self.ram.save(memory_path)?;
-        let checksum = self.ram.checksum();
-        Ok(Reply::ok(json!({
-            "state_bytes": state_bytes,
-            "memory_bytes": self.ram.bytes(),
-            "ram_checksum": format!("{checksum:016x}"),
-            "ms": t0.elapsed().as_secs_f64() * 1e3,
-            "paused": true,
-        })))
-    }
-
-    /// Pages the guest writes in `ms` milliseconds (with `backend`'s dirty tracking), and the
-    /// rate.
-    fn dirty_rate(&mut self, ms: u64, backend: Option<&str>) -> Result<Reply, VmError> {
-        let ms = ms.clamp(10, 10_000);
-        let b = crate::dirty::Backend::parse(backend).map_err(VmError::Config)?;
-        if self.dirty_log.is_some() {
-            return Err(VmError::Config(
-                "dirty tracking is in use by a migration".into(),
-            ));
-        }
-        let t = crate::dirty::Tracker::start(b, &self.fd, &self.ram).map_err(VmError::Config)?;
-        let t0 = Instant::now();
-        std::thread::sleep(Duration::from_millis(ms));
-        let set = t.collect(&self.fd, &self.ram);
-        let took = t0.elapsed().as_secs_f64();
-        t.stop(&self.fd).map_err(VmError::Config)?;
-        let set = set.map_err(VmError::Config)?;
-        let n = set.count();
-        Ok(Reply::ok(json!({
-            "backend": b.name(),
-            "ms": took * 1e3,
-            "dirty_pages": n,
-            "total_pages": set.len(),
-            "pages_per_s": n as f64 / took,
-            "mib_per_s": (n * u64::from(crate::memory::PAGE_SIZE)) as f64 / took / (1 << 20) as f64,
-            "paused": self.paused,
-        })))
-    }
-
-    fn write_memory(&mut self, gpa: u64, hex: &str) -> Result<Reply, VmError> {
-        let bytes = decode_hex(hex).ok_or_else(|| {
-            VmError::Config(format!("{} bytes of hex that do not decode", hex.len()))
-        })?;
-        if bytes.len() > 64 << 10 {
-            return Err(VmError::Config("at most 64 KiB per write".into()));
-        }
-        self.ram.write_bytes(gpa, &bytes)?;
-        Ok(Reply::ok(json!({"written": bytes.len()})))
-    }
-
-    fn read_memory(&mut self, gpa: u64, len: usize) -> Result<Reply, VmError> {
-        if len > 64 << 10 {
-            return Err(VmError::Config("at most 64 KiB per read".into()));
-        }
-        let b = self.ram.read_bytes(gpa, len)?;
-        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-        Ok(Reply::ok(json!({ "hex": hex })))
-    }
-
-    /// RAM checksums: of all of it, and without the pages KVM rewrites (when paused).
-    fn checksums(&mut self) -> Result<Reply, VmError> {
-        let mut r = json!({
-            "ram_checksum": format!("{:016x}", self.ram.checksum()),
-            "paused": self.paused,
-        });
-        if self.paused {
-            let snap = self.save()?;
-            let skip = state::kvm_owned_pages(&snap);
-            r["ram_checksum_except_kvm"] =
-                format!("{:016x}", self.ram.checksum_except(&skip)).into();
-            r["kvm_pages"] = skip
-                .iter()
-                .map(|p| format!("{p:#x}"))
-                .collect::<Vec<_>>()
-                .into();
-        }
-        Ok(Reply::ok(r))
-    }
-
-    fn status(&self) -> Reply {
-        let (present, total) = match &self.pager {
-            Some(p) => (p.present_pages(), p.total_pages()),
-            None => (0, 0),
-        };
-        let state = match (&self.source, self.kept_server.is_empty(), self.paused) {
-            _ if self.lost.is_some() => "source_lost (paused, never run again)",
-            (Some(_), _, true) => "migrating (paused here)",
-            (Some(_), _, false) => "migrating",
-            (None, false, _) => "paused after a migration of unknown outcome",
-            (None, true, true) => "paused",
-            (None, true, false) => "running",
-        };
-        Reply::ok(json!({
-            "state": state,
-            "incoming_migration_open": self.dest.is_some(),
-            "vcpus": self.config.vcpus,
-            "mem_bytes": self.config.mem_bytes,
-            "boot": self.config.boot,
-            "uptime_ms": self.created.elapsed().as_millis() as u64,
-            "running_after_start_ms": self.times.running_after.as_secs_f64() * 1e3,
-            "state_load_ms": self.times.state_load.as_secs_f64() * 1e3,
-            "memory_load_ms": self.times.memory_load.as_secs_f64() * 1e3,
-            "lazy": self.pager.is_some(),
-            "pages_present": present,
-            "pages_total": total,
-            "memory_complete_ms": self.memory_complete_after.map(|d| d.as_secs_f64() * 1e3),
-            "pager": self.pager.as_ref().map(|p| serde_json::to_value(p.report()).unwrap_or_default()),
-            "devices": self.devices.virtio.stats(),
-            "source_lost": self.lost.as_ref().map(|(why, since)| json!({
-                "reason": why,
-                "since_ms": since.elapsed().as_millis() as u64,
-                "pages_missing": total - present,
-            })),
-        }))
-    }
-
-    fn handle_request(&mut self, req: Request) -> (Reply, Option<Exit>) {
-        if let Some(refused) = self.refuse_while_lost(&req) {
-            return (refused, None);
-        }
-        let r = match req {
-            Request::Status => Ok(self.status()),
-            Request::Pause => self.pause().map(|_| Reply::ok(json!({"state": "paused"}))),
-            Request::Resume => {
-                self.resume();
-                Ok(Reply::ok(json!({"state": "running"})))
-            }
-            Request::Snapshot { state, memory } => self.snapshot(&state, &memory),
-            Request::Shutdown => {
-                return (
-                    Reply::ok(json!({"state": "shutdown"})),
-                    Some(self.exit_now()),
-                )
-            }
-            Request::SerialInput { data } => {
-                let n = self
-                    .devices
-                    .console
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .input(data.as_bytes());
-                Ok(Reply::ok(json!({"queued": n})))
-            }
-            Request::MigrateSwitchover => Ok(self.force_switchover()),
-            Request::WriteMemory { gpa, hex } => self.write_memory(gpa, &hex),
-            Request::ReadMemory { gpa, len } => self.read_memory(gpa, len),
-            Request::Migrate { .. } => Ok(Reply::err(
-                "internal",
-                "migrate is handled by the controller loop",
-            )),
-            Request::Checksum => self.checksums(),
-            Request::DirtyRate { ms, backend } => self.dirty_rate(ms, backend.as_deref()),
-        };
-        match r {
-            Ok(reply) => (reply, None),
-            Err(e) => {
-                let kind = match &e {
-                    VmError::State(_) => "state",
-                    VmError::Memory(_) => "memory",
-                    VmError::PauseTimeout(_)
-                    | VmError::Device(crate::virtio::VirtioError::Busy(_)) => "busy",
-                    _ => "internal",
-                };
-                (Reply::err(kind, error_chain(&e)), None)
-            }
-        }
-    }
-
     /// Serves events until the VM ends.
     pub fn run(&mut self) -> Exit {
         loop {
@@ -831,18 +537,6 @@ impl Drop for Vm {
     }
 }
 
-/// Bytes from hex digits (None if not an even number of hex digits).
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim();
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// Interrupt eventfds for virtio slots, each registered as the slot's GSI.
 pub(crate) fn virtio_irq(fd: &VmFd) -> impl FnMut(u32) -> Result<EventFd, VirtioError> + '_ {
     move |slot| {
@@ -852,20 +546,6 @@ pub(crate) fn virtio_irq(fd: &VmFd) -> impl FnMut(u32) -> Result<EventFd, Virtio
             .map_err(|e| VirtioError::Config(format!("KVM_IRQFD for virtio slot {slot}: {e}")))?;
         Ok(e)
     }
-}
-
-/// The Linux command line. The virtio-mmio devices are in the DSDT (ACPI id `LNRO0005`, which
-/// stock distro kernels bind); only a kernel told `acpi=off` also gets them as
-/// `virtio_mmio.device=4K@ADDR:GSI` (it needs `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`). Both at
-/// once would make Linux probe each device twice, the second time failing on a busy region.
-fn linux_cmdline(base: &str, windows: &[(u64, u32)]) -> String {
-    let mut s = base.to_owned();
-    if base.split_whitespace().any(|w| w == "acpi=off") {
-        for (addr, gsi) in windows {
-            s.push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{gsi}"));
-        }
-    }
-    s
 }
 
 fn clone_fd(e: &EventFd) -> Result<EventFd, VmError> {
