@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target of proto/fuzz (decode, wire, state, control), one after the other.
+# Runs every cargo-fuzz target of fuzz/ (decode, wire, state, control), one after the other.
 #
 #   scripts/fuzz.sh --seconds N   each target N seconds (CI: bounded time)
 #   scripts/fuzz.sh --runs N      each target N executions (the long run)
 #   scripts/fuzz.sh               same as --runs 10000000
 #
 # Each target is built once (cargo fuzz build -O -a: release, with overflow checks and debug
-# assertions), then its binary runs on proto/fuzz/corpus/<target> (committed seeds seed-*; what
+# assertions), then its binary runs on fuzz/corpus/<target> (committed seeds seed-*; what
 # libFuzzer adds there is git-ignored). Prints one line per target,
 #   fuzz <target>: <execs> execs in <secs> s (<rate>/s), no crash
 # and writes target/bench/fuzz.json. A crash (panic, failed assertion, out-of-memory, timeout)
-# fails the script, naming the target and the crashing input (proto/fuzz/artifacts/<target>/);
-# reproduce with `cd proto && cargo +nightly fuzz run -O -a -s none <target> <artifact>`.
+# fails the script, naming the target and the crashing input (fuzz/artifacts/<target>/);
+# reproduce with `cargo +nightly fuzz run --fuzz-dir fuzz -O -a -s none <target> <artifact>`.
 # libFuzzer's full output: target/bench/fuzz-logs/<target>.log.
 #
 # Toolchain: nightly when rustup has one, else the repository's (stable) toolchain with
@@ -22,7 +22,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-FUZZ_DIR=$ROOT/proto/fuzz
+FUZZ_DIR=$ROOT/fuzz
 OUT_DIR=$ROOT/target/bench
 LOG_DIR=$OUT_DIR/fuzz-logs
 # target:max_len

@@ -1,5 +1,5 @@
 //! Writes the committed seed corpus, `corpus/<target>/seed-*`, from the real encoders:
-//! `cargo run --example seeds` in proto/fuzz. Re-run it after a change to the wire format of
+//! `cargo run --example seeds` in fuzz/. Re-run it after a change to the wire format of
 //! the page protocol, to `Wire`, or to `Snapshot` (the fuzzers still start from the old seeds,
 //! but reach less from them). Inputs libFuzzer adds to the corpus are not committed.
 //!
