@@ -3,7 +3,7 @@
 //! the page protocol, to `Wire`, or to `Snapshot` (the fuzzers still start from the old seeds,
 //! but reach less from them). Inputs libFuzzer adds to the corpus are not committed.
 //!
-//! Seed forms for `wire` and `state` are `proto_fuzz::Input`'s: a mode byte (0 raw frame or
+//! Seed forms for `wire` and `state` are `fuzz::Input`'s: a mode byte (0 raw frame or
 //! stream, 1 postcard body to put behind the current version), then the bytes.
 
 use std::path::{Path, PathBuf};

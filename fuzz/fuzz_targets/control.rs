@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use proto_fuzz::peak_during;
+use fuzz::peak_during;
 use serde_json::Value;
 use vmm::control::{parse_request, Reply, Request};
 use vmm::migration::Plan;

@@ -12,7 +12,7 @@
 use libfuzzer_sys::fuzz_target;
 use proto::handshake::{check, offer, Offer};
 use proto::{read_frame, Header, Kind, Layout, Message, HEADER_LEN, MAX_PAYLOAD_BYTES};
-use proto_fuzz::peak_during;
+use fuzz::peak_during;
 
 /// A decoded Hello / Welcome goes through the handshake check against our offer.
 fn handshake(version: u16, page_size: u32, layout: &Layout) {

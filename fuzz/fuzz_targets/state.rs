@@ -1,5 +1,5 @@
 //! Fuzzes the snapshot / state envelope decoder `vmm::state::decode` (state files, and the
-//! envelope a migration's `State` message carries). Input: see `proto_fuzz::Input` (first
+//! envelope a migration's `State` message carries). Input: see `fuzz::Input` (first
 //! byte: raw envelope bytes, or a postcard `Snapshot` body / a versioned blob framed with a
 //! valid CRC).
 //!
@@ -10,7 +10,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use proto_fuzz::{bound, check_envelope, input, peak_during, Input};
+use fuzz::{bound, check_envelope, input, peak_during, Input};
 use vmm::state::STATE_VERSION;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,6 +1,6 @@
 //! Fuzzes the migration link: `vmm::migration::decode` on one frame, and the link's reader
 //! (what `Link::recv` does: `proto::read_frame` off the stream, the frame put back together,
-//! then `decode`) on a stream of frames. Input: see `proto_fuzz::Input` (first byte: raw bytes,
+//! then `decode`) on a stream of frames. Input: see `fuzz::Input` (first byte: raw bytes,
 //! or a postcard `Wire` body / a versioned blob framed with a valid CRC).
 //!
 //! Asserts: no panic; what decodes re-encodes to a value that encodes to the same bytes (and a
@@ -11,7 +11,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use proto::{read_frame, HEADER_LEN, MAX_PAYLOAD_BYTES};
-use proto_fuzz::{bound, check_wire, input, peak_during, Input};
+use fuzz::{bound, check_wire, input, peak_during, Input};
 use vmm::migration::{decode, MIGRATION_VERSION};
 
 fuzz_target!(|data: &[u8]| {
