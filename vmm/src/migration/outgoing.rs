@@ -15,7 +15,7 @@ use proto::Layout;
 use serde_json::{json, Value};
 use transport::{Addr, Sock};
 
-use super::{mono_ns, Link, MigrationError, Mode, Offer, Plan, Wire};
+use super::{mono_ns, Link, MigrationError, Mode, Offer, PassEnd, Plan, Wire};
 use crate::memory::PAGE_SIZE;
 
 /// Time allowed for the destination to build its VM shell and answer the offer.
@@ -604,28 +604,13 @@ fn precopy(
         log::info!("pre-copy pass {pass}: {p}");
         passes.push(p);
         sent_before = sent;
-        let stop = if forced() {
-            Some("switchover requested".to_owned())
-        } else if n <= plan.threshold_pages {
-            Some(format!(
-                "converged: {n} dirty pages <= {}",
-                plan.threshold_pages
-            ))
-        } else if let Some(md) = plan
-            .max_downtime_ms
-            .filter(|&md| n as f64 <= md as f64 * per_ms)
-        {
-            Some(format!(
-                "converged: {n} dirty pages take ~{:.1} ms <= {md} ms at {per_ms:.0} pages/ms",
-                n as f64 / per_ms.max(1e-9)
-            ))
-        } else if pass >= plan.max_passes {
-            Some(format!("{} passes done", plan.max_passes))
-        } else if n >= prev {
-            Some(format!("dirty set not shrinking ({prev} -> {n} pages)"))
-        } else {
-            None
-        };
+        let stop = plan.stop_after(&PassEnd {
+            pass,
+            dirty: n,
+            previous_dirty: prev,
+            pages_per_ms: per_ms,
+            forced: forced(),
+        });
         if let Some(stop_reason) = stop {
             return Ok(Precopied {
                 carry: bits,
