@@ -14,6 +14,8 @@
 mod bulk;
 pub mod cli;
 mod config;
+mod conn;
+mod dispatch;
 mod error;
 mod listen;
 mod memory;
