@@ -9,6 +9,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod chips;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -23,6 +24,8 @@ pub mod mptable;
 pub mod persist;
 pub mod report;
 pub mod state;
+#[cfg(test)]
+mod testing;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -17,8 +17,6 @@ use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
-use kvm_bindings::{KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
-use kvm_ioctls::VmFd;
 use proto::{Message, HEADER_LEN, MAX_PAYLOAD_BYTES};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -256,47 +254,6 @@ pub fn read_file(path: &Path) -> Result<Snapshot, StateError> {
     let mut bytes = Vec::with_capacity(len as usize);
     f.take(cap).read_to_end(&mut bytes).map_err(io)?;
     decode(&bytes, &p)
-}
-
-fn chip(id: u32) -> kvm_irqchip {
-    kvm_irqchip {
-        chip_id: id,
-        ..Default::default()
-    }
-}
-
-/// Captures the VM-wide KVM state (irqchips, PIT, kvmclock).
-pub fn save_vm(fd: &VmFd) -> Result<VmState, StateError> {
-    let k = |op| move |source| StateError::Kvm { op, source };
-    let mut pic_master = chip(KVM_IRQCHIP_PIC_MASTER);
-    let mut pic_slave = chip(KVM_IRQCHIP_PIC_SLAVE);
-    let mut ioapic = chip(KVM_IRQCHIP_IOAPIC);
-    fd.get_irqchip(&mut pic_master)
-        .map_err(k("KVM_GET_IRQCHIP"))?;
-    fd.get_irqchip(&mut pic_slave)
-        .map_err(k("KVM_GET_IRQCHIP"))?;
-    fd.get_irqchip(&mut ioapic).map_err(k("KVM_GET_IRQCHIP"))?;
-    Ok(VmState {
-        pit: fd.get_pit2().map_err(k("KVM_GET_PIT2"))?,
-        pic_master,
-        pic_slave,
-        ioapic,
-        clock: fd.get_clock().map_err(k("KVM_GET_CLOCK"))?,
-    })
-}
-
-/// Applies the VM-wide KVM state.
-pub fn restore_vm(fd: &VmFd, s: &VmState) -> Result<(), StateError> {
-    let k = |op| move |source| StateError::Kvm { op, source };
-    fd.set_pit2(&s.pit).map_err(k("KVM_SET_PIT2"))?;
-    // Guest time continues from the snapshot (no jump for the time it was saved).
-    let mut clock = s.clock;
-    clock.flags = 0;
-    fd.set_clock(&clock).map_err(k("KVM_SET_CLOCK"))?;
-    for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
-        fd.set_irqchip(c).map_err(k("KVM_SET_IRQCHIP"))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

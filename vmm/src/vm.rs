@@ -24,10 +24,12 @@ mod migrate;
 mod requests;
 pub mod restore;
 mod roles;
+use crate::chips::Chips;
 use crate::control::{Incoming, Request};
 use crate::devices::{ConsoleOut, DeviceEvent, Devices, COM1_GSI};
 use crate::memory::GuestRam;
-use crate::state::{self, MachineConfig, Snapshot, MAX_VCPUS};
+use crate::persist::Persist;
+use crate::state::{MachineConfig, Snapshot, MAX_VCPUS};
 use crate::vcpu::{self, Command, Vcpu, VcpuHandle, VcpuReport};
 use crate::virtio::VirtioError;
 
@@ -386,7 +388,7 @@ impl Vm {
             vcpus.push(s);
         }
         let t_vcpus = t0.elapsed();
-        let mut vm = state::save_vm(&self.fd)?;
+        let mut vm = Chips(&self.fd).save()?;
         // Guest time stopped when the vCPUs did.
         if let Some(c) = self.paused_clock {
             vm.clock = c;

@@ -43,24 +43,9 @@ fn vcpu_or_skip(test: &str) -> Option<(Kvm, kvm_ioctls::VmFd, Vcpu)> {
     Some((kvm, vm, v))
 }
 
-/// A skip, where `.ci/run` sees it: printed and appended to `$SKIP_LOG` (default the
-/// workspace's `target/test-skips.log`, which `scripts/check-skips.sh` checks).
+/// A skip of `vcpu::tests::TEST`, where `.ci/run` sees it.
 fn skip(test: &str, why: &str) {
-    use std::io::Write;
-    let line = format!("SKIPPED: vcpu::tests::{test}: {why}");
-    println!("{line}");
-    let path = std::env::var_os("SKIP_LOG")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-skips.log")
-        });
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{line}");
-    }
+    crate::testing::skip(&format!("vcpu::tests::{test}"), why);
 }
 
 /// Puts `ram` at guest address 0 and starts `v` in real mode at 0x1000 with RAX = `rax`.

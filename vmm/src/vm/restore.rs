@@ -15,6 +15,7 @@ use super::{
     check_shape, clone_fd, console_out, device_sender, forward_stdin, kvm_err, set_memslots, shell,
     since_start, virtio_irq, Event, Shell, StartTimes, Vm, VmError,
 };
+use crate::chips::Chips;
 use crate::config::{RestoreConfig, RestoreMemory, SerialOut};
 use crate::control;
 use crate::devices::Devices;
@@ -263,7 +264,7 @@ impl Vm {
             virtio,
             device_sender(&tx),
         )?);
-        state::restore_vm(&p.sh.fd, &snap.vm)?;
+        Chips::restore(&p.sh.fd, &snap.vm)?;
         let t_vm = t2.elapsed();
         // Each vCPU's state on a thread of its own: a vCPU is a dozen ioctls (CPUID, MSRs,
         // XSAVE, LAPIC, ...), and this is all downtime.
