@@ -279,6 +279,7 @@ fn service(
     }
     let mut eof = false;
     let mut more = true;
+    let mut held_back = false;
     for _ in 0..ROUNDS_PER_EVENT {
         let mut drained = false;
         // back-pressure: past MAX_PENDING_WRITE of replies, read again once they drain
@@ -312,15 +313,20 @@ fn service(
         // flushes them: a client that reads as fast as it asks may have taken them all, and
         // then no event would ever come for the frames and bytes still waiting — go on here
         if pressured(c) || eof || (drained && !complete_frame(&c.rbuf)) {
+            held_back = pressured(c) && !eof;
             more = false;
             break;
         }
     }
-    // out of rounds with work left: `arm_writable` has the loop come back (fairness)
-    c.again = more;
     if let Err(e) = flush(c) {
         return Next::Drop(Some(format!("write failed: {e}")));
     }
+    // Out of rounds with work left, or reading was held back by the replies waiting and this
+    // flush has just let them all go: `arm_writable` has the loop come back. (Without the
+    // second, a client that had sent all its requests and read every reply at once got no
+    // event ever again for the requests still unread: a request-flood test saw 30 s of
+    // silence in a CI run.)
+    c.again = more || (held_back && !pressured(c));
     if eof {
         return if c.rbuf.is_empty() {
             Next::Drop(None)
