@@ -54,6 +54,8 @@
 //! Golden fixtures in `tests/golden.rs` fail on any accidental change of the bytes.
 
 pub mod bitmap;
+mod decode;
+mod encode;
 mod error;
 mod frame;
 pub mod handshake;
@@ -61,6 +63,8 @@ mod layout;
 mod msg;
 mod zero;
 
+pub use decode::{pages_data_len, pages_fixed, PAGES_FIXED_LEN};
+pub use encode::encode_pages_prefix;
 pub use error::{DecodeError, HandshakeError};
 pub use frame::{
     read_frame, write_frame, Header, Kind, ReadError, HEADER_LEN, MAGIC, MAX_PAYLOAD_BYTES,
@@ -70,8 +74,7 @@ pub use layout::{
     check_page_size, GuestPhysAddr, Layout, PageIndex, Region, MAX_LAYOUT_BYTES, MAX_REGIONS,
 };
 pub use msg::{
-    bit, encode_pages_prefix, error_code, hello, mask_len, pages_data_len, pages_fixed, Bitmap,
-    BitmapKind, Channel, Hello, Message, Origin, Pages, Request, Run, Welcome, MAX_PAGES_PER_FRAME,
-    MAX_PAGE_DATA_BYTES, MAX_REASON_BYTES, PAGES_FIXED_LEN,
+    bit, error_code, hello, mask_len, Bitmap, BitmapKind, Channel, Hello, Message, Origin, Pages,
+    Request, Run, Welcome, MAX_PAGES_PER_FRAME, MAX_PAGE_DATA_BYTES, MAX_REASON_BYTES,
 };
 pub use zero::is_zero_page;
