@@ -259,13 +259,7 @@ pub fn raw_local_faults(
         }
         let mut faults = Vec::new();
         while !st.load(std::sync::atomic::Ordering::Relaxed) {
-            let mut fd = libc::pollfd {
-                fd: u.raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: polling one pollfd we own.
-            if unsafe { libc::poll(&mut fd, 1, 100) } <= 0 {
+            if !u.wait_readable(100) {
                 continue;
             }
             faults.clear();

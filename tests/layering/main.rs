@@ -35,7 +35,7 @@ struct Module {
 }
 
 /// Collects the references and declarations of one file; inline modules fold into it.
-struct Collector<'a> {
+struct Collector {
     /// The module path of the file.
     base: Vec<String>,
     /// Nesting inside the file's inline modules.
@@ -44,10 +44,9 @@ struct Collector<'a> {
     reexports: BTreeMap<String, Vec<String>>,
     file_mods: Vec<String>,
     inline_mods: Vec<String>,
-    _p: std::marker::PhantomData<&'a ()>,
 }
 
-impl Collector<'_> {
+impl Collector {
     fn here(&self) -> Vec<String> {
         let mut m = self.base.clone();
         m.extend(self.inline.iter().cloned());
@@ -127,7 +126,7 @@ impl Collector<'_> {
     }
 }
 
-impl<'ast> Visit<'ast> for Collector<'_> {
+impl<'ast> Visit<'ast> for Collector {
     fn visit_item_use(&mut self, u: &'ast syn::ItemUse) {
         let public = matches!(u.vis, syn::Visibility::Public(_));
         self.use_tree(&mut Vec::new(), &u.tree, public);
@@ -213,7 +212,6 @@ fn read_unit(name: String, root_file: &Path) -> Unit {
             reexports: BTreeMap::new(),
             file_mods: Vec::new(),
             inline_mods: Vec::new(),
-            _p: std::marker::PhantomData,
         };
         c.visit_file(&ast);
         // `pub use child::Item;` (a path relative to this module) re-exports from a child

@@ -332,6 +332,17 @@ impl Uffd {
         Ok(out)
     }
 
+    /// Waits up to `timeout_ms` for fault events to read; false on timeout or EINTR.
+    pub fn wait_readable(&self, timeout_ms: i32) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one pollfd we own.
+        unsafe { libc::poll(&mut p, 1, timeout_ms) > 0 }
+    }
+
     /// Fault events read per call.
     pub const READ_BATCH: usize = 64;
 

@@ -278,13 +278,7 @@ fn wp_fault_loop(
     let ps = u64::from(PAGE_SIZE);
     let mut faults: Vec<Fault> = Vec::with_capacity(Uffd::READ_BATCH);
     while !stop.load(std::sync::atomic::Ordering::Acquire) {
-        let mut p = libc::pollfd {
-            fd: uffd.raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polling one pollfd we own.
-        if unsafe { libc::poll(&mut p, 1, 50) } <= 0 {
+        if !uffd.wait_readable(50) {
             continue;
         }
         faults.clear();
