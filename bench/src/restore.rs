@@ -198,8 +198,8 @@ impl Vmm {
     }
 
     fn ctl(&self, req: Value) -> Result<Value> {
-        let req: vmm::control::Request = serde_json::from_value(req)?;
-        let r = vmm::control::request(&self.sock, &req, Duration::from_secs(600))?;
+        let req: vmm::api::Request = serde_json::from_value(req)?;
+        let r = vmm::api::client::request(&self.sock, &req, Duration::from_secs(600))?;
         let v = serde_json::to_value(&r)?;
         if !r.ok {
             bail!("{req:?}: {v}");

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use proto::{Channel, Layout, Message, Origin, PageIndex};
-use vmm::control::{Reply, Request};
+use vmm::api::{Reply, Request};
 use vmm::devices::{ConsoleState, DevicesState, I8042};
 use vmm::migration::{self, Offer, Wire};
 use vmm::state::{self, MachineConfig, Snapshot, VcpuState, VmState};
@@ -392,7 +392,13 @@ fn main() {
     let replies = [
         (
             "reply-progress",
-            Reply::progress(serde_json::json!({"present": 10, "total": 16384, "rate": 1.5e9})),
+            Reply::progress(&vmm::api::replies::Progress::Postcopy {
+                pages_present: 10,
+                pages_total: 16384,
+                percent: 0.06,
+                mb_per_s: 1.5e3,
+                elapsed_ms: 12.0,
+            }),
         ),
         ("reply-error", Reply::err("busy", "a migration is running")),
     ];

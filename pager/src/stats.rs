@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 const SUB_BITS: u32 = 5;
 const SUB: u64 = 1 << SUB_BITS;
@@ -151,7 +151,7 @@ impl Histogram {
 }
 
 /// Percentiles of a latency histogram.
-#[derive(Debug, Clone, Copy, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 pub struct LatencySummary {
     /// Samples.
     pub count: u64,
@@ -211,7 +211,7 @@ pub struct Stats {
 }
 
 /// The final (or current) figures of a pager, printable as a table and serializable as JSON.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// Pages in the region.
     pub total_pages: u64,

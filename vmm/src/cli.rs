@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::control::{self, Request};
+use crate::api::{self, Request};
 use crate::migration::incoming::{self, IncomingConfig};
 use crate::virtio::{blk::BlockConfig, net::NetConfig, DeviceConfig};
 use crate::vm::{self, BootSource, Event, RestoreConfig, RestoreMemory, RunConfig, SerialOut, Vm};
@@ -364,7 +364,7 @@ fn serve(mut vm: Vm) -> Result<ExitCode> {
         vm::Exit::Shutdown | vm::Exit::GuestReset => log::info!("VM ended: {exit:?}"),
         vm::Exit::Migrated => {
             log::info!("VM migrated away; guest memory freed");
-            control::drain(Duration::from_secs(2));
+            api::server::drain(Duration::from_secs(2));
         }
         vm::Exit::Fatal(w) => log::error!("VM stopped: {w}"),
         vm::Exit::SourceLost(w) => {
@@ -534,11 +534,16 @@ fn ctl(a: CtlArgs) -> Result<ExitCode> {
     };
     let migrate = matches!(req, Request::Migrate { .. });
     let reply =
-        control::request_with_progress(&a.api_socket, &req, Duration::from_secs(600), |p| {
-            crate::report::progress_line(&p.fields)
+        api::client::request_with_progress(&a.api_socket, &req, Duration::from_secs(600), |p| {
+            if let Ok(p) = p.body::<api::replies::Progress>() {
+                crate::report::progress_line(&p)
+            }
         })?;
     if migrate && reply.ok && !a.json {
-        crate::report::print_migration(&reply.fields);
+        let report: api::replies::MigrationReport = reply
+            .body()
+            .context("the migration's report does not have the expected fields")?;
+        crate::report::print_migration(&report);
     } else if a.json {
         println!("{}", serde_json::to_string(&reply)?);
     } else if let Some(e) = &reply.error {

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::api::ControlError;
 use crate::boot::BootError;
-use crate::control::ControlError;
 use crate::memory::MemoryError;
 use crate::state::StateError;
 use crate::virtio::VirtioError;

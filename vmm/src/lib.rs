@@ -8,11 +8,11 @@
 //! socket, and small forwarders (stdin, pager events, signals).
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod chips;
 pub mod cli;
 pub mod config;
-pub mod control;
 pub mod cpuid;
 pub mod devices;
 pub mod dirty;

@@ -1,172 +1,147 @@
 //! Human-readable output of `vmm ctl migrate`: one progress line per report on stderr, and the
 //! final report as a table on stdout.
 
-use serde_json::{Map, Value};
-
-fn num(m: &Map<String, Value>, k: &str) -> f64 {
-    m.get(k).and_then(Value::as_f64).unwrap_or(0.0)
-}
+use crate::api::replies::{MigrationReport, Progress};
 
 /// Prints one progress report (stderr).
-pub fn progress_line(m: &Map<String, Value>) {
-    match m.get("phase").and_then(Value::as_str) {
-        Some("precopy") => eprintln!(
-            "[migrate] pre-copy pass {}: {} pages sent, {} written again meanwhile, {:.1} s",
-            num(m, "pass") as u64,
-            num(m, "pages_sent") as u64,
-            num(m, "pages_dirtied") as u64,
-            num(m, "elapsed_ms") / 1e3
+pub fn progress_line(p: &Progress) {
+    match p {
+        Progress::Precopy {
+            pass,
+            pages_sent,
+            pages_dirtied,
+            elapsed_ms,
+        } => eprintln!(
+            "[migrate] pre-copy pass {pass}: {pages_sent} pages sent, {pages_dirtied} written again meanwhile, {:.1} s",
+            elapsed_ms / 1e3
         ),
-        Some("postcopy") => eprintln!(
-            "[migrate] postcopy: {:5.1}% of pages present ({}/{}), {:7.1} MB/s, {:.1} s",
-            num(m, "percent"),
-            num(m, "pages_present") as u64,
-            num(m, "pages_total") as u64,
-            num(m, "mb_per_s"),
-            num(m, "elapsed_ms") / 1e3
+        Progress::Postcopy {
+            pages_present,
+            pages_total,
+            percent,
+            mb_per_s,
+            elapsed_ms,
+        } => eprintln!(
+            "[migrate] postcopy: {percent:5.1}% of pages present ({pages_present}/{pages_total}), {mb_per_s:7.1} MB/s, {:.1} s",
+            elapsed_ms / 1e3
         ),
-        Some(p) => eprintln!("[migrate] {p}"),
-        None => {}
+        Progress::Connected => eprintln!("[migrate] connected"),
     }
 }
 
 /// Prints the final report of a migration (stdout).
-pub fn print_migration(m: &Map<String, Value>) {
-    let mib = |b: f64| b / (1 << 20) as f64;
-    let lat = m.get("fault_latency").and_then(Value::as_object);
-    let l = |k: &str| lat.map_or(0.0, |x| num(x, k));
+pub fn print_migration(m: &MigrationReport) {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let d = m.destination.pager.clone().unwrap_or_default();
+    let l = &d.fault_latency;
     let page = 4096.0;
     println!(
         "migration complete: {} MiB, {} vCPUs -> {}",
-        num(m, "mem_bytes") as u64 >> 20,
-        num(m, "vcpus") as u64,
-        m.get("to").and_then(Value::as_str).unwrap_or("?")
+        m.mem_bytes >> 20,
+        m.vcpus,
+        m.to
     );
-    let rows: Vec<(&str, String)> = vec![
+    let mut rows: Vec<(&str, String)> = vec![
         (
             "downtime (source pause -> destination running)",
-            format!("{:.2} ms", num(m, "downtime_ms")),
+            format!("{:.2} ms", m.downtime_ms),
         ),
         (
             "  pause + save on the source",
-            format!("{:.2} ms", num(m, "pause_ms")),
+            format!("{:.2} ms", m.pause_ms),
         ),
-        ("  state", format!("{} bytes", num(m, "state_bytes") as u64)),
+        ("  state", format!("{} bytes", m.state_bytes)),
         (
             "  apply on the destination",
-            format!("{:.2} ms", num(m, "apply_ms")),
+            format!("{:.2} ms", m.apply_ms),
         ),
         (
             "time to complete (destination depended on the source)",
-            format!("{:.1} ms", num(m, "total_ms")),
+            format!("{:.1} ms", m.total_ms),
         ),
         (
             "handshake (connect -> destination ready)",
             format!(
                 "{:.1} ms (destination prepared in {:.1} ms)",
-                num(m, "handshake_ms"),
-                num(m, "prepare_ms")
+                m.handshake_ms, m.prepare_ms
             ),
         ),
-        ("link round trip", format!("{:.0} us", num(m, "rtt_us"))),
+        ("link round trip", format!("{:.0} us", m.rtt_us)),
         (
             "pages by origin: fault / prefetch / stream",
             format!(
                 "{} / {} / {}",
-                num(m, "fault_pages") as u64,
-                num(m, "prefetch_pages") as u64,
-                num(m, "stream_pages") as u64
+                d.fault_pages, d.prefetch_pages, d.stream_pages
             ),
         ),
-        (
-            "  zero pages (no payload)",
-            format!("{}", num(m, "zero_pages") as u64),
-        ),
+        ("  zero pages (no payload)", format!("{}", d.zero_pages)),
         (
             "  bytes: fault / prefetch / stream",
             format!(
                 "{:.1} / {:.1} / {:.1} MiB",
-                mib(num(m, "fault_bytes")),
-                mib(num(m, "prefetch_bytes")),
-                mib(num(m, "stream_bytes"))
+                mib(d.fault_bytes),
+                mib(d.prefetch_bytes),
+                mib(d.stream_bytes)
             ),
         ),
-        (
-            "  pages received twice",
-            format!("{}", num(m, "duplicate_pages") as u64),
-        ),
+        ("  pages received twice", format!("{}", d.duplicate_pages)),
         (
             "vCPU faults on missing pages",
-            format!(
-                "{} (requests {})",
-                l("count") as u64,
-                num(m, "requests") as u64
-            ),
+            format!("{} (requests {})", l.count, d.requests),
         ),
         (
             "fault latency p50 / p90 / p99 / max",
             format!(
                 "{:.0} / {:.0} / {:.0} / {:.0} us",
-                l("p50_us"),
-                l("p90_us"),
-                l("p99_us"),
-                l("max_us")
+                l.p50_us, l.p90_us, l.p99_us, l.max_us
             ),
         ),
         (
             "vCPU time blocked on faults",
-            format!("{:.1} ms", num(m, "blocked_ms")),
+            format!("{:.1} ms", d.blocked_ms),
         ),
-        ("reconnects", format!("{}", num(m, "reconnects") as u64)),
+        ("reconnects", format!("{}", d.reconnects)),
         (
             "average rate after switchover",
             format!(
                 "{:.0} MB/s",
-                num(m, "total_pages") * page / 1e6 / (num(m, "total_ms") / 1e3).max(1e-9)
+                d.total_pages as f64 * page / 1e6 / (m.total_ms / 1e3).max(1e-9)
             ),
         ),
     ];
-    let mut rows = rows;
-    if let Some(copies) = m.get("disk_copies").and_then(Value::as_array) {
-        for c in copies {
-            let p = c.get("pager").and_then(Value::as_object);
-            let pn = |k: &str| p.map_or(0.0, |x| num(x, k));
+    if !m.destination.disk_copies.is_empty() {
+        for c in &m.destination.disk_copies {
+            let p = c.pager.clone().unwrap_or_default();
             rows.push((
                 "disk copied (--copy-disk)",
                 format!(
                     "slot {}: {:.1} MiB in {:.1} ms (write-back {:.1} ms); faults {} / stream {} / zero {} pages",
-                    c.get("slot").and_then(Value::as_u64).unwrap_or(0),
-                    mib(c.get("bytes").and_then(Value::as_f64).unwrap_or(0.0)),
-                    c.get("ms").and_then(Value::as_f64).unwrap_or(0.0),
-                    c.get("write_back_ms").and_then(Value::as_f64).unwrap_or(0.0),
-                    pn("fault_pages") as u64,
-                    pn("stream_pages") as u64,
-                    pn("zero_pages") as u64,
+                    c.slot,
+                    mib(c.bytes),
+                    c.ms,
+                    c.write_back_ms,
+                    p.fault_pages,
+                    p.stream_pages,
+                    p.zero_pages,
                 ),
             ));
         }
         rows.push((
             "  disk bytes sent by the source",
-            format!("{:.1} MiB", mib(num(m, "disk_bytes_sent"))),
+            format!("{:.1} MiB", mib(m.disk_bytes_sent)),
         ));
     }
-    if let Some(pc) = m.get("precopy").and_then(Value::as_object) {
-        let passes = pc.get("passes").and_then(Value::as_array);
-        let sent: f64 = passes.map_or(0.0, |v| {
-            v.iter()
-                .filter_map(|p| p.get("pages_sent").and_then(Value::as_f64))
-                .sum()
-        });
+    if let Some(pc) = &m.precopy {
+        let sent: u64 = pc.passes.iter().map(|p| p.pages_sent).sum();
         rows.insert(
             0,
             (
                 "pre-copy (VM running)",
                 format!(
-                    "{} passes, {} pages sent, {:.0} ms; stopped: {}",
-                    passes.map_or(0, |v| v.len()),
-                    sent as u64,
-                    num(pc, "ms"),
-                    pc.get("stop_reason").and_then(Value::as_str).unwrap_or("?")
+                    "{} passes, {sent} pages sent, {:.0} ms; stopped: {}",
+                    pc.passes.len(),
+                    pc.ms,
+                    pc.stop_reason
                 ),
             ),
         );
@@ -174,21 +149,15 @@ pub fn print_migration(m: &Map<String, Value>) {
             1,
             (
                 "  pages still dirty at the switchover",
-                format!("{}", num(pc, "pages_dirty_at_switchover") as u64),
+                format!("{}", pc.pages_dirty_at_switchover),
             ),
         );
     }
-    if let Some(h) = m.get("fault_latency_log2_us").and_then(Value::as_array) {
-        let cells: Vec<String> = h
+    if m.destination.pager.is_some() {
+        let cells: Vec<String> = d
+            .fault_latency_log2_us
             .iter()
-            .filter_map(|b| {
-                let b = b.as_array()?;
-                Some(format!(
-                    "<={}us:{}",
-                    b.first()?.as_u64()?,
-                    b.get(1)?.as_u64()?
-                ))
-            })
+            .map(|(le, n)| format!("<={le}us:{n}"))
             .collect();
         rows.insert(13, ("fault latency histogram", cells.join(" ")));
     }

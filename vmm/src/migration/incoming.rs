@@ -12,12 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pager::PagerConfig;
-use serde_json::json;
 use transport::{Addr, Sock};
 
 use super::{mono_ns, Link, MigrationError, Offer, Wire};
+use crate::api::replies::IncomingStatus;
+use crate::api::{self, Reply, Request};
 use crate::config::SerialOut;
-use crate::control::{self, Reply, Request};
 use crate::memory::{self, PAGE_SIZE};
 use crate::state;
 use crate::vm::restore::{Finish, Prepared, ServedAs};
@@ -208,7 +208,7 @@ pub fn receive(cfg: &IncomingConfig, stop: &AtomicBool) -> Result<Vm, MigrationE
     let target = Arc::new(Mutex::new(wait_tx));
     if let Some(path) = &cfg.api_socket {
         let (ctl_tx, ctl_rx) = std::sync::mpsc::channel::<Event>();
-        control::serve(path, ctl_tx, Event::Control)
+        api::server::serve(path, ctl_tx, Event::Control)
             .map_err(|e| MigrationError::Other(error_chain(&e)))?;
         let t = target.clone();
         let _ = std::thread::Builder::new()
@@ -276,12 +276,13 @@ fn answer_while_waiting(rx: &Receiver<Event>, bound: &Addr, attempts: u32, last:
             continue;
         };
         let r = match req {
-            Request::Status => Reply::ok(json!({
-                "state": "incoming",
-                "listening": bound.to_string(),
-                "attempts": attempts,
-                "last_error": last,
-            })),
+            Request::Status => Reply::ok(&IncomingStatus {
+                api_version: api::VERSION,
+                state: "incoming".into(),
+                listening: bound.to_string(),
+                attempts,
+                last_error: last.map(str::to_owned),
+            }),
             _ => Reply::err(
                 "busy",
                 format!("no VM yet: waiting for an incoming migration on {bound}"),

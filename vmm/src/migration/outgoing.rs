@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 
 use page_server::{RawRegions, ServerConfig, ServerHandle};
 use proto::Layout;
-use serde_json::{json, Value};
 use transport::{Addr, Sock};
 
 use super::{mono_ns, Link, MigrationError, Mode, Offer, PassEnd, Plan, Wire};
+use crate::api::replies::{
+    DestinationReport, MigrationReport, PassReport, PrecopyReport, Progress, Recovery,
+};
 use crate::memory::PAGE_SIZE;
 
 /// Time allowed for the destination to build its VM shell and answer the offer.
@@ -54,7 +56,7 @@ pub enum MigEvent {
     /// Dirty logging: answers the dirty pages (bitmap bytes) and their count.
     Dirty(DirtyOp, SyncSender<Result<(Vec<u8>, u64), String>>),
     /// A progress line for the caller.
-    Progress(Value),
+    Progress(Progress),
     /// The migration failed and the destination never ran the VM: run it here (resume it if
     /// the migration paused it).
     Failed(String),
@@ -62,7 +64,7 @@ pub enum MigEvent {
     /// VM: keep it paused here; the page-server keeps serving.
     Stuck(String, Vec<ServerHandle>),
     /// The destination has every page: free memory and exit.
-    Done(Value),
+    Done(Box<MigrationReport>),
 }
 
 /// What the thread needs from the VM.
@@ -155,7 +157,7 @@ fn run(ctx: Context, addr: Addr, sock: Sock) {
     match migrate(ctx, addr, sock, &pages) {
         Ok(report) => {
             remove_socket();
-            send(MigEvent::Done(report))
+            send(MigEvent::Done(Box::new(report)))
         }
         Err(Outcome::NotRun(e)) => {
             remove_socket();
@@ -245,7 +247,7 @@ fn page_server_addr(sock: &Sock) -> Addr {
     }
 }
 
-fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, Outcome> {
+fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<MigrationReport, Outcome> {
     let t_start = Instant::now();
     let mut link = Link::new(sock, addr.to_string());
     let hosts = ctx
@@ -403,8 +405,10 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
                     transport::error_chain(e)
                 );
             }
-            break json!({"completion": "learnt from the page-servers (migration link lost)"})
-                .to_string();
+            break DestinationReport {
+                completion: Some("learnt from the page-servers (migration link lost)".into()),
+                ..DestinationReport::default()
+            };
         }
         if link_lost.is_none() && !link.readable(Duration::from_millis(200)) {
             if heard.elapsed() > SILENCE_TIMEOUT
@@ -454,16 +458,20 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
                 let mbps =
                     (present.saturating_sub(last.1) * u64::from(PAGE_SIZE)) as f64 / dt / 1e6;
                 last = (Instant::now(), present);
-                (ctx.events)(MigEvent::Progress(json!({
-                    "phase": "postcopy",
-                    "pages_present": present,
-                    "pages_total": total,
-                    "percent": if total > 0 { present as f64 * 100.0 / total as f64 } else { 100.0 },
-                    "mb_per_s": mbps,
-                    "elapsed_ms": t_start.elapsed().as_secs_f64() * 1e3,
-                })));
+                (ctx.events)(MigEvent::Progress(Progress::Postcopy {
+                    pages_present: present,
+                    pages_total: total,
+                    percent: if total > 0 {
+                        present as f64 * 100.0 / total as f64
+                    } else {
+                        100.0
+                    },
+                    mb_per_s: mbps,
+                    elapsed_ms: t_start.elapsed().as_secs_f64() * 1e3,
+                }));
             }
-            Wire::Complete { report } => break report,
+            // the destination's figures: JSON from a peer, taken only if it has their shape
+            Wire::Complete { report } => break serde_json::from_str(&report).unwrap_or_default(),
             other => {
                 let e = MigrationError::Protocol(format!("expected Progress, got {other:?}"));
                 return Err(unknown(e, server, &mut disks));
@@ -476,58 +484,57 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Value, 
     drop(server);
     let disk_sent: u64 = disks.iter().map(|d| d.stats().data_bytes).sum();
     drop(disks);
-    let dest: Value = serde_json::from_str(&report).unwrap_or(Value::Null);
-    let mut out = json!({
-        "mode": match ctx.plan.mode {
+    Ok(MigrationReport {
+        mode: match ctx.plan.mode {
             Ok(Mode::Hybrid) => "hybrid",
             Ok(Mode::Precopy) => "precopy",
             _ => "postcopy",
-        },
-        "to": addr.to_string(),
-        "mem_bytes": total_bytes,
-        "vcpus": offer.config.vcpus,
-        "downtime_ms": downtime_ms,
-        "total_ms": total_ms,
-        "pause_ms": sw.pause_ms,
-        "handshake_ms": handshake_ms,
-        "prepare_ms": prepare_ms,
-        "apply_ms": apply_ms,
-        "state_bytes": state_bytes,
-        "rtt_us": rtt_ns as f64 / 1e3,
-        "clock_offset_us": offset_ns as f64 / 1e3,
-        "source": served,
-        "precopy": precopy.as_ref().map(|p| json!({
-            "dirty_tracking": ctx.plan.dirty_tracking.as_deref().unwrap_or("kvm"),
-            "passes": p.passes,
-            "stop_reason": p.stop_reason,
-            "pages_dirty_at_switchover": final_dirty,
-            "ms": p.ms,
-        })),
-        "bytes_sent": served.data_bytes,
-        "disk_bytes_sent": disk_sent,
-        "pages_sent": served.pages_sent(),
+        }
+        .into(),
+        to: addr.to_string(),
+        mem_bytes: total_bytes,
+        vcpus: offer.config.vcpus,
+        downtime_ms,
+        total_ms,
+        pause_ms: sw.pause_ms,
+        handshake_ms,
+        prepare_ms,
+        apply_ms,
+        state_bytes: state_bytes as u64,
+        rtt_us: rtt_ns as f64 / 1e3,
+        clock_offset_us: offset_ns as f64 / 1e3,
+        source: served,
+        precopy: precopy.map(|p| PrecopyReport {
+            dirty_tracking: ctx.plan.dirty_tracking.as_deref().unwrap_or("kvm").into(),
+            passes: p.passes,
+            stop_reason: p.stop_reason,
+            pages_dirty_at_switchover: final_dirty,
+            ms: p.ms,
+        }),
+        bytes_sent: served.data_bytes,
+        disk_bytes_sent: disk_sent,
+        pages_sent: served.pages_sent(),
         // what recovery there was after the switch: the destination's pagers' sessions beyond
         // the first are their reconnections (their time without us is `disconnected_ms` in
         // the destination's figures, when its Complete came)
-        "recovery": {
-            "page_server_reconnects": served.sessions_opened.saturating_sub(1),
-            "migration_link_lost": lost_at.as_ref().map(|(_, why)| why.clone()),
-            "without_migration_link_ms": lost_at.as_ref().map(|(t, _)| t.elapsed().as_secs_f64() * 1e3),
+        recovery: Recovery {
+            page_server_reconnects: served.sessions_opened.saturating_sub(1),
+            migration_link_lost: lost_at.as_ref().map(|(_, why)| why.clone()),
+            without_migration_link_ms: lost_at
+                .as_ref()
+                .map(|(t, _)| t.elapsed().as_secs_f64() * 1e3),
         },
-    });
-    if let (Value::Object(o), Value::Object(d)) = (&mut out, dest) {
-        for (k, v) in d {
-            o.entry(k).or_insert(v);
-        }
-    }
-    Ok(out)
+        source_ram_checksum: None,
+        source_ram_checksum_except_kvm: None,
+        destination: report,
+    })
 }
 
 /// What the pre-copy passes did.
 struct Precopied {
     /// Pages dirtied during the last pass (not sent again): part of the switchover's set.
     carry: Vec<u8>,
-    passes: Vec<Value>,
+    passes: Vec<PassReport>,
     stop_reason: String,
     ms: f64,
 }
@@ -587,21 +594,23 @@ fn precopy(
         let secs = t.elapsed().as_secs_f64();
         // pages this pass sent per millisecond: how long the dirty ones would take paused
         let per_ms = (sent - sent_before) as f64 / (secs * 1e3).max(1e-3);
-        let p = json!({
-            "pass": pass,
-            "pages_sent": sent - sent_before,
-            "pages_dirtied": n,
-            "dirty_rate_pages_s": n as f64 / secs.max(1e-6),
-            "ms": secs * 1e3,
-        });
-        (ctx.events)(MigEvent::Progress(json!({
-            "phase": "precopy",
-            "pass": pass,
-            "pages_sent": sent - sent_before,
-            "pages_dirtied": n,
-            "elapsed_ms": t_start.elapsed().as_secs_f64() * 1e3,
-        })));
-        log::info!("pre-copy pass {pass}: {p}");
+        let p = PassReport {
+            pass,
+            pages_sent: sent - sent_before,
+            pages_dirtied: n,
+            dirty_rate_pages_s: n as f64 / secs.max(1e-6),
+            ms: secs * 1e3,
+        };
+        (ctx.events)(MigEvent::Progress(Progress::Precopy {
+            pass,
+            pages_sent: p.pages_sent,
+            pages_dirtied: n,
+            elapsed_ms: t_start.elapsed().as_secs_f64() * 1e3,
+        }));
+        log::info!(
+            "pre-copy pass {pass}: {}",
+            serde_json::to_string(&p).unwrap_or_default()
+        );
         passes.push(p);
         sent_before = sent;
         let stop = plan.stop_after(&PassEnd {

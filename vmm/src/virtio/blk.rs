@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::VirtioError;
 use super::queue::{gather, scatter, Queue, QueueError};
+use crate::api::replies::BlockStats;
 use crate::memory::GuestRam;
 
 /// Sector size of the virtio-blk protocol.
@@ -495,14 +496,18 @@ impl Block {
         Ok(())
     }
 
-    pub(super) fn stats(&self) -> serde_json::Value {
+    pub(super) fn stats(&self) -> BlockStats {
         let c = &self.counters;
-        serde_json::json!({
-            "path": self.cfg.path,
-            "bytes": self.size,
-            "reads": c.reads, "writes": c.writes, "flushes": c.flushes,
-            "read_bytes": c.read_bytes, "written_bytes": c.written_bytes, "errors": c.errors,
-        })
+        BlockStats {
+            path: self.cfg.path.clone(),
+            bytes: self.size,
+            reads: c.reads,
+            writes: c.writes,
+            flushes: c.flushes,
+            read_bytes: c.read_bytes,
+            written_bytes: c.written_bytes,
+            errors: c.errors,
+        }
     }
 
     /// Serves every available request; true if any completed.

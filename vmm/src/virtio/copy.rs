@@ -16,7 +16,7 @@ pub enum DiskCopyEvent {
         /// Slot.
         slot: u32,
         /// What the copy did (pager report, write-back time).
-        report: serde_json::Value,
+        report: Box<crate::api::replies::DiskCopy>,
     },
     /// The source's disk is gone for good: the VM cannot go on.
     Failed {
@@ -63,12 +63,12 @@ pub(super) fn copy_thread(
                             );
                             notify(DiskCopyEvent::Done {
                                 slot,
-                                report: serde_json::json!({
-                                    "slot": slot,
-                                    "bytes": size,
-                                    "ms": ms,
-                                    "write_back_ms": wb,
-                                    "pager": report,
+                                report: Box::new(crate::api::replies::DiskCopy {
+                                    slot,
+                                    bytes: size,
+                                    ms,
+                                    write_back_ms: wb,
+                                    pager: report,
                                 }),
                             });
                         }

@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::replies::DeviceStatus;
 use crate::memory::GuestRam;
 pub use backend::{mapped_path, open_offered, Backend, F_VERSION_1};
 pub use config::{DeviceConfig, OfferedDevice};
@@ -284,27 +285,33 @@ impl VirtioDevices {
     }
 
     /// Per-device counters for `status`.
-    pub fn stats(&self) -> Vec<serde_json::Value> {
+    pub fn stats(&self) -> Vec<DeviceStatus> {
         self.slots
             .iter()
             .enumerate()
             .map(|(i, s)| {
                 let Some(t) = lock_by(&s.transport, Instant::now() + STATS_WAIT) else {
-                    return serde_json::json!({
-                        "slot": i,
-                        "busy": "an access in flight (waiting for guest memory?)",
-                    });
+                    return DeviceStatus {
+                        slot: i as u32,
+                        device: None,
+                        driver_ok: None,
+                        busy: Some("an access in flight (waiting for guest memory?)".into()),
+                        block: None,
+                        net: None,
+                    };
                 };
-                let mut v = serde_json::json!({
-                    "slot": t.slot,
-                    "device": t.backend.config().describe(),
-                    "driver_ok": t.driver_ok(),
-                });
-                match &t.backend {
-                    Backend::Block(b) => v["block"] = b.stats(),
-                    Backend::Net(n) => v["net"] = n.stats(),
+                let (block, net) = match &t.backend {
+                    Backend::Block(b) => (Some(b.stats()), None),
+                    Backend::Net(n) => (None, Some(n.stats())),
+                };
+                DeviceStatus {
+                    slot: t.slot,
+                    device: Some(t.backend.config().describe()),
+                    driver_ok: Some(t.driver_ok()),
+                    busy: None,
+                    block,
+                    net,
                 }
-                v
             })
             .collect()
     }
@@ -375,11 +382,11 @@ mod tests {
             "{took:?}"
         );
         assert!(devs.slots[0].paused.load(Ordering::Acquire));
-        assert!(devs.stats()[0]["busy"].is_string(), "{:?}", devs.stats());
+        assert!(devs.stats()[0].busy.is_some(), "{:?}", devs.stats());
         end_tx.send(()).unwrap();
         holder.join().unwrap();
         devs.set_paused(true).unwrap();
-        assert!(devs.stats()[0]["busy"].is_null());
+        assert!(devs.stats()[0].busy.is_none());
         devs.set_paused(false).unwrap();
         assert!(!devs.slots[0].paused.load(Ordering::Acquire));
         let _ = std::fs::remove_dir_all(&dir);

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::VirtioError;
 use super::queue::{gather, Queue, QueueError};
+use crate::api::replies::NetStats;
 use crate::memory::GuestRam;
 
 /// Receive queue.
@@ -214,14 +215,19 @@ impl Net {
         })
     }
 
-    pub(super) fn stats(&self) -> serde_json::Value {
+    pub(super) fn stats(&self) -> NetStats {
         let c = &self.counters;
-        serde_json::json!({
-            "tap": self.cfg.tap, "mac": mac_string(&self.cfg.mac),
-            "rx_frames": c.rx_frames, "rx_bytes": c.rx_bytes, "rx_dropped": c.rx_dropped,
-            "tx_frames": c.tx_frames, "tx_bytes": c.tx_bytes, "tx_dropped": c.tx_dropped,
-            "announces": c.announces,
-        })
+        NetStats {
+            tap: self.cfg.tap.clone(),
+            mac: mac_string(&self.cfg.mac),
+            rx_frames: c.rx_frames,
+            rx_bytes: c.rx_bytes,
+            rx_dropped: c.rx_dropped,
+            tx_frames: c.tx_frames,
+            tx_bytes: c.tx_bytes,
+            tx_dropped: c.tx_dropped,
+            announces: c.announces,
+        }
     }
 
     /// Queue `q` has new buffers: transmit (tx), nothing to do for rx (the receive thread

@@ -7,9 +7,9 @@ use super::{
     check_shape, clone_fd, console_out, device_sender, forward_stdin, set_memslots, shell,
     since_start, virtio_irq, Event, GuestCpu, Vm,
 };
+use crate::api;
 use crate::boot::{self, BootError};
 use crate::config::{BootSource, RunConfig, SerialOut};
-use crate::control;
 use crate::devices::{Console, Devices};
 use crate::error::{kvm_err, VmError};
 use crate::state::MachineConfig;
@@ -118,7 +118,7 @@ impl Vm {
         let mut vm = Vm::assemble(sh, devices, vcpus, tx, rx, config)?;
         vm.guest = guest_cpu;
         if let Some(p) = &cfg.api_socket {
-            control::serve(p, vm.tx.clone(), Event::Control)?;
+            api::server::serve(p, vm.tx.clone(), Event::Control)?;
         }
         if matches!(cfg.serial, SerialOut::Stdout) {
             forward_stdin(vm.tx.clone());

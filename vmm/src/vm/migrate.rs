@@ -4,12 +4,12 @@
 
 use std::time::Instant;
 
-use serde_json::json;
 use transport::error_chain;
 
 use super::roles::{Dest, Source};
 use super::{Exit, Vm};
-use crate::control::{Reply, Request};
+use crate::api::replies::{DestinationReport, Progress, Switchover};
+use crate::api::{Reply, Request};
 use crate::migration::outgoing::{Context, DirtyOp, MigEvent, Outgoing, Switch};
 use crate::migration::{mono_ns, Link, Mode, Offer, Plan, Wire, PROGRESS_EVERY, REQUIRED_CAPS};
 use crate::state;
@@ -92,7 +92,7 @@ impl Vm {
         // (which joins the thread and its page-server) before the RAM.
         match unsafe { Outgoing::start(ctx) } {
             Ok(run) => {
-                let _ = reply.send(Reply::progress(json!({"phase": "connected"})));
+                let _ = reply.send(Reply::progress(&Progress::Connected));
                 self.source = Some(Source {
                     run,
                     reply,
@@ -151,7 +151,7 @@ impl Vm {
             }
             MigEvent::Progress(v) => {
                 if let Some(s) = &self.source {
-                    let _ = s.reply.send(Reply::progress(v));
+                    let _ = s.reply.send(Reply::progress(&v));
                 }
                 None
             }
@@ -183,14 +183,17 @@ impl Vm {
                     s.run.join();
                     if s.verify {
                         // RAM has not changed since the pause.
-                        report["source_ram_checksum"] =
-                            format!("{:016x}", self.ram.checksum()).into();
+                        report.source_ram_checksum = Some(format!("{:016x}", self.ram.checksum()));
                         let skip = &self.kvm_pages_at_pause;
-                        report["source_ram_checksum_except_kvm"] =
-                            format!("{:016x}", self.ram.checksum_except(skip)).into();
+                        report.source_ram_checksum_except_kvm =
+                            Some(format!("{:016x}", self.ram.checksum_except(skip)));
                     }
-                    log::info!("migration complete: {report}");
-                    let _ = s.reply.send(Reply::ok(report));
+                    let reply = Reply::ok(&report);
+                    log::info!(
+                        "migration complete: {}",
+                        serde_json::to_string(&reply.fields).unwrap_or_default()
+                    );
+                    let _ = s.reply.send(reply);
                 }
                 self.ram.discard();
                 Some(Exit::Migrated)
@@ -218,7 +221,9 @@ impl Vm {
             Some(s) if s.hybrid => {
                 s.switchover
                     .store(true, std::sync::atomic::Ordering::Release);
-                Reply::ok(serde_json::json!({"switchover": "requested"}))
+                Reply::ok(&Switchover {
+                    switchover: "requested".into(),
+                })
             }
             Some(_) => Reply::err(
                 "bad_request",
@@ -301,7 +306,7 @@ impl Vm {
         match e {
             crate::virtio::DiskCopyEvent::Done { report, .. } => {
                 if let Some(d) = &mut self.dest {
-                    d.disk_copies.push(report);
+                    d.disk_copies.push(*report);
                     d.disks_pending = d.disks_pending.saturating_sub(1);
                 }
                 self.dest_try_complete();
@@ -328,15 +333,12 @@ impl Vm {
         let Some(mut d) = self.dest.take() else {
             return;
         };
-        let mut report = self
-            .pager
-            .as_ref()
-            .map(|p| serde_json::to_value(p.report()).unwrap_or_default())
-            .unwrap_or_else(|| serde_json::json!({}));
-        if !d.disk_copies.is_empty() {
-            report["disk_copies"] = serde_json::Value::Array(std::mem::take(&mut d.disk_copies));
-        }
-        let report = report.to_string();
+        let report = DestinationReport {
+            pager: self.pager.as_ref().map(|p| p.report()),
+            disk_copies: std::mem::take(&mut d.disk_copies),
+            completion: None,
+        };
+        let report = serde_json::to_string(&report).unwrap_or_else(|_| "{}".into());
         if let Err(e) = d.link.send(&Wire::Complete { report }) {
             log::warn!("telling the source we are complete: {}", error_chain(&e));
         }

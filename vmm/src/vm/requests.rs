@@ -4,11 +4,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use transport::error_chain;
 
 use super::{Exit, Vm, VmError};
-use crate::control::{Reply, Request};
+use crate::api::replies::{
+    Checksum, DirtyRate, MemoryRead, Queued, Snapshot, SourceLost, StateNow, Status, Written,
+};
+use crate::api::{self, Reply, Request};
 use crate::state;
 
 impl Vm {
@@ -19,13 +21,13 @@ impl Vm {
         let state_bytes = state::write_file(&snap, state_path)?;
         self.ram.save(memory_path)?;
         let checksum = self.ram.checksum();
-        Ok(Reply::ok(json!({
-            "state_bytes": state_bytes,
-            "memory_bytes": self.ram.bytes(),
-            "ram_checksum": format!("{checksum:016x}"),
-            "ms": t0.elapsed().as_secs_f64() * 1e3,
-            "paused": true,
-        })))
+        Ok(Reply::ok(&Snapshot {
+            state_bytes,
+            memory_bytes: self.ram.bytes(),
+            ram_checksum: format!("{checksum:016x}"),
+            ms: t0.elapsed().as_secs_f64() * 1e3,
+            paused: true,
+        }))
     }
 
     /// Pages the guest writes in `ms` milliseconds (with `backend`'s dirty tracking), and the
@@ -46,15 +48,15 @@ impl Vm {
         t.stop(&self.fd).map_err(VmError::Config)?;
         let set = set.map_err(VmError::Config)?;
         let n = set.count();
-        Ok(Reply::ok(json!({
-            "backend": b.name(),
-            "ms": took * 1e3,
-            "dirty_pages": n,
-            "total_pages": set.len(),
-            "pages_per_s": n as f64 / took,
-            "mib_per_s": (n * u64::from(crate::memory::PAGE_SIZE)) as f64 / took / (1 << 20) as f64,
-            "paused": self.paused,
-        })))
+        Ok(Reply::ok(&DirtyRate {
+            backend: b.name().into(),
+            ms: took * 1e3,
+            dirty_pages: n,
+            total_pages: set.len(),
+            pages_per_s: n as f64 / took,
+            mib_per_s: (n * u64::from(crate::memory::PAGE_SIZE)) as f64 / took / (1 << 20) as f64,
+            paused: self.paused,
+        }))
     }
 
     pub(super) fn write_memory(&mut self, gpa: u64, hex: &str) -> Result<Reply, VmError> {
@@ -65,7 +67,9 @@ impl Vm {
             return Err(VmError::Config("at most 64 KiB per write".into()));
         }
         self.ram.write_bytes(gpa, &bytes)?;
-        Ok(Reply::ok(json!({"written": bytes.len()})))
+        Ok(Reply::ok(&Written {
+            written: bytes.len(),
+        }))
     }
 
     pub(super) fn read_memory(&mut self, gpa: u64, len: usize) -> Result<Reply, VmError> {
@@ -74,27 +78,24 @@ impl Vm {
         }
         let b = self.ram.read_bytes(gpa, len)?;
         let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-        Ok(Reply::ok(json!({ "hex": hex })))
+        Ok(Reply::ok(&MemoryRead { hex }))
     }
 
     /// RAM checksums: of all of it, and without the pages KVM rewrites (when paused).
     pub(super) fn checksums(&mut self) -> Result<Reply, VmError> {
-        let mut r = json!({
-            "ram_checksum": format!("{:016x}", self.ram.checksum()),
-            "paused": self.paused,
-        });
+        let mut r = Checksum {
+            ram_checksum: format!("{:016x}", self.ram.checksum()),
+            paused: self.paused,
+            ram_checksum_except_kvm: None,
+            kvm_pages: None,
+        };
         if self.paused {
             let snap = self.save()?;
             let skip = state::kvm_owned_pages(&snap);
-            r["ram_checksum_except_kvm"] =
-                format!("{:016x}", self.ram.checksum_except(&skip)).into();
-            r["kvm_pages"] = skip
-                .iter()
-                .map(|p| format!("{p:#x}"))
-                .collect::<Vec<_>>()
-                .into();
+            r.ram_checksum_except_kvm = Some(format!("{:016x}", self.ram.checksum_except(&skip)));
+            r.kvm_pages = Some(skip.iter().map(|p| format!("{p:#x}")).collect());
         }
-        Ok(Reply::ok(r))
+        Ok(Reply::ok(&r))
     }
 
     pub(super) fn status(&self) -> Reply {
@@ -110,28 +111,29 @@ impl Vm {
             (None, true, true) => "paused",
             (None, true, false) => "running",
         };
-        Reply::ok(json!({
-            "state": state,
-            "incoming_migration_open": self.dest.is_some(),
-            "vcpus": self.config.vcpus,
-            "mem_bytes": self.config.mem_bytes,
-            "boot": self.config.boot,
-            "uptime_ms": self.created.elapsed().as_millis() as u64,
-            "running_after_start_ms": self.times.running_after.as_secs_f64() * 1e3,
-            "state_load_ms": self.times.state_load.as_secs_f64() * 1e3,
-            "memory_load_ms": self.times.memory_load.as_secs_f64() * 1e3,
-            "lazy": self.pager.is_some(),
-            "pages_present": present,
-            "pages_total": total,
-            "memory_complete_ms": self.memory_complete_after.map(|d| d.as_secs_f64() * 1e3),
-            "pager": self.pager.as_ref().map(|p| serde_json::to_value(p.report()).unwrap_or_default()),
-            "devices": self.devices.virtio.stats(),
-            "source_lost": self.lost.as_ref().map(|(why, since)| json!({
-                "reason": why,
-                "since_ms": since.elapsed().as_millis() as u64,
-                "pages_missing": total - present,
-            })),
-        }))
+        Reply::ok(&Status {
+            api_version: api::VERSION,
+            state: state.into(),
+            incoming_migration_open: self.dest.is_some(),
+            vcpus: self.config.vcpus,
+            mem_bytes: self.config.mem_bytes,
+            boot: self.config.boot.clone(),
+            uptime_ms: self.created.elapsed().as_millis() as u64,
+            running_after_start_ms: self.times.running_after.as_secs_f64() * 1e3,
+            state_load_ms: self.times.state_load.as_secs_f64() * 1e3,
+            memory_load_ms: self.times.memory_load.as_secs_f64() * 1e3,
+            lazy: self.pager.is_some(),
+            pages_present: present,
+            pages_total: total,
+            memory_complete_ms: self.memory_complete_after.map(|d| d.as_secs_f64() * 1e3),
+            pager: self.pager.as_ref().map(|p| p.report()),
+            devices: self.devices.virtio.stats(),
+            source_lost: self.lost.as_ref().map(|(why, since)| SourceLost {
+                reason: why.clone(),
+                since_ms: since.elapsed().as_millis() as u64,
+                pages_missing: total - present,
+            }),
+        })
     }
 
     pub(super) fn handle_request(&mut self, req: Request) -> (Reply, Option<Exit>) {
@@ -140,18 +142,13 @@ impl Vm {
         }
         let r = match req {
             Request::Status => Ok(self.status()),
-            Request::Pause => self.pause().map(|_| Reply::ok(json!({"state": "paused"}))),
+            Request::Pause => self.pause().map(|_| now("paused")),
             Request::Resume => {
                 self.resume();
-                Ok(Reply::ok(json!({"state": "running"})))
+                Ok(now("running"))
             }
             Request::Snapshot { state, memory } => self.snapshot(&state, &memory),
-            Request::Shutdown => {
-                return (
-                    Reply::ok(json!({"state": "shutdown"})),
-                    Some(self.exit_now()),
-                )
-            }
+            Request::Shutdown => return (now("shutdown"), Some(self.exit_now())),
             Request::SerialInput { data } => {
                 let n = self
                     .devices
@@ -159,7 +156,7 @@ impl Vm {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .input(data.as_bytes());
-                Ok(Reply::ok(json!({"queued": n})))
+                Ok(Reply::ok(&Queued { queued: n }))
             }
             Request::MigrateSwitchover => Ok(self.force_switchover()),
             Request::WriteMemory { gpa, hex } => self.write_memory(gpa, &hex),
@@ -185,6 +182,13 @@ impl Vm {
             }
         }
     }
+}
+
+/// The reply to `pause`, `resume`, `shutdown`.
+fn now(state: &str) -> Reply {
+    Reply::ok(&StateNow {
+        state: state.into(),
+    })
 }
 
 /// Bytes from hex digits (None if not an even number of hex digits).

@@ -15,9 +15,9 @@ use super::{
     check_shape, clone_fd, console_out, device_sender, forward_stdin, kvm_err, set_memslots, shell,
     since_start, virtio_irq, Event, Shell, StartTimes, Vm, VmError,
 };
+use crate::api;
 use crate::chips::Chips;
 use crate::config::{RestoreConfig, RestoreMemory, SerialOut};
-use crate::control;
 use crate::devices::Devices;
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::state::{self, MachineConfig, Persist, Snapshot, StateError};
@@ -306,7 +306,7 @@ impl Vm {
         vm.paused_clock = Some(snap.vm.clock);
         vm.attach_pager(pager);
         if let Some(path) = f.api_socket {
-            control::serve(path, vm.tx.clone(), Event::Control)?;
+            api::server::serve(path, vm.tx.clone(), Event::Control)?;
         }
         if matches!(f.serial, SerialOut::Stdout) {
             forward_stdin(vm.tx.clone());

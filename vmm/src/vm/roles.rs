@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::control::Reply;
+use crate::api::Reply;
 use crate::migration::outgoing::Outgoing;
 use crate::migration::Link;
 
@@ -27,7 +27,7 @@ pub(super) struct Dest {
     /// Every RAM page is here (disks copied in may still be coming).
     pub(super) memory_complete: bool,
     /// Reports of the disks copied in so far.
-    pub(super) disk_copies: Vec<serde_json::Value>,
+    pub(super) disk_copies: Vec<crate::api::replies::DiskCopy>,
     /// Disks still being copied in (counted down as their `Done` events are handled).
     pub(super) disks_pending: usize,
 }
