@@ -35,10 +35,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
+use vmm::api::replies::{MigrationReport, StateNow};
+use vmm::api::Request;
 
 use hb::{ip, Switched};
-use ours::{ctl, Vmm};
+use ours::{ctl_as, Vmm};
 
 /// Network interruption and disk transfer of a migrating VM (our vmm), with targets.
 ///
@@ -181,7 +183,7 @@ fn gap_ms(answers: &[Instant], from: Instant, to: Instant) -> f64 {
 }
 
 fn shutdown(v: &mut Vmm) {
-    let _ = ctl(&v.sock, &json!({"cmd": "shutdown"}), Duration::from_secs(5));
+    let _ = ctl_as::<StateNow>(&v.sock, &Request::Shutdown, Duration::from_secs(5));
     v.proc.wait_exit(Duration::from_secs(5));
 }
 
@@ -203,8 +205,18 @@ fn wait_ready(v: &mut Vmm, mem: u64) -> Result<()> {
         .with_context(|| v.fail_context())
 }
 
-fn migrate_req(to: &str, mode: &str, copy_disk: bool) -> Value {
-    json!({"cmd": "migrate", "to": to, "mode": mode, "copy_disk": copy_disk})
+fn migrate_req(to: &str, mode: &str, copy_disk: bool) -> Request {
+    Request::Migrate {
+        to: to.into(),
+        mode: Some(mode.into()),
+        max_passes: None,
+        threshold_pages: None,
+        max_downtime_ms: None,
+        dirty_tracking: None,
+        verify: false,
+        copy_disk,
+        recover_timeout_s: None,
+    }
 }
 
 fn net_run(a: &Args, vmm: &Path, mem: u64, mode: &str, run: u32) -> Result<NetRun> {
@@ -241,7 +253,7 @@ fn net_run(a: &Args, vmm: &Path, mem: u64, mode: &str, run: u32) -> Result<NetRu
     let client = echo_client(lan.net.ns[2].clone(), lan.guest.clone(), stop.clone());
     hb::settle_then_warm(2.0, (mem + 512) << 20);
     let t0 = Instant::now();
-    let r = ctl(
+    let r = ctl_as::<MigrationReport>(
         &src.sock,
         &migrate_req(&to, mode, false),
         Duration::from_secs(300),
@@ -255,7 +267,7 @@ fn net_run(a: &Args, vmm: &Path, mem: u64, mode: &str, run: u32) -> Result<NetRu
     let r = r.with_context(|| format!("{}; {}", src.fail_context(), dst.fail_context()))?;
     src.proc.wait_exit(Duration::from_secs(10));
     shutdown(&mut dst);
-    let downtime = r["downtime_ms"].as_f64().unwrap_or(f64::NAN);
+    let downtime = r.downtime_ms;
     let gap = gap_ms(
         &answers,
         t0 - Duration::from_millis(100),
@@ -272,7 +284,7 @@ fn net_run(a: &Args, vmm: &Path, mem: u64, mode: &str, run: u32) -> Result<NetRu
         mode: mode.into(),
         run,
         downtime_ms: downtime,
-        total_ms: r["total_ms"].as_f64().unwrap_or(f64::NAN),
+        total_ms: r.total_ms,
         longest_gap_ms: gap,
         target_ms: target,
         pass: gap <= target,
@@ -364,14 +376,14 @@ fn disk_run(a: &Args, vmm: &Path, mem: u64, img: &Path, run: u32, copy: bool) ->
     // RAM, a staging copy of the disk and the new image's page cache will take, for both runs
     let disk_mib = std::fs::metadata(img)?.len() >> 20;
     hb::settle_then_warm(2.0, (mem + 2 * disk_mib + 512) << 20);
-    let r = ctl(
+    let r = ctl_as::<MigrationReport>(
         &src.sock,
         &migrate_req(&to, "postcopy", copy),
         Duration::from_secs(600),
     )
     .with_context(|| format!("{}; {}", src.fail_context(), dst.fail_context()))?;
     src.proc.wait_exit(Duration::from_secs(10));
-    let dc = r["disk_copies"].get(0).cloned().unwrap_or(Value::Null);
+    let dc = r.destination.disk_copies.first();
     let copy_equal = if copy {
         // quiesce the guest's disk I/O before comparing (its background writes rewrite the
         // same bytes, so the copy must equal the source image as it was at the pause)
@@ -384,11 +396,11 @@ fn disk_run(a: &Args, vmm: &Path, mem: u64, img: &Path, run: u32, copy: bool) ->
     Ok(DiskRun {
         run,
         copy_disk: copy,
-        downtime_ms: r["downtime_ms"].as_f64().unwrap_or(f64::NAN),
-        total_ms: r["total_ms"].as_f64().unwrap_or(f64::NAN),
-        disk_copy_ms: dc["ms"].as_f64(),
-        write_back_ms: dc["write_back_ms"].as_f64(),
-        disk_bytes_sent: r["disk_bytes_sent"].as_u64().unwrap_or(0),
+        downtime_ms: r.downtime_ms,
+        total_ms: r.total_ms,
+        disk_copy_ms: dc.map(|d| d.ms),
+        write_back_ms: dc.map(|d| d.write_back_ms),
+        disk_bytes_sent: r.disk_bytes_sent,
         copy_equal,
     })
 }

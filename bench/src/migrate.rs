@@ -26,7 +26,6 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use serde_json::Value;
 
 use runs::{progress, run_ours, run_qemu, Args, Row, Target};
 
@@ -163,7 +162,7 @@ fn print_row(r: &Row) {
             "faults (pages / requests)",
             r.ours_pages
                 .as_ref()
-                .and_then(|p| p["fault_pages"].as_u64())
+                .and_then(|p| p.fault_pages)
                 .map_or("-".into(), |v| v.to_string()),
             r.qemu_postcopy_requests
                 .map_or("-".into(), |v| v.to_string()),
@@ -246,8 +245,8 @@ fn one_size(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path, mib: u64, run: u32)
     if linux {
         // Linux's boot line says nothing about its memory: what our source found non-zero
         // (the same guest and workload for both VMMs), else the witness's share.
-        let p = row.ours_pages.clone().unwrap_or(Value::Null);
-        row.limit_bytes = match (p["pages_total"].as_u64(), p["zero_pages"].as_u64()) {
+        let p = row.ours_pages.clone().unwrap_or_default();
+        row.limit_bytes = match (p.pages_total, p.zero_pages) {
             (Some(t), Some(z)) if t > z => (t - z) << 12,
             _ => mib.saturating_sub(64) << 20,
         };

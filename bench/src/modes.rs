@@ -43,7 +43,7 @@ pub(crate) fn run(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path) -> Result<boo
         aa.ours_mode = mode.into();
         let mut row = Row::default();
         let r = run_ours(&aa, vmm, mib, &dir, &mut row);
-        let rep = row.ours_report.clone().unwrap_or(Value::Null);
+        let rep = row.ours_migration.as_ref();
         rows.push(ModeRow {
             vmm: "ours",
             mode: mode.into(),
@@ -52,9 +52,11 @@ pub(crate) fn run(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path) -> Result<boo
             freeze_ms: row.ours_freeze_ms,
             stall_ms: row.ours_stall_ms,
             total_ms: row.ours_total_ms,
-            bytes_sent: rep["bytes_sent"].as_u64(),
-            remote_faults: rep["fault_pages"].as_u64(),
-            precopy_passes: rep["precopy"]["passes"].as_array().map(|v| v.len()),
+            bytes_sent: rep.map(|r| r.bytes_sent),
+            remote_faults: rep
+                .and_then(|r| r.destination.pager.as_ref())
+                .map(|p| p.fault_pages),
+            precopy_passes: rep.and_then(|r| r.precopy.as_ref()).map(|p| p.passes.len()),
             error: r.err().map(|e| format!("{e:#}")),
         });
         progress(mib, "ours", &format!("{mode} done"));

@@ -1,17 +1,18 @@
 //! Our side of `vm-migrate`: a destination `vmm --incoming tcp:...`, a source `vmm run` of the
 //! embedded guest, and `vmm ctl migrate --to ... --json` between them, all with the guest's
 //! serial on the processes' stdout (followed line by line with host instants) and every process
-//! killed on every exit path. The control socket is spoken directly (one JSON line out, reply
-//! lines in), so this module does not depend on the vmm crate's request types.
+//! killed on every exit path. The control socket is spoken with the vmm crate's own client
+//! ([`vmm::api::client`]): requests are [`Request`]s, replies are read as the typed bodies of
+//! [`vmm::api::replies`].
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use vmm::api::replies::{DirtyRate, MigrationReport, Queued, StateNow};
+use vmm::api::{client, Reply, Request};
 
 use crate::guest::Guest;
 use crate::hb::{self, Follow, Proc};
@@ -38,14 +39,16 @@ pub struct OursConfig {
 }
 
 /// What one migration with our vmm gave.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct OursRun {
     /// Host instants: `vmm ctl migrate` spawned, its JSON reply line arrived.
     pub start: Option<Instant>,
     /// Completion.
     pub end: Option<Instant>,
-    /// The reply of `vmm ctl migrate --json`.
-    pub report: Value,
+    /// The reply of `vmm ctl migrate --json`, as it came.
+    pub reply: Reply,
+    /// Its body.
+    pub report: MigrationReport,
     /// Source serial.
     pub src_serial: Option<Follow>,
     /// Destination serial.
@@ -58,33 +61,20 @@ pub struct OursRun {
     pub checksum_line: Option<String>,
 }
 
-/// Sends one request to a vmm control socket and returns the final (non-progress) reply.
-pub fn ctl(sock: &Path, req: &Value, timeout: Duration) -> Result<Value> {
-    let mut s = UnixStream::connect(sock)
-        .with_context(|| format!("connecting to the control socket {}", sock.display()))?;
-    s.set_read_timeout(Some(timeout))?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    s.write_all(&line)?;
-    let mut r = BufReader::new(s);
-    loop {
-        let mut reply = String::new();
-        if r.read_line(&mut reply).context("reading the reply")? == 0 {
-            bail!(
-                "{}: connection closed without a reply to {req}",
-                sock.display()
-            );
-        }
-        let v: Value = serde_json::from_str(&reply)
-            .with_context(|| format!("{}: bad reply {:?}", sock.display(), reply.trim()))?;
-        if v.get("progress").is_some() {
-            continue;
-        }
-        if v["ok"] != Value::Bool(true) {
-            bail!("{}: {req} failed: {v}", sock.display());
-        }
-        return Ok(v);
-    }
+/// Sends one request to a vmm control socket and returns the body of its final (non-progress)
+/// reply as `T`; a refusal, or a reply without `T`'s fields, is an error.
+pub fn ctl_as<T: DeserializeOwned>(sock: &Path, req: &Request, timeout: Duration) -> Result<T> {
+    let what = || {
+        format!(
+            "{}: {} failed",
+            sock.display(),
+            serde_json::to_string(req).unwrap_or_else(|_| format!("{req:?}"))
+        )
+    };
+    client::request(sock, req, timeout)
+        .with_context(what)?
+        .body()
+        .with_context(what)
 }
 
 /// A vmm with its serial (stdout) followed and its stderr in a log file.
@@ -225,17 +215,18 @@ pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
             )));
         }
     };
-    let report: Value = serde_json::from_str(&line)
-        .with_context(|| format!("vmm ctl migrate printed {line:?}, not JSON"))?;
+    let reply: Reply = serde_json::from_str(&line)
+        .with_context(|| format!("vmm ctl migrate printed {line:?}, not a reply"))?;
     let status = ctl_proc.wait_exit(Duration::from_secs(5));
-    if report["ok"] != Value::Bool(true) {
-        bail!(
-            "migration failed (ctl exit {status:?}): {}; source: {}; destination: {}",
-            report["error"],
+    let report: MigrationReport = match reply.body() {
+        Ok(r) => r,
+        Err(e) => bail!(
+            "migration failed (ctl exit {status:?}): {:#}; source: {}; destination: {}",
+            anyhow::Error::new(e),
             src.fail_context(),
             dst.fail_context()
-        );
-    }
+        ),
+    };
     let source_exit = src
         .proc
         .wait_exit(Duration::from_secs(10))
@@ -247,9 +238,11 @@ pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
     }
     // A few heartbeats after completion, then the guest's own memory check.
     std::thread::sleep(Duration::from_millis(300));
-    let checksum_line = ctl(
+    let checksum_line = ctl_as::<Queued>(
         &dst.sock,
-        &json!({"cmd": "serial_input", "data": g.check_input()}),
+        &Request::SerialInput {
+            data: g.check_input().into(),
+        },
         Duration::from_secs(10),
     )
     .and_then(|_| {
@@ -268,6 +261,7 @@ pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
     let run = OursRun {
         start: Some(start),
         end: Some(end),
+        reply,
         report,
         src_serial: Some(src.serial.clone()),
         dst_serial: Some(dst.serial.clone()),
@@ -275,11 +269,7 @@ pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
         source_exit,
         checksum_line,
     };
-    let _ = ctl(
-        &dst.sock,
-        &json!({"cmd": "shutdown"}),
-        Duration::from_secs(10),
-    );
+    let _ = ctl_as::<StateNow>(&dst.sock, &Request::Shutdown, Duration::from_secs(10));
     dst.proc.wait_exit(Duration::from_secs(5));
     Ok(run)
 }
@@ -315,8 +305,11 @@ pub fn tracking_cost(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<Vec<(Str
             if b == "none" {
                 std::thread::sleep(Duration::from_secs(2));
             } else {
-                let req = json!({"cmd": "dirty_rate", "ms": 2000, "backend": b});
-                if let Err(e) = ctl(&vm.sock, &req, Duration::from_secs(30)) {
+                let req = Request::DirtyRate {
+                    ms: 2000,
+                    backend: Some(b.into()),
+                };
+                if let Err(e) = ctl_as::<DirtyRate>(&vm.sock, &req, Duration::from_secs(30)) {
                     progress(&format!("{b}: {e:#}"));
                     continue;
                 }
@@ -326,11 +319,7 @@ pub fn tracking_cost(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<Vec<(Str
             out.push((b.to_owned(), (w1 - w0) as f64 / t0.elapsed().as_secs_f64()));
         }
     }
-    let _ = ctl(
-        &vm.sock,
-        &json!({"cmd": "shutdown"}),
-        Duration::from_secs(5),
-    );
+    let _ = ctl_as::<StateNow>(&vm.sock, &Request::Shutdown, Duration::from_secs(5));
     vm.proc.wait_exit(Duration::from_secs(5));
     Ok(out)
 }

@@ -22,11 +22,31 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use vmm::api::replies::{IncomingStatus, MigrationReport, Queued, StateNow, Status};
+use vmm::api::Request;
 
 use hb::{ip, Switched};
-use ours::{ctl, Vmm};
+use ours::{ctl_as, Vmm};
+
+/// The reply to `status`: a VM's, or that of a `vmm --incoming` still waiting for its
+/// migration.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum AnyStatus {
+    Vm(Box<Status>),
+    Incoming(IncomingStatus),
+}
+
+impl AnyStatus {
+    fn state(&self) -> &str {
+        match self {
+            AnyStatus::Vm(s) => &s.state,
+            AnyStatus::Incoming(s) => &s.state,
+        }
+    }
+}
 
 /// Post-copy recovery after a link cut (our vmm), against a baseline run without the cut.
 ///
@@ -126,9 +146,9 @@ fn wait_line(v: &Vmm, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> Res
 /// print; `c` on the destination: print).
 fn guest_checksum(v: &Vmm, cmd: &str) -> Result<String> {
     let before = v.serial.snapshot().0.len();
-    ctl(
+    ctl_as::<Queued>(
         &v.sock,
-        &json!({"cmd": "serial_input", "data": cmd}),
+        &Request::SerialInput { data: cmd.into() },
         Duration::from_secs(5),
     )?;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -181,31 +201,43 @@ fn one(a: &Args, vmm: &Path, run: u32, cut: bool) -> Result<Run> {
     hb::settle_then_warm(1.0, (a.mem + 512) << 20);
     let before = guest_checksum(&src, "q")?;
     let sock = src.sock.clone();
-    let req = json!({"cmd": "migrate", "to": to, "recover_timeout_s": a.cut_s * 3 + 30});
+    let req = Request::Migrate {
+        to,
+        mode: None,
+        max_passes: None,
+        threshold_pages: None,
+        max_downtime_ms: None,
+        dirty_tracking: None,
+        verify: false,
+        copy_disk: false,
+        recover_timeout_s: Some(a.cut_s * 3 + 30),
+    };
     let t0 = Instant::now();
-    let m = std::thread::spawn(move || ctl(&sock, &req, Duration::from_secs(900)));
+    let m = std::thread::spawn(move || {
+        ctl_as::<MigrationReport>(&sock, &req, Duration::from_secs(900))
+    });
     let mut present_at_cut = None;
     let mut up = None;
     if cut {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let st = ctl(&dst.sock, &json!({"cmd": "status"}), Duration::from_secs(5))?;
-            if st["state"] == "running" {
+            let st = ctl_as::<AnyStatus>(&dst.sock, &Request::Status, Duration::from_secs(5))?;
+            if st.state() == "running" {
                 break;
             }
             if Instant::now() > deadline || m.is_finished() {
-                bail!("the destination never ran: {st}");
+                bail!("the destination never ran: {st:?}");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(a.cut_after_ms));
-        let st = ctl(&dst.sock, &json!({"cmd": "status"}), Duration::from_secs(5))?;
-        present_at_cut = st["pages_present"].as_u64();
+        let st = ctl_as::<Status>(&dst.sock, &Request::Status, Duration::from_secs(5))?;
+        present_at_cut = Some(st.pages_present);
         ip(&["-n", &hosts.net.ns[0], "link", "set", "eth0", "down"])?;
         say(&format!(
             "run {run}: link down ({} of {} pages present)",
             present_at_cut.unwrap_or(0),
-            st["pages_total"]
+            st.pages_total
         ));
         std::thread::sleep(Duration::from_secs(a.cut_s));
         ip(&["-n", &hosts.net.ns[0], "link", "set", "eth0", "up"])?;
@@ -217,31 +249,24 @@ fn one(a: &Args, vmm: &Path, run: u32, cut: bool) -> Result<Run> {
         .map_err(|_| anyhow::anyhow!("migrate thread panicked"))?;
     let t1 = Instant::now();
     let r = r.with_context(|| format!("{}; {}", src.fail_context(), dst.fail_context()))?;
-    if r["ok"] != Value::Bool(true) {
-        bail!("migration failed: {r}");
-    }
     src.proc.wait_exit(Duration::from_secs(20));
-    let st = ctl(&dst.sock, &json!({"cmd": "status"}), Duration::from_secs(5))?;
+    let st = ctl_as::<Status>(&dst.sock, &Request::Status, Duration::from_secs(5))?;
     let after = guest_checksum(&dst, "c")?;
-    let _ = ctl(
-        &dst.sock,
-        &json!({"cmd": "shutdown"}),
-        Duration::from_secs(5),
-    );
+    let _ = ctl_as::<StateNow>(&dst.sock, &Request::Shutdown, Duration::from_secs(5));
     dst.proc.wait_exit(Duration::from_secs(10));
-    let pager = &st["pager"];
+    let pager = st.pager.as_ref();
     Ok(Run {
         run,
         cut,
         wall_ms: (t1 - t0).as_secs_f64() * 1e3,
-        downtime_ms: r["downtime_ms"].as_f64().unwrap_or(f64::NAN),
-        total_ms: r["total_ms"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms: r.downtime_ms,
+        total_ms: r.total_ms,
         present_at_cut,
-        pages_total: st["pages_total"].as_u64().unwrap_or(0),
+        pages_total: st.pages_total,
         after_link_up_ms: up.map(|u| (t1 - u).as_secs_f64() * 1e3),
-        reconnects: pager["reconnects"].as_u64().unwrap_or(0),
-        disconnected_ms: pager["disconnected_ms"].as_f64().unwrap_or(0.0),
-        max_fault_ms: pager["fault_latency"]["max_us"].as_f64().unwrap_or(0.0) / 1e3,
+        reconnects: pager.map_or(0, |p| p.reconnects),
+        disconnected_ms: pager.map_or(0.0, |p| p.disconnected_ms),
+        max_fault_ms: pager.map_or(0.0, |p| p.fault_latency.max_us) / 1e3,
         checksum_equal: before == after && !before.is_empty(),
     })
 }

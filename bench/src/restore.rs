@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::Value;
+use vmm::api::replies::{Snapshot, StateNow, Status};
+use vmm::api::Request;
 
 #[derive(Parser, Debug)]
 #[command(about = "Boot, snapshot, eager and lazy restore of our guest, measured")]
@@ -197,18 +199,14 @@ impl Vmm {
         Ok(v)
     }
 
-    fn ctl(&self, req: Value) -> Result<Value> {
-        let req: vmm::api::Request = serde_json::from_value(req)?;
-        let r = vmm::api::client::request(&self.sock, &req, Duration::from_secs(600))?;
-        let v = serde_json::to_value(&r)?;
-        if !r.ok {
-            bail!("{req:?}: {v}");
-        }
-        Ok(v)
+    /// Sends `req` and returns its reply's body as `T` (a refusal is an error).
+    fn ctl<T: DeserializeOwned>(&self, req: &Request) -> Result<T> {
+        let r = vmm::api::client::request(&self.sock, req, Duration::from_secs(600))?;
+        r.body().with_context(|| format!("{req:?}"))
     }
 
     fn shutdown(mut self) -> Result<()> {
-        let _ = self.ctl(serde_json::json!({"cmd": "shutdown"}));
+        let _ = self.ctl::<StateNow>(&Request::Shutdown);
         let _ = self.child.wait();
         Ok(())
     }
@@ -257,10 +255,6 @@ struct SizeRow {
     restores: Vec<RestoreRow>,
 }
 
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or(0.0)
-}
-
 fn measure_restore(dir: &Path, mode: &str, args: Vec<String>, last: &Hb) -> Result<RestoreRow> {
     let v = Vmm::start(dir, mode, &args)?;
     let (t_first, line) = v.lines.wait(
@@ -276,11 +270,11 @@ fn measure_restore(dir: &Path, mode: &str, args: Vec<String>, last: &Hb) -> Resu
         Some(h) if !last.cut.is_empty() && h.seq == last.seq + 1 => h,
         _ => last.clone(),
     };
-    let st0 = v.ctl(serde_json::json!({"cmd": "status"}))?;
+    let st0: Status = v.ctl(&Request::Status)?;
     // One second of running, then the pager's view of it.
     let run_start = t_first;
     std::thread::sleep(Duration::from_secs(1).saturating_sub(run_start.elapsed()));
-    let st1 = v.ctl(serde_json::json!({"cmd": "status"}))?;
+    let st1: Status = v.ctl(&Request::Status)?;
     let mut gap = 0f64;
     let mut prev: Option<Instant> = None;
     for (t, l) in v.lines.snapshot() {
@@ -294,27 +288,28 @@ fn measure_restore(dir: &Path, mode: &str, args: Vec<String>, last: &Hb) -> Resu
     }
     let mut row = RestoreRow {
         mode: mode.to_owned(),
-        running_after_start_ms: f(&st0["running_after_start_ms"]),
-        state_ms: f(&st0["state_load_ms"]),
-        memory_ms: f(&st0["memory_load_ms"]),
+        running_after_start_ms: st0.running_after_start_ms,
+        state_ms: st0.state_load_ms,
+        memory_ms: st0.memory_load_ms,
         spawn_to_first_heartbeat_ms: (t_first - v.spawned).as_secs_f64() * 1e3,
         guest_time_gap_ms: (first.t_us as f64 - last.t_us as f64) / 1e3,
         max_heartbeat_gap_first_s_ms: gap,
         ..Default::default()
     };
-    if st1["lazy"] == Value::Bool(true) {
-        let p = &st1["pager"];
-        row.faults_first_s = p["fault_events"].as_u64().unwrap_or(0);
-        row.fault_pages_first_s = p["fault_pages"].as_u64().unwrap_or(0);
-        row.fault_p50_us = f(&p["fault_latency"]["p50_us"]);
-        row.fault_p99_us = f(&p["fault_latency"]["p99_us"]);
+    if st1.lazy {
+        // zeros when the reply has no pager figures
+        let p = st1.pager.clone().unwrap_or_default();
+        row.faults_first_s = p.fault_events;
+        row.fault_pages_first_s = p.fault_pages;
+        row.fault_p50_us = p.fault_latency.p50_us;
+        row.fault_p99_us = p.fault_latency.p99_us;
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut st = st1;
-        while st["memory_complete_ms"].is_null() && Instant::now() < deadline {
+        while st.memory_complete_ms.is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
-            st = v.ctl(serde_json::json!({"cmd": "status"}))?;
+            st = v.ctl(&Request::Status)?;
         }
-        row.memory_complete_ms = st["memory_complete_ms"].as_f64();
+        row.memory_complete_ms = st.memory_complete_ms;
     }
     v.shutdown()?;
     Ok(row)
@@ -355,7 +350,10 @@ fn one_size(a: &Args, mib: u64) -> Result<SizeRow> {
         .unwrap_or(0);
     std::thread::sleep(Duration::from_secs_f64(a.run_s));
     eprintln!("[vm-restore] {mib} MiB: snapshot while the guest writes");
-    let snap = v.ctl(serde_json::json!({"cmd": "snapshot", "state": state, "memory": memory}))?;
+    let snap: Snapshot = v.ctl(&Request::Snapshot {
+        state: state.clone(),
+        memory: memory.clone(),
+    })?;
     // The last complete heartbeat before the pause, and the start of a line the pause cut (the
     // restored guest prints the rest of it).
     let text = std::fs::read_to_string(dir.join("boot.serial")).unwrap_or_default();
@@ -378,8 +376,8 @@ fn one_size(a: &Args, mib: u64) -> Result<SizeRow> {
         boot_to_guest_ms: (t_boot - v.spawned).as_secs_f64() * 1e3,
         boot_to_ready_ms: (t_ready - v.spawned).as_secs_f64() * 1e3,
         kmode_mips,
-        snapshot_ms: f(&snap["ms"]),
-        state_bytes: snap["state_bytes"].as_u64().unwrap_or(0),
+        snapshot_ms: snap.ms,
+        state_bytes: snap.state_bytes,
         restores: Vec::new(),
     };
     v.shutdown()?;

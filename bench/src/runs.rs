@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use serde::Serialize;
 use serde_json::Value;
+use vmm::api::replies::MigrationReport;
 
 use crate::{guest, hb, ours, qemu};
 
@@ -166,7 +167,7 @@ pub(crate) struct Row {
     pub(crate) ours_fault_p50_us: Option<f64>,
     pub(crate) ours_fault_p99_us: Option<f64>,
     pub(crate) ours_blocked_ms: Option<f64>,
-    pub(crate) ours_pages: Option<Value>,
+    pub(crate) ours_pages: Option<OursPages>,
     pub(crate) ours_source_exit: Option<i32>,
     /// The destination guest's answer to the memory check (`CK ...` / `WITNESS VERDICT ...`).
     pub(crate) ours_checksum: Option<String>,
@@ -174,6 +175,9 @@ pub(crate) struct Row {
     pub(crate) ours_memory_ok: Option<bool>,
     /// The whole reply of `vmm ctl migrate --json`.
     pub(crate) ours_report: Option<Value>,
+    /// Its body, typed (not written: `ours_report` has it all).
+    #[serde(skip)]
+    pub(crate) ours_migration: Option<MigrationReport>,
     /// Source `STOP` event -> destination `RESUME` event (QMP events, host time): the
     /// switchover as the host saw it.
     pub(crate) qemu_host_downtime_ms: Option<f64>,
@@ -190,6 +194,37 @@ pub(crate) struct Row {
     pub(crate) qemu_error: Option<String>,
     /// PASS / MISS / n/a per target.
     pub(crate) targets: Vec<Target>,
+}
+
+/// Our migration's page and byte counts, from its report (null when the report has none: the
+/// destination's pager figures are missing when the source learnt the outcome from its
+/// page-servers). Fields in name order, as the JSON object they replace was written.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct OursPages {
+    pub(crate) bytes_sent: Option<u64>,
+    pub(crate) duplicate_pages: Option<u64>,
+    pub(crate) fault_pages: Option<u64>,
+    pub(crate) pages_total: Option<u64>,
+    pub(crate) prefetch_pages: Option<u64>,
+    pub(crate) state_bytes: Option<u64>,
+    pub(crate) stream_pages: Option<u64>,
+    pub(crate) zero_pages: Option<u64>,
+}
+
+impl OursPages {
+    fn of(rep: &MigrationReport) -> OursPages {
+        let pager = rep.destination.pager.as_ref();
+        OursPages {
+            bytes_sent: Some(rep.bytes_sent),
+            duplicate_pages: pager.map(|p| p.duplicate_pages),
+            fault_pages: pager.map(|p| p.fault_pages),
+            pages_total: pager.map(|p| p.total_pages),
+            prefetch_pages: pager.map(|p| p.prefetch_pages),
+            state_bytes: Some(rep.state_bytes),
+            stream_pages: pager.map(|p| p.stream_pages),
+            zero_pages: pager.map(|p| p.zero_pages),
+        }
+    }
 }
 
 /// One target and how this run did.
@@ -279,8 +314,9 @@ pub(crate) fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row
         c.guest.hb_period_ms(),
     )?;
     let rep = &r.report;
-    row.ours_downtime_ms = rep["downtime_ms"].as_f64();
-    row.ours_total_ms = rep["total_ms"].as_f64();
+    let pager = rep.destination.pager.as_ref();
+    row.ours_downtime_ms = Some(rep.downtime_ms);
+    row.ours_total_ms = Some(rep.total_ms);
     row.ours_host_total_ms = Some(ms(start, end));
     (
         row.ours_freeze_ms,
@@ -288,42 +324,15 @@ pub(crate) fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row
         row.ours_seq_continuous,
     ) = hb_cells(mib, "ours", &f);
     row.ours_heartbeats = Some(f);
-    row.ours_fault_p50_us = rep["fault_latency"]["p50_us"].as_f64();
-    row.ours_fault_p99_us = rep["fault_latency"]["p99_us"].as_f64();
-    row.ours_blocked_ms = rep["blocked_ms"].as_f64();
-    // The contract's names first, then the names the report may use instead.
-    let pick = |names: &[&str]| {
-        names
-            .iter()
-            .map(|k| &rep[*k])
-            .find(|v| !v.is_null())
-            .cloned()
-    };
-    let bytes_sent = pick(&["bytes_sent"]).or_else(|| {
-        let parts = ["fault_bytes", "prefetch_bytes", "stream_bytes"].map(|k| rep[k].as_u64());
-        parts
-            .iter()
-            .any(Option::is_some)
-            .then(|| Value::from(parts.iter().flatten().sum::<u64>()))
-    });
-    let mut pages = serde_json::Map::new();
-    for (key, names) in [
-        ("pages_total", &["pages_total", "total_pages"][..]),
-        ("fault_pages", &["fault_pages"]),
-        ("prefetch_pages", &["prefetch_pages"]),
-        ("stream_pages", &["stream_pages"]),
-        ("zero_pages", &["zero_pages"]),
-        ("duplicate_pages", &["duplicate_pages"]),
-        ("state_bytes", &["state_bytes"]),
-    ] {
-        pages.insert(key.into(), pick(names).unwrap_or(Value::Null));
-    }
-    pages.insert("bytes_sent".into(), bytes_sent.unwrap_or(Value::Null));
-    row.ours_pages = Some(Value::Object(pages));
+    row.ours_fault_p50_us = pager.map(|p| p.fault_latency.p50_us);
+    row.ours_fault_p99_us = pager.map(|p| p.fault_latency.p99_us);
+    row.ours_blocked_ms = pager.map(|p| p.blocked_ms);
+    row.ours_pages = Some(OursPages::of(rep));
     row.ours_source_exit = r.source_exit;
     row.ours_memory_ok = memory_ok(&c.guest, r.checksum_line.as_deref());
     row.ours_checksum = r.checksum_line;
-    row.ours_report = Some(r.report.clone());
+    row.ours_report = Some(serde_json::to_value(&r.reply)?);
+    row.ours_migration = Some(r.report);
     if row.limit_bytes == 0 {
         row.limit_bytes = work_bytes(&r.boot_line, mib);
     }

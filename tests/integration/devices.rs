@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use vmm::api::replies::{IncomingStatus, NetStats};
 
 use crate::common::temp_path;
 use crate::migration::{
-    check_continues, check_report, gates, last_heartbeat, migrate, source_exits, start_dest,
-    still_running,
+    check_continues, check_report, gates, last_heartbeat, migrate, refused, source_exits,
+    start_dest, still_running,
 };
 use crate::netns::{Shape, TwoHosts};
 use crate::vm::VmmProc;
@@ -221,12 +221,9 @@ fn wait_count(c: &AtomicU64, n: u64, what: &str, p: &VmmProc) {
     }
 }
 
-fn device_stats(p: &VmmProc, key: &str) -> Value {
-    let st = p.ctl(&["status"]);
-    st["devices"]
-        .as_array()
-        .and_then(|d| d.iter().find_map(|x| x.get(key).cloned()))
-        .unwrap_or(Value::Null)
+/// The first network device's counters in `status`.
+fn net_stats(p: &VmmProc) -> Option<NetStats> {
+    p.status().devices.into_iter().find_map(|d| d.net)
 }
 
 #[test]
@@ -293,7 +290,7 @@ fn disk_and_network_move_with_the_vm() {
     let t_migrate = Instant::now();
     let r = migrate(&src, &addr, &[]);
     let t_done = Instant::now();
-    check_report(&r, 256 << 20);
+    let r = check_report(&r, 256 << 20);
     source_exits(&mut src);
     check_continues(&dest, &last_heartbeat(&src), 2);
     let before = answered.load(Ordering::Relaxed);
@@ -308,7 +305,7 @@ fn disk_and_network_move_with_the_vm() {
     let gap = run.longest_gap(t_migrate - Duration::from_millis(200), Instant::now());
     println!(
         "devices: downtime {:.1} ms, longest gap between UDP echoes {:.1} ms, {} of {} requests unanswered",
-        r["downtime_ms"].as_f64().unwrap_or(0.0),
+        r.downtime_ms,
         gap.as_secs_f64() * 1e3,
         run.sent - run.answers.len() as u64,
         run.sent
@@ -323,12 +320,12 @@ fn disk_and_network_move_with_the_vm() {
     // the destination announced the MAC and its NIC carries the traffic now
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let net = device_stats(&dest, "net");
-        if net["announces"] == 5 {
-            assert!(net["tx_frames"].as_u64().unwrap() > 100, "{net}");
+        let net = net_stats(&dest).expect("a network device");
+        if net.announces == 5 {
+            assert!(net.tx_frames > 100, "{net:?}");
             break;
         }
-        assert!(Instant::now() < deadline, "announces: {net}");
+        assert!(Instant::now() < deadline, "announces: {net:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -388,11 +385,9 @@ fn destination_refuses_another_disk_at_the_same_path() {
         ],
         &["--incoming", "tcp:127.0.0.1:0"],
     );
-    let st = dest.ctl(&["status"]);
-    let addr = st["listening"].as_str().expect("listening").to_owned();
+    let addr = dest.ctl_as::<IncomingStatus>(&["status"]).listening;
     let r = migrate(&src, &addr, &[]);
-    assert_eq!(r["ok"], Value::Bool(false), "{r}");
-    let msg = r.to_string();
+    let msg = &refused(&r).message;
     assert!(
         msg.contains("not the source's disk") && msg.contains("inode"),
         "{msg}"
@@ -402,12 +397,12 @@ fn destination_refuses_another_disk_at_the_same_path() {
     let map = format!("--disk-map={}={}", img.path(), smaller.path());
     let (d2, addr2) = start_dest(None, "127.0.0.1", &[&map]);
     let r = migrate(&src, &addr2, &[]);
-    assert!(r.to_string().contains("bytes here"), "{r}");
+    assert!(refused(&r).message.contains("bytes here"), "{r:?}");
     drop(d2);
     let map = format!("--disk-map={}=/nonexistent/disk.img", img.path());
     let (d3, addr3) = start_dest(None, "127.0.0.1", &[&map]);
     let r = migrate(&src, &addr3, &[]);
-    assert!(r.to_string().contains("cannot open"), "{r}");
+    assert!(refused(&r).message.contains("cannot open"), "{r:?}");
     drop(d3);
     still_running(&src);
     // the guest's disk is intact and still in use
@@ -454,21 +449,18 @@ fn copy_disk_moves_a_disk_that_is_not_shared() {
     let (d0, addr0) = start_dest(None, "127.0.0.1", &[&map]);
     let r = migrate(&src, &addr0, &["--copy-disk"]);
     assert!(
-        r.to_string().contains("copy-disk writes a new image"),
-        "{r}"
+        refused(&r).message.contains("copy-disk writes a new image"),
+        "{r:?}"
     );
     drop(d0);
     std::fs::remove_file(&copy).unwrap();
     still_running(&src);
 
     let (dest, addr) = start_dest(None, "127.0.0.1", &[&map]);
-    let r = migrate(&src, &addr, &["--copy-disk"]);
-    check_report(&r, 256 << 20);
-    let copies = r["disk_copies"]
-        .as_array()
-        .expect("disk_copies in the report");
-    assert_eq!(copies.len(), 1, "{r}");
-    assert_eq!(copies[0]["bytes"], 32u64 << 20, "{r}");
+    let r = check_report(&migrate(&src, &addr, &["--copy-disk"]), 256 << 20);
+    let copies = &r.destination.disk_copies;
+    assert_eq!(copies.len(), 1, "{r:?}");
+    assert_eq!(copies[0].bytes, 32u64 << 20, "{r:?}");
     source_exits(&mut src);
     check_continues(&dest, &last_heartbeat(&src), 2);
     // the copy is the source's disk as it was at the pause, byte for byte

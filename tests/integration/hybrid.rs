@@ -2,27 +2,30 @@
 //! for the pages still dirty): the guest goes on, and the destination's RAM equals the source's
 //! at the pause, byte for byte, whether pre-copy converged, ran out of passes, or was cut short.
 
-use serde_json::Value;
+use vmm::api::replies::{MemoryRead, MigrationReport, PrecopyReport};
 
 use crate::migration::{
-    check_continues, check_report, gates, last_heartbeat, migrate, source_exits, start_dest,
+    check_continues, check_report, dest_pager, gates, last_heartbeat, migrate, source_exits,
+    start_dest,
 };
 use crate::vm::{boot_guest, VmmProc};
 
 /// The pre-copy part of a report.
-fn precopy(r: &Value) -> &Value {
-    assert!(r["mode"] == "hybrid" || r["mode"] == "precopy", "{r}");
-    &r["precopy"]
+fn precopy(r: &MigrationReport) -> &PrecopyReport {
+    assert!(r.mode == "hybrid" || r.mode == "precopy", "{r:?}");
+    r.precopy
+        .as_ref()
+        .unwrap_or_else(|| panic!("no pre-copy figures: {r:?}"))
 }
 
 /// Boots a guest writing `rate` pages/s, migrates it (hybrid, `extra` options) into a paused
 /// destination and checks its RAM equals the source's at the pause; returns the report.
-fn hybrid_ram_equal(cmdline: &str, extra: &[&str]) -> Value {
+fn hybrid_ram_equal(cmdline: &str, extra: &[&str]) -> MigrationReport {
     ram_equal_after("hybrid", cmdline, extra)
 }
 
 /// [`hybrid_ram_equal`] for any mode with pre-copy.
-fn ram_equal_after(mode: &str, cmdline: &str, extra: &[&str]) -> Value {
+fn ram_equal_after(mode: &str, cmdline: &str, extra: &[&str]) -> MigrationReport {
     let mut src = VmmProc::start(&["run", "--mem", "256M", "--vcpus", "2", "--cmdline", cmdline]);
     src.wait_line("READY", std::time::Duration::from_secs(60), |l| {
         l.starts_with("READY")
@@ -31,13 +34,12 @@ fn ram_equal_after(mode: &str, cmdline: &str, extra: &[&str]) -> Value {
     let (dest, addr) = start_dest(None, "127.0.0.1", &["--paused"]);
     let mut args = vec!["--mode", mode, "--verify"];
     args.extend_from_slice(extra);
-    let r = migrate(&src, &addr, &args);
-    check_report(&r, 256 << 20);
+    let r = check_report(&migrate(&src, &addr, &args), 256 << 20);
     source_exits(&mut src);
-    let got = dest.ctl(&["checksum"]);
+    let got = dest.checksum();
     assert_eq!(
-        got["ram_checksum_except_kvm"], r["source_ram_checksum_except_kvm"],
-        "destination RAM differs from the source's at the pause: {r}"
+        got.ram_checksum_except_kvm, r.source_ram_checksum_except_kvm,
+        "destination RAM differs from the source's at the pause: {r:?}"
     );
     dest.ctl(&["resume"]);
     check_continues(&dest, &last_heartbeat(&src), 2);
@@ -51,32 +53,31 @@ fn hybrid_migration_of_a_running_guest() {
     }
     let mut src = boot_guest(2, "256M");
     let (dest, addr) = start_dest(None, "127.0.0.1", &[]);
-    let r = migrate(&src, &addr, &["--mode", "hybrid"]);
-    check_report(&r, 256 << 20);
+    let r = check_report(&migrate(&src, &addr, &["--mode", "hybrid"]), 256 << 20);
     let pc = precopy(&r);
-    let passes = pc["passes"].as_array().unwrap();
-    assert!(!passes.is_empty(), "{r}");
+    let passes = &pc.passes;
+    assert!(!passes.is_empty(), "{r:?}");
     assert_eq!(
-        passes[0]["pages_sent"], 65536,
-        "the first pass sends every page: {r}"
+        passes[0].pages_sent, 65536,
+        "the first pass sends every page: {r:?}"
     );
     // The guest writes ~2000 pages/s: a pass of ~0.1-0.5 s leaves a few hundred dirty and the
     // passes converge. On a loaded machine a pass can take seconds and the stop rule may end
     // them another way; which way is a speed figure (bench/migrate.sh), not a test verdict.
-    let why = pc["stop_reason"].as_str().unwrap();
+    let why = &pc.stop_reason;
     assert!(
         why.starts_with("converged")
             || why.ends_with("passes done")
             || why.contains("not shrinking"),
-        "unknown stop reason: {r}"
+        "unknown stop reason: {r:?}"
     );
     println!("hybrid_migration_of_a_running_guest: pre-copy stopped: {why}");
     source_exits(&mut src);
     check_continues(&dest, &last_heartbeat(&src), 2);
     // Pages sent before the pause and not written since are not fetched again: the
     // destination faults only on pages still dirty at the switch.
-    let dirty = pc["pages_dirty_at_switchover"].as_u64().unwrap();
-    assert!(r["fault_pages"].as_u64().unwrap() <= dirty, "{r}");
+    let dirty = pc.pages_dirty_at_switchover;
+    assert!(dest_pager(&r).fault_pages <= dirty, "{r:?}");
     dest.ctl(&["shutdown"]);
 }
 
@@ -87,21 +88,18 @@ fn hybrid_memory_equals_the_source_at_pause() {
     }
     // converging: a few hundred pages written per pass
     let r = hybrid_ram_equal("rate=2000 hot=50", &[]);
-    assert!(precopy(&r)["stop_reason"]
-        .as_str()
-        .unwrap()
-        .starts_with("converged"));
+    assert!(precopy(&r).stop_reason.starts_with("converged"));
     // not converging: 50 000 pages/s over all memory, a threshold no pass reaches
     let r = hybrid_ram_equal(
         "rate=50000 hot=100",
         &["--threshold-pages", "1", "--max-passes", "3"],
     );
-    let why = precopy(&r)["stop_reason"].as_str().unwrap().to_owned();
+    let why = precopy(&r).stop_reason.clone();
     assert!(
         why.contains("passes done") || why.contains("not shrinking"),
-        "{why}: {r}"
+        "{why}: {r:?}"
     );
-    assert!(precopy(&r)["pages_dirty_at_switchover"].as_u64().unwrap() > 100);
+    assert!(precopy(&r).pages_dirty_at_switchover > 100);
 }
 
 #[test]
@@ -134,15 +132,14 @@ fn hybrid_switchover_on_request() {
     for _ in 0..200 {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let v = crate::vm::ctl_raw(&src.sock, &["migrate-switchover"]);
-        if v["ok"] == Value::Bool(true) {
+        if v.ok {
             asked = true;
             break;
         }
     }
     assert!(asked, "migrate-switchover was never accepted");
-    let r = m.join().unwrap();
-    check_report(&r, 256 << 20);
-    assert_eq!(precopy(&r)["stop_reason"], "switchover requested", "{r}");
+    let r = check_report(&m.join().unwrap(), 256 << 20);
+    assert_eq!(precopy(&r).stop_reason, "switchover requested", "{r:?}");
     source_exits(&mut src);
     check_continues(&dest, &last_heartbeat(&src), 2);
     dest.ctl(&["shutdown"]);
@@ -154,16 +151,16 @@ fn precopy_mode_resumes_with_every_page_present() {
         return;
     }
     let r = ram_equal_after("precopy", "rate=2000 hot=50", &[]);
-    assert_eq!(r["mode"], "precopy");
+    assert_eq!(r.mode, "precopy");
     // the rest was copied while paused: nothing left to fault on after the resume
-    assert_eq!(r["fault_pages"], 0, "{r}");
+    assert_eq!(dest_pager(&r).fault_pages, 0, "{r:?}");
     // and the downtime estimate stops the passes too
     let r = ram_equal_after(
         "precopy",
         "rate=50000 hot=100",
         &["--threshold-pages", "1", "--max-downtime-ms", "50"],
     );
-    let why = precopy(&r)["stop_reason"].as_str().unwrap().to_owned();
+    let why = precopy(&r).stop_reason.clone();
     assert!(
         why.contains("ms <= 50 ms") || why.contains("not shrinking"),
         "{why}"
@@ -191,10 +188,10 @@ fn hybrid_with_userfaultfd_write_protect_tracking() {
         }
         for mode in ["hybrid", "precopy"] {
             let r = ram_equal_after(mode, "rate=2000 hot=50", &["--dirty-tracking", backend]);
-            assert_eq!(precopy(&r)["dirty_tracking"], backend, "{r}");
+            assert_eq!(precopy(&r).dirty_tracking, backend, "{r:?}");
             // the guest writes ~2000 pages/s: the tracker sees them
-            let passes = precopy(&r)["passes"].as_array().unwrap();
-            assert!(passes[0]["pages_dirtied"].as_u64().unwrap() > 20, "{r}");
+            let passes = &precopy(&r).passes;
+            assert!(passes[0].pages_dirtied > 20, "{r:?}");
         }
     }
 }
@@ -255,19 +252,14 @@ fn vmm_writes_during_precopy_are_tracked() {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         src.ctl(&["write-memory", "--gpa", gpa, "--hex", &pattern]);
-        let r = m.join().unwrap();
-        check_report(&r, 1 << 30);
+        let r = check_report(&m.join().unwrap(), 1 << 30);
         source_exits(&mut src);
-        let got = dest.ctl(&["read-memory", "--gpa", gpa, "--len", "4096"]);
+        let got: MemoryRead = dest.ctl_as(&["read-memory", "--gpa", gpa, "--len", "4096"]);
+        assert_eq!(got.hex, pattern, "{backend}: the VMM's write was lost");
+        let sum = dest.checksum();
         assert_eq!(
-            got["hex"],
-            pattern.as_str(),
-            "{backend}: the VMM's write was lost"
-        );
-        let sum = dest.ctl(&["checksum"]);
-        assert_eq!(
-            sum["ram_checksum_except_kvm"], r["source_ram_checksum_except_kvm"],
-            "{backend}: RAM differs: {r}"
+            sum.ram_checksum_except_kvm, r.source_ram_checksum_except_kvm,
+            "{backend}: RAM differs: {r:?}"
         );
     }
 }

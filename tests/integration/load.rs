@@ -6,11 +6,12 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use vmm::api::replies::{MemoryRead, MigrationReport, Status};
 
 use crate::common::{temp_path, TempFile};
 use crate::migration::{
-    check_continues, check_report, gates, last_heartbeat, migrate, source_exits, start_dest,
+    check_continues, check_report, dest_pager, gates, last_heartbeat, migrate, source_exits,
+    start_dest,
 };
 use crate::vm::{checksum_line, ctl_raw, VmmProc};
 
@@ -45,56 +46,49 @@ fn boot_field(line: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
 
-fn f(r: &Value, k: &str) -> f64 {
-    r[k].as_f64().unwrap_or(0.0)
-}
-
-fn u(r: &Value, k: &str) -> u64 {
-    r[k].as_u64().unwrap_or(0)
-}
-
 /// The figures of a migration report, one line.
-fn figures(r: &Value) -> String {
-    let l = &r["fault_latency"];
+fn figures(r: &MigrationReport) -> String {
+    let d = dest_pager(r);
+    let l = &d.fault_latency;
     format!(
         "downtime {:.2} ms (pause+save {:.2}, apply {:.2}), total {:.0} ms, {:.0} MB/s after the \
          switch; pages fault/prefetch/stream/zero {}/{}/{}/{}, duplicates {}, in flight {}; \
          faults {} (p50 {:.0} / p90 {:.0} / p99 {:.0} / max {:.0} us), vCPU blocked {:.1} ms",
-        f(r, "downtime_ms"),
-        f(r, "pause_ms"),
-        f(r, "apply_ms"),
-        f(r, "total_ms"),
-        u(r, "total_pages") as f64 * 4096.0 / 1e3 / f(r, "total_ms").max(1e-3),
-        u(r, "fault_pages"),
-        u(r, "prefetch_pages"),
-        u(r, "stream_pages"),
-        u(r, "zero_pages"),
-        u(r, "duplicate_pages"),
-        u(r, "in_flight_replies"),
-        u(l, "count"),
-        f(l, "p50_us"),
-        f(l, "p90_us"),
-        f(l, "p99_us"),
-        f(l, "max_us"),
-        f(r, "blocked_ms"),
+        r.downtime_ms,
+        r.pause_ms,
+        r.apply_ms,
+        r.total_ms,
+        d.total_pages as f64 * 4096.0 / 1e3 / r.total_ms.max(1e-3),
+        d.fault_pages,
+        d.prefetch_pages,
+        d.stream_pages,
+        d.zero_pages,
+        d.duplicate_pages,
+        d.in_flight_replies,
+        l.count,
+        l.p50_us,
+        l.p90_us,
+        l.p99_us,
+        l.max_us,
+        d.blocked_ms,
     )
 }
 
 /// A `--paused` destination's RAM equals the source's at the pause (`--verify`), except the
 /// pages KVM rewrites when the state is applied; returns the checksum.
-fn check_ram_equal(dest: &VmmProc, r: &Value) -> String {
-    let want = r["source_ram_checksum_except_kvm"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no source checksum in the report: {r}"))
-        .to_owned();
-    let got = dest.ctl(&["checksum"]);
-    assert_eq!(got["paused"], Value::Bool(true), "{got}");
-    let kvm_pages = got["kvm_pages"].as_array().unwrap();
-    assert!(!kvm_pages.is_empty() && kvm_pages.len() <= 4, "{got}");
+fn check_ram_equal(dest: &VmmProc, r: &MigrationReport) -> String {
+    let want = r
+        .source_ram_checksum_except_kvm
+        .clone()
+        .unwrap_or_else(|| panic!("no source checksum in the report: {r:?}"));
+    let got = dest.checksum();
+    assert!(got.paused, "{got:?}");
+    let kvm_pages = got.kvm_pages.as_ref().unwrap();
+    assert!(!kvm_pages.is_empty() && kvm_pages.len() <= 4, "{got:?}");
     assert_eq!(
-        got["ram_checksum_except_kvm"],
-        want.as_str(),
-        "destination RAM differs from the source's at the pause: {r}"
+        got.ram_checksum_except_kvm.as_ref(),
+        Some(&want),
+        "destination RAM differs from the source's at the pause: {r:?}"
     );
     want
 }
@@ -116,7 +110,7 @@ fn three_concurrent_1g_migrations() {
         .collect();
     let t = Instant::now();
     // (report, when `migrate` was issued, when it answered)
-    let reports: Vec<(Value, Instant, Instant)> = std::thread::scope(|sc| {
+    let reports: Vec<(MigrationReport, Instant, Instant)> = std::thread::scope(|sc| {
         let handles: Vec<_> = srcs
             .iter()
             .zip(&dests)
@@ -124,7 +118,7 @@ fn three_concurrent_1g_migrations() {
                 sc.spawn(move || {
                     let t = Instant::now();
                     let r = migrate(src, addr, &["--verify"]);
-                    (r, t, Instant::now())
+                    (check_report(&r, GIB), t, Instant::now())
                 })
             })
             .collect();
@@ -135,7 +129,6 @@ fn three_concurrent_1g_migrations() {
     });
     let wall = t.elapsed();
     for (i, ((r, from, to), src)) in reports.iter().zip(&mut srcs).enumerate() {
-        check_report(r, GIB);
         source_exits(src);
         println!(
             "migration {i}: {} (migrate command {:.0} ms)",
@@ -144,7 +137,8 @@ fn three_concurrent_1g_migrations() {
         );
         // the destinations did not run: the stream brought (nearly) every page; what faulted
         // is KVM's own page(s) touched when the state was applied (kvmclock)
-        assert!(u(r, "fault_pages") + u(r, "prefetch_pages") <= 64, "{r}");
+        let d = dest_pager(r);
+        assert!(d.fault_pages + d.prefetch_pages <= 64, "{r:?}");
     }
     // the three ran at the same time: the last one began before the first one ended
     let last_start = reports.iter().map(|x| x.1).max().unwrap();
@@ -226,14 +220,14 @@ fn source_serves_faults_while_streaming_at_full_speed() {
     let mut src = start_guest("rate=0");
     let boot = wait_ready(&src);
     let work_pages = boot_field(&boot, "work_mib") * 256;
-    let probe = src.ctl(&[
+    let probe: MemoryRead = src.ctl_as(&[
         "read-memory",
         "--gpa",
         &work_gpa(7).to_string(),
         "--len",
         "4096",
     ]);
-    check_fill_pattern(7, probe["hex"].as_str().unwrap());
+    check_fill_pattern(7, &probe.hex);
     let since = src.serial_text().len();
     src.ctl(&["serial-input", "c"]);
     let before = checksum_line(&src, since);
@@ -244,11 +238,11 @@ fn source_serves_faults_while_streaming_at_full_speed() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let st = ctl_raw(&dest.sock, &["status"]);
-        if st["state"] == "running" {
+        if st.body::<Status>().is_ok_and(|s| s.state == "running") {
             break;
         }
-        assert!(Instant::now() < deadline, "destination never ran: {st}");
-        assert!(!m.is_finished(), "migration ended early: {st}");
+        assert!(Instant::now() < deadline, "destination never ran: {st:?}");
+        assert!(!m.is_finished(), "migration ended early: {st:?}");
         std::thread::sleep(Duration::from_millis(5));
     }
     // The guest prints its heartbeats and computes the checksum on one vCPU: told at once, its
@@ -259,7 +253,7 @@ fn source_serves_faults_while_streaming_at_full_speed() {
     dest.ctl(&["serial-input", "c"]);
     // While the migration runs: random pages read and checked, and the destination's pager
     // watched for a moment with faults served, the stream installing and pages still missing.
-    let mut during: Option<Value> = None;
+    let mut during: Option<Status> = None;
     let mut polls = 0;
     let mut reads = 0;
     let mut rng = crate::common::Rng(0x10ad);
@@ -275,47 +269,44 @@ fn source_serves_faults_while_streaming_at_full_speed() {
                 "4096",
             ],
         );
-        if v["ok"] == Value::Bool(true) {
-            check_fill_pattern(pg, v["hex"].as_str().unwrap());
+        if let Ok(v) = v.body::<MemoryRead>() {
+            check_fill_pattern(pg, &v.hex);
             reads += 1;
         }
-        let st = ctl_raw(&dest.sock, &["status"]);
+        let st: Status = dest.status();
         polls += 1;
-        let p = &st["pager"];
-        if u(p, "fault_pages") > 0
-            && u(p, "stream_pages") > 0
-            && u(&st, "pages_present") < u(&st, "pages_total")
-        {
+        let p = st.pager.clone().unwrap_or_default();
+        if p.fault_pages > 0 && p.stream_pages > 0 && st.pages_present < st.pages_total {
             during = Some(st);
         }
     }
-    let r = m.join().unwrap();
-    check_report(&r, GIB);
+    let r = check_report(&m.join().unwrap(), GIB);
     source_exits(&mut src);
     println!("faults while streaming: {}", figures(&r));
     let during = during.unwrap_or_else(|| {
-        panic!("none of {polls} status polls saw faults served while the stream ran: {r}")
+        panic!("none of {polls} status polls saw faults served while the stream ran: {r:?}")
     });
-    let dp = &during["pager"];
+    let dp = during.pager.clone().unwrap_or_default();
     println!(
         "  last status during the stream ({} of {} pages present): fault {} / prefetch {} / stream {} pages; {} faults, p50 {:.0} / p99 {:.0} / max {:.0} us; {reads} random pages read and checked",
-        u(&during, "pages_present"),
-        u(&during, "pages_total"),
-        u(dp, "fault_pages"),
-        u(dp, "prefetch_pages"),
-        u(dp, "stream_pages"),
-        u(&dp["fault_latency"], "count"),
-        f(&dp["fault_latency"], "p50_us"),
-        f(&dp["fault_latency"], "p99_us"),
-        f(&dp["fault_latency"], "max_us"),
+        during.pages_present,
+        during.pages_total,
+        dp.fault_pages,
+        dp.prefetch_pages,
+        dp.stream_pages,
+        dp.fault_latency.count,
+        dp.fault_latency.p50_us,
+        dp.fault_latency.p99_us,
+        dp.fault_latency.max_us,
     );
-    assert!(u(&r, "fault_pages") > 0, "{r}");
-    assert!(u(&r, "stream_pages") > 0, "{r}");
-    let lat = &r["fault_latency"];
-    assert!(u(lat, "count") > 0, "{r}");
-    assert!(f(lat, "max_us") >= f(lat, "p50_us"), "{r}");
-    assert_eq!(u(&r, "reconnects"), 0, "{r}");
-    assert_eq!(u(&r, "duplicate_pages"), 0, "{r}");
+    let d = dest_pager(&r);
+    assert!(d.fault_pages > 0, "{r:?}");
+    assert!(d.stream_pages > 0, "{r:?}");
+    let lat = &d.fault_latency;
+    assert!(lat.count > 0, "{r:?}");
+    assert!(lat.max_us >= lat.p50_us, "{r:?}");
+    assert_eq!(d.reconnects, 0, "{r:?}");
+    assert_eq!(d.duplicate_pages, 0, "{r:?}");
     // the guest's checksum of its memory, computed on the destination through faults and the
     // stream, is the one it had on the source
     assert_eq!(
@@ -323,9 +314,9 @@ fn source_serves_faults_while_streaming_at_full_speed() {
         before,
         "guest memory changed in transit"
     );
-    let st = dest.ctl(&["status"]);
-    assert_eq!(st["pages_present"], st["pages_total"], "{st}");
-    assert_eq!(st["incoming_migration_open"], Value::Bool(false), "{st}");
+    let st = dest.status();
+    assert_eq!(st.pages_present, st.pages_total, "{st:?}");
+    assert!(!st.incoming_migration_open, "{st:?}");
     check_continues(&dest, &last_heartbeat(&src), 1);
     dest.ctl(&["shutdown"]);
     println!(
@@ -416,21 +407,22 @@ fn hot_set_larger_than_half_of_ram() {
 
     // A -> B, B running: its writes fault on the hot set while the stream runs
     let (mut b, addr_b) = start_dest(None, "127.0.0.1", &[]);
-    let r = migrate(&a, &addr_b, &[]);
-    check_report(&r, GIB);
+    let r = check_report(&migrate(&a, &addr_b, &[]), GIB);
     source_exits(&mut a);
     println!(
         "hot set {hot_mib} MiB, running destination: {}",
         figures(&r)
     );
-    assert!(u(&r, "fault_pages") > 0, "the writes should fault: {r}");
+    assert!(
+        dest_pager(&r).fault_pages > 0,
+        "the writes should fault: {r:?}"
+    );
     check_continues(&b, &last_heartbeat(&a), 1);
 
     // B -> C, C paused: C's RAM equals B's at the pause, taken while the guest wrote its hot
     // set; then it runs on
     let (c, addr_c) = start_dest(None, "127.0.0.1", &["--paused"]);
-    let r = migrate(&b, &addr_c, &["--verify"]);
-    check_report(&r, GIB);
+    let r = check_report(&migrate(&b, &addr_c, &["--verify"]), GIB);
     source_exits(&mut b);
     println!("hot set {hot_mib} MiB, paused destination: {}", figures(&r));
     let sum = check_ram_equal(&c, &r);

@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use vmm::api::replies::{IncomingStatus, MigrationReport};
+use vmm::api::{ErrorReply, Reply};
 
 use crate::common::{kvm_or_skip, uffd_or_skip};
 use crate::netns::{Shape, TwoHosts};
@@ -24,17 +25,13 @@ pub(crate) fn start_dest(netns: Option<&str>, ip: &str, extra: &[&str]) -> (VmmP
     let mut args = vec!["--incoming", listen.as_str()];
     args.extend_from_slice(extra);
     let p = VmmProc::start_in(netns, &args);
-    let st = p.ctl(&["status"]);
-    assert_eq!(st["state"], "incoming", "{st}");
-    let addr = st["listening"]
-        .as_str()
-        .expect("listening address")
-        .to_owned();
-    (p, addr)
+    let st: IncomingStatus = p.ctl_as(&["status"]);
+    assert_eq!(st.state, "incoming", "{st:?}");
+    (p, st.listening)
 }
 
-/// `vmm ctl migrate --to ADDR`: the final JSON reply.
-pub(crate) fn migrate(src: &VmmProc, to: &str, extra: &[&str]) -> Value {
+/// `vmm ctl migrate --to ADDR`: the final reply.
+pub(crate) fn migrate(src: &VmmProc, to: &str, extra: &[&str]) -> Reply {
     let mut args = vec!["migrate", "--to", to];
     args.extend_from_slice(extra);
     ctl_raw(&src.sock, &args)
@@ -67,28 +64,44 @@ pub(crate) fn check_continues(dest: &VmmProc, before: &Heartbeat, vcpus: usize) 
     assert!(!text.contains("GUEST boot"), "the guest rebooted: {text}");
 }
 
-/// The report says the migration did what it claims.
-pub(crate) fn check_report(r: &Value, mem_bytes: u64) {
-    assert_eq!(r["ok"], Value::Bool(true), "migration failed: {r}");
+/// The report says the migration did what it claims; returns it.
+pub(crate) fn check_report(r: &Reply, mem_bytes: u64) -> MigrationReport {
+    let r: MigrationReport = r
+        .body()
+        .unwrap_or_else(|e| panic!("migration failed: {e}: {r:?}"));
     let pages = mem_bytes / 4096;
-    assert_eq!(r["total_pages"], pages, "{r}");
-    assert_eq!(r["present_pages"], pages, "{r}");
-    let got = r["fault_pages"].as_u64().unwrap()
-        + r["prefetch_pages"].as_u64().unwrap()
-        + r["stream_pages"].as_u64().unwrap();
-    let dup = r["duplicate_pages"].as_u64().unwrap();
+    let d = dest_pager(&r);
+    assert_eq!(d.total_pages, pages, "{r:?}");
+    assert_eq!(d.present_pages, pages, "{r:?}");
+    let got = d.fault_pages + d.prefetch_pages + d.stream_pages;
     // pre-copied pages dropped at the switch (modified since) are installed a second time
-    let again = r["precopy_dropped"].as_u64().unwrap_or(0);
     assert_eq!(
-        got - dup - again,
+        got - d.duplicate_pages - d.precopy_dropped,
         pages,
-        "pages by origin do not add up: {r}"
+        "pages by origin do not add up: {r:?}"
     );
-    let d = r["downtime_ms"].as_f64().unwrap();
+    let d = r.downtime_ms;
     // a sanity bound only (speed is the benchmark's business; CI machines are loaded)
-    assert!(d > 0.0 && d < 10_000.0, "downtime {d} ms: {r}");
-    assert!(r["total_ms"].as_f64().unwrap() >= d, "{r}");
-    assert!(r["state_bytes"].as_u64().unwrap() > 1000, "{r}");
+    assert!(d > 0.0 && d < 10_000.0, "downtime {d} ms: {r:?}");
+    assert!(r.total_ms >= d, "{r:?}");
+    assert!(r.state_bytes > 1000, "{r:?}");
+    r
+}
+
+/// The destination's pager figures in a migration report.
+pub(crate) fn dest_pager(r: &MigrationReport) -> &pager::Report {
+    r.destination
+        .pager
+        .as_ref()
+        .unwrap_or_else(|| panic!("no destination figures in the report: {r:?}"))
+}
+
+/// The error of a reply that must be one.
+pub(crate) fn refused(r: &Reply) -> &ErrorReply {
+    assert!(!r.ok, "{r:?}");
+    r.error
+        .as_ref()
+        .unwrap_or_else(|| panic!("not ok, but no error: {r:?}"))
 }
 
 /// The source ends with exit 0 once the destination has every page.
@@ -115,15 +128,14 @@ fn migrate_running_guest_over_loopback_1_and_2_vcpus() {
         // the workload writes random pages all along (rate=2000 over half of memory)
         let mut src = boot_guest(vcpus as u32, "256M");
         let (dest, addr) = start_dest(None, "127.0.0.1", &[]);
-        let r = migrate(&src, &addr, &[]);
-        check_report(&r, 256 << 20);
+        check_report(&migrate(&src, &addr, &[]), 256 << 20);
         source_exits(&mut src);
         let before = last_heartbeat(&src);
         check_continues(&dest, &before, vcpus);
-        let st = dest.ctl(&["status"]);
-        assert_eq!(st["state"], "running", "{st}");
-        assert_eq!(st["pages_present"], st["pages_total"], "{st}");
-        assert_eq!(st["incoming_migration_open"], Value::Bool(false), "{st}");
+        let st = dest.status();
+        assert_eq!(st.state, "running", "{st:?}");
+        assert_eq!(st.pages_present, st.pages_total, "{st:?}");
+        assert!(!st.incoming_migration_open, "{st:?}");
         dest.ctl(&["shutdown"]);
     }
 }
@@ -138,19 +150,17 @@ fn migrated_memory_equals_the_source_at_pause() {
     // was writing.
     let mut src = boot_guest(2, "256M");
     let (dest, addr) = start_dest(None, "127.0.0.1", &["--paused"]);
-    let r = migrate(&src, &addr, &["--verify"]);
-    check_report(&r, 256 << 20);
+    let r = check_report(&migrate(&src, &addr, &["--verify"]), 256 << 20);
     source_exits(&mut src);
     // KVM rewrites its own pages (kvmclock) when the state is applied: those are left out.
-    let want = r["source_ram_checksum_except_kvm"]
-        .as_str()
-        .expect("source checksum");
-    let got = dest.ctl(&["checksum"]);
-    assert_eq!(got["paused"], Value::Bool(true));
-    let kvm_pages = got["kvm_pages"].as_array().unwrap();
-    assert!(!kvm_pages.is_empty() && kvm_pages.len() <= 4, "{got}");
+    let want = r.source_ram_checksum_except_kvm.expect("source checksum");
+    let got = dest.checksum();
+    assert!(got.paused);
+    let kvm_pages = got.kvm_pages.as_ref().unwrap();
+    assert!(!kvm_pages.is_empty() && kvm_pages.len() <= 4, "{got:?}");
     assert_eq!(
-        got["ram_checksum_except_kvm"], want,
+        got.ram_checksum_except_kvm,
+        Some(want),
         "destination RAM differs from the source's"
     );
     dest.ctl(&["resume"]);
@@ -176,21 +186,20 @@ fn migrated_memory_equals_the_source_at_pause() {
         before,
         "guest memory changed in transit"
     );
-    let st = dest.ctl(&["status"]);
+    let st = dest.status();
     // fetched on demand: each fault's page, plus prefetch as the walk goes sequential
-    let demand = st["pager"]["fault_pages"].as_u64().unwrap()
-        + st["pager"]["prefetch_pages"].as_u64().unwrap();
+    let pager = st.pager.clone().expect("a pager");
+    let demand = pager.fault_pages + pager.prefetch_pages;
     assert!(
         demand > 50_000,
-        "the checksum should have faulted most pages in: {st}"
+        "the checksum should have faulted most pages in: {st:?}"
     );
-    assert_eq!(st["pager"]["stream_pages"], 0, "{st}");
+    assert_eq!(pager.stream_pages, 0, "{st:?}");
     dest.ctl(&["shutdown"]);
     let r = m.join().unwrap();
-    assert_eq!(r["ok"], Value::Bool(false), "{r}");
-    assert_eq!(r["error"]["kind"], "migration_unknown", "{r}");
-    let st = src.ctl(&["status"]);
-    assert!(st["state"].as_str().unwrap().contains("paused"), "{st}");
+    assert_eq!(refused(&r).kind, "migration_unknown", "{r:?}");
+    let st = src.status();
+    assert!(st.state.contains("paused"), "{st:?}");
 }
 
 #[test]
@@ -212,8 +221,8 @@ fn migrate_there_and_back() {
 
 /// The source keeps running after a failed migration.
 pub(crate) fn still_running(src: &VmmProc) {
-    let st = src.ctl(&["status"]);
-    assert_eq!(st["state"], "running", "{st}");
+    let st = src.status();
+    assert_eq!(st.state, "running", "{st:?}");
     let last = last_heartbeat(src);
     src.heartbeats_after(Some(last.seq), 3);
 }
@@ -231,8 +240,7 @@ fn failed_migrations_leave_the_source_running() {
         l.local_addr().unwrap().port()
     };
     let r = migrate(&src, &format!("127.0.0.1:{port}"), &[]);
-    assert_eq!(r["ok"], Value::Bool(false), "{r}");
-    let msg = r["error"]["message"].as_str().unwrap();
+    let msg = &refused(&r).message;
     assert!(
         msg.contains("listening") && msg.contains("refused"),
         "{msg}"
@@ -243,8 +251,7 @@ fn failed_migrations_leave_the_source_running() {
     let (dest, addr) = start_dest(None, "127.0.0.1", &["--max-mem", "128M"]);
     let t = Instant::now();
     let r = migrate(&src, &addr, &[]);
-    assert_eq!(r["ok"], Value::Bool(false), "{r}");
-    let msg = r["error"]["message"].as_str().unwrap();
+    let msg = &refused(&r).message;
     assert!(
         msg.contains("refused") && msg.contains("at most 128 MiB"),
         "{msg}"
@@ -252,11 +259,11 @@ fn failed_migrations_leave_the_source_running() {
     assert!(t.elapsed() < Duration::from_secs(10));
     still_running(&src);
     // the destination is still waiting, and says what went wrong
-    let st = dest.ctl(&["status"]);
-    assert_eq!(st["state"], "incoming", "{st}");
+    let st: IncomingStatus = dest.ctl_as(&["status"]);
+    assert_eq!(st.state, "incoming", "{st:?}");
     assert!(
-        st["last_error"].as_str().unwrap().contains("128 MiB"),
-        "{st}"
+        st.last_error.as_deref().unwrap().contains("128 MiB"),
+        "{st:?}"
     );
     // ... and takes a VM it can run
     let mut small = boot_guest(1, "64M");
@@ -275,8 +282,7 @@ fn failed_migrations_leave_the_source_running() {
     });
     let r = migrate(&src, &to, &[]);
     peer.join().unwrap();
-    assert_eq!(r["ok"], Value::Bool(false), "{r}");
-    let msg = r["error"]["message"].as_str().unwrap();
+    let msg = &refused(&r).message;
     assert!(
         msg.contains("bad message") || msg.contains("invalid"),
         "{msg}"
@@ -285,7 +291,7 @@ fn failed_migrations_leave_the_source_running() {
 
     // unknown mode
     let r = migrate(&src, &addr, &["--mode", "sideways"]);
-    assert_eq!(r["error"]["kind"], "bad_request", "{r}");
+    assert_eq!(refused(&r).kind, "bad_request", "{r:?}");
     still_running(&src);
 }
 
@@ -298,7 +304,7 @@ fn migrate_over_a_unix_socket() {
     let path = crate::common::temp_path("incoming.sock");
     let listen = path.to_str().unwrap().to_owned();
     let dest = VmmProc::start(&["--incoming", &listen]);
-    assert_eq!(dest.ctl(&["status"])["state"], "incoming");
+    assert_eq!(dest.ctl_as::<IncomingStatus>(&["status"]).state, "incoming");
     check_report(&migrate(&src, &listen, &[]), 64 << 20);
     source_exits(&mut src);
     check_continues(&dest, &last_heartbeat(&src), 1);
@@ -327,12 +333,11 @@ fn migrate_between_two_network_namespaces() {
     let mut src = boot_guest_in(Some(&hosts.a), 2, "256M");
     // nobody listening on the other host yet: refused, the VM runs on
     let r = migrate(&src, &format!("{}:7700", hosts.ip_b), &[]);
-    assert_eq!(r["ok"], Value::Bool(false), "{r}");
+    refused(&r);
     still_running(&src);
     let (dest, addr) = start_dest(Some(&hosts.b), &hosts.ip_b, &[]);
-    let r = migrate(&src, &addr, &[]);
-    check_report(&r, 256 << 20);
-    let rtt = r["rtt_us"].as_f64().unwrap();
+    let r = check_report(&migrate(&src, &addr, &[]), 256 << 20);
+    let rtt = r.rtt_us;
     if hosts.delayed {
         assert!(
             rtt > 900.0,

@@ -4,9 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use vmm::api::replies::{MigrationReport, Status};
+use vmm::api::Reply;
 
-use crate::migration::{gates, source_exits, start_dest};
+use crate::migration::{gates, refused, source_exits, start_dest};
 use crate::netns::{Shape, TwoHosts};
 use crate::vm::{boot_guest_in, checksum_line, ctl_raw, heartbeats, VmmProc};
 
@@ -18,14 +19,15 @@ fn signal(p: &VmmProc, sig: i32) {
 }
 
 /// Waits until the destination runs the VM after the switch (post-copy under way).
-fn wait_running(dest: &VmmProc) -> Value {
+fn wait_running(dest: &VmmProc) -> Status {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let st = ctl_raw(&dest.sock, &["status"]);
-        if st["state"] == "running" {
-            return st;
+        match st.body::<Status>() {
+            Ok(s) if s.state == "running" => return s,
+            _ => {}
         }
-        assert!(Instant::now() < deadline, "destination never ran: {st}");
+        assert!(Instant::now() < deadline, "destination never ran: {st:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -70,7 +72,7 @@ struct Underway {
     src: VmmProc,
     dest: VmmProc,
     before: String,
-    migrate: std::thread::JoinHandle<Value>,
+    migrate: std::thread::JoinHandle<Reply>,
     started: Instant,
 }
 
@@ -98,12 +100,12 @@ impl Underway {
 
     /// Waits for the migration; checks it completed with every page and the guest's memory
     /// unchanged. Returns the source's report and the destination's status.
-    fn finish(mut self) -> (Value, Value, VmmProc) {
+    fn finish(mut self) -> (MigrationReport, Status, VmmProc) {
         let r = self.migrate.join().unwrap();
-        assert_eq!(r["ok"], Value::Bool(true), "{r}");
+        let r: MigrationReport = r.body().unwrap_or_else(|e| panic!("{e}: {r:?}"));
         source_exits(&mut self.src);
-        let st = self.dest.ctl(&["status"]);
-        assert_eq!(st["pages_present"], st["pages_total"], "{st}");
+        let st = self.dest.status();
+        assert_eq!(st.pages_present, st.pages_total, "{st:?}");
         assert_eq!(
             guest_checksum(&self.dest),
             self.before,
@@ -122,14 +124,11 @@ fn postcopy_survives_a_30s_link_cut() {
     let Some(hosts) = slow_link(T) else { return };
     let m = Underway::start(&hosts, &["--recover-timeout-s", "90"]);
     std::thread::sleep(Duration::from_millis(1500));
-    let st = m.dest.ctl(&["status"]);
-    let (present, total) = (
-        st["pages_present"].as_u64().unwrap(),
-        st["pages_total"].as_u64().unwrap(),
-    );
+    let st = m.dest.status();
+    let (present, total) = (st.pages_present, st.pages_total);
     assert!(
         present < total,
-        "post-copy already over before the cut: {st}"
+        "post-copy already over before the cut: {st:?}"
     );
     // the source's side of the link goes down: nothing is closed, packets just vanish
     let cut = Instant::now();
@@ -138,37 +137,34 @@ fn postcopy_survives_a_30s_link_cut() {
     let seq_a = last_seq(&m.dest);
     std::thread::sleep(Duration::from_secs(20));
     let seq_b = last_seq(&m.dest);
-    let mid = m.dest.ctl(&["status"]);
+    let mid = m.dest.status();
     std::thread::sleep(Duration::from_secs(30).saturating_sub(cut.elapsed()));
     crate::netns::ip_in(&hosts.a, &["link", "set", "eth0", "up"]);
     let up = Instant::now();
     let started = m.started;
     let (r, st, dest) = m.finish();
     let done = Instant::now();
-    let pager = &st["pager"];
-    let reconnects = pager["reconnects"].as_u64().unwrap();
-    let without_ms = pager["disconnected_ms"].as_f64().unwrap();
+    let pager = st.pager.clone().expect("a pager");
+    let reconnects = pager.reconnects;
+    let without_ms = pager.disconnected_ms;
     println!(
         "link cut 30 s mid post-copy ({present}/{total} pages present at the cut): migration done \
          {:.1} s after it started, {:.1} s after the link came back; destination: {reconnects} \
          reconnect(s), {:.1} s without a source, max fault latency {:.0} ms; heartbeats during \
-         the cut: {seq_a} -> {seq_b}; source's view: {}",
+         the cut: {seq_a} -> {seq_b}; source's view: {:?}",
         (done - started).as_secs_f64(),
         (done - up).as_secs_f64(),
         without_ms / 1e3,
-        pager["fault_latency"]["max_us"].as_f64().unwrap_or(0.0) / 1e3,
-        r["recovery"]
+        pager.fault_latency.max_us / 1e3,
+        r.recovery
     );
-    assert!(reconnects >= 1, "{st}");
-    assert!(
-        r["recovery"]["page_server_reconnects"].as_u64().unwrap() >= 1,
-        "{r}"
-    );
-    assert!(without_ms > 20_000.0, "{st}");
+    assert!(reconnects >= 1, "{st:?}");
+    assert!(r.recovery.page_server_reconnects >= 1, "{r:?}");
+    assert!(without_ms > 20_000.0, "{st:?}");
     // the vCPUs ran on through the cut (the pages they use had arrived)
     assert!(
         seq_b > seq_a + 100,
-        "the guest stalled during the cut: {mid}"
+        "the guest stalled during the cut: {mid:?}"
     );
     dest.ctl(&["shutdown"]);
 }
@@ -187,20 +183,17 @@ fn postcopy_survives_a_source_stopped_for_10s() {
     let seq_a = last_seq(&m.dest);
     std::thread::sleep(Duration::from_secs(10));
     let seq_b = last_seq(&m.dest);
-    let mid = m.dest.ctl(&["status"]);
+    let mid = m.dest.status();
     signal(&m.src, libc::SIGCONT);
     let (_, st, dest) = m.finish();
     println!(
         "source stopped 10 s: migration done {:.1} s after the stop; heartbeats during it {seq_a} -> {seq_b}",
         stopped.elapsed().as_secs_f64()
     );
-    assert!(
-        mid["pages_present"].as_u64() < st["pages_total"].as_u64(),
-        "{mid}"
-    );
+    assert!(mid.pages_present < st.pages_total, "{mid:?}");
     assert!(
         seq_b > seq_a + 100,
-        "the guest stalled while the source was stopped: {mid}"
+        "the guest stalled while the source was stopped: {mid:?}"
     );
     dest.ctl(&["shutdown"]);
 }
@@ -234,28 +227,25 @@ fn source_killed_mid_postcopy_leaves_the_destination_paused() {
     let killed = Instant::now();
     let _ = m.wait_with_output();
     let st = loop {
-        let st = ctl_raw(&dest.sock, &["status"]);
-        if st["source_lost"].is_object() {
+        let st = dest.status();
+        if st.source_lost.is_some() {
             break st;
         }
         assert!(
             killed.elapsed() < Duration::from_secs(5 + RECOVER_S),
-            "the destination did not report the lost source within 5 s + {RECOVER_S} s: {st}"
+            "the destination did not report the lost source within 5 s + {RECOVER_S} s: {st:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     };
     let reported = killed.elapsed();
     println!(
-        "source killed: destination reported it {:.2} s later (recover timeout {RECOVER_S} s): {}",
+        "source killed: destination reported it {:.2} s later (recover timeout {RECOVER_S} s): {:?}",
         reported.as_secs_f64(),
-        st["source_lost"]
+        st.source_lost
     );
-    assert!(
-        st["state"].as_str().unwrap().starts_with("source_lost"),
-        "{st}"
-    );
-    let missing = st["source_lost"]["pages_missing"].as_u64().unwrap();
-    assert!(missing > 0, "{st}");
+    assert!(st.state.starts_with("source_lost"), "{st:?}");
+    let missing = st.source_lost.as_ref().map_or(0, |l| l.pages_missing);
+    assert!(missing > 0, "{st:?}");
     // paused for good: no heartbeat any more, resume and whole-RAM reads refused
     let seq = last_seq(&dest);
     std::thread::sleep(Duration::from_millis(500));
@@ -270,23 +260,19 @@ fn source_killed_mid_postcopy_leaves_the_destination_paused() {
         &["migrate", "--to", "127.0.0.1:9"],
     ] {
         let r = ctl_raw(&dest.sock, cmd);
-        assert_eq!(r["ok"], Value::Bool(false), "{cmd:?}: {r}");
         assert!(
-            r["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("source was lost"),
-            "{cmd:?}: {r}"
+            refused(&r).message.contains("source was lost"),
+            "{cmd:?}: {r:?}"
         );
     }
     // guest state stays inspectable: present pages can be read (the guest's code ran here)
-    let r = ctl_raw(
-        &dest.sock,
-        &["read-memory", "--gpa", "0x100000", "--len", "16"],
+    dest.ctl(&["read-memory", "--gpa", "0x100000", "--len", "16"]);
+    let st = dest.status();
+    assert_eq!(
+        st.source_lost.as_ref().map(|l| l.pages_missing),
+        Some(missing),
+        "{st:?}"
     );
-    assert_eq!(r["ok"], Value::Bool(true), "{r}");
-    let r = dest.ctl(&["status"]);
-    assert_eq!(r["source_lost"]["pages_missing"].as_u64().unwrap(), missing);
     dest.ctl(&["shutdown"]);
     assert_eq!(
         dest.wait_exit(Duration::from_secs(10)),
@@ -337,7 +323,7 @@ fn control_socket_refuses_other_users() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("another user"), "{text}");
     // and the owner is still served
-    assert_eq!(p.ctl(&["status"])["state"], "running");
+    assert_eq!(p.status().state, "running");
 }
 
 #[test]
@@ -356,21 +342,20 @@ fn destination_killed_before_resume_leaves_the_source_running() {
         std::thread::spawn(move || ctl_raw(&sock, &["migrate", "--to", &addr, "--mode", "hybrid"]));
     // 3 s into the first pass (of ~11 s)
     std::thread::sleep(Duration::from_secs(3));
-    let st = src.ctl(&["status"]);
-    assert_eq!(st["state"], "migrating", "{st}");
+    let st = src.status();
+    assert_eq!(st.state, "migrating", "{st:?}");
     signal(&dest, libc::SIGKILL);
     let killed = Instant::now();
     let r = m.join().unwrap();
     println!(
-        "destination killed in pre-copy: the source answered {:.2} s later: {}",
+        "destination killed in pre-copy: the source answered {:.2} s later: {:?}",
         killed.elapsed().as_secs_f64(),
-        r["error"]
+        r.error
     );
-    assert_eq!(r["ok"], Value::Bool(false), "{r}");
-    assert_ne!(r["error"]["kind"], "migration_unknown", "{r}");
+    assert_ne!(refused(&r).kind, "migration_unknown", "{r:?}");
     // the VM runs on at the source, and only there
-    let st = src.ctl(&["status"]);
-    assert_eq!(st["state"], "running", "{st}");
+    let st = src.status();
+    assert_eq!(st.state, "running", "{st:?}");
     let seq = last_seq(&src);
     src.heartbeats_after(Some(seq), 20);
 }

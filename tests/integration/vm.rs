@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use vmm::api::replies::{Checksum, DirtyRate, Snapshot, StateNow, Status};
+use vmm::api::Reply;
 
 use crate::common::{kvm_or_skip, spawn_server, temp_path, uffd_or_skip, TempFile};
 
@@ -101,10 +103,27 @@ impl VmmProc {
     }
 
     /// `vmm ctl --json <args>`, asserting success.
-    pub fn ctl(&self, args: &[&str]) -> Value {
-        let v = ctl_raw(&self.sock, args);
-        assert_eq!(v["ok"], Value::Bool(true), "ctl {args:?}: {v}");
-        v
+    pub fn ctl(&self, args: &[&str]) -> Reply {
+        let r = ctl_raw(&self.sock, args);
+        assert!(r.ok, "ctl {args:?}: {r:?}");
+        r
+    }
+
+    /// `vmm ctl --json <args>`, asserting success, its body as `T`.
+    pub fn ctl_as<T: DeserializeOwned>(&self, args: &[&str]) -> T {
+        let r = self.ctl(args);
+        r.body()
+            .unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {r:?}"))
+    }
+
+    /// `status` of a VM.
+    pub fn status(&self) -> Status {
+        self.ctl_as(&["status"])
+    }
+
+    /// `checksum`.
+    pub fn checksum(&self) -> Checksum {
+        self.ctl_as(&["checksum"])
     }
 
     /// Waits until a serial line satisfies `pred`, returning it.
@@ -170,7 +189,8 @@ impl VmmProc {
     }
 }
 
-pub fn ctl_raw(sock: &Path, args: &[&str]) -> Value {
+/// `vmm ctl --json <args>`: its reply, whatever it says.
+pub fn ctl_raw(sock: &Path, args: &[&str]) -> Reply {
     let out = Command::new(VMM)
         .arg("ctl")
         .arg("--api-socket")
@@ -334,21 +354,18 @@ fn control_socket_is_private_and_answers_errors() {
     for _ in 0..2 {
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v["ok"], Value::Bool(false));
-        assert_eq!(v["error"]["kind"], "bad_request");
+        let v: Reply = serde_json::from_str(&line).unwrap();
+        assert!(!v.ok);
+        assert_eq!(v.error.unwrap().kind, "bad_request");
     }
-    let st = p.ctl(&["status"]);
-    assert_eq!(st["state"], "running");
-    let st = p.ctl(&["pause"]);
-    assert_eq!(st["state"], "paused");
-    let a = p.ctl(&["checksum"])["ram_checksum"].clone();
+    let st = p.status();
+    assert_eq!(st.api_version, vmm::api::VERSION);
+    assert_eq!(st.state, "running");
+    let st: StateNow = p.ctl_as(&["pause"]);
+    assert_eq!(st.state, "paused");
+    let a = p.checksum().ram_checksum;
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(
-        p.ctl(&["checksum"])["ram_checksum"],
-        a,
-        "paused RAM changed"
-    );
+    assert_eq!(p.checksum().ram_checksum, a, "paused RAM changed");
     p.ctl(&["resume"]);
     p.ctl(&["shutdown"]);
 }
@@ -372,15 +389,15 @@ fn boot_and_snapshot(vcpus: u32) -> Snapped {
     p.heartbeats_after(None, 3);
     let state = TempFile(temp_path("state"));
     let memory = TempFile(temp_path("memory"));
-    let snap = p.ctl(&[
+    let snap: Snapshot = p.ctl_as(&[
         "snapshot",
         "--state",
         state.0.to_str().unwrap(),
         "--memory",
         memory.0.to_str().unwrap(),
     ]);
-    assert_eq!(snap["memory_bytes"], 256u64 << 20);
-    let ram_checksum = snap["ram_checksum"].as_str().unwrap().to_owned();
+    assert_eq!(snap.memory_bytes, 256u64 << 20);
+    let ram_checksum = snap.ram_checksum;
     let last = heartbeats(&p.serial_text()).pop().expect("heartbeats");
     p.ctl(&["shutdown"]);
     assert_eq!(p.wait_exit(Duration::from_secs(10)), 0);
@@ -454,10 +471,7 @@ fn snapshot_then_eager_restore_continues_exactly() {
             "--paused",
         ]);
         // Host-side: RAM equals what was saved, before the guest runs again.
-        assert_eq!(
-            p.ctl(&["checksum"])["ram_checksum"],
-            s.ram_checksum.as_str()
-        );
+        assert_eq!(p.checksum().ram_checksum, s.ram_checksum);
         p.ctl(&["resume"]);
         check_restored(&p, &s);
         p.ctl(&["shutdown"]);
@@ -487,28 +501,26 @@ fn snapshot_then_lazy_restore_pages_through_the_pager() {
         }
         let mut p = VmmProc::start(&args);
         check_restored(&p, &s);
-        let mut st = p.ctl(&["status"]);
-        assert_eq!(st["lazy"], Value::Bool(true));
+        let mut st = p.status();
+        assert!(st.lazy);
         if !stream {
             // Demand only: every page the vCPUs (and KVM on their behalf) touched came through
             // userfaultfd faults served by the page-server.
-            let pager = &st["pager"];
-            assert!(
-                pager["fault_events"].as_u64().unwrap() > 0,
-                "no vCPU faults: {st}"
-            );
-            assert!(pager["fault_pages"].as_u64().unwrap() > 0, "{st}");
-            assert_eq!(pager["stream_pages"], 0, "{st}");
+            let pager = st.pager.as_ref().expect("a lazy VM has a pager");
+            assert!(pager.fault_events > 0, "no vCPU faults: {st:?}");
+            assert!(pager.fault_pages > 0, "{st:?}");
+            assert_eq!(pager.stream_pages, 0, "{st:?}");
         } else {
             let deadline = Instant::now() + Duration::from_secs(30);
-            while st["memory_complete_ms"].is_null() {
-                assert!(Instant::now() < deadline, "memory never complete: {st}");
+            while st.memory_complete_ms.is_none() {
+                assert!(Instant::now() < deadline, "memory never complete: {st:?}");
                 std::thread::sleep(Duration::from_millis(50));
-                st = p.ctl(&["status"]);
+                st = p.status();
             }
-            assert_eq!(st["pages_present"], st["pages_total"]);
+            assert_eq!(st.pages_present, st.pages_total);
             // No page is sent twice (a fault on a page in flight waits for the stream).
-            assert_eq!(st["pager"]["duplicate_pages"], 0, "{st}");
+            let pager = st.pager.as_ref().expect("a lazy VM has a pager");
+            assert_eq!(pager.duplicate_pages, 0, "{st:?}");
         }
         p.ctl(&["shutdown"]);
         assert_eq!(p.wait_exit(Duration::from_secs(10)), 0);
@@ -637,11 +649,10 @@ fn dirty_rate_follows_the_guest_writes() {
     // the workload writes 2000 random pages/s over half of its memory (~61 000 pages): in
     // 500 ms ~1000 distinct pages, plus a few the kernel writes
     let p = boot_guest(2, "256M");
-    let r = p.ctl(&["dirty-rate", "--ms", "500"]);
-    assert_eq!(r["backend"], "kvm");
-    assert_eq!(r["total_pages"], 65536);
-    let rate = r["pages_per_s"].as_f64().unwrap();
-    assert!((1500.0..3000.0).contains(&rate), "{r}");
+    let r: DirtyRate = p.ctl_as(&["dirty-rate", "--ms", "500"]);
+    assert_eq!(r.backend, "kvm");
+    assert_eq!(r.total_pages, 65536);
+    assert!((1500.0..3000.0).contains(&r.pages_per_s), "{r:?}");
     // userfaultfd write protection, synchronous and asynchronous, sees the same writes (where
     // the kernel has it)
     let backends = [
@@ -658,18 +669,16 @@ fn dirty_rate_follows_the_guest_writes() {
             ));
             continue;
         }
-        let r = p.ctl(&["dirty-rate", "--ms", "500", "--backend", backend]);
-        assert_eq!(r["backend"], backend);
-        let rate = r["pages_per_s"].as_f64().unwrap();
-        assert!((1500.0..3000.0).contains(&rate), "{r}");
+        let r: DirtyRate = p.ctl_as(&["dirty-rate", "--ms", "500", "--backend", backend]);
+        assert_eq!(r.backend, backend);
+        assert!((1500.0..3000.0).contains(&r.pages_per_s), "{r:?}");
     }
     // writes stopped: only the guest kernel's own few pages (stacks, heartbeat, kvmclock)
     let since = p.serial_text().len();
     p.ctl(&["serial-input", "q"]);
     checksum_line(&p, since);
-    let r = p.ctl(&["dirty-rate", "--ms", "500"]);
-    let quiet = r["dirty_pages"].as_u64().unwrap();
-    assert!(quiet < 100, "{r}");
+    let r: DirtyRate = p.ctl_as(&["dirty-rate", "--ms", "500"]);
+    assert!(r.dirty_pages < 100, "{r:?}");
     // dirty logging is off again and the guest runs on
     let last = heartbeats(&p.serial_text()).pop().unwrap();
     p.heartbeats_after(Some(last.seq), 5);

@@ -318,11 +318,13 @@ fn check_moves(test: &str, mode: &str, moves: usize, job_args: &[&str]) {
     let done: Vec<&str> = summary.lines().filter(|l| l.starts_with("MOVE")).collect();
     assert_eq!(done.len(), moves, "{summary}");
     for i in 1..=moves {
-        let reply: serde_json::Value =
+        let reply: vmm::api::Reply =
             serde_json::from_str(read(&dir, &format!("mig{i}.out")).trim())
                 .unwrap_or_else(|e| panic!("move {i}: migrate reply is not JSON ({e})"));
-        assert_eq!(reply["ok"], true, "move {i}: {reply}");
-        let downtime_ms = reply["downtime_ms"].as_f64().unwrap_or(f64::NAN);
+        let report: vmm::api::replies::MigrationReport = reply
+            .body()
+            .unwrap_or_else(|e| panic!("move {i}: {e}: {reply:?}"));
+        let downtime_ms = report.downtime_ms;
         let before = heartbeats(&read(&dir, &format!("vm{}.serial", i - 1)));
         let after = heartbeats(&read(&dir, &format!("vm{i}.serial")));
         let (Some(&last), Some(&first)) = (before.last(), after.first()) else {
@@ -359,9 +361,12 @@ fn check_moves(test: &str, mode: &str, moves: usize, job_args: &[&str]) {
         println!(
             "{test}: move {i}: downtime {downtime_ms:.1} ms, pre-copy {} ms, all memory on the \
              destination after {} ms, clock jump {jump_ms:.0} ms",
-            reply["precopy"]["ms"].as_f64().unwrap_or(0.0).round(),
-            reply["time_to_complete_ms"]
-                .as_f64()
+            report.precopy.as_ref().map_or(0.0, |p| p.ms).round(),
+            report
+                .destination
+                .pager
+                .as_ref()
+                .and_then(|p| p.time_to_complete_ms)
                 .unwrap_or(f64::NAN)
                 .round()
         );
@@ -429,9 +434,11 @@ fn linux_guest_restores_lazily_in_the_simulated_host() {
         summary.contains("verdict=ok") && summary.contains("rc=running"),
         "{summary}"
     );
-    let snap: serde_json::Value = serde_json::from_str(read(&dir, "snap.out").trim())
+    let snap: vmm::api::Reply = serde_json::from_str(read(&dir, "snap.out").trim())
         .unwrap_or_else(|e| panic!("snapshot reply is not JSON ({e})"));
-    assert_eq!(snap["ok"], true, "{snap}");
+    if let Err(e) = snap.body::<vmm::api::replies::Snapshot>() {
+        panic!("snapshot: {e}: {snap:?}");
+    }
     let before = heartbeats(&read(&dir, "vm0.serial"));
     let serial = read(&dir, "vm1.serial");
     let after = heartbeats(&serial);

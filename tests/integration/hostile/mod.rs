@@ -27,7 +27,7 @@ pub(super) use proto::{
     error_code, mask_len, read_frame, Channel, Header, Kind, Layout, Message, Origin, PageIndex,
     Welcome, HEADER_LEN, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION,
 };
-pub(super) use serde_json::Value;
+pub(super) use vmm::api::replies::IncomingStatus;
 
 pub(super) use crate::common::*;
 pub(super) use crate::migration::{

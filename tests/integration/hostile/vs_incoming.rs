@@ -21,16 +21,16 @@ fn pid_of(sock: &Path) -> Option<u32> {
 }
 
 /// Waits until the destination has seen `n` attempts; returns its status.
-fn attempts(dest: &VmmProc, n: u64, within: Duration) -> Value {
+fn attempts(dest: &VmmProc, n: u32, within: Duration) -> IncomingStatus {
     let deadline = Instant::now() + within;
     loop {
-        let st = dest.ctl(&["status"]);
-        if st["attempts"].as_u64().unwrap_or(0) >= n {
+        let st: IncomingStatus = dest.ctl_as(&["status"]);
+        if st.attempts >= n {
             return st;
         }
         assert!(
             Instant::now() < deadline,
-            "attempt {n} not seen: {st}; {}",
+            "attempt {n} not seen: {st:?}; {}",
             dest.stderr_text()
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -67,9 +67,9 @@ fn incoming_refuses_garbage_lies_and_stalls_then_takes_a_real_source() {
     let (_, closed) = error_then_close(&mut s, Duration::from_secs(5));
     assert!(closed, "the destination kept a garbage peer");
     let st = attempts(&dest, 1, Duration::from_secs(5));
-    let e = st["last_error"].as_str().unwrap_or("");
+    let e = st.last_error.as_deref().unwrap_or("");
     println!("garbage: {e}");
-    assert!(e.contains("bad magic"), "{st}");
+    assert!(e.contains("bad magic"), "{st:?}");
     failure_logged(&dest, "bad magic");
 
     // C2. a header announcing 4 GiB
@@ -78,11 +78,11 @@ fn incoming_refuses_garbage_lies_and_stalls_then_takes_a_real_source() {
     let (_, closed) = error_then_close(&mut s, Duration::from_secs(5));
     assert!(closed);
     let st = attempts(&dest, 2, Duration::from_secs(5));
-    let e = st["last_error"].as_str().unwrap_or("");
+    let e = st.last_error.as_deref().unwrap_or("");
     println!("4 GiB header: {e}");
     assert!(
         e.contains("4294967295") && e.contains("over the cap"),
-        "{st}"
+        "{st:?}"
     );
 
     // C2. a header announcing 1 MiB, 1000 bytes, then the peer closes
@@ -93,11 +93,11 @@ fn incoming_refuses_garbage_lies_and_stalls_then_takes_a_real_source() {
     let (_, closed) = error_then_close(&mut s, Duration::from_secs(5));
     assert!(closed);
     let st = attempts(&dest, 3, Duration::from_secs(5));
-    let e = st["last_error"].as_str().unwrap_or("");
+    let e = st.last_error.as_deref().unwrap_or("");
     println!("cut short: {e}");
     assert!(
         e.contains("mid-frame") && e.contains("1000 of 1048576"),
-        "{st}"
+        "{st:?}"
     );
 
     // C2 + C3. a header announcing the largest frame, then a byte a second: the destination
@@ -269,13 +269,13 @@ fn incoming_refuses_a_spoiled_state_then_takes_a_real_source() {
         let relay = std::thread::spawn(move || relay_and_spoil(l, d, spoil));
         let r = migrate(&src, &relay_addr, &[]);
         let answer = relay.join().expect("relay");
-        println!("{spoil:?}: the destination answered {answer:?}; the source: {r}");
-        assert_eq!(r["ok"], Value::Bool(false), "{spoil:?}: {r}");
-        let st = attempts(&dest, n as u64 + 1, Duration::from_secs(10));
-        assert_eq!(st["state"], "incoming", "{spoil:?}: {st}");
-        let e = st["last_error"].as_str().unwrap_or("");
+        println!("{spoil:?}: the destination answered {answer:?}; the source: {r:?}");
+        let refusal = crate::migration::refused(&r);
+        let st = attempts(&dest, n as u32 + 1, Duration::from_secs(10));
+        assert_eq!(st.state, "incoming", "{spoil:?}: {st:?}");
+        let e = st.last_error.as_deref().unwrap_or("");
         println!("{spoil:?}: destination last_error: {e}");
-        assert!(e.contains(want), "{spoil:?}: {st}");
+        assert!(e.contains(want), "{spoil:?}: {st:?}");
         match spoil {
             Spoil::CutFrame => assert!(answer.is_none(), "{answer:?}"),
             _ => {
@@ -283,7 +283,7 @@ fn incoming_refuses_a_spoiled_state_then_takes_a_real_source() {
                     panic!("{spoil:?}: the destination did not say Failed: {answer:?}");
                 };
                 assert!(reason.contains(want), "{reason}");
-                let msg = r["error"]["message"].as_str().unwrap_or("");
+                let msg = &refusal.message;
                 assert!(
                     msg.contains("destination failed before resuming") && msg.contains(want),
                     "{msg}"
