@@ -27,6 +27,7 @@ impl<'a> Persist for Chips<'a> {
     type State = VmState;
     /// The VM whose chips these are (with its irqchip and PIT created).
     type Args = &'a VmFd;
+    type Error = StateError;
 
     fn save(&self) -> Result<VmState, StateError> {
         let fd = self.0;

@@ -100,6 +100,7 @@ pub struct ConsoleState {
 impl Persist for Console {
     type State = ConsoleState;
     type Args = (EventFd, ConsoleOut);
+    type Error = StateError;
 
     fn save(&self) -> Result<ConsoleState, StateError> {
         let s = self.serial.state();
@@ -180,6 +181,7 @@ impl I8042 {
 impl Persist for I8042 {
     type State = I8042;
     type Args = ();
+    type Error = StateError;
     fn save(&self) -> Result<I8042, StateError> {
         Ok(self.clone())
     }

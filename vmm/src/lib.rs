@@ -16,6 +16,7 @@ pub mod config;
 pub mod cpuid;
 pub mod devices;
 pub mod dirty;
+pub mod envelope;
 pub mod error;
 pub mod linux;
 pub mod memory;

@@ -13,6 +13,8 @@ use std::path::Path;
 
 use proto::{GuestPhysAddr, Layout, Region};
 use thiserror::Error;
+
+use crate::persist::Persist;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Start of the PCI hole (MMIO: IOAPIC, LAPIC, ...): RAM beyond 3 GiB moves above 4 GiB.
@@ -61,6 +63,14 @@ pub enum MemoryError {
         /// RAM size.
         ram_bytes: u64,
     },
+    /// A saved layout this VMM would not build for the same size.
+    #[error("invalid state: RAM layout {saved:?} differs from this vmm's {here:?}")]
+    LayoutDiffers {
+        /// Saved `(gpa, bytes)` ranges.
+        saved: Vec<(u64, u64)>,
+        /// This VMM's for the same size.
+        here: Vec<(u64, u64)>,
+    },
     /// A guest-physical range outside RAM.
     #[error("{len} bytes at guest-physical {gpa:#x} are not (all) in guest RAM")]
     OutOfRange {
@@ -83,6 +93,31 @@ pub fn ram_ranges(bytes: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
             (0, PCI_HOLE_START),
             (PCI_HOLE_END, bytes - PCI_HOLE_START),
         ])
+    }
+}
+
+/// What a snapshot keeps of guest RAM is its layout, the `(gpa, bytes)` ranges (its contents go
+/// to the memory file, or are served by the page-server); restoring maps zeroed RAM of the
+/// same size and refuses a layout this VMM would not build for it.
+impl Persist for GuestRam {
+    type State = Vec<(u64, u64)>;
+    /// RAM bytes.
+    type Args = u64;
+    type Error = MemoryError;
+
+    fn save(&self) -> Result<Vec<(u64, u64)>, MemoryError> {
+        Ok(self.ranges.clone())
+    }
+
+    fn restore(bytes: u64, saved: &Vec<(u64, u64)>) -> Result<GuestRam, MemoryError> {
+        let here = ram_ranges(bytes)?;
+        if &here != saved {
+            return Err(MemoryError::LayoutDiffers {
+                saved: saved.clone(),
+                here,
+            });
+        }
+        GuestRam::new(bytes)
     }
 }
 
@@ -272,7 +307,7 @@ impl GuestRam {
     }
 
     /// Writes all RAM to `path` (regions concatenated).
-    pub fn save(&self, path: &Path) -> Result<(), MemoryError> {
+    pub fn write_file(&self, path: &Path) -> Result<(), MemoryError> {
         let err = |source| MemoryError::File {
             what: "writing",
             path: path.display().to_string(),
@@ -286,7 +321,7 @@ impl GuestRam {
     }
 
     /// Reads all RAM from `path` (eager restore).
-    pub fn load(&self, path: &Path) -> Result<(), MemoryError> {
+    pub fn read_file(&self, path: &Path) -> Result<(), MemoryError> {
         let err = |source| MemoryError::File {
             what: "reading",
             path: path.display().to_string(),
@@ -347,5 +382,23 @@ mod tests {
         );
         assert!(matches!(ram_ranges(0), Err(MemoryError::BadSize { .. })));
         assert!(matches!(ram_ranges(4097), Err(MemoryError::BadSize { .. })));
+    }
+
+    #[test]
+    fn the_layout_round_trips_and_a_foreign_one_is_refused() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let saved = ram.save().unwrap();
+        assert_eq!(saved, vec![(0, 64 << 20)]);
+        let back = GuestRam::restore(64 << 20, &saved).unwrap();
+        assert_eq!(back.ranges(), ram.ranges());
+        assert_eq!(back.bytes(), 64 << 20);
+        // a layout this VMM would not build for the size (another VMM's, or a crafted file)
+        let e = GuestRam::restore(64 << 20, &vec![(0x1000, 64 << 20)])
+            .expect_err("a foreign layout is refused");
+        assert!(e.to_string().contains("RAM layout"), "{e}");
+        assert!(matches!(
+            GuestRam::restore(4097, &saved),
+            Err(MemoryError::BadSize { .. })
+        ));
     }
 }

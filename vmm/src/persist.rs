@@ -79,14 +79,19 @@ pub enum StateError {
     Decode(#[source] postcard::Error),
 }
 
-/// A component whose state is saved and restored.
+/// A component whose state is saved and restored. Implemented next to each component: the
+/// vCPU (`vcpu::Vcpu`), the in-kernel chips and clock (`chips::Chips`), the serial port and
+/// the i8042 (`devices`), each virtio device (`virtio::Transport`) and guest RAM's layout
+/// (`memory::GuestRam`; its contents go to the memory file or the page-server).
 pub trait Persist: Sized {
     /// The saved form.
     type State;
     /// Live resources needed to rebuild it.
     type Args;
+    /// What can go wrong (the component's own error type).
+    type Error: std::error::Error;
     /// Captures the state (the VM is paused).
-    fn save(&self) -> Result<Self::State, StateError>;
+    fn save(&self) -> Result<Self::State, Self::Error>;
     /// Rebuilds the component from `state`.
-    fn restore(args: Self::Args, state: &Self::State) -> Result<Self, StateError>;
+    fn restore(args: Self::Args, state: &Self::State) -> Result<Self, Self::Error>;
 }

@@ -17,10 +17,11 @@ use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
-use proto::{Message, HEADER_LEN, MAX_PAYLOAD_BYTES};
+use proto::{HEADER_LEN, MAX_PAYLOAD_BYTES};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::devices::DevicesState;
+use crate::envelope::{self, EnvelopeError};
 pub use crate::persist::{Persist, StateError};
 
 /// Largest vCPU count (our guest's limit, and the xAPIC id space we use).
@@ -175,57 +176,40 @@ pub fn kvm_owned_pages(s: &Snapshot) -> Vec<u64> {
 
 /// Encodes a snapshot into its envelope (one State frame).
 pub fn encode(s: &Snapshot) -> Result<Vec<u8>, StateError> {
-    let mut blob = STATE_VERSION.to_le_bytes().to_vec();
-    blob.extend(postcard::to_stdvec(s).map_err(StateError::Decode)?);
-    if blob.len() + 4 > MAX_PAYLOAD_BYTES as usize {
-        return Err(StateError::Invalid(format!(
-            "state of {} bytes exceeds the frame cap",
-            blob.len()
-        )));
-    }
-    let mut out = Vec::with_capacity(blob.len() + 32);
-    Message::State { blob: &blob }.encode(&mut out);
-    Ok(out)
+    envelope::seal(STATE_VERSION, s, MAX_PAYLOAD_BYTES as usize - 4).map_err(|e| match e {
+        EnvelopeError::TooLarge { bytes } => {
+            StateError::Invalid(format!("state of {bytes} bytes exceeds the frame cap"))
+        }
+        EnvelopeError::Encode(e) => StateError::Decode(e),
+        other => StateError::Invalid(other.to_string()),
+    })
 }
 
 /// Decodes an envelope.
 pub fn decode(bytes: &[u8], path: &str) -> Result<Snapshot, StateError> {
-    let (msg, used) = Message::decode_frame(bytes, crate::memory::PAGE_SIZE).map_err(|source| {
-        StateError::Frame {
+    envelope::open(bytes, STATE_VERSION).map_err(|e| match e {
+        EnvelopeError::Frame(source) => StateError::Frame {
             path: path.to_owned(),
             source,
-        }
-    })?;
-    if used != bytes.len() {
-        return Err(StateError::Trailing {
+        },
+        EnvelopeError::Trailing(extra) => StateError::Trailing {
             path: path.to_owned(),
-            extra: bytes.len() - used,
-        });
-    }
-    let Message::State { blob } = msg else {
-        return Err(StateError::Invalid(format!(
-            "{path}: frame is a {:?}, not a state frame",
-            msg.kind()
-        )));
-    };
-    let Some((v, rest)) = blob.split_first_chunk::<4>() else {
-        return Err(StateError::Invalid(format!("{path}: empty state blob")));
-    };
-    let found = u32::from_le_bytes(*v);
-    if found != STATE_VERSION {
-        return Err(StateError::Version {
+            extra,
+        },
+        EnvelopeError::NotState(kind) => {
+            StateError::Invalid(format!("{path}: frame is a {kind:?}, not a state frame"))
+        }
+        EnvelopeError::Empty => StateError::Invalid(format!("{path}: empty state blob")),
+        EnvelopeError::Version { found } => StateError::Version {
             found,
             supported: STATE_VERSION,
-        });
-    }
-    let (s, left) = postcard::take_from_bytes::<Snapshot>(rest).map_err(StateError::Decode)?;
-    if !left.is_empty() {
-        return Err(StateError::Invalid(format!(
-            "{path}: {} bytes after the snapshot in the blob",
-            left.len()
-        )));
-    }
-    Ok(s)
+        },
+        EnvelopeError::Decode(e) => StateError::Decode(e),
+        EnvelopeError::Left(n) => {
+            StateError::Invalid(format!("{path}: {n} bytes after the snapshot in the blob"))
+        }
+        other => StateError::Invalid(format!("{path}: {other}")),
+    })
 }
 
 /// Writes a snapshot's envelope to `path`.
@@ -260,6 +244,7 @@ pub fn read_file(path: &Path) -> Result<Snapshot, StateError> {
 mod tests {
     use super::*;
     use crate::devices::{ConsoleState, I8042};
+    use proto::Message;
 
     fn sample() -> Snapshot {
         Snapshot {

@@ -153,7 +153,7 @@ struct Shell {
 }
 
 /// /dev/kvm, the VM, in-kernel irqchip + PIT, guest RAM in memory slots.
-fn shell(mem_bytes: u64) -> Result<Shell, VmError> {
+fn shell(ram: GuestRam) -> Result<Shell, VmError> {
     let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
     let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     fd.set_tss_address(0xfffb_d000)
@@ -168,7 +168,6 @@ fn shell(mem_bytes: u64) -> Result<Shell, VmError> {
     if let Err(e) = crate::cpuid::deny_pmu_msrs(&fd) {
         log::info!("KVM_X86_SET_MSR_FILTER: {e}; the guest's performance-counter MSRs are left to this host's KVM");
     }
-    let ram = GuestRam::new(mem_bytes)?;
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
         what: "eventfd for the serial IRQ",
         source,

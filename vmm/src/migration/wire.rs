@@ -2,10 +2,11 @@
 //! encoding: a `proto` State frame holding a 4-byte [`MIGRATION_VERSION`] and a postcard value.
 
 use kvm_bindings::kvm_cpuid_entry2;
-use proto::{Message, MAX_PAYLOAD_BYTES};
+use proto::MAX_PAYLOAD_BYTES;
 use serde::{Deserialize, Serialize};
 
 use super::error::MigrationError;
+use crate::envelope::{self, EnvelopeError};
 use crate::state::MachineConfig;
 
 /// Version of the migration conversation (bumped on any change to [`Wire`]).
@@ -139,61 +140,43 @@ pub(super) fn name(w: &Wire) -> &'static str {
 
 /// Encodes one message into a frame.
 pub fn encode(w: &Wire) -> Result<Vec<u8>, MigrationError> {
-    let mut blob = MIGRATION_VERSION.to_le_bytes().to_vec();
-    postcard::to_io(w, &mut blob)
-        .map_err(|e| MigrationError::Other(format!("encoding {}: {e}", name(w))))?;
-    if blob.len() > MAX_PAYLOAD_BYTES as usize - 64 {
-        return Err(MigrationError::Other(format!(
-            "{} of {} bytes exceeds the frame cap",
-            name(w),
-            blob.len()
-        )));
-    }
-    let mut out = Vec::with_capacity(blob.len() + 32);
-    Message::State { blob: &blob }.encode(&mut out);
-    Ok(out)
+    envelope::seal(MIGRATION_VERSION, w, MAX_PAYLOAD_BYTES as usize - 64).map_err(|e| match e {
+        EnvelopeError::TooLarge { bytes } => MigrationError::Other(format!(
+            "{} of {bytes} bytes exceeds the frame cap",
+            name(w)
+        )),
+        EnvelopeError::Encode(e) => MigrationError::Other(format!("encoding {}: {e}", name(w))),
+        other => MigrationError::Other(format!("encoding {}: {other}", name(w))),
+    })
 }
 
 /// Decodes one frame (exactly) into a message.
 pub fn decode(frame: &[u8]) -> Result<Wire, MigrationError> {
-    let (msg, used) = Message::decode_frame(frame, crate::memory::PAGE_SIZE)
-        .map_err(|e| MigrationError::Protocol(e.to_string()))?;
-    if used != frame.len() {
-        return Err(MigrationError::Protocol(format!(
-            "{} bytes after the frame",
-            frame.len() - used
-        )));
-    }
-    let Message::State { blob } = msg else {
-        return Err(MigrationError::Protocol(format!(
-            "a {:?} frame where a migration message belongs (is the peer a vmm?)",
-            msg.kind()
-        )));
-    };
-    let Some((v, rest)) = blob.split_first_chunk::<4>() else {
-        return Err(MigrationError::Protocol("empty message".into()));
-    };
-    let theirs = u32::from_le_bytes(*v);
-    if theirs != MIGRATION_VERSION {
-        return Err(MigrationError::Version {
-            theirs,
+    envelope::open(frame, MIGRATION_VERSION).map_err(|e| match e {
+        EnvelopeError::Frame(e) => MigrationError::Protocol(e.to_string()),
+        EnvelopeError::Trailing(n) => {
+            MigrationError::Protocol(format!("{n} bytes after the frame"))
+        }
+        EnvelopeError::NotState(kind) => MigrationError::Protocol(format!(
+            "a {kind:?} frame where a migration message belongs (is the peer a vmm?)"
+        )),
+        EnvelopeError::Empty => MigrationError::Protocol("empty message".into()),
+        EnvelopeError::Version { found } => MigrationError::Version {
+            theirs: found,
             ours: MIGRATION_VERSION,
-        });
-    }
-    let (w, left) = postcard::take_from_bytes::<Wire>(rest)
-        .map_err(|e| MigrationError::Protocol(format!("message does not decode: {e}")))?;
-    if !left.is_empty() {
-        return Err(MigrationError::Protocol(format!(
-            "{} bytes after the message",
-            left.len()
-        )));
-    }
-    Ok(w)
+        },
+        EnvelopeError::Decode(e) => {
+            MigrationError::Protocol(format!("message does not decode: {e}"))
+        }
+        EnvelopeError::Left(n) => MigrationError::Protocol(format!("{n} bytes after the message")),
+        other => MigrationError::Protocol(other.to_string()),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::Message;
 
     #[test]
     fn messages_round_trip_and_bad_frames_are_named() {

@@ -62,6 +62,7 @@ pub(super) fn set_lapic_reg(l: &mut kvm_bindings::kvm_lapic_state, off: usize, v
 impl Persist for Vcpu {
     type State = VcpuState;
     type Args = (u32, VcpuFd);
+    type Error = StateError;
 
     fn save(&self) -> Result<VcpuState, StateError> {
         let fd = &self.fd;

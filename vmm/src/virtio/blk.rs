@@ -445,7 +445,7 @@ impl Block {
     }
 
     /// Flushes to stable storage, then identifies the image (the VM is paused).
-    pub(super) fn flush_and_identify(&mut self) -> Result<DiskId, VirtioError> {
+    pub(super) fn flush_and_identify(&self) -> Result<DiskId, VirtioError> {
         if !self.cfg.readonly {
             self.file
                 .sync_data()

@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::replies::DeviceStatus;
 use crate::memory::GuestRam;
+use crate::persist::Persist;
 pub use backend::{mapped_path, open_offered, Backend, F_VERSION_1};
 pub use config::{DeviceConfig, OfferedDevice};
 use copy::copy_thread;
@@ -99,24 +100,7 @@ impl VirtioDevices {
         }
         let mut slots = Vec::new();
         for (s, b) in states.iter().zip(backends) {
-            if let (BackendState::Block(id), Backend::Block(disk)) = (&s.backend, &b) {
-                // a disk being copied in gets its content from the source: nothing to compare
-                if disk.copy_progress().is_none() {
-                    disk.check_same(id)?;
-                }
-            }
-            let mut t = Transport::new(s.slot, ram.clone(), irq(s.slot)?, b);
-            if t.queues.len() != s.queues.len() {
-                return Err(VirtioError::Config(format!(
-                    "slot {}: {} queues saved, the device has {}",
-                    s.slot,
-                    s.queues.len(),
-                    t.queues.len()
-                )));
-            }
-            t.regs = s.regs.clone();
-            t.queues = s.queues.clone();
-            t.paused.store(true, Ordering::Release);
+            let t = Transport::restore((ram.clone(), irq(s.slot)?, b), s)?;
             slots.push(Slot::start(t)?);
         }
         Ok(VirtioDevices { slots })
@@ -231,7 +215,7 @@ impl VirtioDevices {
     pub fn save(&self) -> Result<Vec<TransportState>, VirtioError> {
         self.slots
             .iter()
-            .map(|s| lock(&s.transport).save())
+            .map(|s| Persist::save(&*lock(&s.transport)))
             .collect()
     }
 

@@ -12,6 +12,8 @@ use crate::boot::{self, BootError};
 use crate::config::{BootSource, RunConfig, SerialOut};
 use crate::devices::{Console, Devices};
 use crate::error::{kvm_err, VmError};
+use crate::memory::GuestRam;
+use crate::persist::Persist;
 use crate::state::MachineConfig;
 use crate::vcpu::{self, Vcpu};
 use crate::virtio::{Backend, VirtioDevices};
@@ -20,7 +22,7 @@ impl Vm {
     /// Builds and boots a fresh VM (vCPUs running on return).
     pub fn boot(cfg: &RunConfig) -> Result<Vm, VmError> {
         check_shape(cfg.mem_bytes, cfg.vcpus)?;
-        let sh = shell(cfg.mem_bytes)?;
+        let sh = shell(GuestRam::new(cfg.mem_bytes)?)?;
         set_memslots(&sh.fd, &sh.ram)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let backends = cfg
@@ -112,7 +114,7 @@ impl Vm {
         let config = MachineConfig {
             mem_bytes: cfg.mem_bytes,
             vcpus: cfg.vcpus,
-            ram: sh.ram.ranges().to_vec(),
+            ram: sh.ram.save()?,
             boot: what,
         };
         let mut vm = Vm::assemble(sh, devices, vcpus, tx, rx, config)?;

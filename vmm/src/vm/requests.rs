@@ -19,7 +19,7 @@ impl Vm {
         let t0 = Instant::now();
         let snap = self.save()?;
         let state_bytes = state::write_file(&snap, state_path)?;
-        self.ram.save(memory_path)?;
+        self.ram.write_file(memory_path)?;
         let checksum = self.ram.checksum();
         Ok(Reply::ok(&Snapshot {
             state_bytes,

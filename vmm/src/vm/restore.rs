@@ -82,15 +82,7 @@ impl Prepared {
     ) -> Result<Prepared, VmError> {
         let t = Instant::now();
         check_shape(config.mem_bytes, config.vcpus)?;
-        let sh = shell(config.mem_bytes)?;
-        if sh.ram.ranges() != config.ram.as_slice() {
-            return Err(StateError::Invalid(format!(
-                "RAM layout {:?} differs from this vmm's {:?}",
-                config.ram,
-                sh.ram.ranges()
-            ))
-            .into());
-        }
+        let sh = shell(GuestRam::restore(config.mem_bytes, &config.ram)?)?;
         // Lazy: the pager owns RAM before anything (KVM included) touches it.
         let (pager, vcpu_fds) = std::thread::scope(|scope| -> Result<_, VmError> {
             let slots = scope.spawn(|| set_memslots(&sh.fd, &sh.ram));
@@ -296,7 +288,7 @@ impl Vm {
         // equals the file exactly.
         if let Some(path) = f.memory_file {
             let t = Instant::now();
-            p.sh.ram.load(path)?;
+            p.sh.ram.read_file(path)?;
             memory_load += t.elapsed();
         }
         let t3 = Instant::now();
