@@ -14,17 +14,7 @@
 //! its total time ≤ 1.1 × (guest memory + disk) / raw loopback TCP throughput measured in the
 //! same run.
 
-#[allow(dead_code)]
-mod guest;
-#[allow(dead_code)]
-mod hb;
-#[allow(dead_code)]
-mod image;
-#[allow(dead_code)]
-mod measure;
-#[allow(dead_code)]
-mod ours;
-
+use bench::{hb, measure, ours};
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

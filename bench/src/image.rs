@@ -10,7 +10,7 @@ pub struct Rng(pub u64);
 
 impl Rng {
     /// Next value.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -34,11 +34,11 @@ pub fn make(path: &Path, size_mib: u64) -> anyhow::Result<()> {
     let mut rng = Rng(0x1234_5678);
     let mut page = vec![0u8; 4096];
     for _ in 0..bytes / 4096 {
-        if rng.next() % 10 < 3 {
+        if rng.next_u64() % 10 < 3 {
             page.fill(0);
         } else {
             for c in page.chunks_exact_mut(8) {
-                c.copy_from_slice(&rng.next().to_le_bytes());
+                c.copy_from_slice(&rng.next_u64().to_le_bytes());
             }
         }
         w.write_all(&page)?;

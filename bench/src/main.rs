@@ -4,10 +4,7 @@
 //! `fault-latency measure --addr ADDR --image PATH` measures against a running page-server and
 //! its raw baselines, prints a table, writes JSON and an SVG latency CDF.
 
-mod image;
-mod measure;
-mod plot;
-
+use bench::{image, measure, plot};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -306,6 +303,7 @@ fn measure_all(
             ("bare uffd fault", &raw_local),
         ],
     );
+    let svg = svg.map_err(|e| anyhow::anyhow!("drawing the latency CDF: {e}"))?;
     std::fs::write(&svg_path, svg).with_context(|| format!("write {}", svg_path.display()))?;
     println!("\nwrote {} and {}", out.display(), svg_path.display());
     Ok(())

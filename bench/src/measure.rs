@@ -152,7 +152,7 @@ fn touch_random(p: &Pager, n: usize, seed: u64, deadline: Instant) -> Samples {
     let mut out = Vec::with_capacity(n);
     let mut tries = 0u64;
     while out.len() < n && Instant::now() < deadline && p.present_pages() < pages {
-        let page = rng.next() % pages;
+        let page = rng.next_u64() % pages;
         tries += 1;
         if p.is_present(page) {
             if tries > 50 * n as u64 {
@@ -286,7 +286,7 @@ pub fn raw_local_faults(
     let want = n.min(pages as usize / 2);
     let warmup = want / 10;
     while out.len() < want + warmup {
-        let page = rng.next() % pages;
+        let page = rng.next_u64() % pages;
         if seen.insert(page) {
             out.push(timed_touch(base, page));
         }

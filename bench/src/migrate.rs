@@ -9,18 +9,11 @@
 //! time) the longest gap ("freeze") and the time lost to gaps ("stall"); and a limit: the
 //! guest's non-zero memory over raw loopback TCP throughput measured in the same run.
 
-mod guest;
-mod hb;
 // The raw loopback TCP throughput of the fault-latency benchmark (and what it needs).
-#[allow(dead_code)]
-mod image;
-#[allow(dead_code)]
-mod measure;
 mod modes;
-mod ours;
-mod qemu;
 mod runs;
 
+use bench::{guest, measure};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 

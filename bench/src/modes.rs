@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::qemu::QemuMode;
 use crate::runs::{progress, run_ours, run_qemu, Args, Row};
+use bench::qemu::QemuMode;
 
 #[derive(Debug, Default, Serialize)]
 struct ModeRow {
@@ -126,12 +126,12 @@ pub(crate) fn run(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path) -> Result<boo
     }
     // what each dirty-tracking backend costs the running guest (ours: its heartbeats count the
     // pages it wrote)
-    let c = crate::ours::OursConfig {
+    let c = bench::ours::OursConfig {
         vmm: vmm.to_owned(),
         dir: dir.clone(),
         mem_mib: mib,
         vcpus: a.vcpus,
-        guest: crate::guest::Guest::Ours { rate: 400_000 },
+        guest: bench::guest::Guest::Ours { rate: 400_000 },
         run_s: a.run_s,
         timeout: std::time::Duration::from_secs(a.timeout_s),
         mode: "postcopy".into(),
@@ -139,7 +139,7 @@ pub(crate) fn run(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path) -> Result<boo
     let cost = if a.linux_kernel.is_some() {
         Vec::new()
     } else {
-        crate::ours::tracking_cost(&c, &|m| progress(mib, "ours", m))
+        bench::ours::tracking_cost(&c, &|m| progress(mib, "ours", m))
             .map_err(|e| progress(mib, "ours", &format!("tracking cost: {e:#}")))
             .unwrap_or_default()
     };

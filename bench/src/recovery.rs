@@ -9,13 +9,7 @@
 //! the migration needed once the link was back, and whether every page arrived (the guest's
 //! own checksum of its memory, before and after).
 
-#[allow(dead_code)]
-mod guest;
-#[allow(dead_code)]
-mod hb;
-#[allow(dead_code)]
-mod ours;
-
+use bench::{hb, ours};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use vmm::api::replies::MigrationReport;
 
-use crate::{guest, hb, ours, qemu};
+use bench::{guest, hb, ours, qemu};
 
 /// Post-copy live migration of our guest over loopback: our vmm vs QEMU, same guest and size.
 ///
