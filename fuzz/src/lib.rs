@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use proto::Message;
 use vmm::migration::{self, MigrationError, Wire};
-use vmm::state::{self, Snapshot, StateError};
+use vmm::persist::StateError;
+use vmm::state::{self, Snapshot};
 
 /// Counts the bytes the Rust side has live (libFuzzer's own C++ allocations are not counted).
 struct Meter;

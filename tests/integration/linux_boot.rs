@@ -160,7 +160,7 @@ fn kvm_and_kernel_or_skip(test: &str, path: &str) -> Option<PathBuf> {
 /// The `BIOS-e820:` lines Linux prints for the map our VMM gives a VM of `mem_bytes`.
 fn expected_e820_lines(mem_bytes: u64) -> Vec<String> {
     let ram = vmm::memory::GuestRam::new(mem_bytes).expect("map guest RAM for the expected map");
-    vmm::boot::memory_map(&ram)
+    vmm::arch::boot::memory_map(&ram)
         .into_iter()
         .map(|(addr, size, type_)| {
             let kind = match type_ {
@@ -248,7 +248,7 @@ fn linux_elf_early_boot_finds_acpi_tables_and_two_cpus() {
         // acpi_tb_print_table_header(): each table, its address and our OEM id.
         format!(
             "ACPI: RSDP 0x{:016X} 000024 (v02 UFVMM )",
-            vmm::acpi::ACPI_START
+            vmm::arch::acpi::ACPI_START
         ),
         "ACPI: XSDT 0x".to_owned(),
         "ACPI: FACP 0x".to_owned(),

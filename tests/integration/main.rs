@@ -13,4 +13,5 @@ mod paging;
 mod precopy;
 mod recovery;
 mod server_robustness;
+mod snapshot;
 mod vm;

@@ -5,9 +5,9 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::api::ControlError;
-use crate::boot::BootError;
+use crate::arch::boot::BootError;
 use crate::memory::MemoryError;
-use crate::state::StateError;
+use crate::persist::StateError;
 use crate::virtio::VirtioError;
 
 /// Building or running the VM failed.

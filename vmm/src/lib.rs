@@ -7,21 +7,17 @@
 //! [`vm::Vm::run`]) which alone pauses, saves and resumes, the control
 //! socket, and small forwarders (stdin, pager events, signals).
 
-pub mod acpi;
 pub mod api;
-pub mod boot;
+pub mod arch;
 pub mod chips;
 pub mod cli;
 pub mod config;
-pub mod cpuid;
 pub mod devices;
 pub mod dirty;
 pub mod envelope;
 pub mod error;
-pub mod linux;
 pub mod memory;
 pub mod migration;
-pub mod mptable;
 pub mod persist;
 pub mod report;
 pub mod state;

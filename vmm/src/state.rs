@@ -22,7 +22,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::devices::DevicesState;
 use crate::envelope::{self, EnvelopeError};
-pub use crate::persist::{Persist, StateError};
+use crate::persist::StateError;
 
 /// Largest vCPU count (our guest's limit, and the xAPIC id space we use).
 pub const MAX_VCPUS: u32 = 16;

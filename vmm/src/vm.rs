@@ -15,9 +15,8 @@ use kvm_ioctls::{Kvm, VmFd};
 use pager::{Pager, PagerEvent};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use crate::config::{BootSource, Exit, RestoreConfig, RestoreMemory, RunConfig, SerialOut};
-use crate::error::kvm_err;
-pub use crate::error::VmError;
+use crate::config::{Exit, SerialOut};
+use crate::error::{kvm_err, VmError};
 
 mod launch;
 mod migrate;
@@ -56,7 +55,7 @@ pub enum Event {
     /// SIGINT / SIGTERM.
     Signal(i32),
     /// From the migration thread (source side).
-    Migration(crate::migration::outgoing::MigEvent),
+    Migration(crate::migration::controller::MigEvent),
     /// A disk copy-in ended (destination of `migrate --copy-disk`).
     DiskCopy(crate::virtio::DiskCopyEvent),
 }
@@ -165,7 +164,7 @@ fn shell(ram: GuestRam) -> Result<Shell, VmError> {
         ..Default::default()
     };
     fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    if let Err(e) = crate::cpuid::deny_pmu_msrs(&fd) {
+    if let Err(e) = crate::arch::cpuid::deny_pmu_msrs(&fd) {
         log::info!("KVM_X86_SET_MSR_FILTER: {e}; the guest's performance-counter MSRs are left to this host's KVM");
     }
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {

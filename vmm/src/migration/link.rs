@@ -10,6 +10,9 @@ use transport::Sock;
 use super::error::MigrationError;
 use super::wire::{decode, encode, name, Wire};
 
+/// Silence from the destination after which the link counts as lost (it reports every 250 ms).
+pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// CLOCK_MONOTONIC in ns (the clock both sides timestamp with; aligned through Ping/Pong).
 pub fn mono_ns() -> u64 {
     let mut ts = libc::timespec {

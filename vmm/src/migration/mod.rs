@@ -28,16 +28,18 @@
 //! run.
 
 mod compat;
+pub mod controller;
 mod error;
 pub mod incoming;
 mod link;
 pub mod outgoing;
 mod plan;
+mod precopy;
 mod wire;
 
 pub use compat::{missing_cpu_features, REQUIRED_CAPS};
 pub use error::MigrationError;
-pub use link::{bulk_buffer_for, mono_ns, tcp_rtt, Link};
+pub use link::{bulk_buffer_for, mono_ns, tcp_rtt, Link, SILENCE_TIMEOUT};
 pub use plan::{Mode, PassEnd, Plan, DEFAULT_RECOVER_TIMEOUT};
 pub use wire::{decode, encode, Offer, Wire, MIGRATION_VERSION};
 

@@ -1,93 +1,30 @@
 //! The source side: a thread that connects to the destination, runs the page-server over the
 //! VM's RAM, asks the controller to pause and save at switchover, then waits for the destination
 //! to have every page. The controller alone pauses, saves and resumes the VM; this thread only
-//! talks to the network and reports through [`MigEvent`]s.
+//! talks to the network and reports through [`MigEvent`]s (`controller`); the pre-copy passes
+//! are `precopy`'s.
 
 use std::net::Shutdown;
 use std::ptr::NonNull;
-use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use page_server::{RawRegions, ServerConfig, ServerHandle};
-use proto::Layout;
 use transport::{Addr, Sock};
 
-use super::{mono_ns, Link, MigrationError, Mode, Offer, PassEnd, Plan, Wire};
-use crate::api::replies::{
-    DestinationReport, MigrationReport, PassReport, PrecopyReport, Progress, Recovery,
-};
+use super::controller::{Context, MigEvent};
+use super::precopy;
+use super::{mono_ns, Link, MigrationError, Mode, Offer, Wire, SILENCE_TIMEOUT};
+use crate::api::replies::{DestinationReport, MigrationReport, PrecopyReport, Progress, Recovery};
 use crate::memory::PAGE_SIZE;
 
 /// Time allowed for the destination to build its VM shell and answer the offer.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed between the state going out and the destination saying its vCPUs run.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
-/// Silence from the destination after which the link counts as lost (it reports every 250 ms).
-const SILENCE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Clock probes before switchover.
 const PINGS: usize = 8;
-
-/// The paused VM's state, from the controller.
-pub struct Switch {
-    /// State envelope.
-    pub envelope: Vec<u8>,
-    /// Source clock when the pause began.
-    pub paused_at: u64,
-    /// Pausing the vCPUs and saving their state.
-    pub pause_ms: f64,
-    /// Pages written since the last collection (dirty logging was on), as bitmap bytes.
-    pub dirty: Vec<u8>,
-}
-
-/// Dirty logging requests to the controller (which owns the VM fd).
-pub enum DirtyOp {
-    /// Turn dirty tracking on with this backend.
-    Start(crate::dirty::Backend),
-    /// The pages written since the previous collection.
-    Collect,
-}
-
-/// What the migration thread tells the controller.
-pub enum MigEvent {
-    /// Pause the VM now, save its state and answer.
-    Switchover(SyncSender<Result<Switch, String>>),
-    /// Dirty logging: answers the dirty pages (bitmap bytes) and their count.
-    Dirty(DirtyOp, SyncSender<Result<(Vec<u8>, u64), String>>),
-    /// A progress line for the caller.
-    Progress(Progress),
-    /// The migration failed and the destination never ran the VM: run it here (resume it if
-    /// the migration paused it).
-    Failed(String),
-    /// The migration failed after the state went out and the destination may be running the
-    /// VM: keep it paused here; the page-server keeps serving.
-    Stuck(String, Vec<ServerHandle>),
-    /// The destination has every page: free memory and exit.
-    Done(Box<MigrationReport>),
-}
-
-/// What the thread needs from the VM.
-pub struct Context {
-    /// Destination.
-    pub to: String,
-    /// The offer, without the page-server address.
-    pub offer: Offer,
-    /// Host address and length of each RAM region.
-    pub regions: Vec<(u64, u64)>,
-    /// The RAM layout (guest-physical ranges).
-    pub layout: Layout,
-    /// The controller: takes each [`MigEvent`]; false once it is gone.
-    pub events: Controller,
-    /// Mode and pre-copy limits.
-    pub plan: Plan,
-    /// Set by `migrate-switchover`: end the pre-copy passes now.
-    pub switchover: Arc<std::sync::atomic::AtomicBool>,
-}
-
-/// How the migration thread reaches the VM's controller (which wraps each [`MigEvent`] into an
-/// event of its own): returns false once the controller is gone.
-pub type Controller = Arc<dyn Fn(MigEvent) -> bool + Send + Sync>;
 
 /// A running migration (source side).
 pub struct Outgoing {
@@ -314,7 +251,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Migrati
     }
     let (rtt_ns, offset_ns) = best.unwrap_or((0, 0));
     let precopy = if ctx.plan.precopies() {
-        Some(precopy(&ctx, &mut link, &server, t_start)?)
+        Some(precopy::passes(&ctx, &mut link, &server, t_start)?)
     } else {
         None
     };
@@ -528,107 +465,4 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Migrati
         source_ram_checksum_except_kvm: None,
         destination: report,
     })
-}
-
-/// What the pre-copy passes did.
-struct Precopied {
-    /// Pages dirtied during the last pass (not sent again): part of the switchover's set.
-    carry: Vec<u8>,
-    passes: Vec<PassReport>,
-    stop_reason: String,
-    ms: f64,
-}
-
-fn dirty_op(ctx: &Context, op: DirtyOp) -> Result<(Vec<u8>, u64), MigrationError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    if !(ctx.events)(MigEvent::Dirty(op, tx)) {
-        return Err(MigrationError::Other("the VM is gone".into()));
-    }
-    rx.recv_timeout(Duration::from_secs(20))
-        .map_err(|_| MigrationError::Other("the controller did not answer".into()))?
-        .map_err(|e| MigrationError::Other(format!("dirty logging: {e}")))
-}
-
-/// Hybrid: streams every page while the VM runs, then again the pages it wrote meanwhile,
-/// pass after pass, until few are left, the set stops shrinking, the passes run out or a
-/// switchover is requested.
-fn precopy(
-    ctx: &Context,
-    link: &mut Link,
-    server: &ServerHandle,
-    t_start: Instant,
-) -> Result<Precopied, MigrationError> {
-    let t0 = Instant::now();
-    let backend = crate::dirty::Backend::parse(ctx.plan.dirty_tracking.as_deref())
-        .map_err(MigrationError::Other)?;
-    dirty_op(ctx, DirtyOp::Start(backend))?;
-    link.send(&Wire::Precopy)?;
-    let plan = &ctx.plan;
-    let forced = || ctx.switchover.load(std::sync::atomic::Ordering::Acquire);
-    let mut passes = Vec::new();
-    let mut prev = u64::MAX;
-    let mut sent_before = 0;
-    let mut pass = 0u32;
-    loop {
-        pass += 1;
-        let t = Instant::now();
-        let mut stalled_since = (Instant::now(), server.stats().pages_sent());
-        while server.unsent_pages() > 0 && !forced() {
-            std::thread::sleep(Duration::from_millis(2));
-            let sent = server.stats().pages_sent();
-            if sent != stalled_since.1 {
-                stalled_since = (Instant::now(), sent);
-            } else if let Some(why) = link.gone() {
-                // the destination died or hung up: no reason to wait out the silence
-                return Err(MigrationError::Other(format!(
-                    "pre-copy pass {pass}: {why}"
-                )));
-            } else if stalled_since.0.elapsed() > SILENCE_TIMEOUT {
-                return Err(MigrationError::Other(format!(
-                    "pre-copy pass {pass}: nothing sent for {SILENCE_TIMEOUT:?} (is the destination reading?)"
-                )));
-            }
-        }
-        let sent = server.stats().pages_sent();
-        let (bits, n) = dirty_op(ctx, DirtyOp::Collect)?;
-        let secs = t.elapsed().as_secs_f64();
-        // pages this pass sent per millisecond: how long the dirty ones would take paused
-        let per_ms = (sent - sent_before) as f64 / (secs * 1e3).max(1e-3);
-        let p = PassReport {
-            pass,
-            pages_sent: sent - sent_before,
-            pages_dirtied: n,
-            dirty_rate_pages_s: n as f64 / secs.max(1e-6),
-            ms: secs * 1e3,
-        };
-        (ctx.events)(MigEvent::Progress(Progress::Precopy {
-            pass,
-            pages_sent: p.pages_sent,
-            pages_dirtied: n,
-            elapsed_ms: t_start.elapsed().as_secs_f64() * 1e3,
-        }));
-        log::info!(
-            "pre-copy pass {pass}: {}",
-            serde_json::to_string(&p).unwrap_or_default()
-        );
-        passes.push(p);
-        sent_before = sent;
-        let stop = plan.stop_after(&PassEnd {
-            pass,
-            dirty: n,
-            previous_dirty: prev,
-            pages_per_ms: per_ms,
-            forced: forced(),
-        });
-        if let Some(stop_reason) = stop {
-            return Ok(Precopied {
-                carry: bits,
-                passes,
-                stop_reason,
-                ms: t0.elapsed().as_secs_f64() * 1e3,
-            });
-        }
-        prev = n;
-        server.resend(&bits);
-    }
 }

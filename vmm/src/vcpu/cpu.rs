@@ -7,7 +7,8 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, CpuId};
 use kvm_ioctls::VcpuFd;
 
 use super::msrs::{kvm, msrs_of, set_msrs_one_by_one, MSR_TSC_DEADLINE};
-use crate::state::{Persist, StateError, VcpuState};
+use crate::persist::{Persist, StateError};
+use crate::state::VcpuState;
 
 /// A vCPU and the MSR list it saves.
 pub struct Vcpu {

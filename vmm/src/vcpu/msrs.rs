@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use kvm_ioctls::VcpuFd;
 
-use crate::state::StateError;
+use crate::persist::StateError;
 
 /// MSRs never saved: KVM lists them, but hosts refuse them (arch capabilities
 /// on nested hosts) or they are read-only views.

@@ -17,7 +17,7 @@ fn fresh_vcpu(kvm: &Kvm) -> Option<(kvm_ioctls::VmFd, Vcpu)> {
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .ok()?;
-    crate::cpuid::apply(&mut cpuid, 0, 1);
+    crate::arch::cpuid::apply(&mut cpuid, 0, 1);
     let list = kvm.get_msr_index_list().ok()?;
     let mut v = Vcpu {
         index: 0,
@@ -105,7 +105,7 @@ fn the_guest_gets_gp_on_performance_counter_msrs() {
         let Some((_kvm, vm, mut v)) = vcpu_or_skip(TEST) else {
             return;
         };
-        if let Err(e) = crate::cpuid::deny_pmu_msrs(&vm) {
+        if let Err(e) = crate::arch::cpuid::deny_pmu_msrs(&vm) {
             skip(TEST, &format!("KVM_X86_SET_MSR_FILTER: {e}"));
             return;
         }

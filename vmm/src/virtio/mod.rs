@@ -4,7 +4,7 @@
 //!
 //! Slot `i` sits at guest-physical [`MMIO_BASE`] + `i` × [`MMIO_STRIDE`] and raises GSI
 //! [`GSI_BASE`] + `i` through an irqfd (our guest polls; Linux finds them as ACPI devices
-//! `LNRO0005` in the DSDT, `crate::acpi`, or with `acpi=off` through `virtio_mmio.device=`). Block requests complete on the vCPU
+//! `LNRO0005` in the DSDT, `crate::arch::acpi`, or with `acpi=off` through `virtio_mmio.device=`). Block requests complete on the vCPU
 //! thread that notifies, inside the MMIO write, so a paused VM has no request in flight; the
 //! network device receives on its own thread, which delivers nothing while the VM is paused.
 //! A device's complete state ([`TransportState`]) is a few registers, its queues and its

@@ -8,7 +8,7 @@ use super::{
     since_start, virtio_irq, Event, GuestCpu, Vm,
 };
 use crate::api;
-use crate::boot::{self, BootError};
+use crate::arch::boot::{self, BootError};
 use crate::config::{BootSource, RunConfig, SerialOut};
 use crate::devices::{Console, Devices};
 use crate::error::{kvm_err, VmError};
@@ -54,7 +54,7 @@ impl Vm {
                 .create_vcpu(u64::from(i))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let mut cpuid = supported.clone();
-            crate::cpuid::apply(&mut cpuid, i, cfg.vcpus);
+            crate::arch::cpuid::apply(&mut cpuid, i, cfg.vcpus);
             let mut v = Vcpu {
                 index: i,
                 fd,
@@ -98,7 +98,7 @@ impl Vm {
                 initrd,
                 cmdline,
             } => (
-                crate::linux::load(
+                crate::arch::linux::load(
                     &sh.ram,
                     kernel,
                     initrd.as_deref(),

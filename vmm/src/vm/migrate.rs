@@ -7,10 +7,12 @@ use std::time::Instant;
 use transport::error_chain;
 
 use super::roles::{Dest, Source};
-use super::{Exit, Vm};
+use super::Vm;
+use crate::config::Exit;
 use crate::api::replies::{DestinationReport, Progress, Switchover};
 use crate::api::{Reply, Request};
-use crate::migration::outgoing::{Context, DirtyOp, MigEvent, Outgoing, Switch};
+use crate::migration::controller::{Context, DirtyOp, MigEvent, Switch};
+use crate::migration::outgoing::Outgoing;
 use crate::migration::{mono_ns, Link, Mode, Offer, Plan, Wire, PROGRESS_EVERY, REQUIRED_CAPS};
 use crate::state;
 

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use transport::error_chain;
 
-use super::{Exit, Vm, VmError};
+use super::Vm;
+use crate::config::Exit;
+use crate::error::VmError;
 use crate::api::replies::{
     Checksum, DirtyRate, MemoryRead, Queued, Snapshot, SourceLost, StateNow, Status, Written,
 };

@@ -12,15 +12,17 @@ use kvm_ioctls::VcpuFd;
 use pager::{Pager, PagerConfig};
 
 use super::{
-    check_shape, clone_fd, console_out, device_sender, forward_stdin, kvm_err, set_memslots, shell,
-    since_start, virtio_irq, Event, Shell, StartTimes, Vm, VmError,
+    check_shape, clone_fd, console_out, device_sender, forward_stdin, set_memslots, shell,
+    since_start, virtio_irq, Event, Shell, StartTimes, Vm,
 };
+use crate::error::{kvm_err, VmError};
 use crate::api;
 use crate::chips::Chips;
 use crate::config::{RestoreConfig, RestoreMemory, SerialOut};
 use crate::devices::Devices;
 use crate::memory::{GuestRam, PAGE_SIZE};
-use crate::state::{self, MachineConfig, Persist, Snapshot, StateError};
+use crate::persist::{Persist, StateError};
+use crate::state::{self, MachineConfig, Snapshot};
 use crate::vcpu::Vcpu;
 use crate::virtio::{Backend, VirtioDevices};
 

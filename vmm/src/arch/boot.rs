@@ -5,7 +5,7 @@
 //! the memory map and command line is written to low memory, and the BSP
 //! starts in 32-bit protected mode, paging off, `ebx` = start info. Linux
 //! bzImage / vmlinux boot through the 64-bit boot protocol is in
-//! [`crate::linux`].
+//! [`crate::arch::linux`].
 
 use std::io::Cursor;
 

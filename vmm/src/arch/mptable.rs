@@ -15,7 +15,7 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::boot::BootError;
+use crate::arch::boot::BootError;
 use crate::memory::GuestRam;
 
 /// Where the MP floating pointer goes (the configuration table follows it).
@@ -59,7 +59,7 @@ const CPU_FEATURES: u32 = 0x201;
 const ISA_BUS_ID: u8 = 0;
 const SPEC_REV_1_4: u8 = 4;
 
-use crate::boot::table_checksum as checksum;
+use crate::arch::boot::table_checksum as checksum;
 
 /// The ISA IRQ → IOAPIC pin routes the table announces.
 pub fn isa_routes() -> Vec<(u8, u8)> {
@@ -186,8 +186,8 @@ pub fn write(ram: &GuestRam, vcpus: u32) -> Result<(), BootError> {
 mod tests {
     use super::*;
 
-    use crate::boot::byte_sum as sum;
-    use crate::boot::le::*;
+    use crate::arch::boot::byte_sum as sum;
+    use crate::arch::boot::le::*;
 
     #[test]
     fn signatures_checksums_and_entries() {

@@ -11,8 +11,8 @@
 //! | 0xA000     | PDPT                                          |
 //! | 0xB000     | PD: the first 1 GiB identity-mapped, 2 MiB pages |
 //! | 0x20000    | command line                                  |
-//! | 0xE0000    | ACPI tables, RSDP first ([`crate::acpi`])     |
-//! | 0xF0000    | MP table ([`crate::mptable`])                 |
+//! | 0xE0000    | ACPI tables, RSDP first ([`crate::arch::acpi`])     |
+//! | 0xF0000    | MP table ([`crate::arch::mptable`])                 |
 //!
 //! A bzImage goes to its `code32_start` (1 MiB) and starts at its 64-bit
 //! entry (load address + 0x200); a vmlinux goes to its segments' physical
@@ -37,7 +37,7 @@ use linux_loader::loader::elf::Elf;
 use linux_loader::loader::{KernelLoader, KernelLoaderResult};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::boot::{self, BootError, BootSetup, CMDLINE, CMDLINE_MAX};
+use crate::arch::boot::{self, BootError, BootSetup, CMDLINE, CMDLINE_MAX};
 use crate::memory::GuestRam;
 
 /// Where the zero page (`boot_params`) goes.
@@ -292,14 +292,14 @@ pub fn load(
         );
     }
     let initrd = initrd.map(|p| load_initrd(ram, p, &k)).transpose()?;
-    let rsdp = crate::acpi::write(ram, vcpus, virtio)?;
+    let rsdp = crate::arch::acpi::write(ram, vcpus, virtio)?;
     let params = zero_page(ram, &k, cmdline_bytes, initrd, rsdp)?;
     LinuxBootConfigurator::write_bootparams::<vm_memory::GuestMemoryMmap<()>>(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
         ram.mem(),
     )
     .map_err(|e| BootError::Other(format!("zero page: {e}")))?;
-    crate::mptable::write(ram, vcpus)?;
+    crate::arch::mptable::write(ram, vcpus)?;
     write_page_tables(ram)?;
     // 64-bit code 0x08, data 0x10, TSS 0x18.
     let mut sregs = boot::boot_segments(ram, base, true)?;
@@ -430,11 +430,11 @@ mod tests {
         let pde: u64 = mem.read_obj(GuestAddress(PD + 3 * 8)).unwrap();
         assert_eq!(pde, (3 << 21) | 0x83);
         let mp: [u8; 4] = mem
-            .read_obj(GuestAddress(crate::mptable::MPTABLE_START))
+            .read_obj(GuestAddress(crate::arch::mptable::MPTABLE_START))
             .unwrap();
         assert_eq!(&mp, b"_MP_");
         let rsdp_addr = p.acpi_rsdp_addr;
-        assert_eq!(rsdp_addr, crate::acpi::ACPI_START);
+        assert_eq!(rsdp_addr, crate::arch::acpi::ACPI_START);
         let rsdp: [u8; 8] = mem.read_obj(GuestAddress(rsdp_addr)).unwrap();
         assert_eq!(&rsdp, b"RSD PTR ");
     }

@@ -4,14 +4,20 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::api::{self, Request};
+use crate::api;
 use crate::migration::incoming::{self, IncomingConfig};
 use crate::virtio::{blk::BlockConfig, net::NetConfig, DeviceConfig};
-use crate::vm::{self, BootSource, Event, RestoreConfig, RestoreMemory, RunConfig, SerialOut, Vm};
+use crate::config::{BootSource, Exit, RestoreConfig, RestoreMemory, RunConfig, SerialOut};
+use crate::vm::{self, Event, Vm};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use pager::PagerConfig;
 use transport::Addr;
+
+use parse::{parse_cpu_list, parse_map, parse_size, CpuList};
+
+mod ctl;
+mod parse;
 
 /// A KVM VMM with post-copy live migration, snapshot and restore (eager, or lazy through
 /// userfaultfd).
@@ -91,7 +97,7 @@ enum Cmd {
     /// Resume a VM from a snapshot in this new process.
     Restore(RestoreArgs),
     /// Send one command to a running vmm over its control socket.
-    Ctl(CtlArgs),
+    Ctl(ctl::CtlArgs),
     /// Write the embedded guest ELF to a file (e.g. for `qemu -kernel`).
     GuestElf {
         /// Output file.
@@ -184,152 +190,6 @@ struct RestoreArgs {
     common: Common,
 }
 
-#[derive(Args, Debug)]
-struct CtlArgs {
-    /// The vmm's control socket.
-    #[arg(long)]
-    api_socket: PathBuf,
-    /// Print the raw JSON reply.
-    #[arg(long)]
-    json: bool,
-    #[command(subcommand)]
-    cmd: CtlCmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum CtlCmd {
-    /// State, shape and timings.
-    Status,
-    /// Stop every vCPU.
-    Pause,
-    /// Run every vCPU.
-    Resume,
-    /// Pause and write state + memory (the VM stays paused).
-    Snapshot {
-        /// State file.
-        #[arg(long)]
-        state: PathBuf,
-        /// Memory file.
-        #[arg(long)]
-        memory: PathBuf,
-    },
-    /// End the VM.
-    Shutdown,
-    /// Send text to the guest's serial input.
-    SerialInput {
-        /// The text.
-        data: String,
-    },
-    /// Checksum of guest RAM (pause first for a stable value).
-    Checksum,
-    /// End the pre-copy passes of a running `migrate --mode hybrid` now and switch over.
-    MigrateSwitchover,
-    /// Write bytes into guest memory as a device's DMA would (debugging / test hook).
-    WriteMemory {
-        /// Guest-physical address (decimal or 0x hex).
-        #[arg(long, value_parser = parse_u64)]
-        gpa: u64,
-        /// The bytes, as hex.
-        #[arg(long)]
-        hex: String,
-    },
-    /// Read guest memory (at most 64 KiB), printed as hex.
-    ReadMemory {
-        /// Guest-physical address (decimal or 0x hex).
-        #[arg(long, value_parser = parse_u64)]
-        gpa: u64,
-        /// Bytes.
-        #[arg(long)]
-        len: usize,
-    },
-    /// How fast the guest writes its memory: KVM dirty logging on for --ms milliseconds;
-    /// reports the pages written (each counted once) and the rate.
-    DirtyRate {
-        /// Measuring time in milliseconds (10 to 10000).
-        #[arg(long, default_value_t = 1000)]
-        ms: u64,
-        /// `kvm` (KVM dirty log, the default) or `uffd-wp-async` (userfaultfd asynchronous
-        /// write protection + PAGEMAP_SCAN, Linux >= 6.7).
-        #[arg(long)]
-        backend: Option<String>,
-    },
-    /// Live-migrate the VM to a `vmm --incoming` on another host: the VM pauses only while
-    /// its non-memory state crosses, resumes there at once, and its memory follows (faults
-    /// first, the rest streamed). Progress goes to stderr, the report to stdout; the source
-    /// vmm exits 0 when the destination has every page.
-    Migrate {
-        /// Destination: `HOST:PORT`, `tcp:HOST:PORT` or a Unix socket path.
-        #[arg(long)]
-        to: String,
-        /// `postcopy` (default): pause at once, memory follows. `hybrid`: copy memory while
-        /// the VM runs (KVM dirty logging finds what it writes again, pass after pass), then
-        /// pause and let post-copy bring the pages still dirty. `precopy`: the same passes,
-        /// then the pages still dirty are copied while the VM is paused (no post-copy).
-        #[arg(long, default_value = "postcopy")]
-        mode: String,
-        /// Hybrid / precopy: at most this many pre-copy passes (default 16).
-        #[arg(long)]
-        max_passes: Option<u32>,
-        /// Hybrid / precopy: switch over once a pass leaves at most this many dirty pages
-        /// (default 256).
-        #[arg(long)]
-        threshold_pages: Option<u64>,
-        /// Hybrid / precopy: also switch over once the dirty pages could be sent within this
-        /// many milliseconds at the rate the last pass sent.
-        #[arg(long)]
-        max_downtime_ms: Option<u64>,
-        /// Hybrid / precopy: how writes are tracked, `kvm` (default) or `uffd-wp-async`.
-        #[arg(long)]
-        dirty_tracking: Option<String>,
-        /// Report the checksum of guest RAM at the pause (`source_ram_checksum`), to compare
-        /// with `vmm ctl checksum` on a destination started with --paused.
-        #[arg(long)]
-        verify: bool,
-        /// Disks are not on shared storage: move them too, like memory — blocks the guest
-        /// reads on the destination come on demand, the rest streams in the background. The
-        /// destination writes a new image (its path through `--disk-map`, else the source's).
-        #[arg(long)]
-        copy_disk: bool,
-        /// After the switch, how long to wait out a silent or broken link to the destination
-        /// (its pagers reconnect on their own; their `Done` to our page-server also completes
-        /// the migration) before giving up on knowing the outcome — the VM then stays paused
-        /// here, its memory still served (default 120).
-        #[arg(long)]
-        recover_timeout_s: Option<u64>,
-    },
-}
-
-/// A host CPU list (`--vcpu-cpus`).
-#[derive(Clone, Debug, PartialEq)]
-struct CpuList(Vec<usize>);
-
-fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
-    transport::sched::parse_cpu_list(s).map(CpuList)
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mul) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 512M or 4G"))?;
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
-fn parse_u64(s: &str) -> Result<u64, String> {
-    let r = match s.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => s.parse(),
-    };
-    r.map_err(|_| format!("{s:?} is not a number (decimal or 0x hex)"))
-}
-
 fn serial(s: &str) -> SerialOut {
     if s == "stdout" {
         SerialOut::Stdout
@@ -361,13 +221,13 @@ fn serve(mut vm: Vm) -> Result<ExitCode> {
     forward_signals(vm.sender())?;
     let exit = vm.run();
     match &exit {
-        vm::Exit::Shutdown | vm::Exit::GuestReset => log::info!("VM ended: {exit:?}"),
-        vm::Exit::Migrated => {
+        Exit::Shutdown | Exit::GuestReset => log::info!("VM ended: {exit:?}"),
+        Exit::Migrated => {
             log::info!("VM migrated away; guest memory freed");
             api::server::drain(Duration::from_secs(2));
         }
-        vm::Exit::Fatal(w) => log::error!("VM stopped: {w}"),
-        vm::Exit::SourceLost(w) => {
+        Exit::Fatal(w) => log::error!("VM stopped: {w}"),
+        Exit::SourceLost(w) => {
             log::error!("memory source lost for good: {w}; the VM stays paused and is not run")
         }
     }
@@ -411,18 +271,6 @@ fn run(a: RunArgs) -> Result<ExitCode> {
     };
     let vm = Vm::boot(&cfg).context("booting the VM")?;
     serve(vm)
-}
-
-/// `FROM=TO` options.
-fn parse_map<T: From<String>>(flag: &str, v: &[String]) -> Result<Vec<(T, T)>> {
-    v.iter()
-        .map(|m| match m.split_once('=') {
-            Some((f, t)) if !f.is_empty() && !t.is_empty() => {
-                Ok((T::from(f.to_owned()), T::from(t.to_owned())))
-            }
-            _ => Err(anyhow::anyhow!("{flag} {m:?}: expected FROM=TO")),
-        })
-        .collect()
 }
 
 /// 16 hex digits from the kernel's random pool.
@@ -494,72 +342,6 @@ fn incoming(addr: &str, a: IncomingArgs) -> Result<ExitCode> {
     serve(vm)
 }
 
-fn ctl(a: CtlArgs) -> Result<ExitCode> {
-    let req = match a.cmd {
-        CtlCmd::Status => Request::Status,
-        CtlCmd::Pause => Request::Pause,
-        CtlCmd::Resume => Request::Resume,
-        CtlCmd::Snapshot { state, memory } => Request::Snapshot {
-            state: std::path::absolute(&state).unwrap_or(state),
-            memory: std::path::absolute(&memory).unwrap_or(memory),
-        },
-        CtlCmd::Shutdown => Request::Shutdown,
-        CtlCmd::SerialInput { data } => Request::SerialInput { data },
-        CtlCmd::Checksum => Request::Checksum,
-        CtlCmd::DirtyRate { ms, backend } => Request::DirtyRate { ms, backend },
-        CtlCmd::Migrate {
-            to,
-            mode,
-            verify,
-            max_passes,
-            threshold_pages,
-            max_downtime_ms,
-            dirty_tracking,
-            copy_disk,
-            recover_timeout_s,
-        } => Request::Migrate {
-            to,
-            mode: Some(mode),
-            verify,
-            max_passes,
-            threshold_pages,
-            max_downtime_ms,
-            dirty_tracking,
-            copy_disk,
-            recover_timeout_s,
-        },
-        CtlCmd::MigrateSwitchover => Request::MigrateSwitchover,
-        CtlCmd::WriteMemory { gpa, hex } => Request::WriteMemory { gpa, hex },
-        CtlCmd::ReadMemory { gpa, len } => Request::ReadMemory { gpa, len },
-    };
-    let migrate = matches!(req, Request::Migrate { .. });
-    let reply =
-        api::client::request_with_progress(&a.api_socket, &req, Duration::from_secs(600), |p| {
-            if let Ok(p) = p.body::<api::replies::Progress>() {
-                crate::report::progress_line(&p)
-            }
-        })?;
-    if migrate && reply.ok && !a.json {
-        let report: api::replies::MigrationReport = reply
-            .body()
-            .context("the migration's report does not have the expected fields")?;
-        crate::report::print_migration(&report);
-    } else if a.json {
-        println!("{}", serde_json::to_string(&reply)?);
-    } else if let Some(e) = &reply.error {
-        eprintln!("error ({}): {}", e.kind, e.message);
-    } else {
-        for (k, v) in &reply.fields {
-            println!("{k}: {v}");
-        }
-    }
-    Ok(if reply.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
-}
-
 /// Parses argv and runs; returns the documented exit code.
 pub fn main() -> ExitCode {
     page_server::cli::exit_quietly_on_broken_pipe();
@@ -592,7 +374,7 @@ pub fn main() -> ExitCode {
         (None, Some(cmd)) => match cmd {
             Cmd::Run(a) => run(a),
             Cmd::Restore(a) => restore(a),
-            Cmd::Ctl(a) => ctl(a),
+            Cmd::Ctl(a) => ctl::ctl(a),
             Cmd::GuestElf { out } => std::fs::write(&out, guest::ELF)
                 .with_context(|| format!("writing {}", out.display()))
                 .map(|_| ExitCode::SUCCESS),
