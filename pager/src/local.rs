@@ -1,6 +1,7 @@
 //! The local source: restore from an image file on this host (snapshot restore), no network.
 //! Faults copy straight from the file's page-cache pages; a streamer installs the rest.
 
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
@@ -165,7 +166,7 @@ fn fault_loop(sh: Arc<Shared>, img: Arc<Image>, waker: Arc<Waker>) {
     );
     let mut faults = Vec::with_capacity(64);
     while !sh.stop.load(Ordering::Acquire) {
-        if poll_in([sh.uffd.raw_fd(), waker.fd(), -1], 1000) == [false; 3] {
+        if poll_in([Some(sh.uffd.as_fd()), Some(waker.as_fd()), None], 1000) == [false; 3] {
             continue;
         }
         let mut failed = None;

@@ -4,7 +4,12 @@
 //! sent: those are made missing again (the next access faults and fetches them fresh) and a
 //! copy of one still on its way is dropped.
 
+use std::ffi::c_void;
+use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
+
+use nix::errno::Errno;
+use nix::sys::mman::{madvise, MmapAdvise};
 
 use crate::error::PagerError;
 use crate::shared::{Origin, Shared};
@@ -126,15 +131,16 @@ impl Pager {
                 let Some((host, _)) = sh.mem.host(proto::PageIndex(p)) else {
                     continue;
                 };
+                // address 0 is never mapped: madvise would answer ENOMEM
+                let addr = NonNull::new(host as *mut c_void).ok_or(Errno::ENOMEM);
                 // SAFETY: one page of our own registered anonymous region, unused until
                 // pre-copy ends; after MADV_DONTNEED it is missing again and faults to us.
-                let rc = unsafe {
-                    libc::madvise(host as *mut libc::c_void, ps as usize, libc::MADV_DONTNEED)
-                };
-                if rc != 0 {
+                let rc = addr
+                    .and_then(|a| unsafe { madvise(a, ps as usize, MmapAdvise::MADV_DONTNEED) });
+                if let Err(errno) = rc {
                     return Err(PagerError::Map {
                         len_bytes: ps,
-                        source: std::io::Error::last_os_error(),
+                        source: std::io::Error::from(errno),
                     });
                 }
                 sh.received.clear(p);

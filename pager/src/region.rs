@@ -1,10 +1,14 @@
 //! The destination memory: one anonymous mapping the pager owns (regions laid out back to
 //! back), or regions the caller adopted in (a VMM's guest RAM). Maps flat page indices to host
-//! addresses. Owns no userfaultfd logic.
+//! addresses. Owns no userfaultfd logic. The mapping is made, advised and unmapped through
+//! `nix::sys::mman`.
 
 use std::io;
+use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 
+use nix::errno::Errno;
+use nix::sys::mman::{madvise, mmap_anonymous, munmap, MapFlags, MmapAdvise, ProtFlags};
 use proto::{Layout, PageIndex};
 
 /// Host memory backing a layout.
@@ -30,25 +34,22 @@ impl HostMemory {
     /// starts missing.
     pub fn map(layout: &Layout, page_size: u32) -> io::Result<HostMemory> {
         let total = layout.total_bytes() as usize;
-        // SAFETY: a fresh anonymous mapping; nothing aliases it.
+        // a zero length is what mmap refuses with EINVAL
+        let len = NonZeroUsize::new(total).ok_or(io::Error::from(Errno::EINVAL))?;
+        // SAFETY: a fresh anonymous mapping placed by the kernel (no address given, so nothing
+        // existing is replaced); nothing aliases it.
         let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                total,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
+            mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
             )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base =
-            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        // no transparent huge pages: uffd MISSING works on 4 KiB pages here
-        // SAFETY: advising our own fresh mapping.
-        unsafe { libc::madvise(p, total, libc::MADV_NOHUGEPAGE) };
+        }?;
+        let base = p.cast::<u8>();
+        // no transparent huge pages: uffd MISSING works on 4 KiB pages here (best effort)
+        // SAFETY: advising our own fresh mapping, exactly its range.
+        let _ = unsafe { madvise(p, total, MmapAdvise::MADV_NOHUGEPAGE) };
         let mut hosts = Vec::new();
         let mut off = 0u64;
         for r in &layout.regions {
@@ -139,7 +140,7 @@ impl Drop for HostMemory {
     fn drop(&mut self) {
         if let Some((p, l)) = self.owned {
             // SAFETY: unmapping the mapping we made; borrows of it end with self.
-            unsafe { libc::munmap(p.as_ptr().cast(), l) };
+            let _ = unsafe { munmap(p.cast(), l) };
         }
     }
 }

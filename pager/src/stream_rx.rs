@@ -3,11 +3,13 @@
 //! with `readv`), so no frame buffer is needed. Data runs are installed with one `UFFDIO_COPY`
 //! each, zero runs with `UFFDIO_ZEROPAGE`, which allocates no memory. (Folding short zero runs
 //! into the copies was measured: it saved ioctls but cost more in page allocation — 275 vs
-//! 258 ms for 1 GiB — and raises the VM's memory use, so it is not done.)
+//! 258 ms for 1 GiB — and raises the VM's memory use, so it is not done.) The scattered read
+//! is `nix::sys::uio::readv` over `IoSliceMut`s.
 
-use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::io::{self, IoSliceMut, Read};
 
+use nix::errno::Errno;
+use nix::sys::uio::readv;
 use proto::{
     bit, mask_len, pages_data_len, pages_fixed, Header, Kind, Message, HEADER_LEN, PAGES_FIXED_LEN,
 };
@@ -84,6 +86,9 @@ impl StreamRx {
         }
         // scatter the data pages into their slots
         let mut iov = Vec::new();
+        // the slots from page `done` on, not yet handed to an IoSliceMut
+        let mut rest: &mut [u8] = &mut self.slots[..n * ps];
+        let mut done = 0;
         let mut i = 0;
         while i < n {
             if bit(&self.mask, i) {
@@ -94,10 +99,11 @@ impl StreamRx {
             while i < n && !bit(&self.mask, i) {
                 i += 1;
             }
-            iov.push(libc::iovec {
-                iov_base: self.slots[s * ps..].as_mut_ptr().cast(),
-                iov_len: (i - s) * ps,
-            });
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((s - done) * ps);
+            let (run, tail) = tail.split_at_mut((i - s) * ps);
+            iov.push(IoSliceMut::new(run));
+            rest = tail;
+            done = i;
         }
         readv_exact(sock, &mut iov)?;
         let precopy = origin == proto::Origin::Precopy;
@@ -167,34 +173,16 @@ fn peer(sock: &Sock) -> String {
 }
 
 /// readv(2) until every iovec is full.
-fn readv_exact(sock: &Sock, iov: &mut [libc::iovec]) -> io::Result<()> {
-    let mut start = 0;
-    while start < iov.len() {
-        let cnt = (iov.len() - start).min(1024);
-        // SAFETY: the iovecs point into our staging buffer, which outlives the call.
-        let r = unsafe { libc::readv(sock.as_raw_fd(), iov[start..].as_ptr(), cnt as i32) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let mut n = r as usize;
-        while n > 0 && start < iov.len() {
-            let v = &mut iov[start];
-            if n >= v.iov_len {
-                n -= v.iov_len;
-                start += 1;
-            } else {
-                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
-                v.iov_len -= n;
-                n = 0;
-            }
-        }
+fn readv_exact(sock: &Sock, mut iov: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+    while !iov.is_empty() {
+        let cnt = iov.len().min(1024);
+        let n = match readv(sock, &mut iov[..cnt]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        IoSliceMut::advance_slices(&mut iov, n);
     }
     Ok(())
 }

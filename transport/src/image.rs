@@ -3,10 +3,11 @@
 //! restore).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use proto::Layout;
 use thiserror::Error;
 
@@ -76,32 +77,33 @@ impl FileImage {
                 page_size,
             });
         }
-        // SAFETY: a fresh read-only shared mapping of a file we opened; no Rust object aliases
-        // the returned range. The file may be changed by others; we only copy bytes out of it.
+        let map_len = NonZeroUsize::new(len as usize).ok_or_else(|| ImageError::BadSize {
+            path: path.to_owned(),
+            len,
+            page_size,
+        })?;
+        // SAFETY: a fresh read-only shared mapping of a file we opened, placed by the kernel
+        // (no address given, so nothing existing is replaced); no Rust object aliases the
+        // returned range. The file may be changed by others; we only copy bytes out of it.
         // MAP_POPULATE maps every page up front, so serving a fault never takes a page fault.
         let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                file.as_raw_fd(),
+            mmap(
+                None,
+                map_len,
+                ProtFlags::PROT_READ,
+                MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
+                &file,
                 0,
             )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(ImageError::Map {
-                path: path.to_owned(),
-                source: std::io::Error::last_os_error(),
-            });
         }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| ImageError::Map {
+        .map_err(|errno| ImageError::Map {
             path: path.to_owned(),
-            source: std::io::Error::other("mmap returned null"),
+            source: std::io::Error::from(errno),
         })?;
+        let ptr = p.cast::<u8>();
         Ok(FileImage {
             ptr,
-            len: len as usize,
+            len: map_len.get(),
             layout: Layout::single(len),
             page_size,
         })
@@ -117,7 +119,7 @@ impl FileImage {
 impl Drop for FileImage {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly the mapping we created; no borrows outlive self.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
     }
 }
 

@@ -1,9 +1,14 @@
 //! Transports: TCP or a Unix socket, chosen by the address's form. One enum for blocking
 //! streams (bulk threads, clients) and one for the event loop's non-blocking ones.
+//!
+//! Socket options go through `nix::sys::socket::setsockopt`, except one call that stays on raw
+//! `libc`: `getsockopt(TCP_INFO)` in [`Sock::rtt`], because nix 0.32 has no `TCP_INFO` socket
+//! option (no `sockopt::TcpInfo`, no `tcp_info` getter).
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -52,38 +57,42 @@ impl fmt::Display for Addr {
 /// A stopped or busy peer whose kernel still acknowledges is not dead: only a cut link or a
 /// vanished host is. No-op for anything but a TCP socket (a Unix socket's peer cannot vanish
 /// silently). Best effort: returns the first option the kernel refused.
+///
+/// `fd` must be a descriptor the caller keeps open for the duration of the call.
 pub fn set_liveness(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<()> {
     if timeout.is_zero() {
         return Ok(());
     }
-    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+    if fd < 0 {
+        // what setsockopt answers for it (a BorrowedFd cannot hold -1)
+        return Err(io::Error::from(nix::errno::Errno::EBADF));
+    }
+    // SAFETY: `fd` is not -1 (checked above) and, by this function's contract, stays open while
+    // the borrow lives, which ends with this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    set_liveness_on(fd, timeout)
+}
+
+/// [`set_liveness`] on a borrowed descriptor.
+fn set_liveness_on(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if timeout.is_zero() {
+        return Ok(());
+    }
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as u32;
     // keepalive probes start after a quarter of the timeout of silence, one per quarter
     let idle = (ms / 4000).max(1);
-    let opts = [
-        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, idle),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 4),
-        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms),
+    let results = [
+        setsockopt(&fd, sockopt::KeepAlive, &true),
+        setsockopt(&fd, sockopt::TcpKeepIdle, &idle),
+        setsockopt(&fd, sockopt::TcpKeepInterval, &idle),
+        setsockopt(&fd, sockopt::TcpKeepCount, &4),
+        setsockopt(&fd, sockopt::TcpUserTimeout, &ms),
     ];
-    let mut first_err = None;
-    for (level, opt, v) in opts {
-        // SAFETY: setsockopt with a caller-provided fd and a pointer to a live c_int of the
-        // size passed; a bad fd only makes the call fail.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 && first_err.is_none() {
-            first_err = Some(io::Error::last_os_error());
-        }
-    }
-    first_err.map_or(Ok(()), Err)
+    results
+        .into_iter()
+        .find_map(Result::err)
+        .map_or(Ok(()), |errno| Err(io::Error::from(errno)))
 }
 
 /// A connected blocking stream.
@@ -111,10 +120,7 @@ impl Sock {
     /// See [`set_liveness`]; a no-op for Unix sockets.
     pub fn set_liveness(&self, timeout: Duration) -> io::Result<()> {
         match self {
-            Sock::Tcp(s) => {
-                use std::os::fd::AsRawFd;
-                set_liveness(s.as_raw_fd(), timeout)
-            }
+            Sock::Tcp(s) => set_liveness_on(s.as_fd(), timeout),
             Sock::Unix(_) => Ok(()),
         }
     }
@@ -183,24 +189,9 @@ impl Sock {
 
     /// Sets the socket buffer sizes (best effort).
     pub fn set_buffers(&self, bytes: usize) {
-        use std::os::fd::AsRawFd;
-        let fd = match self {
-            Sock::Tcp(s) => s.as_raw_fd(),
-            Sock::Unix(s) => s.as_raw_fd(),
-        };
-        let v = bytes as libc::c_int;
-        for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-            // SAFETY: setsockopt with a valid fd and a pointer to a c_int of the right size.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&v as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-        }
+        use nix::sys::socket::{setsockopt, sockopt};
+        let _ = setsockopt(self, sockopt::SndBuf, &bytes);
+        let _ = setsockopt(self, sockopt::RcvBuf, &bytes);
     }
 
     /// Writes every byte of `bufs`, in order, with as few syscalls as the kernel allows.
@@ -235,6 +226,15 @@ impl std::os::fd::AsRawFd for Sock {
         match self {
             Sock::Tcp(s) => s.as_raw_fd(),
             Sock::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl AsFd for Sock {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Sock::Tcp(s) => s.as_fd(),
+            Sock::Unix(s) => s.as_fd(),
         }
     }
 }

@@ -9,10 +9,23 @@
 //! (`src/abi.rs` names the two numbers it lacks). The `userfaultfd` crate was not used: its copy
 //! result folds a negative errno into the byte count, and it lacks WP_ASYNC, PAGEMAP_SCAN and
 //! MOVE; `userfaultfd-sys` needs bindgen and libclang to build.
+//!
+//! Plain syscalls go through nix or std: `poll` ([`Uffd::wait_readable`]) through `nix::poll`,
+//! reading fault events through `nix::unistd::read`, opening /dev/userfaultfd through
+//! `std::fs::OpenOptions`. Two kinds of call stay on raw `libc`, because nix 0.32 has no
+//! wrapper for them:
+//! - `syscall(SYS_userfaultfd, flags)`: nix has no userfaultfd(2) (and libc no function for it);
+//! - every `ioctl`: UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE,
+//!   UFFDIO_WRITEPROTECT, UFFDIO_COPY, UFFDIO_ZEROPAGE, USERFAULTFD_IOC_NEW here and
+//!   PAGEMAP_SCAN in [`pagemap`]. nix has no userfaultfd or pagemap API, and its `ioctl_*!`
+//!   macros only generate `unsafe fn`s around the same `libc::ioctl`, so they would add no
+//!   safety: each call keeps its own `SAFETY:` comment on the structure it passes.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use thiserror::Error;
 
 mod abi;
@@ -243,7 +256,7 @@ impl Uffd {
         src: Option<*const u8>,
         len: u64,
         wake: bool,
-    ) -> (u64, Option<i32>) {
+    ) -> (u64, Option<Errno>) {
         let mode = if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE };
         let (r, done) = match src {
             Some(src) => {
@@ -273,9 +286,7 @@ impl Uffd {
         if r >= 0 {
             return (len, None);
         }
-        let errno = io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO);
+        let errno = Errno::last();
         // `done` is bytes copied before the failure, or a negative errno: never a count then.
         (u64::try_from(done).unwrap_or(0).min(len), Some(errno))
     }
@@ -304,8 +315,8 @@ impl Uffd {
             off += done;
             match err {
                 None => {}
-                Some(libc::EAGAIN) => {}
-                Some(libc::EEXIST) => {
+                Some(Errno::EAGAIN) => {}
+                Some(Errno::EEXIST) => {
                     // the page at `off` is present already: skip it
                     out.existing_pages += 1;
                     off += page_size;
@@ -320,7 +331,7 @@ impl Uffd {
                         },
                         addr: dst + off,
                         len: len - off,
-                        source: io::Error::from_raw_os_error(e),
+                        source: io::Error::from(e),
                     })
                 }
             }
@@ -334,13 +345,10 @@ impl Uffd {
 
     /// Waits up to `timeout_ms` for fault events to read; false on timeout or EINTR.
     pub fn wait_readable(&self, timeout_ms: i32) -> bool {
-        let mut p = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polling one pollfd we own.
-        unsafe { libc::poll(&mut p, 1, timeout_ms) > 0 }
+        let mut p = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        // a negative timeout waits without limit, as poll(2) does
+        let timeout = PollTimeout::try_from(timeout_ms).unwrap_or(PollTimeout::NONE);
+        matches!(poll(&mut p, timeout), Ok(n) if n > 0)
     }
 
     /// Fault events read per call.
@@ -360,22 +368,12 @@ impl Uffd {
     fn read_events(&self, mut each: impl FnMut(Fault)) -> Result<usize, UffdError> {
         const N: usize = Uffd::READ_BATCH;
         let mut msgs = [[0u8; MSG_LEN]; N];
-        // SAFETY: reading into a buffer of N uffd_msg-sized slots we own.
-        let r = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                msgs.as_mut_ptr().cast(),
-                std::mem::size_of_val(&msgs),
-            )
+        let r = match nix::unistd::read(&self.fd, msgs.as_flattened_mut()) {
+            Ok(r) => r,
+            Err(Errno::EAGAIN | Errno::EINTR) => return Ok(0),
+            Err(e) => return Err(UffdError::Read(e.into())),
         };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
-                _ => Err(UffdError::Read(e)),
-            };
-        }
-        let n = r as usize / MSG_LEN;
+        let n = r / MSG_LEN;
         let u64_at = |m: &[u8; MSG_LEN], at: usize| {
             let mut a = [0u8; 8];
             a.copy_from_slice(&m[at..at + 8]);
@@ -395,6 +393,12 @@ impl Uffd {
     }
 }
 
+impl AsFd for Uffd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 /// One page fault as userfaultfd reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fault {
@@ -405,14 +409,11 @@ pub struct Fault {
 }
 
 fn open_dev(flags: i32) -> io::Result<RawFd> {
-    let path = c"/dev/userfaultfd";
-    // SAFETY: opening a device node by a NUL-terminated path.
-    let dev = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if dev < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `dev` is ours; wrapping it closes it on every path.
-    let dev = unsafe { OwnedFd::from_raw_fd(dev) };
+    // O_RDWR | O_CLOEXEC (std always sets close-on-exec); closed on every path when dropped
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")?;
     // SAFETY: USERFAULTFD_IOC_NEW takes the new fd's flags by value.
     let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
     if fd < 0 {

@@ -1,5 +1,8 @@
 //! `PAGEMAP_SCAN` on /proc/self/pagemap (Linux ≥ 6.7): the pages of a range written since they
 //! were write-protected by a userfaultfd in `WP_ASYNC` mode, protected again in the same call.
+//!
+//! The one call here, `ioctl(PAGEMAP_SCAN)`, stays on raw `libc`: nix 0.32 has no pagemap API,
+//! and its `ioctl_*!` macros only generate an `unsafe fn` around the same `libc::ioctl`.
 
 use std::fs::File;
 use std::io;

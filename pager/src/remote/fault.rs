@@ -6,11 +6,13 @@
 
 use std::io::{self, Write};
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use nix::errno::Errno;
+use nix::sys::socket::{recv, MsgFlags};
 use proto::{Header, Message, PageIndex, HEADER_LEN, MAX_PAYLOAD_BYTES};
 use transport::Sock;
 
@@ -26,32 +28,23 @@ fn recv_nonblocking(sock: &Sock, buf: &mut [u8], filled: &mut usize) -> io::Resu
         if *filled == buf.len() {
             return Ok(true);
         }
-        // SAFETY: receiving into the unfilled tail of a buffer we own.
-        let r = unsafe {
-            libc::recv(
-                sock.as_raw_fd(),
-                buf[*filled..].as_mut_ptr().cast(),
-                buf.len() - *filled,
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if r > 0 {
-            let want = buf.len() - *filled;
-            *filled += r as usize;
-            if (r as usize) < want {
-                return Ok(true); // drained for now; poll(2) tells when more comes
+        let want = buf.len() - *filled;
+        match recv(
+            sock.as_raw_fd(),
+            &mut buf[*filled..],
+            MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) => return Ok(false),
+            Ok(r) => {
+                *filled += r;
+                if r < want {
+                    return Ok(true); // drained for now; poll(2) tells when more comes
+                }
             }
-            continue;
+            Err(Errno::EAGAIN) => return Ok(true),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
-        if r == 0 {
-            return Ok(false);
-        }
-        let e = io::Error::last_os_error();
-        return match e.kind() {
-            io::ErrorKind::WouldBlock => Ok(true),
-            io::ErrorKind::Interrupted => continue,
-            _ => Err(e),
-        };
     }
 }
 
@@ -309,11 +302,14 @@ pub(crate) fn fault_loop(r: Arc<Remote>, urgent: Sock, generation: u64) {
         out: Vec::with_capacity(64),
     };
     while !sh.stop.load(Ordering::Acquire) {
-        let conn_fd = t.conn.as_ref().map_or(-1, |(s, _)| s.as_raw_fd());
+        let conn_fd = t.conn.as_ref().map(|(s, _)| s.as_fd());
         // while pages are awaited from the stream, look now and then even without a wake-up
         // (a backstop: the streamers wake us when they install)
         let timeout_ms = if t.policy.streaming() > 0 { 10 } else { 1000 };
-        let ready = poll_in([sh.uffd.raw_fd(), r.waker.fd(), conn_fd], timeout_ms);
+        let ready = poll_in(
+            [Some(sh.uffd.as_fd()), Some(r.waker.as_fd()), conn_fd],
+            timeout_ms,
+        );
         if ready[1] {
             r.waker.drain();
             let inbox = r.inbox.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
+use nix::errno::Errno;
+use nix::sys::socket::{recv, MsgFlags};
 use proto::handshake::{check, offer, Offer};
 use proto::{read_frame, BitmapKind, Channel, Layout, Message, PageIndex};
 use transport::{error_chain, Addr, Sock};
@@ -298,25 +300,15 @@ fn stream_loop(r: Arc<Remote>, mut sock: Sock, generation: u64) {
 /// Whether the control connection is still up (the server never sends on it unprompted).
 fn control_alive(s: &Sock) -> Result<(), String> {
     let mut b = [0u8; 1];
-    // SAFETY: peeking one byte into a local buffer.
-    let r = unsafe {
-        libc::recv(
-            s.as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_DONTWAIT | libc::MSG_PEEK,
-        )
-    };
-    if r == 0 {
-        return Err("control connection closed by the source".into());
+    match recv(
+        s.as_raw_fd(),
+        &mut b,
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_PEEK,
+    ) {
+        Ok(0) => Err("control connection closed by the source".into()),
+        Ok(_) | Err(Errno::EAGAIN) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(format!("control connection: {}", io::Error::from(e))),
     }
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
-            return Err(format!("control connection: {e}"));
-        }
-    }
-    Ok(())
 }
 
 fn supervise(r: Arc<Remote>, control: Sock, mut streamers: Vec<std::thread::JoinHandle<()>>) {
