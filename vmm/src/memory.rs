@@ -6,11 +6,17 @@
 //! guest-physical order; the flat page index of `proto` (regions
 //! concatenated) therefore addresses it directly, which is how
 //! `page-server --serve FILE` can serve it without knowing the hole.
+//!
+//! `madvise` goes through `nix::sys::mman`; `mincore` (resident bytes) stays on `libc`, which
+//! nix does not wrap.
 
+use std::ffi::c_void;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
+use std::ptr::NonNull;
 
+use nix::sys::mman::{madvise, MmapAdvise};
 use proto::{GuestPhysAddr, Layout, Region};
 use thiserror::Error;
 
@@ -347,8 +353,11 @@ impl GuestRam {
     /// Releases all RAM back to the host (MADV_DONTNEED), e.g. after it was migrated.
     pub fn discard(&self) {
         for (_, host, len) in self.host_regions() {
+            let Some(addr) = NonNull::new(host as *mut c_void) else {
+                continue;
+            };
             // SAFETY: our own private anonymous mapping; it stays mapped and reads as zero.
-            unsafe { libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
+            let _ = unsafe { madvise(addr, len as usize, MmapAdvise::MADV_DONTNEED) };
         }
     }
 

@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
+use nix::sys::socket::{getsockopt, sockopt};
+use nix::unistd::geteuid;
+
 use super::{parse_request, ControlError, Reply, Request, MAX_REQUEST_BYTES};
 
 /// A request from a connection, with where to send its reply (progress lines first, for a long
@@ -78,29 +81,13 @@ pub fn serve<E: Send + 'static>(
 }
 
 fn peer_uid(s: &UnixStream) -> Option<u32> {
-    use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt(SO_PEERCRED) writes at most `len` bytes into `cred`.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(cred.uid)
+    getsockopt(s, sockopt::PeerCredentials)
+        .ok()
+        .map(|c| c.uid())
 }
 
 fn connection<E>(conn: UnixStream, to_vm: Sender<E>, forward: fn(Incoming) -> E) {
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let me = geteuid().as_raw();
     let mut out = match conn.try_clone() {
         Ok(c) => c,
         Err(_) => return,

@@ -1,13 +1,14 @@
 //! The `vmm` command line (a library module so test fixtures run the very same code).
+//! Session ids come from `libc::getrandom` (nix has no wrapper for it).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::api;
+use crate::config::{BootSource, Exit, RestoreConfig, RestoreMemory, RunConfig, SerialOut};
 use crate::migration::incoming::{self, IncomingConfig};
 use crate::virtio::{blk::BlockConfig, net::NetConfig, DeviceConfig};
-use crate::config::{BootSource, Exit, RestoreConfig, RestoreMemory, RunConfig, SerialOut};
 use crate::vm::{self, Event, Vm};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};

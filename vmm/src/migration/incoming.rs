@@ -4,13 +4,14 @@
 //! controller. A failed attempt (bad peer, incompatible VM, state that does not apply) is logged
 //! and the next connection is awaited.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use pager::PagerConfig;
 use transport::{Addr, Sock};
 
@@ -167,22 +168,18 @@ impl Listener {
         })
     }
 
-    fn fd(&self) -> i32 {
+    fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Unix(l) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l) => l.as_fd(),
         }
     }
 
     /// Waits up to `ms` for a connection.
     fn accept(&self, ms: i32) -> std::io::Result<Option<(Sock, String)>> {
-        let mut p = libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polling one pollfd we own.
-        if unsafe { libc::poll(&mut p, 1, ms) } <= 0 {
+        let mut p = [PollFd::new(self.fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::NONE);
+        if !matches!(poll(&mut p, timeout), Ok(n) if n > 0) {
             return Ok(None);
         }
         Ok(Some(match self {

@@ -2,7 +2,13 @@
 //! sizes derived from its round trip.
 
 use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{recv, MsgFlags};
+use nix::time::{clock_gettime, ClockId};
 
 use proto::{read_frame, HEADER_LEN};
 use transport::Sock;
@@ -15,13 +21,10 @@ pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// CLOCK_MONOTONIC in ns (the clock both sides timestamp with; aligned through Ping/Pong).
 pub fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    // CLOCK_MONOTONIC cannot fail on Linux; 0 would only show as a huge offset
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+        ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+    })
 }
 
 /// The migration connection: framed [`Wire`] messages.
@@ -49,39 +52,28 @@ impl Link {
     /// Whether a frame has started to arrive (or the connection ended) within `timeout`:
     /// waiting without reading keeps a slow frame from being cut by a receive timeout.
     pub fn readable(&self, timeout: Duration) -> bool {
-        let mut fds = [libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&self.sock),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: one valid pollfd for our own socket.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout.as_millis() as i32) };
-        n > 0
+        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+        matches!(poll(&mut fds, timeout), Ok(n) if n > 0)
     }
 
     /// Whether the peer has closed the link or it failed (a reset, a liveness timeout), without
     /// consuming anything: a peek. None while it is up (with or without data waiting).
     pub fn gone(&self) -> Option<String> {
         let mut b = [0u8; 1];
-        // SAFETY: peeking at most one byte into a local buffer, without blocking.
-        let r = unsafe {
-            libc::recv(
-                std::os::fd::AsRawFd::as_raw_fd(&self.sock),
-                b.as_mut_ptr().cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        match r {
-            0 => Some(format!("{} closed the migration link", self.peer)),
-            r if r < 0 => {
-                let e = std::io::Error::last_os_error();
-                match e.kind() {
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => None,
-                    _ => Some(format!("migration link to {}: {e}", self.peer)),
-                }
-            }
-            _ => None,
+        match recv(
+            self.sock.as_raw_fd(),
+            &mut b,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) => Some(format!("{} closed the migration link", self.peer)),
+            Ok(_) | Err(Errno::EAGAIN) | Err(Errno::EINTR) => None,
+            Err(e) => Some(format!(
+                "migration link to {}: {}",
+                self.peer,
+                std::io::Error::from(e)
+            )),
         }
     }
 

@@ -1,5 +1,8 @@
 //! The vCPU thread: it owns its `VcpuFd`, runs the guest, and takes commands (pause, resume,
 //! save, exit) from the controller, which kicks it out of `KVM_RUN` with a signal.
+//!
+//! The kick is `libc::pthread_kill`: the signal is a real-time one (`SIGRTMIN` + n, which no
+//! other code uses), and nix's `Signal` has no real-time signals.
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};

@@ -4,11 +4,15 @@
 //! that reads the tap and fills the receive queue (dropping frames while the VM is paused or
 //! has no buffer). After a migration the destination announces the MAC with RARP frames
 //! (like QEMU's announce-self) so bridges learn the VM's new port at once.
+//!
+//! `TUNSETIFF` stays a `libc::ioctl`: nix's ioctl macros only generate an unsafe function
+//! around the same call. The non-blocking flag is set through `nix::fcntl`.
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use serde::{Deserialize, Serialize};
 
 use super::error::VirtioError;
@@ -181,10 +185,10 @@ impl Net {
                 std::io::Error::last_os_error()
             )));
         }
-        // SAFETY: fcntl on our own descriptor.
-        unsafe {
-            let fl = libc::fcntl(tun.as_raw_fd(), libc::F_GETFL);
-            libc::fcntl(tun.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        // non-blocking reads: the receive thread polls (best effort, as before)
+        if let Ok(fl) = fcntl(&tun, FcntlArg::F_GETFL) {
+            let fl = OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK;
+            let _ = fcntl(&tun, FcntlArg::F_SETFL(fl));
         }
         Ok(Net {
             cfg: cfg.clone(),

@@ -1,4 +1,8 @@
 //! A NIC's receive thread: frames from its tap into the guest's receive queue.
+//!
+//! Its two poll(2) calls stay on `libc`: the stop signal is a `vmm_sys_util` EventFd (the type
+//! the rust-vmm device crates share), which has no `AsFd`, so `nix::poll` would need an unsafe
+//! `BorrowedFd::borrow_raw` in place of the unsafe poll.
 
 use std::fs::File;
 use std::io::{Read, Write};

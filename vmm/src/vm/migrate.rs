@@ -8,9 +8,9 @@ use transport::error_chain;
 
 use super::roles::{Dest, Source};
 use super::Vm;
-use crate::config::Exit;
 use crate::api::replies::{DestinationReport, Progress, Switchover};
 use crate::api::{Reply, Request};
+use crate::config::Exit;
 use crate::migration::controller::{Context, DirtyOp, MigEvent, Switch};
 use crate::migration::outgoing::Outgoing;
 use crate::migration::{mono_ns, Link, Mode, Offer, Plan, Wire, PROGRESS_EVERY, REQUIRED_CAPS};

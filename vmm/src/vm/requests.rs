@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 use transport::error_chain;
 
 use super::Vm;
-use crate::config::Exit;
-use crate::error::VmError;
 use crate::api::replies::{
     Checksum, DirtyRate, MemoryRead, Queued, Snapshot, SourceLost, StateNow, Status, Written,
 };
 use crate::api::{self, Reply, Request};
+use crate::config::Exit;
+use crate::error::VmError;
 use crate::state;
 
 impl Vm {

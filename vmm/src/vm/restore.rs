@@ -15,11 +15,11 @@ use super::{
     check_shape, clone_fd, console_out, device_sender, forward_stdin, set_memslots, shell,
     since_start, virtio_irq, Event, Shell, StartTimes, Vm,
 };
-use crate::error::{kvm_err, VmError};
 use crate::api;
 use crate::chips::Chips;
 use crate::config::{RestoreConfig, RestoreMemory, SerialOut};
 use crate::devices::Devices;
+use crate::error::{kvm_err, VmError};
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::persist::{Persist, StateError};
 use crate::state::{self, MachineConfig, Snapshot};
