@@ -3,7 +3,9 @@
 //! hold `pattern_word(sector, G, i)` for i in 0..64.
 
 use crate::virtio::{Dma, Mmio, Queue, Ring, F_NEXT, F_WRITE};
-use crate::{now_ns, pattern_word, Line, DISK_MAGIC};
+use crate::serial::Line;
+use crate::time::now_ns;
+use crate::{pattern_word, DISK_MAGIC};
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 
 /// Sectors per request (4 KiB): every request costs a VM exit.

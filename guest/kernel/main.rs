@@ -47,7 +47,16 @@ include!("../src/shared.rs");
 
 mod blk;
 mod net;
+mod params;
+mod serial;
+mod simd;
+mod time;
 mod virtio;
+
+use params::{parse_params, Params};
+use serial::{inb, outb, serial_write, Line};
+use simd::{avx, idle_and_check, simd_seed};
+use time::{calibrate_tsc, cpuid, now_ns, rdtsc};
 
 const MAX_CPUS: usize = 16;
 const PAGE: u64 = 4096;
@@ -81,55 +90,6 @@ static WRITES: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static SKIPPED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static SIMD_FAIL: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static FILLED: AtomicU64 = AtomicU64::new(0);
-/// TSC ticks per microsecond when there is no kvmclock.
-static TSC_PER_US: AtomicU64 = AtomicU64::new(0);
-
-#[derive(Clone, Copy)]
-struct Range {
-    start: u64,
-    pages: u64,
-}
-
-#[derive(Clone, Copy)]
-struct Params {
-    cpus: u64,
-    fill_mib: u64,
-    rate: u64,
-    hot_pct: u64,
-    hb_ms: u64,
-    ranges: [Range; 4],
-    nranges: usize,
-    pages: u64,
-    /// Block workload sectors (u64::MAX: the default).
-    blk: u64,
-    ip: Option<[u8; 4]>,
-}
-
-impl Params {
-    const DEFAULT: Params = Params {
-        cpus: 1,
-        fill_mib: u64::MAX,
-        rate: 1000,
-        hot_pct: 100,
-        hb_ms: 10,
-        ranges: [Range { start: 0, pages: 0 }; 4],
-        nranges: 0,
-        pages: 0,
-        blk: u64::MAX,
-        ip: None,
-    };
-
-    /// Guest-physical address of workload page `p`.
-    fn page_addr(&self, mut p: u64) -> u64 {
-        for r in &self.ranges[..self.nranges] {
-            if p < r.pages {
-                return r.start + p * PAGE;
-            }
-            p -= r.pages;
-        }
-        self.ranges[0].start
-    }
-}
 
 fn params() -> &'static Params {
     // SAFETY: PARAMS is written by cpu 0 only before GO is released (Release);
@@ -137,83 +97,7 @@ fn params() -> &'static Params {
     unsafe { &*core::ptr::addr_of!(PARAMS) }
 }
 
-// ------------------------------------------------------------------ port I/O
-fn outb(port: u16, v: u8) {
-    // SAFETY: ring 3 with IOPL 3; port I/O has no memory effects.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack)) }
-}
-
-fn inb(port: u16) -> u8 {
-    let v: u8;
-    // SAFETY: as for outb.
-    unsafe { asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack)) }
-    v
-}
-
-/// Writes a buffer to COM1, one `out` per byte (`rep outsb` from ring 3
-/// raises #GP on the development host's KVM).
-fn serial_write(bytes: &[u8]) {
-    for &b in bytes {
-        outb(COM1, b);
-    }
-}
-
-/// A line being assembled on the stack.
-struct Line {
-    buf: [u8; 256],
-    len: usize,
-}
-
 impl Line {
-    fn new() -> Line {
-        Line { buf: [0; 256], len: 0 }
-    }
-    fn s(&mut self, s: &str) -> &mut Line {
-        for &b in s.as_bytes() {
-            if self.len < self.buf.len() {
-                self.buf[self.len] = b;
-                self.len += 1;
-            }
-        }
-        self
-    }
-    fn u(&mut self, mut v: u64) -> &mut Line {
-        let mut tmp = [0u8; 20];
-        let mut n = 0;
-        loop {
-            tmp[n] = b'0' + (v % 10) as u8;
-            n += 1;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        while n > 0 {
-            n -= 1;
-            if self.len < self.buf.len() {
-                self.buf[self.len] = tmp[n];
-                self.len += 1;
-            }
-        }
-        self
-    }
-    fn x(&mut self, v: u64, digits: u32) -> &mut Line {
-        for i in (0..digits).rev() {
-            let d = ((v >> (i * 4)) & 15) as u8;
-            let c = if d < 10 { b'0' + d } else { b'a' + d - 10 };
-            if self.len < self.buf.len() {
-                self.buf[self.len] = c;
-                self.len += 1;
-            }
-        }
-        self
-    }
-    fn send(&mut self) {
-        self.s("\n");
-        serial_write(&self.buf[..self.len]);
-        self.len = 0;
-    }
-
     /// `send`, answering the network between two bytes when its interrupt
     /// came: every `out` is a VM exit (~50 us on the development host), so a
     /// heartbeat line alone would keep cpu 0 from polling for milliseconds.
@@ -230,190 +114,6 @@ impl Line {
         }
         self.len = 0;
     }
-}
-
-// ---------------------------------------------------------------------- time
-fn rdtsc() -> u64 {
-    let lo: u32;
-    let hi: u32;
-    // SAFETY: rdtsc has no memory effects (CR4.TSD is clear).
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) }
-    (hi as u64) << 32 | lo as u64
-}
-
-fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
-    let r = core::arch::x86_64::__cpuid(leaf);
-    (r.eax, r.ebx, r.ecx, r.edx)
-}
-
-/// Guest time in nanoseconds: kvmclock of this cpu, else TSC / calibration.
-fn now_ns(cpu: usize) -> u64 {
-    // SAFETY: reading flags written once by ring 0 before user mode started.
-    if unsafe { kvmclock_ok.load(Relaxed) } == 0 {
-        let per_us = TSC_PER_US.load(Relaxed).max(1);
-        return rdtsc() / per_us * 1000;
-    }
-    // SAFETY: the pvclock area is static guest memory the hypervisor updates;
-    // volatile reads under the version protocol.
-    let p = unsafe { core::ptr::addr_of!(pvclock[cpu]) as *const u8 };
-    loop {
-        // SAFETY: offsets inside the 64-byte per-cpu pvclock record.
-        unsafe {
-            let v1 = core::ptr::read_volatile(p as *const u32);
-            if v1 & 1 != 0 {
-                continue;
-            }
-            core::sync::atomic::fence(Acquire);
-            let tsc_ts = core::ptr::read_volatile(p.add(8) as *const u64);
-            let sys = core::ptr::read_volatile(p.add(16) as *const u64);
-            let mul = core::ptr::read_volatile(p.add(24) as *const u32);
-            let shift = core::ptr::read_volatile(p.add(28) as *const i8);
-            let tsc = rdtsc();
-            core::sync::atomic::fence(Acquire);
-            if core::ptr::read_volatile(p as *const u32) != v1 {
-                continue;
-            }
-            let mut delta = tsc.wrapping_sub(tsc_ts);
-            if shift >= 0 {
-                delta <<= shift;
-            } else {
-                delta >>= -shift;
-            }
-            return sys.wrapping_add(((delta as u128 * mul as u128) >> 32) as u64);
-        }
-    }
-}
-
-/// Measures the TSC against PIT channel 2 over 10 ms (no kvmclock).
-fn calibrate_tsc() {
-    outb(0x61, (inb(0x61) & !0x02) | 0x01);
-    outb(0x43, 0xb0);
-    let count: u16 = 11932; // 10 ms at 1.193182 MHz
-    outb(0x42, count as u8);
-    outb(0x42, (count >> 8) as u8);
-    let t0 = rdtsc();
-    let mut spins = 0u64;
-    while inb(0x61) & 0x20 == 0 && spins < 10_000_000 {
-        spins += 1;
-    }
-    let per_us = (rdtsc() - t0) / 10_000;
-    TSC_PER_US.store(per_us.max(1), Relaxed);
-}
-
-// ------------------------------------------------------------------ SIMD state
-const SIMD_SEED: u64 = 0x5157_4d44_0000_0000;
-
-fn avx() -> bool {
-    // SAFETY: flag written once by ring 0 before user mode started.
-    unsafe { avx_ok.load(Relaxed) != 0 }
-}
-
-/// Puts per-cpu values into the upper halves of ymm0-15 and a non-default
-/// MXCSR.  Legacy-SSE code (all this crate is compiled to) never changes
-/// either, so they must survive everything until the next check.
-fn simd_seed(cpu: usize) {
-    let mut vals = [0u64; 32];
-    for (i, v) in vals.iter_mut().enumerate() {
-        *v = SIMD_SEED ^ ((cpu as u64) << 16) ^ (i as u64 * 0x9e37_79b9);
-    }
-    let mxcsr: u32 = 0x7f80; // all masked, round toward zero
-    // SAFETY: loads from a valid local array; only vector registers and
-    // MXCSR change, which no other code here relies on.
-    unsafe {
-        asm!("ldmxcsr [{m}]", m = in(reg) &mxcsr, options(nostack));
-        if avx() {
-            asm!(
-                "vinsertf128 ymm0, ymm0, [{p}], 1",
-                "vinsertf128 ymm1, ymm1, [{p} + 16], 1",
-                "vinsertf128 ymm2, ymm2, [{p} + 32], 1",
-                "vinsertf128 ymm3, ymm3, [{p} + 48], 1",
-                "vinsertf128 ymm4, ymm4, [{p} + 64], 1",
-                "vinsertf128 ymm5, ymm5, [{p} + 80], 1",
-                "vinsertf128 ymm6, ymm6, [{p} + 96], 1",
-                "vinsertf128 ymm7, ymm7, [{p} + 112], 1",
-                "vinsertf128 ymm8, ymm8, [{p} + 128], 1",
-                "vinsertf128 ymm9, ymm9, [{p} + 144], 1",
-                "vinsertf128 ymm10, ymm10, [{p} + 160], 1",
-                "vinsertf128 ymm11, ymm11, [{p} + 176], 1",
-                "vinsertf128 ymm12, ymm12, [{p} + 192], 1",
-                "vinsertf128 ymm13, ymm13, [{p} + 208], 1",
-                "vinsertf128 ymm14, ymm14, [{p} + 224], 1",
-                "vinsertf128 ymm15, ymm15, [{p} + 240], 1",
-                p = in(reg) vals.as_ptr(),
-                out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
-                out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
-                out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
-                out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
-                options(nostack, readonly),
-            );
-        }
-    }
-}
-
-/// Idles until the next interrupt with xmm0-15 holding per-cpu, per-round
-/// values, and checks afterwards that they, the ymm upper halves and MXCSR
-/// are intact.  Returns false on any mismatch.
-fn idle_and_check(cpu: usize, round: u64) -> bool {
-    let mut lo = [0u64; 32];
-    for (i, v) in lo.iter_mut().enumerate() {
-        *v = round.wrapping_mul(0x0100_0000_01b3) ^ ((cpu as u64) << 40) ^ i as u64;
-    }
-    let mut after_lo = [0u64; 32];
-    let mut after_hi = [0u64; 32];
-    let mut mxcsr: u32 = 0;
-    // SAFETY: loads/stores within local arrays; `hlt` in ring 3 traps to the
-    // kernel's #GP handler, which idles and resumes after it.
-    unsafe {
-        asm!(
-            "movdqu xmm0, [{i}]", "movdqu xmm1, [{i} + 16]",
-            "movdqu xmm2, [{i} + 32]", "movdqu xmm3, [{i} + 48]",
-            "movdqu xmm4, [{i} + 64]", "movdqu xmm5, [{i} + 80]",
-            "movdqu xmm6, [{i} + 96]", "movdqu xmm7, [{i} + 112]",
-            "movdqu xmm8, [{i} + 128]", "movdqu xmm9, [{i} + 144]",
-            "movdqu xmm10, [{i} + 160]", "movdqu xmm11, [{i} + 176]",
-            "movdqu xmm12, [{i} + 192]", "movdqu xmm13, [{i} + 208]",
-            "movdqu xmm14, [{i} + 224]", "movdqu xmm15, [{i} + 240]",
-            "hlt",
-            "movdqu [{o}], xmm0", "movdqu [{o} + 16], xmm1",
-            "movdqu [{o} + 32], xmm2", "movdqu [{o} + 48], xmm3",
-            "movdqu [{o} + 64], xmm4", "movdqu [{o} + 80], xmm5",
-            "movdqu [{o} + 96], xmm6", "movdqu [{o} + 112], xmm7",
-            "movdqu [{o} + 128], xmm8", "movdqu [{o} + 144], xmm9",
-            "movdqu [{o} + 160], xmm10", "movdqu [{o} + 176], xmm11",
-            "movdqu [{o} + 192], xmm12", "movdqu [{o} + 208], xmm13",
-            "movdqu [{o} + 224], xmm14", "movdqu [{o} + 240], xmm15",
-            "stmxcsr [{m}]",
-            i = in(reg) lo.as_ptr(),
-            o = in(reg) after_lo.as_mut_ptr(),
-            m = in(reg) &mut mxcsr,
-            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
-            out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
-            out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
-            out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
-            options(nostack),
-        );
-        if avx() {
-            asm!(
-                "vextractf128 [{o}], ymm0, 1", "vextractf128 [{o} + 16], ymm1, 1",
-                "vextractf128 [{o} + 32], ymm2, 1", "vextractf128 [{o} + 48], ymm3, 1",
-                "vextractf128 [{o} + 64], ymm4, 1", "vextractf128 [{o} + 80], ymm5, 1",
-                "vextractf128 [{o} + 96], ymm6, 1", "vextractf128 [{o} + 112], ymm7, 1",
-                "vextractf128 [{o} + 128], ymm8, 1", "vextractf128 [{o} + 144], ymm9, 1",
-                "vextractf128 [{o} + 160], ymm10, 1", "vextractf128 [{o} + 176], ymm11, 1",
-                "vextractf128 [{o} + 192], ymm12, 1", "vextractf128 [{o} + 208], ymm13, 1",
-                "vextractf128 [{o} + 224], ymm14, 1", "vextractf128 [{o} + 240], ymm15, 1",
-                o = in(reg) after_hi.as_mut_ptr(),
-                options(nostack),
-            );
-        }
-    }
-    let mut ok = after_lo == lo && mxcsr & 0xffbf == 0x7f80;
-    if avx() {
-        for (i, v) in after_hi.iter().enumerate() {
-            ok &= *v == SIMD_SEED ^ ((cpu as u64) << 16) ^ (i as u64 * 0x9e37_79b9);
-        }
-    }
-    ok
 }
 
 // ------------------------------------------------------------------ workload
@@ -473,101 +173,6 @@ fn write_page(p: &Params, cpu: usize, rng: &mut u64, seq: u64) {
         // SAFETY: as in fill.
         unsafe { core::ptr::write_volatile(a.add(off + w), seq ^ (cpu as u64) << 56 ^ w as u64) };
     }
-}
-
-// --------------------------------------------------------------- boot params
-fn parse_params() -> Params {
-    let mut p = Params::DEFAULT;
-    // SAFETY: written once by the PVH entry code.
-    let si = unsafe { start_info_ptr } as *const u8;
-    if si.is_null() {
-        return p;
-    }
-    // SAFETY: hvm_start_info layout (xen/include/public/arch-x86/hvm/start_info.h);
-    // the loader placed it in RAM, identity-mapped.
-    unsafe {
-        let version = core::ptr::read_unaligned(si.add(4) as *const u32);
-        let cmdline = core::ptr::read_unaligned(si.add(24) as *const u64) as *const u8;
-        if !cmdline.is_null() {
-            let mut len = 0;
-            while len < 4096 && *cmdline.add(len) != 0 {
-                len += 1;
-            }
-            parse_cmdline(core::slice::from_raw_parts(cmdline, len), &mut p);
-        }
-        if version >= 1 {
-            let map = core::ptr::read_unaligned(si.add(40) as *const u64) as *const u8;
-            let n = core::ptr::read_unaligned(si.add(48) as *const u32) as usize;
-            for e in 0..n.min(128) {
-                let ent = map.add(e * 24);
-                let addr = core::ptr::read_unaligned(ent as *const u64);
-                let size = core::ptr::read_unaligned(ent.add(8) as *const u64);
-                let ty = core::ptr::read_unaligned(ent.add(16) as *const u32);
-                add_ram(&mut p, ty, addr, size);
-            }
-        }
-    }
-    let want = p.fill_mib.saturating_mul(256);
-    let mut left = want;
-    for r in &mut p.ranges[..p.nranges] {
-        r.pages = r.pages.min(left);
-        left -= r.pages;
-    }
-    p.pages = p.ranges[..p.nranges].iter().map(|r| r.pages).sum();
-    p.cpus = p.cpus.clamp(1, MAX_CPUS as u64);
-    p.hb_ms = p.hb_ms.max(1);
-    p.hot_pct = p.hot_pct.clamp(1, 100);
-    p
-}
-
-fn add_ram(p: &mut Params, ty: u32, addr: u64, size: u64) {
-    const LIMIT: u64 = 16 << 30; // the identity map's reach
-    if ty != 1 || p.nranges == p.ranges.len() {
-        return;
-    }
-    let start = addr.max(WORK_BASE).next_multiple_of(PAGE);
-    let end = (addr + size).min(LIMIT) & !(PAGE - 1);
-    if end > start {
-        p.ranges[p.nranges] = Range { start, pages: (end - start) / PAGE };
-        p.nranges += 1;
-    }
-}
-
-fn parse_cmdline(s: &[u8], p: &mut Params) {
-    for word in s.split(|&b| b == b' ') {
-        let mut kv = word.splitn(2, |&b| b == b'=');
-        let (Some(k), Some(v)) = (kv.next(), kv.next()) else { continue };
-        let mut n: u64 = 0;
-        for &d in v {
-            if !d.is_ascii_digit() {
-                break;
-            }
-            n = n.saturating_mul(10).saturating_add((d - b'0') as u64);
-        }
-        match k {
-            b"cpus" => p.cpus = n,
-            b"fill" => p.fill_mib = n,
-            b"rate" => p.rate = n,
-            b"hot" => p.hot_pct = n,
-            b"hb" => p.hb_ms = n,
-            b"blk" => p.blk = n,
-            b"ip" => p.ip = parse_ip(v),
-            _ => {}
-        }
-    }
-}
-
-fn parse_ip(v: &[u8]) -> Option<[u8; 4]> {
-    let mut ip = [0u8; 4];
-    let mut parts = v.split(|&b| b == b'.');
-    for o in &mut ip {
-        let d = parts.next()?;
-        if d.is_empty() || d.len() > 3 || !d.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        *o = u8::try_from(d.iter().fold(0u32, |n, &c| n * 10 + (c - b'0') as u32)).ok()?;
-    }
-    parts.next().is_none().then_some(ip)
 }
 
 // ------------------------------------------------------------------ devices

@@ -342,12 +342,12 @@ impl Queue {
 
     /// Waits (bounded, by guest time) for the next used chain.
     pub fn wait(&mut self, timeout_ns: u64) -> Option<(usize, u32)> {
-        let deadline = crate::now_ns(0) + timeout_ns;
+        let deadline = crate::time::now_ns(0) + timeout_ns;
         loop {
             if let Some(u) = self.pop() {
                 return Some(u);
             }
-            if crate::now_ns(0) > deadline {
+            if crate::time::now_ns(0) > deadline {
                 return None;
             }
             core::hint::spin_loop();
