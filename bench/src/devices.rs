@@ -173,7 +173,7 @@ fn gap_ms(answers: &[Instant], from: Instant, to: Instant) -> f64 {
 }
 
 fn shutdown(v: &mut Vmm) {
-    let _ = ctl_as::<StateNow>(&v.sock, &Request::Shutdown, Duration::from_secs(5));
+    let _ = ctl_as::<StateNow>(&v.sock, &Request::Shutdown {}, Duration::from_secs(5));
     v.proc.wait_exit(Duration::from_secs(5));
 }
 

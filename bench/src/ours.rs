@@ -269,7 +269,7 @@ pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
         source_exit,
         checksum_line,
     };
-    let _ = ctl_as::<StateNow>(&dst.sock, &Request::Shutdown, Duration::from_secs(10));
+    let _ = ctl_as::<StateNow>(&dst.sock, &Request::Shutdown {}, Duration::from_secs(10));
     dst.proc.wait_exit(Duration::from_secs(5));
     Ok(run)
 }
@@ -319,7 +319,7 @@ pub fn tracking_cost(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<Vec<(Str
             out.push((b.to_owned(), (w1 - w0) as f64 / t0.elapsed().as_secs_f64()));
         }
     }
-    let _ = ctl_as::<StateNow>(&vm.sock, &Request::Shutdown, Duration::from_secs(5));
+    let _ = ctl_as::<StateNow>(&vm.sock, &Request::Shutdown {}, Duration::from_secs(5));
     vm.proc.wait_exit(Duration::from_secs(5));
     Ok(out)
 }

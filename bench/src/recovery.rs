@@ -215,7 +215,7 @@ fn one(a: &Args, vmm: &Path, run: u32, cut: bool) -> Result<Run> {
     if cut {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let st = ctl_as::<AnyStatus>(&dst.sock, &Request::Status, Duration::from_secs(5))?;
+            let st = ctl_as::<AnyStatus>(&dst.sock, &Request::Status {}, Duration::from_secs(5))?;
             if st.state() == "running" {
                 break;
             }
@@ -225,7 +225,7 @@ fn one(a: &Args, vmm: &Path, run: u32, cut: bool) -> Result<Run> {
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(a.cut_after_ms));
-        let st = ctl_as::<Status>(&dst.sock, &Request::Status, Duration::from_secs(5))?;
+        let st = ctl_as::<Status>(&dst.sock, &Request::Status {}, Duration::from_secs(5))?;
         present_at_cut = Some(st.pages_present);
         ip(&["-n", &hosts.net.ns[0], "link", "set", "eth0", "down"])?;
         say(&format!(
@@ -244,9 +244,9 @@ fn one(a: &Args, vmm: &Path, run: u32, cut: bool) -> Result<Run> {
     let t1 = Instant::now();
     let r = r.with_context(|| format!("{}; {}", src.fail_context(), dst.fail_context()))?;
     src.proc.wait_exit(Duration::from_secs(20));
-    let st = ctl_as::<Status>(&dst.sock, &Request::Status, Duration::from_secs(5))?;
+    let st = ctl_as::<Status>(&dst.sock, &Request::Status {}, Duration::from_secs(5))?;
     let after = guest_checksum(&dst, "c")?;
-    let _ = ctl_as::<StateNow>(&dst.sock, &Request::Shutdown, Duration::from_secs(5));
+    let _ = ctl_as::<StateNow>(&dst.sock, &Request::Shutdown {}, Duration::from_secs(5));
     dst.proc.wait_exit(Duration::from_secs(10));
     let pager = st.pager.as_ref();
     Ok(Run {

@@ -206,7 +206,7 @@ impl Vmm {
     }
 
     fn shutdown(mut self) -> Result<()> {
-        let _ = self.ctl::<StateNow>(&Request::Shutdown);
+        let _ = self.ctl::<StateNow>(&Request::Shutdown {});
         let _ = self.child.wait();
         Ok(())
     }
@@ -270,11 +270,11 @@ fn measure_restore(dir: &Path, mode: &str, args: Vec<String>, last: &Hb) -> Resu
         Some(h) if !last.cut.is_empty() && h.seq == last.seq + 1 => h,
         _ => last.clone(),
     };
-    let st0: Status = v.ctl(&Request::Status)?;
+    let st0: Status = v.ctl(&Request::Status {})?;
     // One second of running, then the pager's view of it.
     let run_start = t_first;
     std::thread::sleep(Duration::from_secs(1).saturating_sub(run_start.elapsed()));
-    let st1: Status = v.ctl(&Request::Status)?;
+    let st1: Status = v.ctl(&Request::Status {})?;
     let mut gap = 0f64;
     let mut prev: Option<Instant> = None;
     for (t, l) in v.lines.snapshot() {
@@ -307,7 +307,7 @@ fn measure_restore(dir: &Path, mode: &str, args: Vec<String>, last: &Hb) -> Resu
         let mut st = st1;
         while st.memory_complete_ms.is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
-            st = v.ctl(&Request::Status)?;
+            st = v.ctl(&Request::Status {})?;
         }
         row.memory_complete_ms = st.memory_complete_ms;
     }

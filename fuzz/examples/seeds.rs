@@ -329,9 +329,9 @@ fn main() {
     // control: every request, and replies
     let c = root.join("control");
     let reqs: Vec<(&str, Request)> = vec![
-        ("status", Request::Status),
-        ("pause", Request::Pause),
-        ("resume", Request::Resume),
+        ("status", Request::Status {}),
+        ("pause", Request::Pause {}),
+        ("resume", Request::Resume {}),
         (
             "snapshot",
             Request::Snapshot {
@@ -339,15 +339,15 @@ fn main() {
                 memory: "/tmp/vm.mem".into(),
             },
         ),
-        ("shutdown", Request::Shutdown),
+        ("shutdown", Request::Shutdown {}),
         (
             "serial-input",
             Request::SerialInput {
                 data: "ls\n\u{e9}".into(),
             },
         ),
-        ("checksum", Request::Checksum),
-        ("switchover", Request::MigrateSwitchover),
+        ("checksum", Request::Checksum {}),
+        ("switchover", Request::MigrateSwitchover {}),
         (
             "write-memory",
             Request::WriteMemory {

@@ -35,14 +35,17 @@ pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 
 /// A control request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Commands without arguments are empty struct variants (`Status {}`), not unit variants: serde
+/// lets a unit variant of an internally tagged enum take any extra field, an empty struct
+/// variant with `deny_unknown_fields` refuses it.
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// State, shape, timings.
-    Status,
+    Status {},
     /// Stop every vCPU.
-    Pause,
+    Pause {},
     /// Run every vCPU.
-    Resume,
+    Resume {},
     /// Pause and write state + memory.
     Snapshot {
         /// State file.
@@ -51,16 +54,16 @@ pub enum Request {
         memory: PathBuf,
     },
     /// End the VM.
-    Shutdown,
+    Shutdown {},
     /// Bytes for the guest's serial input.
     SerialInput {
         /// The bytes (UTF-8 text).
         data: String,
     },
     /// Checksum of guest RAM (meaningful while paused).
-    Checksum,
+    Checksum {},
     /// End the pre-copy passes of a running hybrid migration now and switch over.
-    MigrateSwitchover,
+    MigrateSwitchover {},
     /// Write bytes into guest memory on the VMM's behalf, as a device's DMA would (a debugging
     /// and test hook; the pages count as dirty for migration).
     WriteMemory {
@@ -282,6 +285,22 @@ mod tests {
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"snapshot","state":"/a"}"#).is_err());
+        // an unknown field is refused, on a request with fields and on one without, and the
+        // error names it
+        let e = parse_request(br#"{"cmd":"checksum","verbose":true}"#).unwrap_err();
+        assert!(e.to_string().contains("verbose"), "{e}");
+        let e = parse_request(br#"{"cmd":"migrate","to":"h:1","mod":"hybrid"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `mod`"), "{e}");
+        assert_eq!(
+            serde_json::to_string(&Request::Status {}).unwrap(),
+            r#"{"cmd":"status"}"#
+        );
+        assert_eq!(
+            parse_request(b"{\"cmd\":\"status\"}\n").unwrap(),
+            Request::Status {}
+        );
+        let e = parse_request(br#"{"cmd":"format_disk"}"#).unwrap_err();
+        assert!(e.to_string().contains("format_disk"), "{e}");
         let e = serde_json::to_string(&Reply::err("busy", "no")).unwrap();
         assert_eq!(e, r#"{"ok":false,"error":{"kind":"busy","message":"no"}}"#);
     }

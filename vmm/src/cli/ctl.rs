@@ -128,16 +128,16 @@ enum CtlCmd {
 
 pub(super) fn ctl(a: CtlArgs) -> Result<ExitCode> {
     let req = match a.cmd {
-        CtlCmd::Status => Request::Status,
-        CtlCmd::Pause => Request::Pause,
-        CtlCmd::Resume => Request::Resume,
+        CtlCmd::Status => Request::Status {},
+        CtlCmd::Pause => Request::Pause {},
+        CtlCmd::Resume => Request::Resume {},
         CtlCmd::Snapshot { state, memory } => Request::Snapshot {
             state: std::path::absolute(&state).unwrap_or(state),
             memory: std::path::absolute(&memory).unwrap_or(memory),
         },
-        CtlCmd::Shutdown => Request::Shutdown,
+        CtlCmd::Shutdown => Request::Shutdown {},
         CtlCmd::SerialInput { data } => Request::SerialInput { data },
-        CtlCmd::Checksum => Request::Checksum,
+        CtlCmd::Checksum => Request::Checksum {},
         CtlCmd::DirtyRate { ms, backend } => Request::DirtyRate { ms, backend },
         CtlCmd::Migrate {
             to,
@@ -160,7 +160,7 @@ pub(super) fn ctl(a: CtlArgs) -> Result<ExitCode> {
             copy_disk,
             recover_timeout_s,
         },
-        CtlCmd::MigrateSwitchover => Request::MigrateSwitchover,
+        CtlCmd::MigrateSwitchover => Request::MigrateSwitchover {},
         CtlCmd::WriteMemory { gpa, hex } => Request::WriteMemory { gpa, hex },
         CtlCmd::ReadMemory { gpa, len } => Request::ReadMemory { gpa, len },
     };

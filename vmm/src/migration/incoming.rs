@@ -273,7 +273,7 @@ fn answer_while_waiting(rx: &Receiver<Event>, bound: &Addr, attempts: u32, last:
             continue;
         };
         let r = match req {
-            Request::Status => Reply::ok(&IncomingStatus {
+            Request::Status {} => Reply::ok(&IncomingStatus {
                 api_version: api::VERSION,
                 state: "incoming".into(),
                 listening: bound.to_string(),

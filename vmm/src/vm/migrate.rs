@@ -402,12 +402,12 @@ impl Vm {
         self.lost.as_ref()?;
         let refuse = |what: &str| self.lost_refusal(what);
         match req {
-            Request::Resume => refuse("cannot resume"),
+            Request::Resume {} => refuse("cannot resume"),
             Request::Migrate { .. } => refuse("cannot migrate"),
             Request::Snapshot { .. } => refuse("cannot snapshot"),
-            Request::Checksum => refuse("cannot checksum all of RAM"),
+            Request::Checksum {} => refuse("cannot checksum all of RAM"),
             Request::DirtyRate { .. } => refuse("cannot measure a dirty rate"),
-            Request::MigrateSwitchover => refuse("cannot migrate"),
+            Request::MigrateSwitchover {} => refuse("cannot migrate"),
             Request::WriteMemory { .. } => refuse("cannot write guest memory"),
             Request::ReadMemory { gpa, len } => {
                 let pager = self.pager.as_ref()?;

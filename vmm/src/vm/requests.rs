@@ -143,14 +143,14 @@ impl Vm {
             return (refused, None);
         }
         let r = match req {
-            Request::Status => Ok(self.status()),
-            Request::Pause => self.pause().map(|_| now("paused")),
-            Request::Resume => {
+            Request::Status {} => Ok(self.status()),
+            Request::Pause {} => self.pause().map(|_| now("paused")),
+            Request::Resume {} => {
                 self.resume();
                 Ok(now("running"))
             }
             Request::Snapshot { state, memory } => self.snapshot(&state, &memory),
-            Request::Shutdown => return (now("shutdown"), Some(self.exit_now())),
+            Request::Shutdown {} => return (now("shutdown"), Some(self.exit_now())),
             Request::SerialInput { data } => {
                 let n = self
                     .devices
@@ -160,14 +160,14 @@ impl Vm {
                     .input(data.as_bytes());
                 Ok(Reply::ok(&Queued { queued: n }))
             }
-            Request::MigrateSwitchover => Ok(self.force_switchover()),
+            Request::MigrateSwitchover {} => Ok(self.force_switchover()),
             Request::WriteMemory { gpa, hex } => self.write_memory(gpa, &hex),
             Request::ReadMemory { gpa, len } => self.read_memory(gpa, len),
             Request::Migrate { .. } => Ok(Reply::err(
                 "internal",
                 "migrate is handled by the controller loop",
             )),
-            Request::Checksum => self.checksums(),
+            Request::Checksum {} => self.checksums(),
             Request::DirtyRate { ms, backend } => self.dirty_rate(ms, backend.as_deref()),
         };
         match r {
