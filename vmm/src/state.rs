@@ -280,16 +280,8 @@ mod tests {
             }],
             devices: DevicesState {
                 console: ConsoleState {
-                    baud_divisor_low: 12,
-                    baud_divisor_high: 0,
-                    interrupt_enable: 0,
-                    interrupt_identification: 1,
-                    line_control: 3,
-                    line_status: 0x60,
-                    modem_control: 8,
-                    modem_status: 0xb0,
-                    scratch: 0,
                     in_buffer: b"q".to_vec(),
+                    ..ConsoleState::default()
                 },
                 i8042: I8042::default(),
                 virtio: vec![crate::virtio::TransportState {
