@@ -320,6 +320,10 @@ fn one_size(a: &Args, mib: u64) -> Result<SizeRow> {
     std::fs::create_dir_all(&dir)?;
     let state = dir.join("state.bin");
     let memory = dir.join("memory.bin");
+    // the VMM writes snapshots to new files only: a previous run's go first
+    for f in [&state, &memory] {
+        let _ = std::fs::remove_file(f);
+    }
     eprintln!(
         "[vm-restore] {mib} MiB: booting our guest ({} vCPUs, {} pages/s)",
         a.vcpus, a.rate

@@ -202,3 +202,60 @@ fn bad_state_files_are_refused_clearly() {
     ]);
     assert!(e.contains("guest RAM has"), "{e}");
 }
+
+#[test]
+fn snapshot_files_are_new_and_private() {
+    if !kvm_or_skip("snapshot_files_are_new_and_private") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let p = boot_guest(1, "64M");
+    let state = TempFile(temp_path("priv-state"));
+    let memory = TempFile(temp_path("priv-memory"));
+    let snap = |st: &std::path::Path, mem: &std::path::Path| {
+        crate::vm::ctl_raw(
+            &p.sock,
+            &[
+                "snapshot",
+                "--state",
+                st.to_str().unwrap(),
+                "--memory",
+                mem.to_str().unwrap(),
+            ],
+        )
+    };
+    // new files: created 0600 (guest memory and registers are nobody else's to read)
+    let r = snap(&state.0, &memory.0);
+    assert!(r.ok, "{r:?}");
+    for f in [&state.0, &memory.0] {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+    }
+    // an existing file is not overwritten, and the refusal says why
+    let before = std::fs::read(&state.0).unwrap();
+    let other_mem = TempFile(temp_path("priv-memory2"));
+    let r = snap(&state.0, &other_mem.0);
+    let e = r.error.expect("refused");
+    assert!(e.message.contains("exists"), "{e:?}");
+    assert_eq!(std::fs::read(&state.0).unwrap(), before);
+    // a symlink planted at the path (here to a file of ours) is not followed
+    let target = TempFile(temp_path("priv-target"));
+    std::fs::write(&target.0, b"keep").unwrap();
+    let link = TempFile(temp_path("priv-link"));
+    std::os::unix::fs::symlink(&target.0, &link.0).unwrap();
+    let other_state = TempFile(temp_path("priv-state2"));
+    let r = snap(&other_state.0, &link.0);
+    assert!(!r.ok, "{r:?}");
+    assert_eq!(std::fs::read(&target.0).unwrap(), b"keep");
+    // ... and no half snapshot stays: the state file written before the refusal is gone
+    assert!(!other_state.0.exists(), "a half snapshot was left");
+    // a dangling one neither
+    let dangling = TempFile(temp_path("priv-dangling"));
+    let nowhere = temp_path("priv-nowhere");
+    std::os::unix::fs::symlink(&nowhere, &dangling.0).unwrap();
+    let third = TempFile(temp_path("priv-state3"));
+    let r = snap(&third.0, &dangling.0);
+    assert!(!r.ok, "{r:?}");
+    assert!(!nowhere.exists(), "the dangling symlink was followed");
+    p.ctl(&["shutdown"]);
+}

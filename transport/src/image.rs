@@ -11,6 +11,30 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use proto::Layout;
 use thiserror::Error;
 
+/// Creates `path` for a file that holds guest memory or state (a snapshot's state or memory
+/// file, a copied-in disk): a new file only (`O_CREAT | O_EXCL`, so neither an existing file
+/// nor a symlink at `path`, dangling or not, is followed or overwritten), mode 0600, readable
+/// and writable. An existing path is an `AlreadyExists` error that says so.
+pub fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{} exists (files holding guest memory or state are only ever written new: remove it first)",
+                    path.display()
+                ),
+            ),
+            _ => e,
+        })
+}
+
 /// Opening a memory image failed.
 #[derive(Debug, Error)]
 pub enum ImageError {

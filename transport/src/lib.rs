@@ -10,7 +10,7 @@ mod image;
 pub mod sched;
 mod sock;
 
-pub use image::{FileImage, ImageError};
+pub use image::{create_private, FileImage, ImageError};
 pub use sock::{set_liveness, Addr, Sock};
 
 /// Default socket buffer of a bulk connection, on both sides: enough for ~10 Gbit/s at 1 ms

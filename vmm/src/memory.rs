@@ -319,11 +319,18 @@ impl GuestRam {
             path: path.display().to_string(),
             source,
         };
-        let mut f = File::create(path).map_err(err)?;
-        for s in self.slices() {
-            f.write_all(s).map_err(err)?;
+        let mut f = transport::create_private(path).map_err(err)?;
+        let written = self
+            .slices()
+            .into_iter()
+            .try_for_each(|s| f.write_all(s))
+            .and_then(|()| f.sync_all());
+        if let Err(e) = written {
+            // ours (created new): a partial image (ENOSPC, say) is not left to be restored
+            let _ = std::fs::remove_file(path);
+            return Err(err(e));
         }
-        f.sync_all().map_err(err)
+        Ok(())
     }
 
     /// Reads all RAM from `path` (eager restore).

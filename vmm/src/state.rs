@@ -215,10 +215,16 @@ pub fn decode(bytes: &[u8], path: &str) -> Result<Snapshot, StateError> {
 /// Writes a snapshot's envelope to `path`.
 pub fn write_file(s: &Snapshot, path: &Path) -> Result<u64, StateError> {
     let bytes = encode(s)?;
-    std::fs::write(path, &bytes).map_err(|source| StateError::Io {
+    let io = |source| StateError::Io {
         path: path.display().to_string(),
         source,
-    })?;
+    };
+    let mut f = transport::create_private(path).map_err(io)?;
+    if let Err(e) = std::io::Write::write_all(&mut f, &bytes).and_then(|()| f.sync_all()) {
+        // ours (created new): a partial state file is not left behind
+        let _ = std::fs::remove_file(path);
+        return Err(io(e));
+    }
     Ok(bytes.len() as u64)
 }
 

@@ -21,7 +21,11 @@ impl Vm {
         let t0 = Instant::now();
         let snap = self.save()?;
         let state_bytes = state::write_file(&snap, state_path)?;
-        self.ram.write_file(memory_path)?;
+        if let Err(e) = self.ram.write_file(memory_path) {
+            // the state file is ours (written new): no half snapshot is left behind
+            let _ = std::fs::remove_file(state_path);
+            return Err(e.into());
+        }
         let checksum = self.ram.checksum();
         Ok(Reply::ok(&Snapshot {
             state_bytes,

@@ -2,7 +2,6 @@
 //! in a pager's staging mapping (the guest's reads fault them in, the stream brings the rest),
 //! written back to the new local image chunk by chunk as they are complete.
 
-use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
 use super::{disk_err, Block, BlockConfig, Counters, DiskId, Staging, WriteBack, WRITE_BACK_CHUNK};
@@ -24,17 +23,12 @@ impl Block {
         let a: transport::Addr = addr
             .parse()
             .map_err(|e| disk_err(cfg, format!("disk page-server {addr:?}: {e}")))?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&cfg.path)
-            .map_err(|e| {
-                disk_err(
-                    cfg,
-                    format!("cannot create the local copy (copy-disk writes a new image): {e}"),
-                )
-            })?;
+        let file = transport::create_private(&cfg.path).map_err(|e| {
+            disk_err(
+                cfg,
+                format!("cannot create the local copy (copy-disk writes a new image): {e}"),
+            )
+        })?;
         let cleanup = |e: VirtioError| {
             let _ = std::fs::remove_file(&cfg.path);
             e
