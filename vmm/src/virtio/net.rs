@@ -52,6 +52,27 @@ pub fn mac_string(m: &[u8]) -> String {
         .join(":")
 }
 
+/// Why `name` cannot be a Linux interface name (1 to 15 bytes, no `/`, NUL or white space, not
+/// `.` or `..`), or None when it can. A name can come from a migration peer's offer, so it is
+/// checked before it reaches a path or an ifreq.
+pub fn bad_tap_name(name: &str) -> Option<String> {
+    let why = if name.is_empty() || name.len() > 15 {
+        "1 to 15 bytes"
+    } else if name == "." || name == ".." {
+        "not . or .."
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == '\0' || c.is_whitespace() || c == ':')
+    {
+        "no /, :, NUL or white space"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "tap name {name:?} is not an interface name ({why})"
+    ))
+}
+
 fn parse_hex_bytes(s: &str, what: &str) -> Result<Vec<u8>, String> {
     s.split([':', '-'])
         .map(|p| {
@@ -67,8 +88,10 @@ impl NetConfig {
         let (mut tap, mut mac, mut ns) = (None, None, None);
         for kv in s.split(',') {
             match kv.split_once('=') {
-                Some(("tap", v)) if !v.is_empty() && v.len() < 16 => tap = Some(v.to_owned()),
-                Some(("tap", v)) => return Err(format!("tap name {v:?} (1 to 15 characters)")),
+                Some(("tap", v)) => match bad_tap_name(v) {
+                    None => tap = Some(v.to_owned()),
+                    Some(why) => return Err(why),
+                },
                 Some(("mac", v)) => mac = Some(parse_hex_bytes(v, "mac")?),
                 Some(("mac-namespace", v)) => ns = Some(parse_hex_bytes(v, "mac-namespace")?),
                 _ => {
@@ -156,6 +179,9 @@ impl Net {
             name: cfg.tap.clone(),
             what,
         };
+        if let Some(why) = bad_tap_name(&cfg.tap) {
+            return Err(err(why));
+        }
         let sys = std::path::Path::new("/sys/class/net").join(&cfg.tap);
         if !sys.exists() {
             return Err(err(format!(
@@ -285,6 +311,37 @@ pub fn rarp(mac: &[u8; 6]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tap name from a migration peer is checked before it reaches /sys or an ifreq: one
+    /// over 15 bytes used to panic the process, one with `/` could point outside /sys/class/net.
+    #[test]
+    fn peer_chosen_tap_names_are_refused_not_followed() {
+        for bad in [
+            "",
+            "a-name-of-16-byte",
+            "../../etc",
+            ".",
+            "..",
+            "tap 0",
+            "t\0x",
+            "eth0:1",
+        ] {
+            assert!(bad_tap_name(bad).is_some(), "{bad:?}");
+            let cfg = NetConfig {
+                tap: bad.into(),
+                mac: [0x52, 0x54, 0, 0, 0, 1],
+            };
+            let e = Net::open(&cfg).err().expect("refused");
+            assert!(
+                e.to_string().contains("not an interface name"),
+                "{bad:?}: {e}"
+            );
+        }
+        for good in ["tap0", "vm-tap.1", "a23456789012345"] {
+            assert!(bad_tap_name(good).is_none(), "{good:?}");
+        }
+        assert!(NetConfig::parse("tap=a-name-of-16-byte,mac=52:54:00:00:00:01", "x").is_err());
+    }
 
     #[test]
     fn mac_options() {
