@@ -84,12 +84,8 @@ pub(crate) fn bind(addr: &Addr) -> Result<(Listener, Addr), ServerError> {
             (Listener::Tcp(TcpListener::from_std(l)), Addr::Tcp(real))
         }
         Addr::Unix(p) => {
-            if std::fs::symlink_metadata(p).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            }) {
-                let _ = std::fs::remove_file(p);
-            }
+            // a live socket of another process is not taken over, a non-socket not removed
+            transport::clear_stale_socket(p).map_err(bind_err)?;
             let l = std::os::unix::net::UnixListener::bind(p).map_err(bind_err)?;
             l.set_nonblocking(true).map_err(bind_err)?;
             (Listener::Unix(UnixListener::from_std(l)), addr.clone())

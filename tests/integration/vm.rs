@@ -434,6 +434,22 @@ fn missing_kernel_and_bad_flags_are_clear_errors() {
     assert!(e.contains("/nonexistent/state"), "{e}");
     let e = vmm_fails(&["bogus-command"]);
     assert!(e.contains("bogus-command"), "{e}");
+    // --api-socket at a path that holds a file: refused, and the file is not removed
+    if std::path::Path::new("/dev/kvm").exists() {
+        let f = TempFile(temp_path("not-a-socket"));
+        std::fs::write(&f.0, b"keep").unwrap();
+        let e = vmm_fails(&[
+            "run",
+            "--mem",
+            "64M",
+            "--api-socket",
+            f.0.to_str().unwrap(),
+            "--serial",
+            "/dev/null",
+        ]);
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&f.0).unwrap(), b"keep");
+    }
     // A file that is not a PVH ELF.
     let notelf = TempFile(temp_path("notelf"));
     std::fs::write(&notelf.0, b"\x7fELF not really").unwrap();

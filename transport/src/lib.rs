@@ -11,7 +11,7 @@ pub mod sched;
 mod sock;
 
 pub use image::{create_private, FileImage, ImageError};
-pub use sock::{set_liveness, Addr, Sock};
+pub use sock::{clear_stale_socket, set_liveness, Addr, Sock};
 
 /// Default socket buffer of a bulk connection, on both sides: enough for ~10 Gbit/s at 1 ms
 /// round trip, small enough that a fault on a page queued behind it waits ~1 ms, not ~10.

@@ -51,6 +51,39 @@ impl fmt::Display for Addr {
     }
 }
 
+/// Clears the way to bind a Unix socket at `path`. Nothing there is fine. A socket nobody
+/// accepts on (left by a process that ended) is removed. A socket another process serves is
+/// refused (`AddrInUse`, "in use by another process"), and anything that is not a socket (a
+/// file, a directory, a symlink) is refused and left as it is (`AlreadyExists`): a path given
+/// by mistake never costs a file.
+pub fn clear_stale_socket(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(m) => m,
+    };
+    if !m.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket (left as it is)",
+                path.display()
+            ),
+        ));
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is in use by another process", path.display()),
+        ));
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Makes a dead TCP peer show up as an error within about `timeout` instead of the kernel's
 /// ~15 minutes of retransmissions: data left unacknowledged that long (TCP_USER_TIMEOUT) and an
 /// idle connection whose keepalive probes go unanswered both fail the socket with ETIMEDOUT.
@@ -263,5 +296,39 @@ impl Write for Sock {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a socket nobody serves is removed; a live one, a file and a symlink stay.
+    #[test]
+    fn only_a_stale_socket_is_cleared() {
+        let dir = std::env::temp_dir().join(format!("transport-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nothing = dir.join("nothing");
+        assert!(clear_stale_socket(&nothing).is_ok());
+        let file = dir.join("file");
+        std::fs::write(&file, b"precious").unwrap();
+        let e = clear_stale_socket(&file).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(clear_stale_socket(&link).is_err());
+        assert!(link.symlink_metadata().is_ok() && file.exists());
+        let live = dir.join("live.sock");
+        let l = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let e = clear_stale_socket(&live).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert!(live.exists());
+        drop(l);
+        // the listener is gone, its socket file stays: stale, removed
+        assert!(clear_stale_socket(&live).is_ok());
+        assert!(!live.exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -39,17 +39,18 @@ pub fn serve<E: Send + 'static>(
     forward: fn(Incoming) -> E,
 ) -> Result<(), ControlError> {
     let p = path.display().to_string();
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(ControlError::InUse { path: p });
-        }
-        let _ = std::fs::remove_file(path);
-    }
     let sock_err = |what, source| ControlError::Socket {
         path: p.clone(),
         what,
         source,
     };
+    match transport::clear_stale_socket(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(ControlError::InUse { path: p })
+        }
+        Err(e) => return Err(sock_err("clear the path", e)),
+        Ok(()) => {}
+    }
     // Bound and listening under a temporary name, made 0600, then renamed into place: the path
     // appears only once it is private and accepts connections (a client that saw the file
     // between bind and listen was refused).

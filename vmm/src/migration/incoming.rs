@@ -153,13 +153,8 @@ impl Listener {
                 (Listener::Tcp(l), Addr::Tcp(real))
             }
             Addr::Unix(p) => {
-                if std::os::unix::net::UnixStream::connect(p).is_ok() {
-                    return Err(MigrationError::Other(format!(
-                        "{} is in use by another process",
-                        p.display()
-                    )));
-                }
-                let _ = std::fs::remove_file(p);
+                transport::clear_stale_socket(p)
+                    .map_err(|e| MigrationError::Other(e.to_string()))?;
                 (
                     Listener::Unix(std::os::unix::net::UnixListener::bind(p).map_err(io)?),
                     addr.clone(),
