@@ -57,6 +57,16 @@ pub struct Queue {
     pub next_used: u16,
 }
 
+/// `base + off` for a ring or table address the driver chose: an address past 2^64 is a
+/// driver error (not a wrap in release and a panic in debug builds).
+fn at(base: u64, off: u64, what: &str) -> Result<u64, QueueError> {
+    base.checked_add(off).ok_or_else(|| {
+        QueueError(format!(
+            "{what} at {base:#x} + {off:#x} is past the address space"
+        ))
+    })
+}
+
 fn u16_at(ram: &GuestRam, gpa: u64) -> Result<u16, QueueError> {
     let mut b = [0u8; 2];
     ram.read_into(gpa, &mut b)
@@ -77,7 +87,7 @@ impl Queue {
 
     /// Buffers the driver made available and the device has not taken.
     pub fn pending(&self, ram: &GuestRam) -> Result<u16, QueueError> {
-        let idx = u16_at(ram, self.avail + 2)?;
+        let idx = u16_at(ram, at(self.avail, 2, "available ring")?)?;
         Ok(idx.wrapping_sub(self.next_avail))
     }
 
@@ -86,7 +96,7 @@ impl Queue {
         if !self.usable() {
             return Ok(None);
         }
-        let idx = u16_at(ram, self.avail + 2)?;
+        let idx = u16_at(ram, at(self.avail, 2, "available ring")?)?;
         let pending = idx.wrapping_sub(self.next_avail);
         if pending == 0 {
             return Ok(None);
@@ -100,7 +110,7 @@ impl Queue {
         // The ring entry is read after the index (the driver publishes the index last).
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         let slot = u64::from(self.next_avail % self.size);
-        let head = u16_at(ram, self.avail + 4 + 2 * slot)?;
+        let head = u16_at(ram, at(self.avail, 4 + 2 * slot, "available ring")?)?;
         self.next_avail = self.next_avail.wrapping_add(1);
         let mut descs = Vec::new();
         let mut i = head;
@@ -115,8 +125,11 @@ impl Queue {
                 return Err(QueueError(format!("descriptor chain from {head} loops")));
             }
             let mut d = [0u8; 16];
-            ram.read_into(self.desc + 16 * u64::from(i), &mut d)
-                .map_err(|e| QueueError(e.to_string()))?;
+            ram.read_into(
+                at(self.desc, 16 * u64::from(i), "descriptor table")?,
+                &mut d,
+            )
+            .map_err(|e| QueueError(e.to_string()))?;
             let addr = u64::from_le_bytes(d[0..8].try_into().unwrap_or_default());
             let len = u32::from_le_bytes(d[8..12].try_into().unwrap_or_default());
             let flags = u16::from_le_bytes([d[12], d[13]]);
@@ -143,13 +156,16 @@ impl Queue {
         let mut e = [0u8; 8];
         e[0..4].copy_from_slice(&u32::from(head).to_le_bytes());
         e[4..8].copy_from_slice(&len.to_le_bytes());
-        ram.write_bytes(self.used + 4 + 8 * slot, &e)
+        ram.write_bytes(at(self.used, 4 + 8 * slot, "used ring")?, &e)
             .map_err(|e| QueueError(e.to_string()))?;
         self.next_used = self.next_used.wrapping_add(1);
         // The element is visible before the index that publishes it.
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        ram.write_bytes(self.used + 2, &self.next_used.to_le_bytes())
-            .map_err(|e| QueueError(e.to_string()))
+        ram.write_bytes(
+            at(self.used, 2, "used ring")?,
+            &self.next_used.to_le_bytes(),
+        )
+        .map_err(|e| QueueError(e.to_string()))
     }
 }
 
@@ -200,6 +216,46 @@ mod tests {
         d.extend_from_slice(&flags.to_le_bytes());
         d.extend_from_slice(&next.to_le_bytes());
         put(ram, table + 16 * u64::from(i), &d);
+    }
+
+    /// Ring addresses a driver set near 2^64: an error naming the ring, in debug builds (which
+    /// used to panic on the overflow) as in release (which wrapped).
+    #[test]
+    fn ring_addresses_past_the_address_space_are_errors() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        for (desc, avail, used) in [
+            (0x1000, u64::MAX - 1, 0x3000),
+            (0x1000, u64::MAX - 3, 0x3000),
+            (u64::MAX - 20, 0x2000, 0x3000),
+            (0x1000, 0x2000, u64::MAX - 1),
+        ] {
+            let mut q = Queue {
+                size: 8,
+                ready: true,
+                desc,
+                avail,
+                used,
+                ..Default::default()
+            };
+            if avail == 0x2000 {
+                put(&ram, 0x2000 + 2, &1u16.to_le_bytes());
+                put(&ram, 0x2000 + 4, &1u16.to_le_bytes());
+            }
+            let popped = q.pop(&ram);
+            let pushed = q.push_used(&ram, 0, 1);
+            assert!(
+                popped.is_err() || pushed.is_err(),
+                "{desc:#x} {avail:#x} {used:#x}"
+            );
+            for e in [popped.err(), pushed.err()].into_iter().flatten() {
+                assert!(
+                    e.0.contains("past the address space")
+                        || e.0.contains("not (all) in guest RAM"),
+                    "{}",
+                    e.0
+                );
+            }
+        }
     }
 
     #[test]
