@@ -97,11 +97,9 @@ pub struct ConsoleState {
     pub in_buffer: Vec<u8>,
 }
 
-/// The UART as it comes out of reset (vm-superio's initial state): 9600 baud, 8N1, the
-/// transmitter empty, OUT2 set, CTS/DSR/DCD up, no input.
-impl Default for ConsoleState {
-    fn default() -> ConsoleState {
-        let s = SerialState::default();
+/// The saved form of vm-superio's UART state.
+impl From<SerialState> for ConsoleState {
+    fn from(s: SerialState) -> ConsoleState {
         ConsoleState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -117,25 +115,21 @@ impl Default for ConsoleState {
     }
 }
 
+/// The UART as it comes out of reset (vm-superio's initial state): 9600 baud, 8N1, the
+/// transmitter empty, OUT2 set, CTS/DSR/DCD up, no input.
+impl Default for ConsoleState {
+    fn default() -> ConsoleState {
+        SerialState::default().into()
+    }
+}
+
 impl Persist for Console {
     type State = ConsoleState;
     type Args = (EventFd, ConsoleOut);
     type Error = StateError;
 
     fn save(&self) -> Result<ConsoleState, StateError> {
-        let s = self.serial.state();
-        Ok(ConsoleState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        })
+        Ok(self.serial.state().into())
     }
 
     fn restore((irq, out): Self::Args, s: &ConsoleState) -> Result<Console, StateError> {
