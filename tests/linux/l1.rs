@@ -70,10 +70,15 @@ const GUEST_RESET: &str = "shutdown at rip=0xfff0";
 const L1_PANIC: &str = "Kernel panic - not syncing";
 /// The mark Linux logs when one of its CPUs did not get to schedule for over 20 s.
 const SOFT_LOCKUP: &str = "watchdog: BUG: soft lockup";
+/// The mark of a double fault in L1's own kernel. The CI run of 2026-12-05 (commit 68b7132)
+/// saw L1 print it while running our vCPU thread, followed by "BUG: scheduling while atomic"
+/// in L1 and a "Fatal exception in interrupt" panic of the L2 guest: the simulated host broke
+/// under the guest, not our vmm.
+const L1_DOUBLE_FAULT: &str = "PANIC: double fault";
 
 /// Runs a job like [`run_l1_once`], up to three times while the simulated host itself is what
-/// went wrong: a guest reset (triple fault), a soft lockup of a starved vCPU, a panic of L1's
-/// own kernel, or L1 freezing whole.
+/// went wrong: a guest reset (triple fault), a soft lockup of a starved vCPU, a panic or a
+/// double fault of L1's own kernel, or L1 freezing whole.
 ///
 /// Under load, the simulated host (nested SVM under TCG) resets 2-vCPU Linux guests on its own:
 /// measured here with no migration at all, for QEMU `-accel kvm` as for our vmm (README,
@@ -115,11 +120,12 @@ fn simulator_lost(rc: i32, dir: &Path, console: &str) -> Option<String> {
             "L1 froze: its own job deadline never fired; last pulse: {last}"
         ));
     }
-    guest_was_reset(dir).then(|| "a guest reset, a soft lockup or an L1 panic".to_string())
+    guest_was_reset(dir)
+        .then(|| "a guest reset, a soft lockup, or a panic or double fault of L1".to_string())
 }
 
-/// Whether a log or console in `dir` shows a reset, a soft lockup or an L1 panic (the job may
-/// still have passed).
+/// Whether a log or console in `dir` shows a reset, a soft lockup, or an L1 panic or double
+/// fault (the job may still have passed).
 fn guest_was_reset(dir: &Path) -> bool {
     std::fs::read_dir(dir)
         .into_iter()
@@ -133,7 +139,8 @@ fn guest_was_reset(dir: &Path) -> bool {
                             || s.contains(SOFT_LOCKUP)
                             // L1's own kernel (its console is serial.log; the guests' consoles
                             // are vmN.serial): the panics of README's "Linux guests"
-                            || (name == "serial.log" && s.contains(L1_PANIC))
+                            || (name == "serial.log"
+                                && (s.contains(L1_PANIC) || s.contains(L1_DOUBLE_FAULT)))
                 })
         })
 }
