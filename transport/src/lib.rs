@@ -3,15 +3,17 @@
 //! sizes and liveness (keepalive + `TCP_USER_TIMEOUT`), the placement and priority of the
 //! threads that use them, and memory image files (pages at rest, read through the page cache).
 //!
-//! The page-server, the pager and the VMM's migration link all sit on this crate; the
-//! authentication and encryption of every connection is to plug in here.
+//! The page-server, the pager and the VMM's migration link all sit on this crate, and every
+//! connection they make is authenticated and encrypted here ([`tls`], [`Security`]).
 
 mod image;
 pub mod sched;
 mod sock;
+pub mod tls;
 
 pub use image::{create_private, FileImage, ImageError};
 pub use sock::{clear_stale_socket, set_liveness, Addr, Sock};
+pub use tls::Security;
 
 /// Default socket buffer of a bulk connection, on both sides: enough for ~10 Gbit/s at 1 ms
 /// round trip, small enough that a fault on a page queued behind it waits ~1 ms, not ~10.

@@ -6,13 +6,16 @@
 //! option (no `sockopt::TcpInfo`, no `tcp_info` getter).
 
 use std::fmt;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::tls::TlsStream;
 
 /// Where to listen or connect: `HOST:PORT` for TCP, a path (containing `/`) for a Unix socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,17 +131,26 @@ fn set_liveness_on(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
         .map_or(Ok(()), |errno| Err(io::Error::from(errno)))
 }
 
-/// A connected blocking stream.
+/// A connected stream: plain TCP or Unix, or TLS over one of them.
 #[derive(Debug)]
 pub enum Sock {
     /// TCP.
     Tcp(TcpStream),
     /// Unix.
     Unix(UnixStream),
+    /// TLS over a TCP or Unix socket ([`crate::Security`] makes one); clones share it.
+    Tls(Arc<TlsStream>),
+}
+
+impl fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tls({:?})", self.raw())
+    }
 }
 
 impl Sock {
-    /// Connects, with TCP_NODELAY when `nodelay`.
+    /// Connects, with TCP_NODELAY when `nodelay` (plaintext: secure it with
+    /// [`crate::Security::client`]).
     pub fn connect(addr: &Addr, nodelay: bool, timeout: Duration) -> io::Result<Sock> {
         Ok(match addr {
             Addr::Tcp(a) => {
@@ -150,18 +162,60 @@ impl Sock {
         })
     }
 
+    /// The socket itself (under the TLS layer, if any).
+    fn base(&self) -> &Sock {
+        match self {
+            Sock::Tls(t) => t.raw(),
+            s => s,
+        }
+    }
+
+    /// Whether the connection is authenticated and encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Sock::Tls(_))
+    }
+
+    /// The identity the peer authenticated with (None for plaintext, or mid-handshake).
+    pub fn peer_identity(&self) -> Option<String> {
+        match self {
+            Sock::Tls(t) => t.peer_identity(),
+            _ => None,
+        }
+    }
+
+    /// The peer's address, for messages.
+    pub fn peer_name(&self) -> String {
+        let a = match self.base() {
+            Sock::Tcp(s) => s.peer_addr().map(|a| a.to_string()),
+            Sock::Unix(s) => s.peer_addr().map(|a| {
+                a.as_pathname()
+                    .map_or("unix socket".into(), |p| p.display().to_string())
+            }),
+            Sock::Tls(_) => unreachable!("base() is never TLS"),
+        };
+        a.unwrap_or_else(|e| format!("(peer address unknown: {e})"))
+    }
+
+    /// The local address of a TCP socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self.base() {
+            Sock::Tcp(s) => s.local_addr().ok(),
+            _ => None,
+        }
+    }
+
     /// See [`set_liveness`]; a no-op for Unix sockets.
     pub fn set_liveness(&self, timeout: Duration) -> io::Result<()> {
-        match self {
+        match self.base() {
             Sock::Tcp(s) => set_liveness_on(s.as_fd(), timeout),
-            Sock::Unix(_) => Ok(()),
+            _ => Ok(()),
         }
     }
 
     /// The kernel's smoothed round-trip time of a TCP connection (None for Unix sockets).
     pub fn rtt(&self) -> Option<Duration> {
         use std::os::fd::AsRawFd;
-        let Sock::Tcp(s) = self else {
+        let Sock::Tcp(s) = self.base() else {
             return None;
         };
         // SAFETY: tcp_info is plain old data; all-zero is a valid value.
@@ -180,35 +234,39 @@ impl Sock {
         (rc == 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
     }
 
-    /// Another handle on the same socket.
+    /// Another handle on the same socket (a TLS connection is shared, not duplicated).
     pub fn try_clone(&self) -> io::Result<Sock> {
         Ok(match self {
             Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
             Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+            Sock::Tls(t) => Sock::Tls(t.clone()),
         })
     }
 
     /// Shuts the socket down (wakes any thread blocked on it).
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        match self {
+        match self.base() {
             Sock::Tcp(s) => s.shutdown(how),
             Sock::Unix(s) => s.shutdown(how),
+            Sock::Tls(_) => unreachable!("base() is never TLS"),
         }
     }
 
     /// Sets the read timeout.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
+        match self.base() {
             Sock::Tcp(s) => s.set_read_timeout(t),
             Sock::Unix(s) => s.set_read_timeout(t),
+            Sock::Tls(_) => unreachable!("base() is never TLS"),
         }
     }
 
     /// Sets the write timeout.
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
+        match self.base() {
             Sock::Tcp(s) => s.set_write_timeout(t),
             Sock::Unix(s) => s.set_write_timeout(t),
+            Sock::Tls(_) => unreachable!("base() is never TLS"),
         }
     }
 
@@ -217,6 +275,7 @@ impl Sock {
         match self {
             Sock::Tcp(s) => s.set_nonblocking(nb),
             Sock::Unix(s) => s.set_nonblocking(nb),
+            Sock::Tls(t) => t.set_nonblocking(nb),
         }
     }
 
@@ -225,6 +284,99 @@ impl Sock {
         use nix::sys::socket::{setsockopt, sockopt};
         let _ = setsockopt(self, sockopt::SndBuf, &bytes);
         let _ = setsockopt(self, sockopt::RcvBuf, &bytes);
+    }
+
+    /// Reads what is there without blocking, whatever the socket's mode: Ok(0) at end of
+    /// stream, WouldBlock when nothing is ready.
+    pub fn recv_dontwait(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tls(t) => t.recv_dontwait(buf),
+            s => s.recv_dontwait_plain(buf),
+        }
+    }
+
+    /// Whether input is held in this process, unread (TLS records decrypted or not yet):
+    /// poll(2) does not see it, so a reader must read before it waits.
+    pub fn has_buffered_input(&self) -> bool {
+        match self {
+            Sock::Tls(t) => t.has_buffered_input(),
+            _ => false,
+        }
+    }
+
+    /// Whether a short read means the socket was drained (true for a plain socket; a TLS
+    /// read returns at most what one batch of records held).
+    pub fn short_read_drains(&self) -> bool {
+        !self.is_tls()
+    }
+
+    /// Whether output waits in this process for a non-blocking socket to take it.
+    pub fn pending_out(&self) -> bool {
+        match self {
+            Sock::Tls(t) => t.pending_out(),
+            _ => false,
+        }
+    }
+
+    /// Writes output waiting in this process (WouldBlock: the socket is still full).
+    pub fn flush_pending(&self) -> io::Result<()> {
+        match self {
+            Sock::Tls(t) => t.flush_pending(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Fills every buffer of `iov`, in order (readv(2) straight into them for a plain socket).
+    pub fn read_exact_vectored(&mut self, mut iov: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        if let Sock::Tls(t) = self {
+            let mut t: &TlsStream = t;
+            for b in iov.iter_mut() {
+                t.read_exact(b)?;
+            }
+            return Ok(());
+        }
+        while !iov.is_empty() {
+            let cnt = iov.len().min(1024);
+            let n = match nix::sys::uio::readv(&*self, &mut iov[..cnt]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            IoSliceMut::advance_slices(&mut iov, n);
+        }
+        Ok(())
+    }
+
+    /// read(2) on the socket itself (ciphertext under TLS).
+    pub(crate) fn read_plain(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.base() {
+            Sock::Tcp(s) => (&*s).read(buf),
+            Sock::Unix(s) => (&*s).read(buf),
+            Sock::Tls(_) => unreachable!("base() is never TLS"),
+        }
+    }
+
+    /// recv(2, MSG_DONTWAIT) on the socket itself.
+    pub(crate) fn recv_dontwait_plain(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd;
+        loop {
+            match recv(self.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// write(2) on the socket itself.
+    pub(crate) fn write_plain(&self, buf: &[u8]) -> io::Result<usize> {
+        match self.base() {
+            Sock::Tcp(s) => (&*s).write(buf),
+            Sock::Unix(s) => (&*s).write(buf),
+            Sock::Tls(_) => unreachable!("base() is never TLS"),
+        }
     }
 
     /// Writes every byte of `bufs`, in order, with as few syscalls as the kernel allows.
@@ -256,18 +408,20 @@ impl Sock {
 
 impl std::os::fd::AsRawFd for Sock {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        match self {
+        match self.base() {
             Sock::Tcp(s) => s.as_raw_fd(),
             Sock::Unix(s) => s.as_raw_fd(),
+            Sock::Tls(_) => unreachable!("base() is never TLS"),
         }
     }
 }
 
 impl AsFd for Sock {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
+        match self.base() {
             Sock::Tcp(s) => s.as_fd(),
             Sock::Unix(s) => s.as_fd(),
+            Sock::Tls(_) => unreachable!("base() is never TLS"),
         }
     }
 }
@@ -277,6 +431,7 @@ impl Read for Sock {
         match self {
             Sock::Tcp(s) => s.read(buf),
             Sock::Unix(s) => s.read(buf),
+            Sock::Tls(t) => (&**t).read(buf),
         }
     }
 }
@@ -286,12 +441,14 @@ impl Write for Sock {
         match self {
             Sock::Tcp(s) => s.write(buf),
             Sock::Unix(s) => s.write(buf),
+            Sock::Tls(t) => (&**t).write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Sock::Tcp(s) => s.write_vectored(bufs),
             Sock::Unix(s) => s.write_vectored(bufs),
+            Sock::Tls(t) => (&**t).write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
