@@ -36,24 +36,42 @@ image="target/bench/image-${size}m.raw"
 echo "[fault-latency] memory image: $image (${size} MiB, random, ~30 % zero pages)"
 target/release/fault-latency make-image --size-mib "$size" --out "$image"
 
-addr_file=$(mktemp)
+# Security on, as for users: TLS 1.3 with a pre-shared key made for this run (0600). A second
+# page-server in plaintext (--insecure) gives the same-run figures for the cost of TLS.
+psk=target/bench/bench-psk
+rm -f "$psk"
+(umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$psk")
 server_args=()
 [ "$placement" = colocated ] && server_args=(--urgent-cpu 0)
-target/release/page-server --serve "$image" --listen 127.0.0.1:0 --print-addr "${server_args[@]}" >"$addr_file" 2>target/bench/page-server.log &
-server_pid=$!
+pids=()
+files=()
 cleanup() {
-  kill "$server_pid" 2>/dev/null || true
-  wait "$server_pid" 2>/dev/null || true
-  rm -f "$addr_file"
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -f "${files[@]}"
 }
 trap cleanup EXIT
-for _ in $(seq 100); do
-  grep -q '^listening ' "$addr_file" && break
-  kill -0 "$server_pid" 2>/dev/null || { echo "page-server failed to start:" >&2; cat target/bench/page-server.log >&2; exit 1; }
-  sleep 0.1
-done
-addr=$(sed -n 's/^listening //p' "$addr_file")
-[ -n "$addr" ] || { echo "page-server did not report its address" >&2; exit 1; }
-echo "[fault-latency] page-server pid $server_pid on $addr"
+# start_server NAME SECURITY-ARGS...: starts a page-server, sets $addr
+start_server() {
+  local name=$1; shift
+  local addr_file
+  addr_file=$(mktemp)
+  files+=("$addr_file")
+  target/release/page-server --serve "$image" --listen 127.0.0.1:0 --print-addr "${server_args[@]}" "$@" >"$addr_file" 2>"target/bench/page-server-$name.log" &
+  local pid=$!
+  pids+=("$pid")
+  for _ in $(seq 100); do
+    grep -q '^listening ' "$addr_file" && break
+    kill -0 "$pid" 2>/dev/null || { echo "page-server ($name) failed to start:" >&2; cat "target/bench/page-server-$name.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  addr=$(sed -n 's/^listening //p' "$addr_file")
+  [ -n "$addr" ] || { echo "page-server ($name) did not report its address" >&2; exit 1; }
+  echo "[fault-latency] page-server ($name) pid $pid on $addr"
+}
+start_server tls --tls-psk-file "$psk"
+tls_addr=$addr
+start_server plaintext --insecure
+plain_addr=$addr
 
-target/release/fault-latency measure --addr "$addr" --image "$image" --out "$out" "${quick[@]}" --placement "$placement" ${FAULT_LATENCY_ARGS:-}
+target/release/fault-latency measure --addr "$tls_addr" --tls-psk-file "$psk" --plain-addr "$plain_addr" --image "$image" --out "$out" "${quick[@]}" --placement "$placement" ${FAULT_LATENCY_ARGS:-}

@@ -35,9 +35,16 @@ enum Cmd {
     },
     /// Measure against a page-server serving IMAGE at ADDR.
     Measure {
-        /// The page-server's address.
+        /// The page-server's address (TLS, with --tls-psk-file's key).
         #[arg(long)]
         addr: String,
+        /// The pre-shared key both this program and the page-server at --addr hold.
+        #[arg(long, value_name = "FILE")]
+        tls_psk_file: PathBuf,
+        /// A second page-server serving the same image in plaintext (`--insecure`): the
+        /// remote-fault and stream figures are measured against it too, for the cost of TLS.
+        #[arg(long, value_name = "ADDR")]
+        plain_addr: Option<String>,
         /// The image it serves (for the local-restore figures).
         #[arg(long)]
         image: PathBuf,
@@ -87,6 +94,10 @@ struct Figures {
     local_fault_p50_us: f64,
     local_fault_p99_us: f64,
     raw_local_fault_p50_us: f64,
+    /// What protects the figures above: TLS 1.3 with a pre-shared key.
+    security: String,
+    /// The same measurements in plaintext, same run (absent without --plain-addr).
+    plaintext: Option<Plain>,
     /// Extra detail: samples, wire throughput, the pager's own view of fault latency.
     detail: Detail,
     /// Target ratios (the targets) and whether this run met them.
@@ -108,6 +119,14 @@ struct Detail {
     pager_fault_p99_us: f64,
     pager_under_stream_p50_us: f64,
     pager_under_stream_p99_us: f64,
+}
+
+/// Figures measured against the plaintext page-server.
+#[derive(Debug, Serialize)]
+struct Plain {
+    fault_p50_us: f64,
+    fault_p99_us: f64,
+    stream_gbps: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -147,6 +166,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         Cmd::MakeImage { size_mib, out } => image::make(&out, size_mib),
         Cmd::Measure {
             addr,
+            tls_psk_file,
+            plain_addr,
             image,
             out,
             quick,
@@ -155,7 +176,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             placement,
             only,
         } => {
-            let mut cfg = pager::PagerConfig::default();
+            let mut cfg = pager::PagerConfig {
+                security: transport::Security::psk_file(&tls_psk_file)?,
+                ..pager::PagerConfig::default()
+            };
             if let Some(us) = reply_spin_us {
                 cfg.reply_spin = std::time::Duration::from_micros(us);
             }
@@ -180,13 +204,22 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            measure_all(&addr, &image, &out, quick, &cfg, placement)
+            measure_all(
+                &addr,
+                plain_addr.as_deref(),
+                &image,
+                &out,
+                quick,
+                &cfg,
+                placement,
+            )
         }
     }
 }
 
 fn measure_all(
     addr: &str,
+    plain_addr: Option<&str>,
     image: &std::path::Path,
     out: &std::path::Path,
     quick: bool,
@@ -210,6 +243,26 @@ fn measure_all(
     let (under, under_rep) = measure::faults_under_stream(&addr, n, cfg)?;
     step("stream throughput (no faults)");
     let stream = measure::stream_only(&addr, cfg)?;
+    let plaintext = match plain_addr {
+        None => None,
+        Some(a) => {
+            let a: pager::Addr = a.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            let plain = pager::PagerConfig {
+                security: transport::Security::Insecure,
+                ..cfg.clone()
+            };
+            step("remote faults, stream off, PLAINTEXT (for the cost of TLS)");
+            let (pf, _) = measure::remote_faults(&a, n, &plain)?;
+            step("stream throughput, PLAINTEXT");
+            let ps = measure::stream_only(&a, &plain)?;
+            let ps_s = ps.time_to_complete_ms.unwrap_or(f64::NAN) / 1e3;
+            Some(Plain {
+                fault_p50_us: pf.q_us(0.5),
+                fault_p99_us: pf.q_us(0.99),
+                stream_gbps: image_bytes as f64 * 8.0 / ps_s / 1e9,
+            })
+        }
+    };
     step("local-file faults");
     let (local, _) = measure::local_faults(image, n, cfg)?;
     step("bare userfaultfd faults");
@@ -232,6 +285,8 @@ fn measure_all(
         local_fault_p50_us: local.q_us(0.5),
         local_fault_p99_us: local.q_us(0.99),
         raw_local_fault_p50_us: raw_local.q_us(0.5),
+        security: cfg.security.describe(),
+        plaintext,
         detail: Detail {
             fault_samples: fault.0.len(),
             fault_under_stream_samples: under.0.len(),
@@ -249,7 +304,7 @@ fn measure_all(
         },
         targets: Vec::new(),
     };
-    let targets = vec![
+    let mut targets = vec![
         target(
             "fault_p50 / raw_rtt_p50",
             f.fault_p50_us / f.raw_rtt_p50_us,
@@ -281,6 +336,20 @@ fn measure_all(
             false,
         ),
     ];
+    if let Some(p) = &f.plaintext {
+        targets.push(target(
+            "TLS stream_gbps / plaintext stream_gbps",
+            f.stream_gbps / p.stream_gbps,
+            0.8,
+            true,
+        ));
+        targets.push(target(
+            "TLS fault_p50 / plaintext fault_p50",
+            f.fault_p50_us / p.fault_p50_us,
+            1.1,
+            false,
+        ));
+    }
     let f = Figures { targets, ..f };
     print_table(&f);
 
@@ -346,6 +415,19 @@ fn print_table(f: &Figures) {
         format!("{:.1} / {:.1}", f.local_fault_p50_us, f.local_fault_p99_us),
         format!("bare uffd {:.1}", f.raw_local_fault_p50_us),
     );
+    if let Some(p) = &f.plaintext {
+        row(
+            "PLAINTEXT fault p50 / p99 (us)",
+            format!("{:.1} / {:.1}", p.fault_p50_us, p.fault_p99_us),
+            format!("TLS {:.1} / {:.1}", f.fault_p50_us, f.fault_p99_us),
+        );
+        row(
+            "PLAINTEXT stream (Gbit/s)",
+            format!("{:.2}", p.stream_gbps),
+            format!("TLS {:.2}", f.stream_gbps),
+        );
+    }
+    println!("  (figures above the PLAINTEXT rows: {})", f.security);
     println!("\n  targets:");
     for t in &f.targets {
         let cmp = if t.at_least { ">=" } else { "<=" };

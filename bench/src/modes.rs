@@ -135,6 +135,7 @@ pub(crate) fn run(a: &Args, vmm: &Path, qemu_ok: bool, elf: &Path) -> Result<boo
         run_s: a.run_s,
         timeout: std::time::Duration::from_secs(a.timeout_s),
         mode: "postcopy".into(),
+        insecure: false,
     };
     let cost = if a.linux_kernel.is_some() {
         Vec::new()

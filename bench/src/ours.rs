@@ -36,6 +36,36 @@ pub struct OursConfig {
     pub timeout: Duration,
     /// `vmm ctl migrate --mode`: postcopy, hybrid or precopy.
     pub mode: String,
+    /// Plaintext (`--insecure` on both sides) instead of TLS with a pre-shared key (the
+    /// default, as for users): for the same-run cost of TLS.
+    pub insecure: bool,
+}
+
+/// `args` for a vmm (or page-server) this bench starts, with security as a user has it: TLS
+/// with a pre-shared key kept in `dir` (made once, 0600), added where the program takes it,
+/// unless `args` choose (`--insecure`, `--tls-...`).
+pub fn with_security(dir: &Path, args: &[String]) -> Result<Vec<String>> {
+    let mut out = args.to_vec();
+    if args
+        .iter()
+        .any(|a| a == "--insecure" || a.starts_with("--tls-"))
+    {
+        return Ok(out);
+    }
+    let takes = match args.first().map(String::as_str) {
+        Some("run" | "restore" | "--incoming" | "--serve") => true,
+        _ => args.iter().any(|a| a == "--incoming"),
+    };
+    if takes {
+        let psk = dir.join("bench-psk");
+        if !psk.exists() {
+            transport::tls::make_psk(&psk)
+                .with_context(|| format!("making the pre-shared key {}", psk.display()))?;
+        }
+        out.push("--tls-psk-file".into());
+        out.push(psk.display().to_string());
+    }
+    Ok(out)
 }
 
 /// What one migration with our vmm gave.
@@ -116,7 +146,7 @@ impl Vmm {
                 c
             }
         };
-        cmd.args(args)
+        cmd.args(with_security(dir, args)?)
             .args(["--serial", "stdout", "--api-socket"])
             .arg(&sock)
             .env("RUST_LOG", "info")
@@ -168,10 +198,16 @@ pub fn migrate(c: &OursConfig, progress: &dyn Fn(&str)) -> Result<OursRun> {
     let port = hb::free_port()?;
     let to = format!("tcp:127.0.0.1:{port}");
     progress("starting the destination (vmm --incoming)...");
-    let mut dst = Vmm::start(c, "dst", &["--incoming".into(), to.clone()])
+    let sec = |mut v: Vec<String>| {
+        if c.insecure {
+            v.push("--insecure".into());
+        }
+        v
+    };
+    let mut dst = Vmm::start(c, "dst", &sec(vec!["--incoming".into(), to.clone()]))
         .context("starting the destination vmm")?;
     progress("booting the source...");
-    let mut src = Vmm::start(c, "src", &run_args(c)).context("starting the source vmm")?;
+    let mut src = Vmm::start(c, "src", &sec(run_args(c))).context("starting the source vmm")?;
     let g = &c.guest;
     let fill = Duration::from_secs(60 + 60 * c.mem_mib.div_ceil(1024));
     let boot_line = src

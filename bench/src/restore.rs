@@ -173,7 +173,7 @@ impl Vmm {
         let lines = Lines::follow(serial.clone(), stop.clone());
         let spawned = Instant::now();
         let child = Command::new(bin("vmm")?)
-            .args(args)
+            .args(bench::ours::with_security(dir, args)?)
             .arg("--serial")
             .arg(&serial)
             .arg("--api-socket")
@@ -401,13 +401,16 @@ fn one_size(a: &Args, mib: u64) -> Result<SizeRow> {
     )?);
     eprintln!("[vm-restore] {mib} MiB: lazy restore from page-server on loopback");
     let mut server = Command::new(bin("page-server")?)
-        .args([
-            "--serve",
-            &memory.display().to_string(),
-            "--listen",
-            "127.0.0.1:0",
-            "--print-addr",
-        ])
+        .args(bench::ours::with_security(
+            &dir,
+            &[
+                "--serve".into(),
+                memory.display().to_string(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--print-addr".into(),
+            ],
+        )?)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

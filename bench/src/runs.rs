@@ -102,6 +102,10 @@ pub(crate) struct Args {
     /// Migrations per VMM and size (one row each): how often each VMM moved the guest intact.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub(crate) repeat: u32,
+    /// Skip the second migration of ours in plaintext (`--insecure`) that measures what TLS
+    /// costs in the same run.
+    #[arg(long)]
+    pub(crate) no_plaintext: bool,
     #[arg(skip = String::from("postcopy"))]
     pub(crate) ours_mode: String,
     #[arg(skip = qemu::QemuMode::Postcopy)]
@@ -192,6 +196,14 @@ pub(crate) struct Row {
     pub(crate) qemu_report: Option<Value>,
     pub(crate) ours_error: Option<String>,
     pub(crate) qemu_error: Option<String>,
+    /// What protects ours (the figures above): TLS 1.3 with a pre-shared key.
+    pub(crate) ours_security: String,
+    /// The same migration of ours in plaintext (`--insecure`), same run: the cost of TLS.
+    pub(crate) ours_plain_downtime_ms: Option<f64>,
+    pub(crate) ours_plain_total_ms: Option<f64>,
+    pub(crate) ours_plain_freeze_ms: Option<f64>,
+    pub(crate) ours_plain_fault_p50_us: Option<f64>,
+    pub(crate) ours_plain_error: Option<String>,
     /// PASS / MISS / n/a per target.
     pub(crate) targets: Vec<Target>,
 }
@@ -294,7 +306,39 @@ pub(crate) fn memory_ok(g: &guest::Guest, line: Option<&str>) -> Option<bool> {
     }
 }
 
+/// Ours once more, in plaintext, into the row's `ours_plain_*` figures.
+pub(crate) fn run_ours_plain(
+    a: &Args,
+    vmm: &Path,
+    mib: u64,
+    dir: &Path,
+    row: &mut Row,
+) -> Result<()> {
+    let dir = dir.join("plaintext");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut plain = Row::default();
+    run_ours_as(a, vmm, mib, &dir, &mut plain, true)?;
+    row.ours_plain_downtime_ms = plain.ours_downtime_ms;
+    row.ours_plain_total_ms = plain.ours_total_ms;
+    row.ours_plain_freeze_ms = plain.ours_freeze_ms;
+    row.ours_plain_fault_p50_us = plain.ours_fault_p50_us;
+    Ok(())
+}
+
 pub(crate) fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row) -> Result<()> {
+    row.ours_security = "TLS 1.3, pre-shared key".into();
+    run_ours_as(a, vmm, mib, dir, row, false)
+}
+
+fn run_ours_as(
+    a: &Args,
+    vmm: &Path,
+    mib: u64,
+    dir: &Path,
+    row: &mut Row,
+    insecure: bool,
+) -> Result<()> {
+    let side = if insecure { "ours plaintext" } else { "ours" };
     let c = ours::OursConfig {
         vmm: vmm.to_owned(),
         dir: dir.to_owned(),
@@ -304,8 +348,9 @@ pub(crate) fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row
         run_s: a.run_s,
         timeout: Duration::from_secs(a.timeout_s),
         mode: a.ours_mode.clone(),
+        insecure,
     };
-    let r = ours::migrate(&c, &|m| progress(mib, "ours", m))?;
+    let r = ours::migrate(&c, &|m| progress(mib, side, m))?;
     let (start, end) = (r.start.context("start")?, r.end.context("end")?);
     let f = heartbeat_figures(
         (r.src_serial.as_ref(), r.dst_serial.as_ref()),
@@ -322,7 +367,7 @@ pub(crate) fn run_ours(a: &Args, vmm: &Path, mib: u64, dir: &Path, row: &mut Row
         row.ours_freeze_ms,
         row.ours_stall_ms,
         row.ours_seq_continuous,
-    ) = hb_cells(mib, "ours", &f);
+    ) = hb_cells(mib, side, &f);
     row.ours_heartbeats = Some(f);
     row.ours_fault_p50_us = pager.map(|p| p.fault_latency.p50_us);
     row.ours_fault_p99_us = pager.map(|p| p.fault_latency.p99_us);

@@ -39,6 +39,69 @@ pub struct Args {
     /// Print the listening address on stdout as `listening ADDR` once ready (for scripts).
     #[arg(long)]
     pub print_addr: bool,
+    /// How clients are authenticated and their connections encrypted.
+    #[command(flatten, next_help_heading = "Security")]
+    pub security: SecurityArgs,
+}
+
+/// How a program's connections are authenticated and encrypted (the same flags on every
+/// program of the project that connects or listens). One of the pre-shared key, the
+/// certificate set, or `--insecure` must be given.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecurityArgs {
+    /// Pre-shared key file (mode 0600, at least 32 characters; make one with `vmm tls psk
+    /// FILE`): every peer holding the same key is accepted, nobody else. TLS 1.3.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["tls_ca", "insecure"])]
+    pub tls_psk_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signs every node's certificate (make a CA and node
+    /// certificates with `vmm tls certs`). Needs --tls-cert, --tls-key and --tls-peer.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key", "tls_peer"], conflicts_with = "insecure")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), signed by --tls-ca.
+    #[arg(long, value_name = "FILE", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM, mode 0600).
+    #[arg(long, value_name = "FILE", requires = "tls_ca")]
+    pub tls_key: Option<PathBuf>,
+    /// An identity (DNS name in the certificate) of a peer to accept (repeatable, or a comma
+    /// list); a certificate of the CA with another name is refused.
+    #[arg(long, value_name = "NAME", value_delimiter = ',', requires = "tls_ca")]
+    pub tls_peer: Vec<String>,
+    /// Plaintext: no authentication, no encryption. Anyone who can reach the sockets can read
+    /// guest memory and steer the migration. For tests of the wire format and closed labs only.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl SecurityArgs {
+    /// The configuration these flags give; an error when none was chosen.
+    pub fn security(&self) -> anyhow::Result<transport::Security> {
+        match self.chosen()? {
+            Some(s) => Ok(s),
+            None => anyhow::bail!(
+                "no credentials: give --tls-psk-file FILE (make one with `vmm tls psk FILE`), or --tls-ca, --tls-cert, --tls-key and --tls-peer (make them with `vmm tls certs`), or --insecure for plaintext"
+            ),
+        }
+    }
+
+    /// The configuration these flags give, None when none was chosen (a program that may
+    /// never connect: a migration it is later asked for is refused with the reason).
+    pub fn chosen(&self) -> anyhow::Result<Option<transport::Security>> {
+        use transport::Security;
+        if self.insecure {
+            log::warn!(
+                "--insecure: connections are PLAINTEXT, with no authentication: anyone who can reach them can read guest memory and steer the migration"
+            );
+            return Ok(Some(Security::Insecure));
+        }
+        if let Some(f) = &self.tls_psk_file {
+            return Ok(Some(Security::psk_file(f)?));
+        }
+        if let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            return Ok(Some(Security::certificates(ca, cert, key, &self.tls_peer)?));
+        }
+        Ok(None)
+    }
 }
 
 /// Makes a closed stdout (`prog | head`) end the process quietly with status 141 (128 +
@@ -85,19 +148,22 @@ fn run(args: Args) -> anyhow::Result<()> {
     // handlers first: a signal that arrives once we say we listen must stop us cleanly
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
         .context("cannot install signal handlers")?;
+    let security = args.security.security()?;
     let image = FileImage::open(&args.serve, args.page_size)?;
     let bytes = image.bytes().len();
     let config = ServerConfig {
         stream_chunk_pages: args.stream_chunk_pages.clamp(1, proto::MAX_PAGES_PER_FRAME),
         urgent_cpu: args.urgent_cpu,
+        security: security.clone(),
         ..ServerConfig::default()
     };
     let handle = serve(Arc::new(image), &addr, config)?;
     info!(
-        "serving {} ({} MiB) on {}",
+        "serving {} ({} MiB) on {}; {}",
         args.serve.display(),
         bytes >> 20,
-        handle.addr()
+        handle.addr(),
+        security.describe()
     );
     if args.print_addr {
         println!("listening {}", handle.addr());

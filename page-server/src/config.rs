@@ -21,6 +21,9 @@ pub struct ServerConfig {
     /// (keepalive + TCP_USER_TIMEOUT, see [`transport::set_liveness`]), so its session's threads end
     /// instead of blocking in the kernel's retransmissions. Zero: the kernel's defaults.
     pub liveness_timeout: std::time::Duration,
+    /// How clients are authenticated and their connections encrypted. The default refuses
+    /// every client: choose credentials (or, explicitly, plaintext).
+    pub security: transport::Security,
 }
 
 impl Default for ServerConfig {
@@ -31,6 +34,7 @@ impl Default for ServerConfig {
             bulk_buffer_bytes: DEFAULT_BULK_BUFFER_BYTES,
             precopy: false,
             liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
+            security: transport::Security::default(),
         }
     }
 }

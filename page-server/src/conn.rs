@@ -50,6 +50,11 @@ pub(crate) enum Next {
 /// the buffer once it is at least half of it, so a client that keeps the buffer from ever
 /// emptying (requests pipelined as fast as it reads) does not make it grow without bound.
 pub(crate) fn flush(c: &mut Conn) -> io::Result<()> {
+    // TLS records (or handshake messages) that a full socket did not take go first
+    match c.sock.0.flush_pending() {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+        r => r?,
+    }
     while c.wpos < c.wbuf.len() {
         match c.sock.write(&c.wbuf[c.wpos..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

@@ -1,12 +1,13 @@
 //! Listening and accepting: TCP or a Unix socket, chosen by the address's form; accepted
-//! TCP connections get TCP_NODELAY and the liveness options (see [`transport::set_liveness`]).
+//! TCP connections get TCP_NODELAY and the liveness options (see [`transport::set_liveness`]),
+//! and every connection is secured as the server's [`transport::Security`] says.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::time::Duration;
 
 use log::debug;
-use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::net::{TcpListener, UnixListener};
 
 use crate::error::ServerError;
 use transport::{Addr, Sock};
@@ -16,54 +17,49 @@ pub(crate) enum Listener {
     Unix(UnixListener),
 }
 
-pub(crate) enum MioSock {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
+/// An accepted connection on the event loop: a non-blocking [`Sock`] (TLS from the first
+/// byte unless the server runs insecure), registered with mio by its descriptor.
+pub(crate) struct MioSock(pub(crate) Sock);
 
 impl MioSock {
-    pub(crate) fn source(&mut self) -> &mut dyn mio::event::Source {
-        match self {
-            MioSock::Tcp(s) => s,
-            MioSock::Unix(s) => s,
+    /// Registers with `poll` (or changes the interest, when `again`).
+    pub(crate) fn register(
+        &self,
+        poll: &mio::Poll,
+        t: mio::Token,
+        interest: mio::Interest,
+        again: bool,
+    ) -> io::Result<()> {
+        let fd = self.0.as_raw_fd();
+        let mut src = mio::unix::SourceFd(&fd);
+        if again {
+            poll.registry().reregister(&mut src, t, interest)
+        } else {
+            poll.registry().register(&mut src, t, interest)
         }
     }
-    /// The blocking std socket behind this one.
+
+    pub(crate) fn deregister(&self, poll: &mio::Poll) {
+        let fd = self.0.as_raw_fd();
+        let _ = poll.registry().deregister(&mut mio::unix::SourceFd(&fd));
+    }
+
+    /// The blocking socket for a bulk thread (TLS state and all).
     pub(crate) fn into_blocking(self) -> io::Result<Sock> {
-        let s = match self {
-            MioSock::Tcp(s) => {
-                let fd = s.into_raw_fd();
-                // SAFETY: into_raw_fd gave up ownership of `fd`; it gets exactly one new owner.
-                let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-                Sock::Tcp(std)
-            }
-            MioSock::Unix(s) => {
-                let fd = s.into_raw_fd();
-                // SAFETY: as above.
-                let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
-                Sock::Unix(std)
-            }
-        };
-        s.set_nonblocking(false)?;
-        Ok(s)
+        self.0.set_nonblocking(false)?;
+        Ok(self.0)
     }
 }
 
 impl Read for MioSock {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-        match self {
-            MioSock::Tcp(s) => s.read(b),
-            MioSock::Unix(s) => s.read(b),
-        }
+        self.0.read(b)
     }
 }
 
 impl Write for MioSock {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        match self {
-            MioSock::Tcp(s) => s.write(b),
-            MioSock::Unix(s) => s.write(b),
-        }
+        self.0.write(b)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -93,18 +89,34 @@ pub(crate) fn bind(addr: &Addr) -> Result<(Listener, Addr), ServerError> {
     })
 }
 
-/// Accepts one client (WouldBlock when none is waiting); returns it with a name for logs.
-pub(crate) fn accept(listener: &mut Listener, liveness: Duration) -> io::Result<(MioSock, String)> {
-    match listener {
-        Listener::Tcp(l) => l.accept().map(|(s, a)| {
+/// Accepts one client (WouldBlock when none is waiting); returns it, secured as `security`
+/// says (its handshake runs as the event loop reads and writes it), with a name for logs.
+pub(crate) fn accept(
+    listener: &mut Listener,
+    liveness: Duration,
+    security: &transport::Security,
+) -> io::Result<(MioSock, String)> {
+    let (sock, peer) = match listener {
+        Listener::Tcp(l) => {
+            let (s, a) = l.accept()?;
             let _ = s.set_nodelay(true);
             if let Err(e) = transport::set_liveness(s.as_raw_fd(), liveness) {
                 debug!("client {a}: keepalive options: {e}");
             }
-            (MioSock::Tcp(s), a.to_string())
-        }),
-        Listener::Unix(l) => l
-            .accept()
-            .map(|(s, _)| (MioSock::Unix(s), "unix".to_string())),
-    }
+            // SAFETY: into_raw_fd gave up ownership of the descriptor; it gets exactly one
+            // new owner.
+            let std = unsafe { std::net::TcpStream::from_raw_fd(s.into_raw_fd()) };
+            (Sock::Tcp(std), a.to_string())
+        }
+        Listener::Unix(l) => {
+            let (s, _) = l.accept()?;
+            // SAFETY: as above.
+            let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(s.into_raw_fd()) };
+            (Sock::Unix(std), "unix".to_string())
+        }
+    };
+    sock.set_nonblocking(true)?;
+    let sock = security.server_start(sock)?;
+    sock.set_nonblocking(true)?;
+    Ok((MioSock(sock), peer))
 }

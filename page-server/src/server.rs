@@ -86,6 +86,7 @@ pub(crate) fn run(
                     &mut conns,
                     &mut next_token,
                     core.config.liveness_timeout,
+                    &core.config.security,
                 ),
                 WAKER => {}
                 t => {
@@ -109,8 +110,8 @@ pub(crate) fn run(
                         }
                         Next::Drop(why) => drop_conn(&poll, &mut conns, t, why, &mut sessions),
                         Next::Bulk(session) => {
-                            if let Some(mut c) = conns.remove(&t) {
-                                let _ = poll.registry().deregister(c.sock.source());
+                            if let Some(c) = conns.remove(&t) {
+                                c.sock.deregister(&poll);
                                 start_bulk(&core, c, session);
                             }
                         }
@@ -138,17 +139,15 @@ fn accept_all(
     conns: &mut HashMap<Token, Conn>,
     next: &mut usize,
     liveness: std::time::Duration,
+    security: &transport::Security,
 ) {
     loop {
-        let r = crate::listen::accept(listener, liveness);
+        let r = crate::listen::accept(listener, liveness, security);
         match r {
-            Ok((mut sock, peer)) => {
+            Ok((sock, peer)) => {
                 let t = Token(*next);
                 *next += 1;
-                if let Err(e) = poll
-                    .registry()
-                    .register(sock.source(), t, Interest::READABLE)
-                {
+                if let Err(e) = sock.register(poll, t, Interest::READABLE, false) {
                     warn!("client {peer}: cannot register: {e}");
                     continue;
                 }
@@ -186,10 +185,10 @@ fn drop_conn(
     why: Option<String>,
     sessions: &mut HashMap<u64, Arc<Session>>,
 ) {
-    let Some(mut c) = conns.remove(&t) else {
+    let Some(c) = conns.remove(&t) else {
         return;
     };
-    let _ = poll.registry().deregister(c.sock.source());
+    c.sock.deregister(poll);
     match why {
         Some(why) => warn!("client {}: dropped: {why}", c.peer),
         None => debug!("client {}: closed", c.peer),
@@ -252,14 +251,14 @@ fn drop_stalled(
 /// Asks for writable events while replies wait — or, when `service` left work for later, for
 /// one at once (re-registering a writable socket reports it writable right away).
 fn arm_writable(poll: &Poll, t: Token, c: &mut Conn) -> io::Result<()> {
-    let want = c.wpos < c.wbuf.len() || c.again;
+    let want = c.wpos < c.wbuf.len() || c.again || c.sock.0.pending_out();
     if want != c.writable_armed || c.again {
         let interest = if want {
             Interest::READABLE | Interest::WRITABLE
         } else {
             Interest::READABLE
         };
-        poll.registry().reregister(c.sock.source(), t, interest)?;
+        c.sock.register(poll, t, interest, true)?;
         c.writable_armed = want;
     }
     Ok(())
@@ -292,7 +291,7 @@ fn service(
                     if let Some(next) = handle_frames(core, c, sessions) {
                         return next;
                     }
-                    if n < scratch.len() && !closed {
+                    if n < scratch.len() && !closed && c.sock.0.short_read_drains() {
                         // a short read drained the socket: edge-triggered epoll reports new data
                         drained = true;
                         break;
@@ -355,7 +354,10 @@ fn start_bulk(core: &Arc<Core>, c: Conn, session: Arc<Session>) {
             return;
         }
     };
-    if let Err(e) = sock.write_all(&wbuf[wpos..]) {
+    if let Err(e) = sock
+        .write_all(&wbuf[wpos..])
+        .and_then(|_| sock.flush_pending())
+    {
         warn!("client {peer}: dropped: bulk welcome failed: {e}");
         return;
     }

@@ -56,6 +56,9 @@ pub struct PagerConfig {
     /// [`transport::DEFAULT_BULK_BUFFER_BYTES`]): bounds how long a fault on a page already
     /// streamed, still queued, waits.
     pub bulk_buffer_bytes: usize,
+    /// How the pager authenticates the source (and itself) and encrypts every channel. The
+    /// default refuses to connect: choose credentials (or, explicitly, plaintext).
+    pub security: transport::Security,
 }
 
 impl Default for PagerConfig {
@@ -76,6 +79,7 @@ impl Default for PagerConfig {
             fault_cpu: None,
             page_size: 4096,
             bulk_buffer_bytes: transport::DEFAULT_BULK_BUFFER_BYTES,
+            security: transport::Security::default(),
         }
     }
 }

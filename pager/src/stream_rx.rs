@@ -4,12 +4,11 @@
 //! each, zero runs with `UFFDIO_ZEROPAGE`, which allocates no memory. (Folding short zero runs
 //! into the copies was measured: it saved ioctls but cost more in page allocation — 275 vs
 //! 258 ms for 1 GiB — and raises the VM's memory use, so it is not done.) The scattered read
-//! is `nix::sys::uio::readv` over `IoSliceMut`s.
+//! is [`transport::Sock::read_exact_vectored`]: `readv(2)` on a plaintext socket, decrypted
+//! record by record into the same buffers under TLS.
 
 use std::io::{self, IoSliceMut, Read};
 
-use nix::errno::Errno;
-use nix::sys::uio::readv;
 use proto::{
     bit, mask_len, pages_data_len, pages_fixed, Header, Kind, Message, HEADER_LEN, PAGES_FIXED_LEN,
 };
@@ -69,7 +68,7 @@ impl StreamRx {
             // a broken source: fatal, before a byte of the frame is read or installed (its
             // pages inside the layout are no more to be trusted than the others)
             return Err(RxError::Install(PagerError::Protocol {
-                addr: peer(sock),
+                addr: sock.peer_name(),
                 what: format!(
                     "bulk connection: a Pages frame for pages {}+{count}, beyond the {} pages of the layout",
                     first.0,
@@ -105,7 +104,7 @@ impl StreamRx {
             rest = tail;
             done = i;
         }
-        readv_exact(sock, &mut iov)?;
+        sock.read_exact_vectored(&mut iov)?;
         let precopy = origin == proto::Origin::Precopy;
         self.install(first.0, n, sh, precopy)
             .map_err(RxError::Install)?;
@@ -158,31 +157,4 @@ impl StreamRx {
             Err(e) => RxError::Lost(format!("bad frame: {e}")),
         }
     }
-}
-
-/// The source's address as the connection sees it.
-fn peer(sock: &Sock) -> String {
-    let a = match sock {
-        Sock::Tcp(s) => s.peer_addr().map(|a| a.to_string()),
-        Sock::Unix(s) => s.peer_addr().map(|a| {
-            a.as_pathname()
-                .map_or("unix socket".into(), |p| p.display().to_string())
-        }),
-    };
-    a.unwrap_or_else(|e| format!("(peer address unknown: {e})"))
-}
-
-/// readv(2) until every iovec is full.
-fn readv_exact(sock: &Sock, mut iov: &mut [IoSliceMut<'_>]) -> io::Result<()> {
-    while !iov.is_empty() {
-        let cnt = iov.len().min(1024);
-        let n = match readv(sock, &mut iov[..cnt]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => n,
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        IoSliceMut::advance_slices(&mut iov, n);
-    }
-    Ok(())
 }

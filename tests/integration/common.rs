@@ -129,15 +129,27 @@ pub fn spawn_server(image: &Path, listen: &str) -> ServerProc {
 /// [`spawn_server`], with its log (RUST_LOG=info) written to `log` when given (else warnings
 /// only, to the test's stderr).
 pub fn spawn_server_logging(image: &Path, listen: &str, log: Option<&Path>) -> ServerProc {
+    spawn_server_with(image, listen, log, &[])
+}
+
+/// [`spawn_server_logging`] with more arguments (e.g. `--insecure` for a test of the wire
+/// format, whose clients write raw frames).
+pub fn spawn_server_with(
+    image: &Path,
+    listen: &str,
+    log: Option<&Path>,
+    extra: &[&str],
+) -> ServerProc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_page-server-fixture"));
-    cmd.args([
+    let mut args = vec![
         "--serve",
         image.to_str().unwrap(),
         "--listen",
         listen,
         "--print-addr",
-    ])
-    .stdout(Stdio::piped());
+    ];
+    args.extend_from_slice(extra);
+    cmd.args(tests::with_security(&args)).stdout(Stdio::piped());
     match log {
         Some(path) => cmd
             .env("RUST_LOG", "info")
@@ -189,4 +201,12 @@ pub fn read_some(s: &mut std::net::TcpStream) -> Vec<u8> {
     let n = s.read(&mut v).unwrap_or(0);
     v.truncate(n);
     v
+}
+
+/// Pager defaults with the tests' pre-shared key (security on, as for users).
+pub fn pager_cfg() -> pager::PagerConfig {
+    pager::PagerConfig {
+        security: tests::security(),
+        ..pager::PagerConfig::default()
+    }
 }

@@ -15,7 +15,10 @@ fn start_server(image: &TempFile, listen: &str) -> page_server::ServerHandle {
     serve(
         Arc::new(img),
         &listen.parse().expect("addr"),
-        ServerConfig::default(),
+        ServerConfig {
+            security: tests::security(),
+            ..ServerConfig::default()
+        },
     )
     .expect("serve")
 }
@@ -51,7 +54,7 @@ fn restore_256m_with_stream_and_four_touching_threads() {
     let pages = 256 * 256;
     let image = pattern_image(pages);
     let server = start_server(&image, "127.0.0.1:0");
-    let mut p = Pager::connect(server.addr(), PagerConfig::default()).expect("connect");
+    let mut p = Pager::connect(server.addr(), crate::common::pager_cfg()).expect("connect");
     assert_eq!(p.total_pages(), pages);
     let base = base_of(&p);
     let touchers: Vec<_> = (0..4u64)
@@ -88,7 +91,7 @@ fn pure_demand_paging_without_stream() {
     let server = start_server(&image, "127.0.0.1:0");
     let cfg = PagerConfig {
         stream: false,
-        ..Default::default()
+        ..crate::common::pager_cfg()
     };
     let mut p = Pager::connect(server.addr(), cfg).expect("connect");
     let base = base_of(&p);
@@ -127,7 +130,7 @@ fn kernel_mode_faults_are_served() {
     let server = start_server(&image, "127.0.0.1:0");
     let cfg = PagerConfig {
         stream: false,
-        ..Default::default()
+        ..crate::common::pager_cfg()
     };
     let p = Pager::connect(server.addr(), cfg).expect("connect");
     let base = base_of(&p);
@@ -180,7 +183,7 @@ fn local_file_restore() {
     }
     let pages = 64 * 256;
     let image = pattern_image(pages);
-    let mut p = Pager::local(&image.0, PagerConfig::default()).expect("local");
+    let mut p = Pager::local(&image.0, crate::common::pager_cfg()).expect("local");
     let base = base_of(&p);
     let ts: Vec<_> = (0..2u64)
         .map(|t| {
@@ -210,7 +213,7 @@ fn restore_over_unix_socket() {
     let sock = temp_path("sock");
     let server = start_server(&image, sock.to_str().unwrap());
     assert!(matches!(server.addr(), Addr::Unix(_)));
-    let mut p = Pager::connect(server.addr(), PagerConfig::default()).expect("connect");
+    let mut p = Pager::connect(server.addr(), crate::common::pager_cfg()).expect("connect");
     let base = base_of(&p);
     touch_pages(base, [0, pages - 1, pages / 2].into_iter());
     let _ = wait_ok(&mut p, 60);
@@ -226,7 +229,7 @@ fn handshake_mismatch_is_refused_clearly() {
     let server = start_server(&image, "127.0.0.1:0");
     let cfg = PagerConfig {
         page_size: 8192,
-        ..Default::default()
+        ..crate::common::pager_cfg()
     };
     match Pager::connect(server.addr(), cfg) {
         Err(PagerError::Refused { code, reason, .. }) => {
@@ -255,7 +258,7 @@ fn page_server_killed_mid_restore() {
     let cfg = PagerConfig {
         stream: false,
         reconnect_timeout: Duration::from_secs(2),
-        ..Default::default()
+        ..crate::common::pager_cfg()
     };
     let addr: Addr = server.addr.parse().unwrap();
     let mut p = Pager::connect(&addr, cfg).expect("connect");
@@ -305,7 +308,7 @@ fn pager_reconnects_to_a_restarted_server() {
     let cfg = PagerConfig {
         stream: false,
         reconnect_timeout: Duration::from_secs(10),
-        ..Default::default()
+        ..crate::common::pager_cfg()
     };
     let mut p = Pager::connect(&addr_s.parse().unwrap(), cfg).expect("connect");
     let events = p.events().expect("events");
@@ -338,7 +341,7 @@ fn no_page_is_sent_twice_within_a_session() {
     let pages = 256 * 256;
     let image = pattern_image(pages);
     let server = start_server(&image, "127.0.0.1:0");
-    let mut p = Pager::connect(server.addr(), PagerConfig::default()).expect("connect");
+    let mut p = Pager::connect(server.addr(), crate::common::pager_cfg()).expect("connect");
     let base = base_of(&p);
     let touchers: Vec<_> = (0..4u64)
         .map(|t| {
@@ -401,7 +404,7 @@ fn deferred_stream_starts_on_request() {
     let server = start_server(&image, "127.0.0.1:0");
     let cfg = PagerConfig {
         stream_deferred: true,
-        ..Default::default()
+        ..crate::common::pager_cfg()
     };
     let remote = Pager::connect(server.addr(), cfg.clone()).expect("connect");
     let local = Pager::local(&image.0, cfg).expect("local");
@@ -441,7 +444,7 @@ fn deferred_stream_survives_reconnects() {
     let cfg = PagerConfig {
         stream_deferred: true,
         reconnect_timeout: Duration::from_secs(10),
-        ..Default::default()
+        ..crate::common::pager_cfg()
     };
     let mut p = Pager::connect(&addr_s.parse().unwrap(), cfg).expect("connect");
     let events = p.events().expect("events");

@@ -104,6 +104,7 @@ fn precopy_passes_then_switch_leave_no_stale_page() {
         &"127.0.0.1:0".parse().unwrap(),
         ServerConfig {
             precopy: true,
+            security: tests::security(),
             ..ServerConfig::default()
         },
     )
@@ -111,7 +112,7 @@ fn precopy_passes_then_switch_leave_no_stale_page() {
     let cfg = PagerConfig {
         precopy: true,
         bulk_connections: 1,
-        ..PagerConfig::default()
+        ..crate::common::pager_cfg()
     };
     let mut p = Pager::connect(server.addr(), cfg).expect("connect");
     // pass 1: everything; the receiver has every page but does not complete

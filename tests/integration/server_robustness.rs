@@ -37,10 +37,14 @@ fn garbage_truncated_and_oversized_frames_do_not_disturb_a_good_client() {
     let pages = 32 * 256;
     let image = pattern_image(pages);
     let img = FileImage::open(&image.0, PS as u32).unwrap();
+    // the hostile clients write raw frames: a test of the wire format, in plaintext
     let server = serve(
         Arc::new(img),
         &"127.0.0.1:0".parse().unwrap(),
-        ServerConfig::default(),
+        ServerConfig {
+            security: transport::Security::Insecure,
+            ..ServerConfig::default()
+        },
     )
     .unwrap();
     let addr = match server.addr() {
@@ -52,7 +56,8 @@ fn garbage_truncated_and_oversized_frames_do_not_disturb_a_good_client() {
         server.addr(),
         PagerConfig {
             stream: false,
-            ..Default::default()
+            security: transport::Security::Insecure,
+            ..crate::common::pager_cfg()
         },
     )
     .unwrap();
@@ -192,10 +197,13 @@ fn serves_in_process_memory_regions() {
     let server = serve(
         Arc::new(provider),
         &"127.0.0.1:0".parse().unwrap(),
-        ServerConfig::default(),
+        ServerConfig {
+            security: tests::security(),
+            ..ServerConfig::default()
+        },
     )
     .unwrap();
-    let mut p = Pager::connect(server.addr(), PagerConfig::default()).unwrap();
+    let mut p = Pager::connect(server.addr(), crate::common::pager_cfg()).unwrap();
     let b = p.memory().regions()[0].0 as usize;
     touch_pages(b, [0, pages / 2, pages - 1].into_iter());
     match p.wait(Duration::from_secs(60)) {

@@ -62,7 +62,7 @@ impl VmmProc {
             }
         };
         let child = cmd
-            .args(args)
+            .args(tests::with_security(args))
             .arg("--serial")
             .arg(&serial)
             .arg("--api-socket")
@@ -283,18 +283,23 @@ pub fn boot_guest(vcpus: u32, mem: &str) -> VmmProc {
 
 /// [`boot_guest`] inside a network namespace.
 pub fn boot_guest_in(netns: Option<&str>, vcpus: u32, mem: &str) -> VmmProc {
-    let p = VmmProc::start_in(
-        netns,
-        &[
-            "run",
-            "--mem",
-            mem,
-            "--vcpus",
-            &vcpus.to_string(),
-            "--cmdline",
-            "rate=2000 hot=50",
-        ],
-    );
+    boot_guest_with(netns, vcpus, mem, &[])
+}
+
+/// [`boot_guest_in`] with more `vmm run` arguments (e.g. `--insecure`).
+pub fn boot_guest_with(netns: Option<&str>, vcpus: u32, mem: &str, extra: &[&str]) -> VmmProc {
+    let vcpus_s = vcpus.to_string();
+    let mut args = vec![
+        "run",
+        "--mem",
+        mem,
+        "--vcpus",
+        &vcpus_s,
+        "--cmdline",
+        "rate=2000 hot=50",
+    ];
+    args.extend_from_slice(extra);
+    let p = VmmProc::start_in(netns, &args);
     let boot = p.wait_line("boot line", Duration::from_secs(30), |l| {
         l.starts_with("GUEST boot")
     });

@@ -9,7 +9,7 @@
 . /l1lib.sh
 : > /tmp/pids
 l2_io 1 || { echo "BOOT failed: setting up the guest's disk and network in L1"; exit 1; }
-vmm run --mem 512M --vcpus 2 --kernel /l2/vmlinuz --initrd /l2/initrd.gz \
+vmm run $SEC --mem 512M --vcpus 2 --kernel /l2/vmlinuz --initrd /l2/initrd.gz \
   --disk "$L2_DISK" --net tap=l2tap0,mac=$L2_MAC \
   --cmdline "console=ttyS0 witness.mib=300 witness.rate=2000 witness.hb=20 $L2_IO_CMDLINE" \
   --api-socket /tmp/vm0.sock --serial vm0.serial </dev/null >vm0.log 2>&1 &

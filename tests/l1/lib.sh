@@ -1,6 +1,12 @@
 # Shared by the jobs in tests/l1 (and bench/linux.sh's): L1 has it as /l1lib.sh (the callers
 # give it to scripts/hwvirt-host.sh with --file). Plain busybox sh.
 
+# Migrations, lazy restores and page-servers in L1 run secured, as users run them: TLS 1.3 with
+# a pre-shared key made here once ($SEC goes on every vmm run / --incoming / restore and
+# page-server command line).
+[ -f /tmp/l1.psk ] || vmm tls psk /tmp/l1.psk >/dev/null
+SEC="--tls-psk-file /tmp/l1.psk"
+
 # wait_for FILE PATTERN SECONDS [AFTER_LINES]: until a line matching PATTERN appears past line
 # AFTER_LINES of FILE; prints the line number.
 wait_for() {
@@ -51,7 +57,7 @@ io_check() {
 # /tmp/pids) and writes `BOOT ok|failed: …` to summary; returns 1 when the guest never got ready.
 l2_boot() {
   mem=$1; cl=$2; shift 2
-  vmm run "$@" --mem "$mem" --vcpus 2 --kernel /l2/vmlinuz --initrd /l2/initrd.gz \
+  vmm run $SEC "$@" --mem "$mem" --vcpus 2 --kernel /l2/vmlinuz --initrd /l2/initrd.gz \
     --cmdline "$cl" --disk "$L2_DISK" --net tap=l2tap0,mac=$L2_MAC \
     --api-socket /tmp/vm0.sock --serial vm0.serial </dev/null >vm0.log 2>&1 &
   pid=$!

@@ -29,10 +29,10 @@ if [ $src != 0 ]; then
   echo "RESTORE rc=snapshot-failed verdict=none hb_after=0" | tee -a summary
   cat snap.out; exit 1
 fi
-page-server --serve /tmp/vm.mem --listen 127.0.0.1:7070 --print-addr </dev/null >ps.log 2>&1 &
+page-server $SEC --serve /tmp/vm.mem --listen 127.0.0.1:7070 --print-addr </dev/null >ps.log 2>&1 &
 ps=$!
 for t in $(seq 50); do grep -q "^listening" ps.log && break; sleep 0.1; done
-vmm restore $on_cpu0 --state /tmp/vm.state --memory-from 127.0.0.1:7070 \
+vmm restore $SEC $on_cpu0 --state /tmp/vm.state --memory-from 127.0.0.1:7070 \
   --api-socket /tmp/vm1.sock --serial vm1.serial </dev/null >vm1.log 2>&1 &
 rpid=$!
 hb=0; verdict=none; rc=running; before=0

@@ -7,11 +7,13 @@
 //! connection they make is authenticated and encrypted here ([`tls`], [`Security`]).
 
 mod image;
+mod ratelog;
 pub mod sched;
 mod sock;
 pub mod tls;
 
 pub use image::{create_private, FileImage, ImageError};
+pub use ratelog::LogLimiter;
 pub use sock::{clear_stale_socket, set_liveness, Addr, Sock};
 pub use tls::Security;
 

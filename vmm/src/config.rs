@@ -50,6 +50,8 @@ pub struct RunConfig {
     pub serial: SerialOut,
     /// Control socket path.
     pub api_socket: Option<PathBuf>,
+    /// How a migration away from this VM is authenticated and encrypted.
+    pub security: transport::Security,
 }
 
 /// Where a restored VM's memory comes from.
@@ -74,6 +76,9 @@ pub struct RestoreConfig {
     pub api_socket: Option<PathBuf>,
     /// Leave the vCPUs paused after the restore.
     pub paused: bool,
+    /// How a migration away from this VM is authenticated and encrypted (a lazy restore's
+    /// pager has its own, in its [`PagerConfig`]).
+    pub security: transport::Security,
 }
 
 /// How the VM ended.

@@ -132,6 +132,8 @@ pub struct Vm {
     announce_pending: bool,
     /// Disk copy-ins started when the VM arrived (`migrate --copy-disk`).
     disk_copies_started: usize,
+    /// How a migration away is authenticated and encrypted.
+    security: transport::Security,
 }
 
 fn console_out(s: &SerialOut) -> Result<ConsoleOut, VmError> {
@@ -274,6 +276,7 @@ impl Vm {
             dirty_log: None,
             announce_pending: false,
             disk_copies_started: 0,
+            security: transport::Security::default(),
         })
     }
 
@@ -524,6 +527,13 @@ impl Vm {
         for v in &mut self.vcpus {
             v.stop();
         }
+    }
+}
+
+impl Vm {
+    /// How a migration away from this VM is secured (see [`transport::Security`]).
+    pub fn set_security(&mut self, s: transport::Security) {
+        self.security = s;
     }
 }
 

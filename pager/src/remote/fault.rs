@@ -6,13 +6,11 @@
 
 use std::io::{self, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use nix::errno::Errno;
-use nix::sys::socket::{recv, MsgFlags};
 use proto::{Header, Message, PageIndex, HEADER_LEN, MAX_PAYLOAD_BYTES};
 use transport::Sock;
 
@@ -29,21 +27,17 @@ fn recv_nonblocking(sock: &Sock, buf: &mut [u8], filled: &mut usize) -> io::Resu
             return Ok(true);
         }
         let want = buf.len() - *filled;
-        match recv(
-            sock.as_raw_fd(),
-            &mut buf[*filled..],
-            MsgFlags::MSG_DONTWAIT,
-        ) {
+        match sock.recv_dontwait(&mut buf[*filled..]) {
             Ok(0) => return Ok(false),
             Ok(r) => {
                 *filled += r;
-                if r < want {
+                if r < want && sock.short_read_drains() {
                     return Ok(true); // drained for now; poll(2) tells when more comes
                 }
             }
-            Err(Errno::EAGAIN) => return Ok(true),
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
 }
@@ -305,7 +299,14 @@ pub(crate) fn fault_loop(r: Arc<Remote>, urgent: Sock, generation: u64) {
         let conn_fd = t.conn.as_ref().map(|(s, _)| s.as_fd());
         // while pages are awaited from the stream, look now and then even without a wake-up
         // (a backstop: the streamers wake us when they install)
-        let timeout_ms = if t.policy.streaming() > 0 { 10 } else { 1000 };
+        let timeout_ms = if t.conn.as_ref().is_some_and(|(s, _)| s.has_buffered_input()) {
+            // replies already read and decrypted (poll(2) cannot see them): no waiting
+            0
+        } else if t.policy.streaming() > 0 {
+            10
+        } else {
+            1000
+        };
         let ready = poll_in(
             [Some(sh.uffd.as_fd()), Some(r.waker.as_fd()), conn_fd],
             timeout_ms,

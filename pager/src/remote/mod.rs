@@ -52,10 +52,12 @@ fn open_channel(
         addr: addr.to_string(),
         source,
     };
-    let mut sock = Sock::connect(addr, channel != Channel::Bulk, timeout).map_err(conn_err)?;
+    let sock = Sock::connect(addr, channel != Channel::Bulk, timeout).map_err(conn_err)?;
     if let Err(e) = sock.set_liveness(config.liveness_timeout) {
         debug!("{addr}: keepalive options: {e}");
     }
+    // every channel, and every reconnect, authenticates both sides in full before a frame
+    let mut sock = config.security.client(sock, timeout).map_err(conn_err)?;
     sock.set_read_timeout(Some(timeout.max(Duration::from_millis(100))))
         .map_err(conn_err)?;
     sock.set_write_timeout(Some(Duration::from_secs(5)))

@@ -34,7 +34,7 @@ pub(super) use crate::migration::{
     check_continues, check_report, gates, last_heartbeat, migrate, source_exits, start_dest,
     still_running,
 };
-pub(super) use crate::vm::{boot_guest, ctl_raw, VmmProc};
+pub(super) use crate::vm::{ctl_raw, VmmProc};
 
 // ------------------------------------------------------------------------------------------
 // Shared helpers
@@ -234,6 +234,8 @@ pub(crate) fn good_pager(addr: &str, stream: bool) -> Pager {
         &addr.parse().unwrap(),
         PagerConfig {
             stream,
+            // the servers of these tests speak plaintext: they test the wire format
+            security: transport::Security::Insecure,
             ..Default::default()
         },
     )

@@ -57,8 +57,9 @@ fn incoming_refuses_garbage_lies_and_stalls_then_takes_a_real_source() {
         return;
     }
     let t0 = Instant::now();
-    let mut src = boot_guest(1, "64M");
-    let (dest, addr) = start_dest(None, "127.0.0.1", &[]);
+    // hostile peers that write the wire format itself: plaintext on both real sides
+    let mut src = crate::vm::boot_guest_with(None, 1, "64M", &["--insecure"]);
+    let (dest, addr) = start_dest(None, "127.0.0.1", &["--insecure"]);
     let pid = pid_of(&dest.sock).expect("destination pid");
 
     // C1. garbage: the destination hangs up
@@ -255,8 +256,9 @@ fn incoming_refuses_a_spoiled_state_then_takes_a_real_source() {
         return;
     }
     let t0 = Instant::now();
-    let mut src = boot_guest(1, "64M");
-    let (dest, addr) = start_dest(None, "127.0.0.1", &[]);
+    // hostile peers that write the wire format itself: plaintext on both real sides
+    let mut src = crate::vm::boot_guest_with(None, 1, "64M", &["--insecure"]);
+    let (dest, addr) = start_dest(None, "127.0.0.1", &["--insecure"]);
     let cases = [
         (Spoil::FlipByte, "CRC mismatch"),
         (Spoil::HalfEnvelope, "truncated"),

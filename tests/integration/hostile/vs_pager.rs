@@ -266,6 +266,8 @@ fn fake_cfg(stream: bool) -> PagerConfig {
         bulk_connections: 1,
         reconnect_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(1),
+        // the fake sources speak the wire format in plaintext
+        security: transport::Security::Insecure,
         ..Default::default()
     }
 }

@@ -24,7 +24,8 @@ impl Drop for LoggedServer {
 impl LoggedServer {
     fn start(image: &Path) -> LoggedServer {
         let log = temp_path("page-server.log");
-        let proc = spawn_server_logging(image, "127.0.0.1:0", Some(&log));
+        // raw frames from these clients: a test of the wire format, in plaintext
+        let proc = spawn_server_with(image, "127.0.0.1:0", Some(&log), &["--insecure"]);
         let addr = proc.addr.clone();
         LoggedServer { proc, addr, log }
     }

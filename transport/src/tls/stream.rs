@@ -127,25 +127,32 @@ fn write_raw(raw: &Sock, out: &mut Vec<u8>) -> io::Result<()> {
 }
 
 /// Hands the buffered ciphertext to rustls until some plaintext is ready or it is all taken;
-/// then the end of file, once the socket reported it.
+/// then the end of file, once the socket reported it. Call it only when no plaintext waits
+/// (rustls refuses more ciphertext while 16 KiB of plaintext are unread).
 fn feed(st: &mut State) -> io::Result<()> {
     while st.raw_pos < st.raw_in.len() {
         let mut rest = &st.raw_in[st.raw_pos..];
         let n = st.conn.read_tls(&mut rest)?;
-        if n == 0 {
-            // rustls takes nothing more after a close_notify: the rest is ignored
-            st.raw_in.clear();
-            st.raw_pos = 0;
-            break;
-        }
         st.raw_pos += n;
         if st.raw_pos == st.raw_in.len() {
             st.raw_in.clear();
             st.raw_pos = 0;
         }
         let io = st.conn.process_new_packets().map_err(tls_error)?;
+        if io.peer_has_closed() {
+            // a close_notify: nothing after it counts
+            st.raw_in.clear();
+            st.raw_pos = 0;
+            return Ok(());
+        }
         if io.plaintext_bytes_to_read() > 0 {
             return Ok(());
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS: the record layer took no data and gave none",
+            ));
         }
     }
     if st.raw_eof && !st.eof_fed {
@@ -154,6 +161,13 @@ fn feed(st: &mut State) -> io::Result<()> {
         st.conn.process_new_packets().map_err(tls_error)?;
     }
     Ok(())
+}
+
+/// Whether decrypted data waits to be read.
+fn plaintext_waits(st: &mut State) -> bool {
+    st.conn
+        .process_new_packets()
+        .is_ok_and(|io| io.plaintext_bytes_to_read() > 0)
 }
 
 /// Plaintext into `buf`: Some(n) (0: end of stream), None when more ciphertext is needed.
@@ -272,7 +286,11 @@ impl TlsStream {
             Err(e) => Err(e),
         };
         st.spare = buf;
-        let fed = feed(&mut st);
+        let fed = if plaintext_waits(&mut st) {
+            Ok(())
+        } else {
+            feed(&mut st)
+        };
         let wants_write = st.conn.wants_write();
         drop(st);
         if wants_write {
@@ -297,7 +315,10 @@ impl TlsStream {
         let _order = lock(&self.read_order);
         loop {
             let mut st = lock(&self.state);
-            let got = feed(&mut st).and_then(|_| take_plain(&mut st, buf));
+            let got = match take_plain(&mut st, buf) {
+                Ok(None) => feed(&mut st).and_then(|_| take_plain(&mut st, buf)),
+                r => r,
+            };
             let wants_write = st.conn.wants_write();
             drop(st);
             if wants_write {
@@ -319,11 +340,7 @@ impl TlsStream {
     /// see it, so a reader must read before it waits.
     pub fn has_buffered_input(&self) -> bool {
         let mut st = lock(&self.state);
-        st.raw_pos < st.raw_in.len()
-            || st
-                .conn
-                .process_new_packets()
-                .is_ok_and(|io| io.plaintext_bytes_to_read() > 0)
+        st.raw_pos < st.raw_in.len() || plaintext_waits(&mut st)
     }
 
     /// Whether ciphertext waits to be written (a non-blocking socket that was full).

@@ -12,6 +12,7 @@ use crate::virtio::{blk::BlockConfig, net::NetConfig, DeviceConfig};
 use crate::vm::{self, Event, Vm};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use page_server::cli::SecurityArgs;
 use pager::PagerConfig;
 use transport::Addr;
 
@@ -88,6 +89,10 @@ struct IncomingArgs {
     /// `2-5`); the VMM's other threads (paging, migration, devices) keep every CPU.
     #[arg(long, requires = "incoming", value_name = "CPUS", value_parser = parse_cpu_list)]
     vcpu_cpus: Option<CpuList>,
+    /// How the source is authenticated and everything from it decrypted (required with
+    /// --incoming: a pre-shared key, certificates, or --insecure).
+    #[command(flatten, next_help_heading = "Security")]
+    security: SecurityArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -99,12 +104,52 @@ enum Cmd {
     Restore(RestoreArgs),
     /// Send one command to a running vmm over its control socket.
     Ctl(ctl::CtlArgs),
+    /// Make credentials for migrations: a pre-shared key, or a CA and node certificates.
+    #[command(subcommand)]
+    Tls(TlsCmd),
     /// Write the embedded guest ELF to a file (e.g. for `qemu -kernel`).
     GuestElf {
         /// Output file.
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum TlsCmd {
+    /// Write a new random pre-shared key (64 hex digits, mode 0600) to FILE; copy it to every
+    /// host that may take part, and pass it as --tls-psk-file FILE on both sides.
+    Psk {
+        /// The key file to create (an existing one is not overwritten).
+        file: PathBuf,
+    },
+    /// Write a new CA (ca.pem, ca-key.pem) and, for each name, a certificate it signs
+    /// (NAME.pem, NAME-key.pem: the name is the node's identity) into DIR. Keys are 0600;
+    /// keep ca-key.pem off the migration hosts.
+    Certs {
+        /// Directory to write into (created if missing; existing files are not overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node names, e.g. `--names src,dst` (each becomes a DNS name in its certificate).
+        #[arg(long, value_delimiter = ',', required = true)]
+        names: Vec<String>,
+    },
+}
+
+fn tls(cmd: TlsCmd) -> Result<ExitCode> {
+    match cmd {
+        TlsCmd::Psk { file } => {
+            transport::tls::make_psk(&file)?;
+            println!("wrote {} (mode 0600)", file.display());
+        }
+        TlsCmd::Certs { dir, names } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for f in transport::tls::make_certificates(&dir, &names)?.files {
+                println!("wrote {}", f.display());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args, Debug)]
@@ -119,6 +164,10 @@ struct Common {
     /// `2-5`); the VMM's other threads (paging, migration, devices) keep every CPU.
     #[arg(long, value_name = "CPUS", value_parser = parse_cpu_list)]
     vcpu_cpus: Option<CpuList>,
+    /// How a migration away from this VM (and a lazy restore's page-server) is authenticated
+    /// and encrypted. Without any, a migration is refused with the reason.
+    #[command(flatten, next_help_heading = "Security")]
+    security: SecurityArgs,
 }
 
 #[derive(Args, Debug)]
@@ -269,6 +318,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
         boot,
         serial: serial(&a.common.serial),
         api_socket: a.common.api_socket,
+        security: a.common.security.chosen()?.unwrap_or_default(),
     };
     let vm = Vm::boot(&cfg).context("booting the VM")?;
     serve(vm)
@@ -289,6 +339,11 @@ fn random_id() -> String {
 }
 
 fn restore(a: RestoreArgs) -> Result<ExitCode> {
+    let security = if a.memory_from.is_some() {
+        a.common.security.security()?
+    } else {
+        a.common.security.chosen()?.unwrap_or_default()
+    };
     let memory = match (a.memory, a.memory_from) {
         (Some(f), _) => RestoreMemory::File(f),
         (None, Some(addr)) => {
@@ -298,6 +353,7 @@ fn restore(a: RestoreArgs) -> Result<ExitCode> {
             let cfg = PagerConfig {
                 stream: !a.no_stream,
                 reconnect_timeout: Duration::from_secs(a.reconnect_timeout_s),
+                security: security.clone(),
                 ..PagerConfig::default()
             };
             RestoreMemory::Remote(addr, cfg)
@@ -310,6 +366,7 @@ fn restore(a: RestoreArgs) -> Result<ExitCode> {
         serial: serial(&a.common.serial),
         api_socket: a.common.api_socket,
         paused: a.paused,
+        security,
     };
     let vm = Vm::restore(&cfg).context("restoring the VM")?;
     serve(vm)
@@ -338,6 +395,7 @@ fn incoming(addr: &str, a: IncomingArgs) -> Result<ExitCode> {
         paused: a.paused,
         disk_map: parse_map("--disk-map", &a.disk_map)?,
         tap_map: parse_map("--tap-map", &a.tap_map)?,
+        security: a.security.security()?,
     };
     let vm = incoming::receive(&cfg, &stop).context("receiving the VM")?;
     serve(vm)
@@ -376,6 +434,7 @@ pub fn main() -> ExitCode {
             Cmd::Run(a) => run(a),
             Cmd::Restore(a) => restore(a),
             Cmd::Ctl(a) => ctl::ctl(a),
+            Cmd::Tls(c) => tls(c),
             Cmd::GuestElf { out } => std::fs::write(&out, guest::ELF)
                 .with_context(|| format!("writing {}", out.display()))
                 .map(|_| ExitCode::SUCCESS),

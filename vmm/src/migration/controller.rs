@@ -66,6 +66,8 @@ pub struct Context {
     pub plan: Plan,
     /// Set by `migrate-switchover`: end the pre-copy passes now.
     pub switchover: Arc<std::sync::atomic::AtomicBool>,
+    /// How the link and the page-servers authenticate the destination and encrypt.
+    pub security: transport::Security,
 }
 
 /// How the migration thread reaches the VM's controller (which wraps each [`MigEvent`] into an

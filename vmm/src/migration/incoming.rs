@@ -133,6 +133,9 @@ pub struct IncomingConfig {
     pub disk_map: Vec<(PathBuf, PathBuf)>,
     /// Tap names that differ here: (source tap, tap on this host).
     pub tap_map: Vec<(String, String)>,
+    /// How the source is authenticated and the link, the pager's channels and disk copies are
+    /// encrypted; also what the migrated VM uses when it migrates on.
+    pub security: transport::Security,
 }
 
 enum Listener {
@@ -191,6 +194,93 @@ impl Listener {
     }
 }
 
+/// Handshakes in progress at once; a connection beyond them is closed at once (a real source
+/// gets in as soon as the flood's handshakes time out, within [`HANDSHAKE_TIMEOUT`]).
+const MAX_HANDSHAKES: usize = 128;
+/// Lines about refused peers: a few per second, the rest counted.
+static REFUSED: transport::LogLimiter = transport::LogLimiter::new(5, Duration::from_secs(1));
+use transport::tls::HANDSHAKE_TIMEOUT;
+
+/// Accepts connections and authenticates each on a thread of its own, so a peer that never
+/// completes its handshake (or a flood of them) holds up no one: only authenticated
+/// connections come out of `rx`. Stops with the value.
+struct Gate {
+    rx: Receiver<(Sock, String)>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Gate {
+    fn start(listener: Listener, security: transport::Security) -> Result<Gate, MigrationError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let halt = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("incoming-accept".into())
+            .spawn(move || {
+                let inflight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                while !halt.load(Ordering::Acquire) {
+                    let (sock, peer) = match listener.accept(100) {
+                        Ok(Some(c)) => c,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            REFUSED.warn(format_args!("accepting a migration connection: {e}"));
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue;
+                        }
+                    };
+                    if inflight.load(Ordering::Acquire) >= MAX_HANDSHAKES {
+                        REFUSED.warn(format_args!(
+                            "{peer}: dropped: {MAX_HANDSHAKES} handshakes already in progress"
+                        ));
+                        continue;
+                    }
+                    inflight.fetch_add(1, Ordering::AcqRel);
+                    let (tx, security, held) = (tx.clone(), security.clone(), inflight.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("incoming-tls".into())
+                        .stack_size(256 << 10)
+                        .spawn(move || {
+                            let r = security.server(sock, HANDSHAKE_TIMEOUT);
+                            held.fetch_sub(1, Ordering::AcqRel);
+                            match r {
+                                Ok(s) => {
+                                    let _ = tx.send((s, peer));
+                                }
+                                Err(e) => REFUSED.warn(format_args!(
+                                    "migration connection from {peer} refused: {e}"
+                                )),
+                            }
+                        });
+                    if let Err(e) = spawned {
+                        inflight.fetch_sub(1, Ordering::AcqRel);
+                        REFUSED.warn(format_args!("{e}: cannot start a handshake thread"));
+                    }
+                }
+            })
+            .map_err(|e| MigrationError::Other(format!("spawning the accept thread: {e}")))?;
+        Ok(Gate {
+            rx,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// An authenticated connection, waiting at most `timeout` for one.
+    fn next(&self, timeout: Duration) -> Option<(Sock, String)> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Waits for a migration and returns the running VM. Ends early (with an error) when `stop` is
 /// set or the configured timeout passes.
 pub fn receive(cfg: &IncomingConfig, stop: &AtomicBool) -> Result<Vm, MigrationError> {
@@ -214,7 +304,11 @@ pub fn receive(cfg: &IncomingConfig, stop: &AtomicBool) -> Result<Vm, MigrationE
                 }
             });
     }
-    log::info!("waiting for an incoming migration on {bound}");
+    log::info!(
+        "waiting for an incoming migration on {bound}; {}",
+        cfg.security.describe()
+    );
+    let gate = Gate::start(listener, cfg.security.clone())?;
     let started = Instant::now();
     let mut attempts = 0u32;
     let mut last_error: Option<String> = None;
@@ -231,17 +325,15 @@ pub fn receive(cfg: &IncomingConfig, stop: &AtomicBool) -> Result<Vm, MigrationE
             )));
         }
         answer_while_waiting(&wait_rx, &bound, attempts, last_error.as_deref());
-        let (sock, peer) = match listener.accept(100) {
-            Ok(Some(c)) => c,
-            Ok(None) => continue,
-            Err(e) => {
-                log::warn!("accepting on {bound}: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
+        let Some((sock, peer)) = gate.next(Duration::from_millis(100)) else {
+            continue;
         };
         attempts += 1;
-        log::info!("migration connection from {peer}");
+        log::info!(
+            "migration connection from {peer}{}",
+            sock.peer_identity()
+                .map_or(String::new(), |p| format!(" (authenticated as {p})"))
+        );
         let mut link = Link::new(sock, peer.clone());
         match attempt(cfg, &mut link) {
             Ok(mut vm) => {
@@ -388,8 +480,9 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
     drop(kvm);
     // Disks and taps are opened (and disks checked to be the source's) before anything is
     // paused: a destination that cannot attach them refuses while the VM still runs there.
-    let backends = crate::virtio::open_offered(&offer.devices, &cfg.disk_map, &cfg.tap_map)
-        .map_err(|e| refuse(link, e.to_string()))?;
+    let backends =
+        crate::virtio::open_offered(&offer.devices, &cfg.disk_map, &cfg.tap_map, &cfg.security)
+            .map_err(|e| refuse(link, e.to_string()))?;
     let pages: Addr = offer.page_server.parse().map_err(|e| {
         refuse(
             link,
@@ -411,6 +504,7 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
         reconnect_timeout: cfg
             .recover_timeout
             .unwrap_or(Duration::from_millis(offer.recover_timeout_ms.max(1000))),
+        security: cfg.security.clone(),
         ..cfg.pager.clone()
     };
     let mut prepared = Prepared::new(&offer.config, Some((&pages, &pcfg, ServedAs::Ranges)))
@@ -517,6 +611,7 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
     .map_err(|e| fail(link, e.into()))?;
     // Bridges learn the NICs' new port when the VM first runs here.
     vm.announce_on_resume();
+    vm.set_security(cfg.security.clone());
     if !cfg.paused {
         vm.resume();
     }

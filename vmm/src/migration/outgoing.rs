@@ -51,6 +51,20 @@ impl Outgoing {
                 source,
             }
         })?;
+        // both sides prove who they are before a byte of the VM goes out
+        let sock = ctx
+            .security
+            .client(sock, transport::tls::HANDSHAKE_TIMEOUT)
+            .map_err(|source| MigrationError::Io {
+                what: format!("the destination {addr} is not accepted, or does not accept us"),
+                source,
+            })?;
+        log::info!(
+            "migration link to {addr}: {}{}",
+            ctx.security.describe(),
+            sock.peer_identity()
+                .map_or(String::new(), |p| format!(", peer {p}"))
+        );
         let link_clone = sock.try_clone().ok();
         let thread = std::thread::Builder::new()
             .name("migration".into())
@@ -85,7 +99,7 @@ fn run(ctx: Context, addr: Addr, sock: Sock) {
     let send = |e: MigEvent| {
         events(e);
     };
-    let pages = page_server_addr(&sock);
+    let pages = page_server_addr(&sock, &addr);
     let remove_socket = || {
         if let Addr::Unix(p) = &pages {
             let _ = std::fs::remove_file(p);
@@ -138,7 +152,11 @@ fn addr_string(a: &Addr) -> String {
 /// `--copy-disk`: a page-server per disk image (read-only mapping of the file; the guest's
 /// writes reach it through the page cache until the pause, after which it no longer changes),
 /// named in the offer.
-fn serve_disks(offer: &mut Offer, pages: &Addr) -> Result<Vec<ServerHandle>, MigrationError> {
+fn serve_disks(
+    offer: &mut Offer,
+    pages: &Addr,
+    security: &transport::Security,
+) -> Result<Vec<ServerHandle>, MigrationError> {
     let mut out = Vec::new();
     for (i, d) in offer.devices.iter_mut().enumerate() {
         let crate::virtio::DeviceConfig::Block(b) = &d.config else {
@@ -156,8 +174,15 @@ fn serve_disks(offer: &mut Offer, pages: &Addr) -> Result<Vec<ServerHandle>, Mig
             Addr::Tcp(a) => Addr::Tcp(*a),
             Addr::Unix(p) => Addr::Unix(p.with_extension(format!("disk{i}"))),
         };
-        let server = page_server::serve(Arc::new(img), &at, ServerConfig::default())
-            .map_err(|e| err(transport::error_chain(&e)))?;
+        let server = page_server::serve(
+            Arc::new(img),
+            &at,
+            ServerConfig {
+                security: security.clone(),
+                ..ServerConfig::default()
+            },
+        )
+        .map_err(|e| err(transport::error_chain(&e)))?;
         log::info!(
             "serving {} for the destination on {}",
             b.path.display(),
@@ -170,13 +195,13 @@ fn serve_disks(offer: &mut Offer, pages: &Addr) -> Result<Vec<ServerHandle>, Mig
 }
 
 /// Where the page-server listens: next to the migration connection's own address.
-fn page_server_addr(sock: &Sock) -> Addr {
-    match sock {
-        Sock::Tcp(s) => match s.local_addr() {
-            Ok(a) => Addr::Tcp(std::net::SocketAddr::new(a.ip(), 0)),
-            Err(_) => Addr::Tcp(([0, 0, 0, 0], 0).into()),
+fn page_server_addr(sock: &Sock, addr: &Addr) -> Addr {
+    match addr {
+        Addr::Tcp(_) => match sock.local_addr() {
+            Some(a) => Addr::Tcp(std::net::SocketAddr::new(a.ip(), 0)),
+            None => Addr::Tcp(([0, 0, 0, 0], 0).into()),
         },
-        Sock::Unix(_) => Addr::Unix(std::env::temp_dir().join(format!(
+        Addr::Unix(_) => Addr::Unix(std::env::temp_dir().join(format!(
             "vmm-pages-{}-{}.sock",
             std::process::id(),
             mono_ns()
@@ -205,6 +230,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Migrati
         ServerConfig {
             bulk_buffer_bytes: super::bulk_buffer_for(super::tcp_rtt(link.sock())),
             precopy: ctx.plan.precopies(),
+            security: ctx.security.clone(),
             ..ServerConfig::default()
         },
     )
@@ -212,7 +238,7 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Migrati
     let mut offer = ctx.offer.clone();
     offer.page_server = addr_string(server.addr());
     let mut disks = if ctx.plan.copy_disk {
-        serve_disks(&mut offer, pages)?
+        serve_disks(&mut offer, pages, &ctx.security)?
     } else {
         Vec::new()
     };

@@ -83,6 +83,7 @@ pub fn open_offered(
     devs: &[OfferedDevice],
     map: &[(PathBuf, PathBuf)],
     taps: &[(String, String)],
+    security: &transport::Security,
 ) -> Result<Vec<Backend>, VirtioError> {
     let mut out = Vec::new();
     for d in devs {
@@ -93,7 +94,7 @@ pub fn open_offered(
                     readonly: b.readonly,
                 };
                 let disk = match &d.copy_from {
-                    Some(addr) => blk::Block::copy_in(&cfg, d.disk.as_ref(), addr)?,
+                    Some(addr) => blk::Block::copy_in(&cfg, d.disk.as_ref(), addr, security)?,
                     None => {
                         let disk = blk::Block::open(&cfg)?;
                         if let Some(id) = &d.disk {

@@ -119,6 +119,7 @@ impl Vm {
         };
         let mut vm = Vm::assemble(sh, devices, vcpus, tx, rx, config)?;
         vm.guest = guest_cpu;
+        vm.set_security(cfg.security.clone());
         if let Some(p) = &cfg.api_socket {
             api::server::serve(p, vm.tx.clone(), Event::Control)?;
         }

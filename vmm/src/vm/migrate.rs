@@ -89,6 +89,7 @@ impl Vm {
             },
             plan,
             switchover: switchover.clone(),
+            security: self.security.clone(),
         };
         // SAFETY: guest RAM stays mapped while `self.source` lives: Vm::drop drops the source
         // (which joins the thread and its page-server) before the RAM.

@@ -194,6 +194,7 @@ impl Vm {
             },
         )?;
         vm.times.state_load += state_read;
+        vm.set_security(cfg.security.clone());
         Ok(vm)
     }
 

@@ -16,6 +16,7 @@ impl Block {
         cfg: &BlockConfig,
         id: Option<&DiskId>,
         addr: &str,
+        security: &transport::Security,
     ) -> Result<Block, VirtioError> {
         let size = id
             .map(|i| i.size)
@@ -39,6 +40,7 @@ impl Block {
             &a,
             pager::PagerConfig {
                 stream_deferred: true,
+                security: security.clone(),
                 ..pager::PagerConfig::default()
             },
         )
