@@ -35,6 +35,8 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Rounds of reading and answering one connection takes per event before the loop turns to
 /// the others (it comes back for the rest at once).
 const ROUNDS_PER_EVENT: usize = 8;
+/// Lines about clients dropped before their Hello: a few per second, the rest counted.
+static NEW_DROPS: transport::LogLimiter = transport::LogLimiter::new(5, Duration::from_secs(1));
 /// How often the event loop looks for connections past those timeouts.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
@@ -190,6 +192,11 @@ fn drop_conn(
     };
     c.sock.deregister(poll);
     match why {
+        // before its Hello a client is nobody (unauthenticated, or not through its handshake):
+        // a flood of those gets a few lines a second and a count, not a line each
+        Some(why) if matches!(c.role, Role::New) => {
+            NEW_DROPS.warn(format_args!("client {}: dropped: {why}", c.peer))
+        }
         Some(why) => warn!("client {}: dropped: {why}", c.peer),
         None => debug!("client {}: closed", c.peer),
     }
@@ -291,7 +298,7 @@ fn service(
                     if let Some(next) = handle_frames(core, c, sessions) {
                         return next;
                     }
-                    if n < scratch.len() && !closed && c.sock.0.short_read_drains() {
+                    if !closed && c.sock.0.drained_after(n < scratch.len()) {
                         // a short read drained the socket: edge-triggered epoll reports new data
                         drained = true;
                         break;

@@ -12,6 +12,7 @@ mod netns;
 mod paging;
 mod precopy;
 mod recovery;
+mod security;
 mod server_robustness;
 mod snapshot;
 mod vm;

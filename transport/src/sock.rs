@@ -304,10 +304,16 @@ impl Sock {
         }
     }
 
-    /// Whether a short read means the socket was drained (true for a plain socket; a TLS
-    /// read returns at most what one batch of records held).
-    pub fn short_read_drains(&self) -> bool {
-        !self.is_tls()
+    /// After a read that returned less than asked (`short`), or none: whether the socket is
+    /// drained, so that a reader may wait for it (edge-triggered polling needs it drained).
+    /// A plain socket is after a short read; under TLS, a read returns what one batch of
+    /// records held, so it is when the last read(2) of ciphertext was short and nothing read
+    /// is left in this process.
+    pub fn drained_after(&self, short: bool) -> bool {
+        match self {
+            Sock::Tls(t) => t.drained(),
+            _ => short,
+        }
     }
 
     /// Whether output waits in this process for a non-blocking socket to take it.

@@ -31,7 +31,7 @@ fn recv_nonblocking(sock: &Sock, buf: &mut [u8], filled: &mut usize) -> io::Resu
             Ok(0) => return Ok(false),
             Ok(r) => {
                 *filled += r;
-                if r < want && sock.short_read_drains() {
+                if sock.drained_after(r < want) {
                     return Ok(true); // drained for now; poll(2) tells when more comes
                 }
             }

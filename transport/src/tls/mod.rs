@@ -278,6 +278,8 @@ impl Security {
         // every connection authenticates in full: no tickets, no resumption, no name sent
         client.resumption = rustls::client::Resumption::disabled();
         client.enable_sni = false;
+        // the record layer after the handshake is ours (see `stream`)
+        client.enable_secret_extraction = true;
         let mut server = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(versions)
             .map_err(config_err)?
@@ -285,6 +287,7 @@ impl Security {
             .with_single_cert(chain, key)
             .map_err(config_err)?;
         server.send_tls13_tickets = 0;
+        server.enable_secret_extraction = true;
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(Security::Tls(Arc::new(TlsConfig {
             client: Arc::new(client),
