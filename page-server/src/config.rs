@@ -24,6 +24,12 @@ pub struct ServerConfig {
     /// How clients are authenticated and their connections encrypted. The default refuses
     /// every client: choose credentials (or, explicitly, plaintext).
     pub security: transport::Security,
+    /// Serve only the peer that authenticated with this identity (a migration's page-server:
+    /// the destination the migration link authenticated); None: any authenticated peer.
+    pub only_peer: Option<String>,
+    /// Refuse a Hello that does not name the layout it expects (an empty one): a peer that
+    /// does not know what it migrates is served nothing.
+    pub require_layout: bool,
 }
 
 impl Default for ServerConfig {
@@ -35,6 +41,8 @@ impl Default for ServerConfig {
             precopy: false,
             liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
             security: transport::Security::default(),
+            only_peer: None,
+            require_layout: false,
         }
     }
 }

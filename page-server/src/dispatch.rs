@@ -57,7 +57,8 @@ pub(crate) fn handle_frames(
             }
         };
         // `msg` borrows rbuf; take what we need before touching `c` mutably
-        let action = classify(core, &c.role, msg, sessions);
+        let peer = c.sock.0.peer_identity();
+        let action = classify(core, &c.role, peer.as_deref(), msg, sessions);
         used = end;
         match action {
             Action::Serve(session, first, count, fault_pages) => {
@@ -140,6 +141,7 @@ pub(crate) fn welcome(core: &Core, session: u64) -> Vec<u8> {
 pub(crate) fn classify(
     core: &Core,
     role: &Role,
+    peer: Option<&str>,
     msg: Message<'_>,
     sessions: &mut HashMap<u64, Arc<Session>>,
 ) -> Action {
@@ -157,9 +159,31 @@ pub(crate) fn classify(
             ) {
                 return Action::Fail(error_code::HANDSHAKE, format!("handshake refused: {e}"));
             }
+            if let Some(only) = &core.config.only_peer {
+                if peer != Some(only.as_str()) {
+                    return Action::Fail(
+                        error_code::HANDSHAKE,
+                        format!(
+                            "this page-server serves only {only} (the peer of its migration), not {}",
+                            peer.unwrap_or("an unauthenticated peer")
+                        ),
+                    );
+                }
+            }
+            if core.config.require_layout && h.layout.regions.is_empty() {
+                return Action::Fail(
+                    error_code::HANDSHAKE,
+                    "handshake refused: the Hello names no layout (this page-server serves only a peer that knows what it receives)".into(),
+                );
+            }
             if h.channel == Channel::Control {
-                let id = core.next_session.fetch_add(1, Ordering::Relaxed);
-                let s = Arc::new(Session::new(id, total_pages, core.totals.clone()));
+                // unguessable: a session is joined by its id and only by its owner
+                let mut id = transport::tls::random_u64();
+                while id == 0 || sessions.contains_key(&id) {
+                    id = transport::tls::random_u64();
+                }
+                let owner = peer.map(str::to_owned);
+                let s = Arc::new(Session::new(id, owner, total_pages, core.totals.clone()));
                 core.sessions
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -168,7 +192,12 @@ pub(crate) fn classify(
                 info!("session {id}: opened ({total_pages} pages)");
                 return Action::BecomeControl(s, welcome(core, id));
             }
-            let Some(s) = sessions.get(&h.session).cloned() else {
+            // another peer's session is as good as none (and is not told apart from none)
+            let Some(s) = sessions
+                .get(&h.session)
+                .filter(|s| s.owner.as_deref() == peer)
+                .cloned()
+            else {
                 return Action::Fail(error_code::NO_SESSION, format!("no session {}", h.session));
             };
             let w = welcome(core, s.id);

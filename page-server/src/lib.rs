@@ -24,7 +24,7 @@ mod session;
 mod shared;
 mod stats;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -148,7 +148,6 @@ pub fn serve(
     let core = Arc::new(shared::Core {
         map: memory::PageMap::new(mem),
         config,
-        next_session: AtomicU64::new(1),
         totals: totals.clone(),
         precopy: AtomicBool::new(config_precopy),
         precopy_gate: std::sync::RwLock::new(()),

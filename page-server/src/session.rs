@@ -52,8 +52,11 @@ pub(crate) enum Claim {
 /// Server-side state of one client.
 #[derive(Debug)]
 pub struct Session {
-    /// Session id (given to the client in `Welcome`).
+    /// Session id (given to the client in `Welcome`): random, so not guessable.
     pub id: u64,
+    /// The identity the control connection authenticated with: only connections of the
+    /// same identity may join (None: plaintext, anyone who knows the id).
+    pub(crate) owner: Option<String>,
     total_pages: u64,
     sent: AtomicBitmap,
     sent_count: AtomicU64,
@@ -69,10 +72,16 @@ pub struct Session {
 
 impl Session {
     /// A new session over `total_pages`, counted in `totals`.
-    pub(crate) fn new(id: u64, total_pages: u64, totals: Arc<Totals>) -> Self {
+    pub(crate) fn new(
+        id: u64,
+        owner: Option<String>,
+        total_pages: u64,
+        totals: Arc<Totals>,
+    ) -> Self {
         totals.sessions_opened.fetch_add(1, Ordering::Relaxed);
         Session {
             id,
+            owner,
             total_pages,
             sent: AtomicBitmap::new(total_pages),
             sent_count: AtomicU64::new(0),

@@ -1,6 +1,5 @@
 //! The running server's shared state: what the event loop and every bulk thread read.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use crate::config::ServerConfig;
@@ -13,7 +12,6 @@ pub(crate) struct Core {
     /// The memory served, with its page table.
     pub(crate) map: PageMap,
     pub(crate) config: ServerConfig,
-    pub(crate) next_session: AtomicU64,
     /// What every session sent.
     pub(crate) totals: Arc<Totals>,
     /// Pre-copy: the memory is still being modified; the stream sends `Precopy` pages and

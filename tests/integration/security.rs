@@ -273,3 +273,78 @@ fn a_valid_certificate_with_the_wrong_identity_cannot_migrate() {
     assert!(log.contains("authenticated as src"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Sessions are bound to the peer that opened them: their ids are random, and a peer with a
+/// valid certificate of another identity cannot attach a channel to someone else's session
+/// (it is told there is no such session, as for an id nobody has).
+#[test]
+fn a_session_is_joined_only_by_the_peer_that_opened_it() {
+    use page_server::{serve, ServerConfig};
+    use transport::{FileImage, Sock};
+    let dir = temp_path("session-certs");
+    std::fs::create_dir_all(&dir).unwrap();
+    transport::tls::make_certificates(&dir, &["srv".into(), "dst".into(), "mallory".into()])
+        .unwrap();
+    let node = |me: &str, peers: &[&str]| {
+        Security::certificates(
+            &dir.join("ca.pem"),
+            &dir.join(format!("{me}.pem")),
+            &dir.join(format!("{me}-key.pem")),
+            &peers.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap()
+    };
+    let image = pattern_image(256);
+    let img = FileImage::open(&image.0, 4096).unwrap();
+    // the server accepts both identities: only the session binding keeps them apart
+    let server = serve(
+        std::sync::Arc::new(img),
+        &"127.0.0.1:0".parse().unwrap(),
+        ServerConfig {
+            security: node("srv", &["dst", "mallory"]),
+            ..ServerConfig::default()
+        },
+    )
+    .unwrap();
+    let layout = proto::Layout::default();
+    // a channel opened by `who`: its Hello, then the first frame back
+    let open = |who: &Security, channel: proto::Channel, session: u64| {
+        let s = Sock::connect(server.addr(), true, Duration::from_secs(5)).unwrap();
+        let mut s = who.client(s, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&proto::hello(channel, session, 4096, layout.clone()).to_vec())
+            .unwrap();
+        let mut buf = Vec::new();
+        let h = proto::read_frame(&mut s, &mut buf).expect("a reply frame");
+        let m = proto::Message::decode(&h, &buf, 4096).expect("a frame");
+        let reply = match m {
+            proto::Message::Welcome(w) => Ok(w.session),
+            proto::Message::Error { reason, .. } => Err(reason.to_string()),
+            m => Err(format!("{:?}", m.kind())),
+        };
+        (s, reply)
+    };
+    let dst = node("dst", &["srv"]);
+    let mallory = node("mallory", &["srv"]);
+    let (_c1, id1) = open(&dst, proto::Channel::Control, 0);
+    let (_c2, id2) = open(&dst, proto::Channel::Control, 0);
+    let (id1, id2) = (id1.unwrap(), id2.unwrap());
+    println!("session ids: {id1:#x}, {id2:#x}");
+    assert!(
+        id1.abs_diff(id2) > 1 << 20,
+        "session ids look sequential: {id1} {id2}"
+    );
+    // the owner joins; another identity cannot
+    let (_u, own) = open(&dst, proto::Channel::Urgent, id1);
+    assert_eq!(own, Ok(id1));
+    let (_b, theirs) = open(&mallory, proto::Channel::Bulk, id1);
+    let e = theirs.unwrap_err();
+    println!("mallory joining dst's session: {e}");
+    assert!(e.contains("no session"), "{e}");
+    let (_b, theirs) = open(&mallory, proto::Channel::Urgent, id1);
+    assert!(
+        theirs.is_err(),
+        "mallory got an urgent channel on dst's session"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

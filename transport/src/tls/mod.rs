@@ -362,6 +362,20 @@ impl Security {
     }
 }
 
+/// 64 bits from the kernel's random source (session ids, tokens: unguessable).
+pub fn random_u64() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        // never seen; ids must still differ: the clock and the pid
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        b = (t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes();
+    }
+    u64::from_le_bytes(b)
+}
+
 /// The files `vmm tls` writes (see [`make_certificates`]).
 #[derive(Debug)]
 pub struct Made {

@@ -156,6 +156,7 @@ fn serve_disks(
     offer: &mut Offer,
     pages: &Addr,
     security: &transport::Security,
+    only_peer: Option<String>,
 ) -> Result<Vec<ServerHandle>, MigrationError> {
     let mut out = Vec::new();
     for (i, d) in offer.devices.iter_mut().enumerate() {
@@ -179,6 +180,7 @@ fn serve_disks(
             &at,
             ServerConfig {
                 security: security.clone(),
+                only_peer: only_peer.clone(),
                 ..ServerConfig::default()
             },
         )
@@ -231,6 +233,10 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Migrati
             bulk_buffer_bytes: super::bulk_buffer_for(super::tcp_rtt(link.sock())),
             precopy: ctx.plan.precopies(),
             security: ctx.security.clone(),
+            // guest RAM goes only to the destination the link authenticated, and only to a
+            // pager that names the layout it receives
+            only_peer: link.sock().peer_identity(),
+            require_layout: true,
             ..ServerConfig::default()
         },
     )
@@ -238,7 +244,12 @@ fn migrate(ctx: Context, addr: Addr, sock: Sock, pages: &Addr) -> Result<Migrati
     let mut offer = ctx.offer.clone();
     offer.page_server = addr_string(server.addr());
     let mut disks = if ctx.plan.copy_disk {
-        serve_disks(&mut offer, pages, &ctx.security)?
+        serve_disks(
+            &mut offer,
+            pages,
+            &ctx.security,
+            link.sock().peer_identity(),
+        )?
     } else {
         Vec::new()
     };
