@@ -369,7 +369,7 @@ mod tests {
 
     fn session(total: u64) -> (Session, Arc<Totals>) {
         let totals = Arc::new(Totals::default());
-        (Session::new(1, total, totals.clone()), totals)
+        (Session::new(1, None, total, totals.clone()), totals)
     }
 
     fn send(first: u64, count: u32) -> Claim {
