@@ -387,22 +387,30 @@ fn destination_refuses_another_disk_at_the_same_path() {
     );
     let addr = dest.ctl_as::<IncomingStatus>(&["status"]).listening;
     let r = migrate(&src, &addr, &[]);
+    // the source learns that it was refused, not what the destination has at which path
     let msg = &refused(&r).message;
+    assert!(msg.contains("cannot be attached on this host"), "{msg}");
+    assert!(!msg.contains(img.path()) && !msg.contains("inode"), "{msg}");
+    let log = dest.stderr_text();
     assert!(
-        msg.contains("not the source's disk") && msg.contains("inode"),
-        "{msg}"
+        log.contains("not the source's disk") && log.contains("inode"),
+        "the destination's log does not say why: {log}"
     );
     still_running(&src);
     // a destination whose file (through --disk-map) has another size, or no file at all
     let map = format!("--disk-map={}={}", img.path(), smaller.path());
     let (d2, addr2) = start_dest(None, "127.0.0.1", &[&map]);
     let r = migrate(&src, &addr2, &[]);
-    assert!(refused(&r).message.contains("bytes here"), "{r:?}");
+    let msg = &refused(&r).message;
+    assert!(!msg.contains("bytes here") && !msg.contains(smaller.path()), "{msg}");
+    assert!(d2.stderr_text().contains("bytes here"), "{r:?}");
     drop(d2);
     let map = format!("--disk-map={}=/nonexistent/disk.img", img.path());
     let (d3, addr3) = start_dest(None, "127.0.0.1", &[&map]);
     let r = migrate(&src, &addr3, &[]);
-    assert!(refused(&r).message.contains("cannot open"), "{r:?}");
+    let msg = &refused(&r).message;
+    assert!(!msg.contains("/nonexistent"), "{msg}");
+    assert!(d3.stderr_text().contains("cannot open"), "{r:?}");
     drop(d3);
     still_running(&src);
     // the guest's disk is intact and still in use
@@ -448,8 +456,13 @@ fn copy_disk_moves_a_disk_that_is_not_shared() {
     std::fs::write(&copy, b"x").unwrap();
     let (d0, addr0) = start_dest(None, "127.0.0.1", &[&map]);
     let r = migrate(&src, &addr0, &["--copy-disk"]);
+    // refused; why (the file exists) only in the destination's own log
     assert!(
-        refused(&r).message.contains("copy-disk writes a new image"),
+        refused(&r).message.contains("cannot be attached on this host"),
+        "{r:?}"
+    );
+    assert!(
+        d0.stderr_text().contains("copy-disk writes a new image"),
         "{r:?}"
     );
     drop(d0);

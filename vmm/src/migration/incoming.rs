@@ -482,7 +482,16 @@ fn attempt(cfg: &IncomingConfig, link: &mut Link) -> Result<Vm, MigrationError> 
     // paused: a destination that cannot attach them refuses while the VM still runs there.
     let backends =
         crate::virtio::open_offered(&offer.devices, &cfg.disk_map, &cfg.tap_map, &cfg.security)
-            .map_err(|e| refuse(link, e.to_string()))?;
+            .map_err(|e| {
+                // the reason stays here: what exists on this host, and how big, is not the
+                // peer's to learn (a refusal naming local files would let it probe them)
+                log::warn!("refusing the migration: {e}");
+                refuse(
+                    link,
+                    "its devices cannot be attached on this host (the destination's log says why)"
+                        .into(),
+                )
+            })?;
     let pages: Addr = offer.page_server.parse().map_err(|e| {
         refuse(
             link,

@@ -89,6 +89,7 @@ pub fn open_offered(
     for d in devs {
         out.push(match &d.config {
             DeviceConfig::Block(b) => {
+                let mapped = map.iter().any(|(from, _)| *from == b.path);
                 let cfg = blk::BlockConfig {
                     path: mapped_path(&b.path, map),
                     readonly: b.readonly,
@@ -96,7 +97,8 @@ pub fn open_offered(
                 let disk = match &d.copy_from {
                     Some(addr) => blk::Block::copy_in(&cfg, d.disk.as_ref(), addr, security)?,
                     None => {
-                        let disk = blk::Block::open(&cfg)?;
+                        // a path only the peer named: an image file, never a device
+                        let disk = blk::Block::open_checked(&cfg, !mapped)?;
                         if let Some(id) = &d.disk {
                             disk.check_same(id)?;
                         }
