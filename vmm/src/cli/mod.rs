@@ -47,7 +47,8 @@ struct Cli {
 
 #[derive(Args, Debug)]
 struct IncomingArgs {
-    /// With --incoming: refuse VMs with more guest memory than this (e.g. 8G).
+    /// With --incoming: refuse VMs with more guest memory than this (e.g. 8G). Default: this
+    /// host's RAM (MemTotal).
     #[arg(long, value_parser = parse_size, requires = "incoming")]
     max_mem: Option<u64>,
     /// With --incoming: refuse VMs with more vCPUs than this.

@@ -376,6 +376,20 @@ fn answer_while_waiting(rx: &Receiver<Event>, bound: &Addr, attempts: u32, last:
     }
 }
 
+/// The host's RAM (MemTotal), if /proc/meminfo says.
+fn host_ram_bytes() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib << 10)
+}
+
 /// Why an offer cannot be taken, or Ok.
 fn check_offer(o: &Offer, cfg: &IncomingConfig, kvm: &kvm_ioctls::Kvm) -> Result<(), String> {
     if o.proto_version != proto::PROTOCOL_VERSION {
@@ -397,6 +411,15 @@ fn check_offer(o: &Offer, cfg: &IncomingConfig, kvm: &kvm_ioctls::Kvm) -> Result
             "{} MiB of guest memory; this destination accepts at most {} MiB (--max-mem)",
             c.mem_bytes >> 20,
             max >> 20
+        ));
+    }
+    // without --max-mem: no more than this host's RAM (an offer is not to make it swap or
+    // be killed for memory)
+    if let Some(host) = host_ram_bytes().filter(|&h| cfg.max_mem.is_none() && c.mem_bytes > h) {
+        return Err(format!(
+            "{} MiB of guest memory; this host has {} MiB of RAM (raise with --max-mem)",
+            c.mem_bytes >> 20,
+            host >> 20
         ));
     }
     if let Some(max) = cfg.max_vcpus.filter(|&m| c.vcpus > m) {
