@@ -269,3 +269,63 @@ fn small_reads_of_a_large_burst_lose_nothing() {
     assert!(got == data);
     drop(w.join().unwrap());
 }
+
+/// A byte changed on the wire after the handshake: the receiver refuses the record (it never
+/// sees the altered plaintext) and says why.
+#[test]
+fn a_record_altered_on_the_wire_is_refused() {
+    let k = psk("0123456789abcdef0123456789abcdef");
+    // client <-> relay <-> server; the relay flips one byte of the 2nd record after 4 KiB
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_addr = crate::Addr::Tcp(l.local_addr().unwrap());
+    let relay = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_addr = crate::Addr::Tcp(relay.local_addr().unwrap());
+    let ks = k.clone();
+    let srv = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut s = ks.server(Sock::Tcp(s), Duration::from_secs(5)).unwrap();
+        let mut got = vec![0u8; 64 << 10];
+        s.read_exact(&mut got).map(|_| got)
+    });
+    let rl = std::thread::spawn(move || {
+        let (mut from_client, _) = relay.accept().unwrap();
+        let to_server = std::net::TcpStream::connect(match &server_addr {
+            crate::Addr::Tcp(a) => *a,
+            _ => unreachable!(),
+        })
+        .unwrap();
+        let mut back_from = to_server.try_clone().unwrap();
+        let mut back_to = from_client.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_from, &mut back_to);
+        });
+        let mut to_server = to_server;
+        let mut total = 0usize;
+        let mut b = vec![0u8; 8192];
+        let mut flipped = false;
+        loop {
+            let n = match from_client.read(&mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            // the handshake is a few KiB at most; past 20 KiB we are in the data records
+            if !flipped && total + n > 20 << 10 {
+                b[n / 2] ^= 0x40;
+                flipped = true;
+            }
+            total += n;
+            if to_server.write_all(&b[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let mut c = Sock::connect(&relay_addr, true, Duration::from_secs(5))
+        .and_then(|s| k.client(s, Duration::from_secs(5)))
+        .unwrap();
+    let _ = c.write_all(&vec![0x5a; 64 << 10]);
+    let r = srv.join().unwrap();
+    let e = r.map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("failed authentication"), "{e}");
+    drop(c);
+    rl.join().unwrap();
+}
