@@ -237,7 +237,13 @@ fn net_run(a: &Args, vmm: &Path, mem: u64, mode: &str, run: u32) -> Result<NetRu
         &dir,
         Some(&lan.net.ns[1]),
         "dst",
-        &["--incoming".into(), to.clone()],
+        &[
+            "--incoming".into(),
+            to.clone(),
+            // shared storage and a tap of the same name, as the operator maps them
+            format!("--disk-map={}", img.display()),
+            "--tap-map=tap0".into(),
+        ],
     )?;
     let stop = Arc::new(AtomicBool::new(false));
     let client = echo_client(lan.net.ns[2].clone(), lan.guest.clone(), stop.clone());
@@ -358,9 +364,12 @@ fn disk_run(a: &Args, vmm: &Path, mem: u64, img: &Path, run: u32, copy: bool) ->
     let port = hb::free_port()?;
     let to = format!("tcp:127.0.0.1:{port}");
     let mut dargs = vec!["--incoming".to_string(), to.clone()];
-    if copy {
-        dargs.push(format!("--disk-map={imgs}={}", target.display()));
-    }
+    dargs.push(if copy {
+        format!("--disk-map={imgs}={}", target.display())
+    } else {
+        // shared storage: the same path, named by the operator
+        format!("--disk-map={imgs}")
+    });
     let mut dst = Vmm::start_at(vmm, &dir, None, "dst", &dargs)?;
     // this host backs its memory lazily (see hb::warm_host_memory): warm what the destination's
     // RAM, a staging copy of the disk and the new image's page cache will take, for both runs

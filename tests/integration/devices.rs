@@ -286,7 +286,13 @@ fn disk_and_network_move_with_the_vm() {
     );
     wait_count(&answered, 200, "UDP echoes from the source", &src);
 
-    let (dest, addr) = start_dest(Some(&hosts.b), &hosts.ip_b, &[]);
+    // shared storage (the same path) and a tap of the same name, named by the operator
+    let disk_map = format!("--disk-map={}", img.path());
+    let (dest, addr) = start_dest(
+        Some(&hosts.b),
+        &hosts.ip_b,
+        &[&disk_map, "--tap-map", "tap0"],
+    );
     let t_migrate = Instant::now();
     let r = migrate(&src, &addr, &[]);
     let t_done = Instant::now();
@@ -383,7 +389,11 @@ fn destination_refuses_another_disk_at_the_same_path() {
             other.path(),
             img.path(),
         ],
-        &["--incoming", "tcp:127.0.0.1:0"],
+        &[
+            "--incoming",
+            "tcp:127.0.0.1:0",
+            &format!("--disk-map={}", img.path()),
+        ],
     );
     let addr = dest.ctl_as::<IncomingStatus>(&["status"]).listening;
     let r = migrate(&src, &addr, &[]);
@@ -397,12 +407,47 @@ fn destination_refuses_another_disk_at_the_same_path() {
         "the destination's log does not say why: {log}"
     );
     still_running(&src);
+    // a destination without a mapping for the disk: nothing is opened at the peer's path
+    let (d1, addr1) = start_dest(None, "127.0.0.1", &[]);
+    let r = migrate(&src, &addr1, &[]);
+    let msg = &refused(&r).message;
+    assert!(msg.contains("cannot be attached on this host"), "{msg}");
+    assert!(d1.stderr_text().contains("has no --disk-map"), "{r:?}");
+    drop(d1);
+    // a mapping to a FIFO: refused at once (opened non-blocking), the listener goes on
+    let fifo = crate::common::temp_path("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo {}", fifo.display());
+    let map = format!("--disk-map={}={}", img.path(), fifo.display());
+    let (d4, addr4) = start_dest(None, "127.0.0.1", &[&map]);
+    let t0 = std::time::Instant::now();
+    let r = migrate(&src, &addr4, &[]);
+    assert!(refused(&r).message.contains("cannot be attached"), "{r:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the FIFO held the destination"
+    );
+    assert!(
+        d4.stderr_text()
+            .contains("neither a regular file nor a block device"),
+        "{r:?}"
+    );
+    let st: IncomingStatus = d4.ctl_as(&["status"]);
+    assert_eq!(st.state, "incoming", "{st:?}");
+    drop(d4);
+    let _ = std::fs::remove_file(&fifo);
     // a destination whose file (through --disk-map) has another size, or no file at all
     let map = format!("--disk-map={}={}", img.path(), smaller.path());
     let (d2, addr2) = start_dest(None, "127.0.0.1", &[&map]);
     let r = migrate(&src, &addr2, &[]);
     let msg = &refused(&r).message;
-    assert!(!msg.contains("bytes here") && !msg.contains(smaller.path()), "{msg}");
+    assert!(
+        !msg.contains("bytes here") && !msg.contains(smaller.path()),
+        "{msg}"
+    );
     assert!(d2.stderr_text().contains("bytes here"), "{r:?}");
     drop(d2);
     let map = format!("--disk-map={}=/nonexistent/disk.img", img.path());
@@ -458,7 +503,9 @@ fn copy_disk_moves_a_disk_that_is_not_shared() {
     let r = migrate(&src, &addr0, &["--copy-disk"]);
     // refused; why (the file exists) only in the destination's own log
     assert!(
-        refused(&r).message.contains("cannot be attached on this host"),
+        refused(&r)
+            .message
+            .contains("cannot be attached on this host"),
         "{r:?}"
     );
     assert!(

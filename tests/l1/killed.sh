@@ -16,7 +16,7 @@ uptime_cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
 cmdline="console=ttyS0 quiet witness.mib=300 witness.rate=2000 witness.hb=20 $L2_IO_CMDLINE"
 l2_io 2 || { echo "BOOT failed: setting up the guest's disk and network in L1" | tee -a summary; exit 1; }
 l2_boot 512M "$cmdline" || { kill $(cat /tmp/pids); exit 1; }
-vmm --incoming tcp:127.0.0.1:7801 $SEC --no-stream --recover-timeout-s 3 --tap-map l2tap0=l2tap1 \
+vmm --incoming tcp:127.0.0.1:7801 $SEC --disk-map "$L2_DISK" --no-stream --recover-timeout-s 3 --tap-map l2tap0=l2tap1 \
   --api-socket /tmp/vm1.sock --serial vm1.serial </dev/null >vm1.log 2>&1 &
 dpid=$!
 echo "$dpid" >> /tmp/pids

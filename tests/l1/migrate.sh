@@ -35,7 +35,7 @@ while [ $i -le "$count" ]; do
   prev=$((i - 1))
   port=$((7700 + i))
   # this VMM's own tap (the source's tap stays the source's until it ends)
-  vmm --incoming "tcp:127.0.0.1:$port" $SEC $on_cpu0 --api-socket /tmp/vm$i.sock --serial vm$i.serial \
+  vmm --incoming "tcp:127.0.0.1:$port" $SEC --disk-map "$L2_DISK" $on_cpu0 --api-socket /tmp/vm$i.sock --serial vm$i.serial \
     --tap-map l2tap$prev=l2tap$i --tap-map l2tap0=l2tap$i </dev/null >vm$i.log 2>&1 &
   dpid=$!
   echo "$dpid" >> /tmp/pids

@@ -74,13 +74,15 @@ struct IncomingArgs {
     /// With --incoming: control socket (answers `status` while waiting).
     #[arg(long, requires = "incoming")]
     api_socket: Option<PathBuf>,
-    /// With --incoming: the source's disk FROM is at TO on this host (repeatable). Without it
-    /// a disk is opened at the source's path (shared storage). With `migrate --copy-disk`, TO
-    /// is the new local image (it must not exist).
+    /// With --incoming: the source's disk FROM is at TO on this host (repeatable; a bare PATH:
+    /// at the same path, shared storage). Every disk of an incoming VM needs one: the
+    /// destination opens only what its operator names, never a path the peer sends. With
+    /// `migrate --copy-disk`, TO is the new local image (it must not exist).
     #[arg(long, value_name = "FROM=TO", requires = "incoming")]
     disk_map: Vec<String>,
-    /// With --incoming: attach the source's tap FROM to tap TO here (repeatable; default: the
-    /// same name — e.g. two VMMs on one host need two taps on the bridge).
+    /// With --incoming: attach the source's tap FROM to tap TO here (repeatable; a bare NAME:
+    /// the same name). Every NIC of an incoming VM needs one: the destination attaches only
+    /// taps its operator names (two VMMs on one host need two taps on the bridge).
     #[arg(long, value_name = "FROM=TO", requires = "incoming")]
     tap_map: Vec<String>,
     /// With --incoming: serial console of the migrated VM, `stdout` or a file.

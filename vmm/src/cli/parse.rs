@@ -34,13 +34,15 @@ pub(super) fn parse_u64(s: &str) -> Result<u64, String> {
 }
 
 /// `FROM=TO` options.
+/// `FROM=TO` pairs; a bare `NAME` maps NAME to itself (the same path or tap on this host).
 pub(super) fn parse_map<T: From<String>>(flag: &str, v: &[String]) -> Result<Vec<(T, T)>> {
     v.iter()
         .map(|m| match m.split_once('=') {
             Some((f, t)) if !f.is_empty() && !t.is_empty() => {
                 Ok((T::from(f.to_owned()), T::from(t.to_owned())))
             }
-            _ => Err(anyhow::anyhow!("{flag} {m:?}: expected FROM=TO")),
+            None if !m.is_empty() => Ok((T::from(m.clone()), T::from(m.clone()))),
+            _ => Err(anyhow::anyhow!("{flag} {m:?}: expected FROM=TO or NAME")),
         })
         .collect()
 }

@@ -67,18 +67,11 @@ impl Backend {
     }
 }
 
-/// Where the destination finds a disk: `map` renames source paths (`--disk-map FROM=TO`).
-pub fn mapped_path(path: &std::path::Path, map: &[(PathBuf, PathBuf)]) -> PathBuf {
-    map.iter()
-        .find(|(from, _)| from == path)
-        .map(|(_, to)| to.clone())
-        .unwrap_or_else(|| path.to_owned())
-}
-
-/// Opens, on a migration destination, the backends an offer names, and checks each disk is the
-/// source's file. `map` renames disk paths, `taps` tap names (`--tap-map FROM=TO`, e.g. for a
-/// migration between two VMMs on one host). The error says which device and why (the offer is
-/// then refused).
+/// Opens, on a migration destination, the backends for the devices an offer lists, and checks
+/// each disk is the source's file. The destination owns its backends: every disk must be in
+/// `map` (`--disk-map SRC=LOCAL`) and every NIC's tap in `taps` (`--tap-map SRC=LOCAL`); a
+/// device without one is refused, so nothing is opened, created or attached at a name the
+/// peer chose. The error says which device and why (logged here; the offer is refused).
 pub fn open_offered(
     devs: &[OfferedDevice],
     map: &[(PathBuf, PathBuf)],
@@ -86,19 +79,23 @@ pub fn open_offered(
     security: &transport::Security,
 ) -> Result<Vec<Backend>, VirtioError> {
     let mut out = Vec::new();
-    for d in devs {
+    for (i, d) in devs.iter().enumerate() {
         out.push(match &d.config {
             DeviceConfig::Block(b) => {
-                let mapped = map.iter().any(|(from, _)| *from == b.path);
+                let Some((_, local)) = map.iter().find(|(from, _)| *from == b.path) else {
+                    return Err(VirtioError::Config(format!(
+                        "device {i}: the source's disk {} has no --disk-map here (this host opens only the disks its operator names: --disk-map SRC=LOCAL, or --disk-map PATH for shared storage)",
+                        b.path.display()
+                    )));
+                };
                 let cfg = blk::BlockConfig {
-                    path: mapped_path(&b.path, map),
+                    path: local.clone(),
                     readonly: b.readonly,
                 };
                 let disk = match &d.copy_from {
                     Some(addr) => blk::Block::copy_in(&cfg, d.disk.as_ref(), addr, security)?,
                     None => {
-                        // a path only the peer named: an image file, never a device
-                        let disk = blk::Block::open_checked(&cfg, !mapped)?;
+                        let disk = blk::Block::open(&cfg)?;
                         if let Some(id) = &d.disk {
                             disk.check_same(id)?;
                         }
@@ -108,10 +105,13 @@ pub fn open_offered(
                 Backend::Block(disk)
             }
             DeviceConfig::Net(n) => {
-                let tap = taps
-                    .iter()
-                    .find(|(from, _)| *from == n.tap)
-                    .map_or_else(|| n.tap.clone(), |(_, to)| to.clone());
+                let Some((_, tap)) = taps.iter().find(|(from, _)| *from == n.tap) else {
+                    return Err(VirtioError::Config(format!(
+                        "device {i}: the source's tap {:?} has no --tap-map here (this host attaches only the taps its operator names: --tap-map SRC=LOCAL, or --tap-map NAME)",
+                        n.tap
+                    )));
+                };
+                let tap = tap.clone();
                 Backend::Net(net::Net::open(&net::NetConfig { tap, mac: n.mac })?)
             }
         });

@@ -30,7 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::replies::DeviceStatus;
 use crate::memory::GuestRam;
 use crate::persist::Persist;
-pub use backend::{mapped_path, open_offered, Backend, F_VERSION_1};
+pub use backend::{open_offered, Backend, F_VERSION_1};
 pub use config::{DeviceConfig, OfferedDevice};
 use copy::copy_thread;
 pub use copy::DiskCopyEvent;

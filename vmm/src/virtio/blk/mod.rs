@@ -149,14 +149,9 @@ fn disk_err(cfg: &BlockConfig, what: impl Into<String>) -> VirtioError {
 
 impl Block {
     /// Opens the image (read-write unless read-only).
+    /// Never blocks on the open itself (O_NONBLOCK, cleared after: a FIFO would wait for a
+    /// writer); anything but a regular file or a block device is then refused.
     pub fn open(cfg: &BlockConfig) -> Result<Block, VirtioError> {
-        Self::open_checked(cfg, false)
-    }
-
-    /// Opens the image; `files_only`: refuse anything but a regular file (a block device such
-    /// as /dev/sda, a FIFO, a socket) — for a path the operator did not name. Never blocks on
-    /// open (O_NONBLOCK: a FIFO would wait for a writer).
-    pub fn open_checked(cfg: &BlockConfig, files_only: bool) -> Result<Block, VirtioError> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = OpenOptions::new()
             .read(true)
@@ -167,15 +162,12 @@ impl Block {
         let meta = file
             .metadata()
             .map_err(|e| disk_err(cfg, format!("stat: {e}")))?;
-        if files_only && !meta.is_file() {
-            return Err(disk_err(
-                cfg,
-                "not a regular file (a disk at a path the source names must be an image file; map a device with --disk-map)",
-            ));
-        }
         // back to blocking I/O (O_NONBLOCK was for the open only)
-        nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()))
-            .map_err(|e| disk_err(cfg, format!("fcntl: {e}")))?;
+        nix::fcntl::fcntl(
+            &file,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        )
+        .map_err(|e| disk_err(cfg, format!("fcntl: {e}")))?;
         let block_device = meta.file_type().is_block_device();
         let size = if block_device {
             use std::io::{Seek, SeekFrom};
