@@ -152,6 +152,7 @@ pub fn serve(
         precopy: AtomicBool::new(config_precopy),
         precopy_gate: std::sync::RwLock::new(()),
         sessions: std::sync::Mutex::new(Vec::new()),
+        bulk_threads: std::sync::Mutex::new(Vec::new()),
     });
     let core_handle = core.clone();
     let a = bound.clone();

@@ -129,6 +129,12 @@ pub(crate) fn run(
     for s in sessions.values() {
         s.close();
     }
+    // the bulk threads end on the closed sessions' shut sockets: wait for them, so that no
+    // thread of ours reads the memory once stop() has returned
+    let bulk = std::mem::take(&mut *core.bulk_threads.lock().unwrap_or_else(|e| e.into_inner()));
+    for t in bulk {
+        let _ = t.join();
+    }
     if let Addr::Unix(p) = &addr {
         let _ = std::fs::remove_file(p);
     }
@@ -380,11 +386,20 @@ fn start_bulk(core: &Arc<Core>, c: Conn, session: Arc<Session>) {
         return;
     }
     let core = core.clone();
+    let threads = core.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("bulk-{}", session.id))
         .spawn(move || bulk::run(core, sock, peer, session));
-    if let Err(e) = spawned {
-        warn!("cannot start a bulk thread: {e}");
+    match spawned {
+        Ok(t) => {
+            let mut v = threads
+                .bulk_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            v.retain(|t| !t.is_finished());
+            v.push(t);
+        }
+        Err(e) => warn!("cannot start a bulk thread: {e}"),
     }
 }
 

@@ -12,6 +12,9 @@ pub(crate) struct Core {
     /// The memory served, with its page table.
     pub(crate) map: PageMap,
     pub(crate) config: ServerConfig,
+    /// The bulk threads started, joined when the server stops: none of them reads the memory
+    /// after the server's owner may have unmapped it.
+    pub(crate) bulk_threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// What every session sent.
     pub(crate) totals: Arc<Totals>,
     /// Pre-copy: the memory is still being modified; the stream sends `Precopy` pages and

@@ -59,6 +59,11 @@ pub struct PagerConfig {
     /// How the pager authenticates the source (and itself) and encrypts every channel. The
     /// default refuses to connect: choose credentials (or, explicitly, plaintext).
     pub security: transport::Security,
+    /// Once every page is present, keep the control connection and say nothing until
+    /// [`crate::Pager::release_done`]: for an owner that must make the pages safe first (a
+    /// disk copy-in syncs its image), so that the source never lets go of data that exists
+    /// nowhere else yet.
+    pub hold_done: bool,
 }
 
 impl Default for PagerConfig {
@@ -80,6 +85,7 @@ impl Default for PagerConfig {
             page_size: 4096,
             bulk_buffer_bytes: transport::DEFAULT_BULK_BUFFER_BYTES,
             security: transport::Security::default(),
+            hold_done: false,
         }
     }
 }

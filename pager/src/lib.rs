@@ -104,6 +104,16 @@ impl Pager {
         }
     }
 
+    /// With [`PagerConfig::hold_done`]: tells the source, once every page is present, that
+    /// it may let go (Done). Errors: [`PagerError::Stopped`] when there is nothing to release
+    /// (not complete, a local source, or released already).
+    pub fn release_done(&self) -> Result<(), PagerError> {
+        match &self.source {
+            Source::Remote(r) => remote::release_done(r),
+            Source::Local(_) => Err(PagerError::Stopped),
+        }
+    }
+
     /// Starts the background stream of a pager configured with
     /// [`PagerConfig::stream_deferred`]: the source starts sending every page not yet sent.
     /// Idempotent, and remembered: a reconnect after it enables the stream on the new

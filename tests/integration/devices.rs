@@ -542,3 +542,112 @@ fn copy_disk_moves_a_disk_that_is_not_shared() {
     check_image(&img.0, 1);
     let _ = std::fs::remove_file(&copy);
 }
+
+/// `--copy-disk` to a destination whose file system fills up (ENOSPC) during the write-back:
+/// the destination keeps the VM paused (it never runs on a disk it could not keep) and keeps
+/// the partial image; the source, never told Done for the disk, keeps its VM and its disk.
+#[test]
+fn copy_disk_that_fills_the_destination_keeps_the_vm_and_the_image() {
+    if !gates("copy_disk_that_fills_the_destination_keeps_the_vm_and_the_image") {
+        return;
+    }
+    // a 4 MiB tmpfs of our own for the destination's copy (a 32 MiB disk does not fit)
+    let dir = temp_path("enospc");
+    std::fs::create_dir_all(&dir).unwrap();
+    use std::process::Command;
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4M,mode=0700", "tmpfs"])
+        .arg(&dir)
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        tests::skip(
+            "copy_disk_that_fills_the_destination_keeps_the_vm_and_the_image: cannot mount a tmpfs (needs root)",
+        );
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let img = Image::new("disk", 32);
+    let copy = dir.join("copy.img");
+    let src = VmmProc::start(&[
+        "run",
+        "--mem",
+        "128M",
+        "--disk",
+        img.path(),
+        "--cmdline",
+        "rate=500",
+    ]);
+    src.wait_line("READY", Duration::from_secs(60), |l| l.starts_with("READY"));
+    let map = format!("--disk-map={}={}", img.path(), copy.display());
+    let (dest, addr) = start_dest(None, "127.0.0.1", &[&map]);
+    let sock = src.sock.clone();
+    let mig = std::thread::spawn(move || {
+        crate::vm::ctl_raw(
+            &sock,
+            &[
+                "migrate",
+                "--to",
+                &addr,
+                "--copy-disk",
+                "--recover-timeout-s",
+                "5",
+            ],
+        )
+    });
+    // the write-back hits the full file system
+    let t0 = Instant::now();
+    while !dest.stderr_text().contains("No space left") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no ENOSPC: {}",
+            dest.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let log = dest.stderr_text();
+    println!(
+        "destination: {}",
+        log.lines()
+            .filter(|l| l.contains("disk") || l.contains("paused"))
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
+    // the destination's VM does not run on: paused, and its image is there
+    let st: vmm::api::replies::Status = dest.ctl_as(&["status"]);
+    assert!(
+        st.state.contains("source_lost") || st.state.contains("paused"),
+        "the destination runs a VM whose disk it could not keep: {st:?}"
+    );
+    assert!(copy.exists(), "the partial image was deleted");
+    // ended here (shutdown: the paused VM's devices are dropped): the image stays
+    let mut dest = dest;
+    dest.ctl(&["shutdown"]);
+    let code = dest.wait_exit(Duration::from_secs(20));
+    println!("destination exit code {code}");
+    assert!(copy.exists(), "the destination removed the image on exit");
+    // the source was never told the disk is safe: its migration did not complete and it has
+    // not let go of its VM (it waits for a destination to come back, then says it failed)
+    let r = mig.join().unwrap();
+    println!("source's reply: {r:?}");
+    assert!(
+        !r.ok,
+        "the source declared complete a migration whose disk was lost: {r:?}"
+    );
+    let src_log = src.stderr_text();
+    assert!(
+        !src_log.contains("guest memory freed"),
+        "the source freed the VM: {src_log}"
+    );
+    assert!(
+        std::fs::metadata(img.path()).is_ok(),
+        "the source's image is gone"
+    );
+}

@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::tls::TlsStream;
+use crate::tls::{RawIo, Security, TlsStream};
 
 /// Where to listen or connect: `HOST:PORT` for TCP, a path (containing `/`) for a Unix socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,10 +139,10 @@ pub enum Sock {
     /// Unix.
     Unix(UnixStream),
     /// TLS over a TCP or Unix socket ([`crate::Security`] makes one); clones share it.
-    Tls(Arc<TlsStream>),
+    Tls(Arc<TlsStream<Sock>>),
 }
 
-impl fmt::Debug for TlsStream {
+impl fmt::Debug for TlsStream<Sock> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Tls({:?})", self.raw())
     }
@@ -335,7 +335,7 @@ impl Sock {
     /// Fills every buffer of `iov`, in order (readv(2) straight into them for a plain socket).
     pub fn read_exact_vectored(&mut self, mut iov: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         if let Sock::Tls(t) = self {
-            let mut t: &TlsStream = t;
+            let mut t: &TlsStream<Sock> = t;
             for b in iov.iter_mut() {
                 t.read_exact(b)?;
             }
@@ -409,6 +409,68 @@ impl Sock {
             off += n;
         }
         Ok(())
+    }
+}
+
+impl RawIo for Sock {
+    fn read_raw(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_plain(buf)
+    }
+    fn recv_raw_dontwait(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv_dontwait_plain(buf)
+    }
+    fn write_raw(&self, buf: &[u8]) -> io::Result<usize> {
+        self.write_plain(buf)
+    }
+    fn send_raw_dontwait(&self, buf: &[u8]) -> io::Result<usize> {
+        use nix::sys::socket::{send, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        send(self.as_raw_fd(), buf, flags).map_err(io::Error::from)
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        Sock::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        Sock::set_write_timeout(self, t)
+    }
+    fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
+        Sock::set_nonblocking(self, nb)
+    }
+}
+
+impl Security {
+    /// Secures a connection this side opened: the TLS handshake as client, within `timeout`.
+    /// Plaintext passes `sock` through.
+    pub fn client(&self, sock: Sock, timeout: Duration) -> io::Result<Sock> {
+        match self.client_conn()? {
+            None => Ok(sock),
+            Some(conn) => {
+                let s = TlsStream::new(sock, conn);
+                s.handshake(std::time::Instant::now() + timeout)?;
+                Ok(Sock::Tls(Arc::new(s)))
+            }
+        }
+    }
+
+    /// Secures a connection this side accepted, with a blocking handshake as server within
+    /// `timeout`. Plaintext passes `sock` through.
+    pub fn server(&self, sock: Sock, timeout: Duration) -> io::Result<Sock> {
+        let s = self.server_start(sock)?;
+        if let Sock::Tls(t) = &s {
+            t.handshake(std::time::Instant::now() + timeout)?;
+        }
+        Ok(s)
+    }
+
+    /// Secures an accepted connection without waiting: the handshake runs as the connection
+    /// is read and written (for an event loop on a non-blocking socket; pending handshake
+    /// output is sent by [`Sock::flush_pending`]). Plaintext passes `sock` through.
+    pub fn server_start(&self, sock: Sock) -> io::Result<Sock> {
+        Ok(match self.server_conn()? {
+            None => sock,
+            Some(conn) => Sock::Tls(Arc::new(TlsStream::new(sock, conn))),
+        })
     }
 }
 

@@ -40,6 +40,56 @@ pub enum DeviceEvent {
 /// Where the console's output goes.
 pub type ConsoleOut = Box<dyn Write + Send>;
 
+/// Serial output a guest may write to a file before the rest is dropped: a guest must not
+/// fill the host's disk through its console.
+pub const SERIAL_FILE_CAP: u64 = 256 << 20;
+
+/// A writer that takes at most `cap` bytes, then drops the rest (saying so once, in the file
+/// and the log).
+pub struct Capped<W> {
+    inner: W,
+    left: u64,
+    cap: u64,
+}
+
+impl<W: Write> Capped<W> {
+    /// `inner`, taking at most `cap` bytes.
+    pub fn new(inner: W, cap: u64) -> Capped<W> {
+        Capped {
+            inner,
+            left: cap,
+            cap,
+        }
+    }
+}
+
+impl<W: Write> Write for Capped<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Ok(buf.len());
+        }
+        let n = (buf.len() as u64).min(self.left) as usize;
+        let n = self.inner.write(&buf[..n])?;
+        self.left -= n as u64;
+        if self.left == 0 {
+            let _ = writeln!(
+                self.inner,
+                "\n[vmm: serial output reached {} MiB; the rest is dropped]",
+                self.cap >> 20
+            );
+            let _ = self.inner.flush();
+            log::warn!(
+                "the guest's serial output reached {} MiB: the rest is dropped",
+                self.cap >> 20
+            );
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The console: a 16550 UART.
 pub struct Console {
     serial: Serial<IrqTrigger, NoEvents, ConsoleOut>,
@@ -336,5 +386,24 @@ mod tests {
             Console::restore((EventFd::new(0).unwrap(), Box::new(std::io::sink())), &s).unwrap();
         assert_eq!(r.save().unwrap(), s);
         assert_eq!(r.serial.read(0), b'q');
+    }
+}
+
+#[cfg(test)]
+mod capped_tests {
+    use super::*;
+
+    #[test]
+    fn serial_output_past_the_cap_is_dropped_with_one_note() {
+        let mut c = Capped::new(Vec::new(), 10);
+        for _ in 0..100 {
+            c.write_all(b"abcd").unwrap();
+        }
+        let text = String::from_utf8(c.inner).unwrap();
+        assert!(
+            text.starts_with("abcdabcdab\n[vmm: serial output reached"),
+            "{text}"
+        );
+        assert_eq!(text.matches("[vmm:").count(), 1);
     }
 }

@@ -139,10 +139,13 @@ pub struct Vm {
 fn console_out(s: &SerialOut) -> Result<ConsoleOut, VmError> {
     Ok(match s {
         SerialOut::Stdout => Box::new(std::io::stdout()),
-        SerialOut::File(p) => Box::new(std::fs::File::create(p).map_err(|source| VmError::Os {
-            what: "creating the serial output file",
-            source,
-        })?),
+        SerialOut::File(p) => Box::new(crate::devices::Capped::new(
+            std::fs::File::create(p).map_err(|source| VmError::Os {
+                what: "creating the serial output file",
+                source,
+            })?,
+            crate::devices::SERIAL_FILE_CAP,
+        )),
     })
 }
 

@@ -28,6 +28,9 @@ pub(super) struct Control {
     pub(super) stream_started: bool,
     /// The current session's control connection (None while reconnecting).
     pub(super) sock: Option<Sock>,
+    /// With [`crate::PagerConfig::hold_done`]: the control connection kept, every page
+    /// present, until [`super::release_done`] says Done on it.
+    pub(super) held: Option<Sock>,
 }
 
 /// State of a remote pager shared by its threads.

@@ -174,6 +174,7 @@ pub(crate) fn start(
     let (shared, rx) = Shared::start(mem, config)?;
     let waker = Arc::new(Waker::new().map_err(PagerError::Spawn)?);
     let control = Control {
+        held: None,
         stream_started: stream,
         sock: Some(
             session
@@ -243,6 +244,26 @@ pub(crate) fn fetch_early(r: &Remote, addrs: &[u64]) {
         .unwrap_or_else(|p| p.into_inner())
         .extend_from_slice(addrs);
     r.waker.wake();
+}
+
+/// Says Done to the source on the control connection kept by
+/// [`crate::PagerConfig::hold_done`] (see [`crate::Pager::release_done`]).
+pub(crate) fn release_done(r: &Remote) -> Result<(), PagerError> {
+    let held = r
+        .control
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .held
+        .take();
+    let Some(mut s) = held else {
+        return Err(PagerError::Stopped);
+    };
+    let sent = s.write_all(&Message::Done.to_vec());
+    let _ = s.shutdown(Shutdown::Both);
+    sent.map_err(|source| PagerError::Connect {
+        addr: s.peer_name(),
+        source,
+    })
 }
 
 /// Asks the source for the stream (see [`Pager::start_stream`]).
@@ -453,10 +474,15 @@ fn finish(r: &Remote, control: Option<Sock>) {
         .sock
         .take();
     if let (Some(mut w), Some(c)) = (writer, control) {
-        if let Err(e) = w.write_all(&Message::Done.to_vec()) {
-            debug!("sending Done: {e}");
+        if sh.config.hold_done {
+            // the owner says Done once what it made of the pages is safe (release_done)
+            r.control.lock().unwrap_or_else(|p| p.into_inner()).held = Some(w);
+        } else {
+            if let Err(e) = w.write_all(&Message::Done.to_vec()) {
+                debug!("sending Done: {e}");
+            }
+            let _ = c.shutdown(Shutdown::Both);
         }
-        let _ = c.shutdown(Shutdown::Both);
     }
     sh.stop.store(true, Ordering::Release);
     sh.shutdown_socks();

@@ -18,75 +18,22 @@
 //! Sessions are not resumed (no tickets), so every connection, reconnects included, runs a
 //! full handshake with both certificates checked.
 
+mod params;
 mod stream;
 mod verify;
 
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use crate::Sock;
-pub use stream::TlsStream;
-
-/// What identity a peer authenticated with in pre-shared-key mode.
-pub const PSK_IDENTITY: &str = "psk";
-/// The shortest pre-shared key accepted (characters of the file, white space trimmed).
-pub const MIN_PSK_LEN: usize = 32;
-/// How long a handshake may take before the peer is dropped (a real peer needs two round
-/// trips; an unauthenticated one gets no longer than this).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Why credentials could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A file could not be read.
-    #[error("reading {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
-    /// A file held no usable PEM item of the kind wanted.
-    #[error("{path}: {what}")]
-    Pem {
-        /// The file.
-        path: PathBuf,
-        /// What was wrong.
-        what: String,
-    },
-    /// The pre-shared key is too short to be a key.
-    #[error("{path}: the pre-shared key has {len} characters; at least {MIN_PSK_LEN} are needed (make one with `vmm tls psk FILE`)")]
-    ShortPsk {
-        /// The file.
-        path: PathBuf,
-        /// Its length.
-        len: usize,
-    },
-    /// A key file is readable by other users.
-    #[error("{path} is readable by other users (mode {mode:o}); a key must be private: chmod 600 {path}")]
-    KeyNotPrivate {
-        /// The file.
-        path: PathBuf,
-        /// Its mode bits.
-        mode: u32,
-    },
-    /// No peer identity was given in certificate mode.
-    #[error("certificate mode needs the identities of the peers to accept (--tls-peer NAME)")]
-    NoPeers,
-    /// A peer identity is not a DNS name.
-    #[error("peer identity {0:?} is not a DNS name")]
-    BadPeer(String),
-    /// rustls or rcgen refused the configuration.
-    #[error("TLS configuration: {0}")]
-    Config(String),
-}
+pub(crate) use params::config_err;
+pub use params::{Made, TlsError, HANDSHAKE_TIMEOUT, MIN_PSK_LEN, PSK_IDENTITY};
+pub use stream::{RawIo, TlsStream, MAX_RECORDS};
 
 /// How this node's connections are secured.
 #[derive(Clone, Default)]
@@ -113,6 +60,13 @@ pub struct TlsConfig {
     what: String,
 }
 
+fn unset() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "no credentials configured: give a pre-shared key or certificates (or choose plaintext explicitly with --insecure)",
+    )
+}
+
 /// The crypto provider: ring, TLS 1.3 suites only, AES-128-GCM first (the fastest where the
 /// CPU has AES instructions, as every migration host has).
 ///
@@ -130,10 +84,6 @@ fn provider() -> Arc<CryptoProvider> {
         ],
         ..default_provider()
     })
-}
-
-fn config_err(e: impl fmt::Display) -> TlsError {
-    TlsError::Config(e.to_string())
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -310,54 +260,29 @@ impl Security {
         matches!(self, Security::Tls(_))
     }
 
-    fn unset() -> io::Error {
-        io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "no credentials configured: give a pre-shared key or certificates (or choose plaintext explicitly with --insecure)",
-        )
-    }
-
-    /// Secures a connection this side opened: the TLS handshake as client, within `timeout`.
-    /// Plaintext passes `sock` through.
-    pub fn client(&self, sock: Sock, timeout: Duration) -> io::Result<Sock> {
+    /// A new connection state for the client side of a handshake: None for plaintext, an
+    /// error when nothing was chosen.
+    pub(crate) fn client_conn(&self) -> io::Result<Option<rustls::Connection>> {
         match self {
-            Security::Unset => Err(Self::unset()),
-            Security::Insecure => Ok(sock),
-            Security::Tls(t) => {
-                let conn = rustls::ClientConnection::new(
-                    t.client.clone(),
-                    ServerName::try_from("peer").expect("a valid DNS name"),
-                )
-                .map_err(stream::tls_error)?;
-                let s = TlsStream::new(sock, conn.into());
-                s.handshake(Instant::now() + timeout)?;
-                Ok(Sock::Tls(Arc::new(s)))
-            }
+            Security::Unset => Err(unset()),
+            Security::Insecure => Ok(None),
+            Security::Tls(t) => rustls::ClientConnection::new(
+                t.client.clone(),
+                ServerName::try_from("peer").expect("a valid DNS name"),
+            )
+            .map(|c| Some(c.into()))
+            .map_err(stream::tls_error),
         }
     }
 
-    /// Secures a connection this side accepted, with a blocking handshake as server within
-    /// `timeout`. Plaintext passes `sock` through.
-    pub fn server(&self, sock: Sock, timeout: Duration) -> io::Result<Sock> {
-        let s = self.server_start(sock)?;
-        if let Sock::Tls(t) = &s {
-            t.handshake(Instant::now() + timeout)?;
-        }
-        Ok(s)
-    }
-
-    /// Secures an accepted connection without waiting: the handshake runs as the connection
-    /// is read and written (for an event loop on a non-blocking socket; pending handshake
-    /// output is sent by [`Sock::flush_pending`]). Plaintext passes `sock` through.
-    pub fn server_start(&self, sock: Sock) -> io::Result<Sock> {
+    /// A new connection state for the server side of a handshake (see [`Self::client_conn`]).
+    pub(crate) fn server_conn(&self) -> io::Result<Option<rustls::Connection>> {
         match self {
-            Security::Unset => Err(Self::unset()),
-            Security::Insecure => Ok(sock),
-            Security::Tls(t) => {
-                let conn =
-                    rustls::ServerConnection::new(t.server.clone()).map_err(stream::tls_error)?;
-                Ok(Sock::Tls(Arc::new(TlsStream::new(sock, conn.into()))))
-            }
+            Security::Unset => Err(unset()),
+            Security::Insecure => Ok(None),
+            Security::Tls(t) => rustls::ServerConnection::new(t.server.clone())
+                .map(|c| Some(c.into()))
+                .map_err(stream::tls_error),
         }
     }
 }
@@ -376,13 +301,6 @@ pub fn random_u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// The files `vmm tls` writes (see [`make_certificates`]).
-#[derive(Debug)]
-pub struct Made {
-    /// Every file written.
-    pub files: Vec<PathBuf>,
-}
-
 /// Writes a new CA (`ca.pem`, `ca-key.pem`) and, for each name, a node certificate signed by
 /// it (`NAME.pem`, `NAME-key.pem`; the name is its identity, for both client and server use)
 /// into `dir`. Keys are created 0600; nothing that exists is overwritten.
@@ -395,6 +313,3 @@ pub fn make_certificates(dir: &Path, names: &[String]) -> Result<Made, TlsError>
 pub fn make_psk(path: &Path) -> Result<(), TlsError> {
     verify::make_psk(path)
 }
-
-#[cfg(test)]
-mod tests;

@@ -29,7 +29,26 @@ use std::time::Instant;
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::{Connection, ConnectionTrafficSecrets};
 
-use crate::Sock;
+use std::time::Duration;
+
+/// The socket under a TLS connection: reads and writes of ciphertext, its timeouts and mode
+/// (implemented by [`crate::Sock`]).
+pub trait RawIo: Send + Sync {
+    /// read(2).
+    fn read_raw(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// recv(2) with MSG_DONTWAIT: never blocks.
+    fn recv_raw_dontwait(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// write(2).
+    fn write_raw(&self, buf: &[u8]) -> io::Result<usize>;
+    /// send(2) with MSG_DONTWAIT: never blocks.
+    fn send_raw_dontwait(&self, buf: &[u8]) -> io::Result<usize>;
+    /// SO_RCVTIMEO.
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    /// SO_SNDTIMEO.
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    /// O_NONBLOCK.
+    fn set_nonblocking(&self, nb: bool) -> io::Result<()>;
+}
 
 /// Ciphertext read from the socket per read(2) (four full records).
 const RAW_READ: usize = 64 << 10;
@@ -191,9 +210,9 @@ struct Tx {
     key: Option<RecordKey>,
 }
 
-/// A TLS 1.3 connection over a [`Sock`], shareable between threads (see the module doc).
-pub struct TlsStream {
-    raw: Sock,
+/// A TLS 1.3 connection over a socket, shareable between threads (see the module doc).
+pub struct TlsStream<R> {
+    raw: R,
     /// rustls, until the handshake is done (then None: the record layer is ours).
     hs: Mutex<Option<Connection>>,
     rx: Mutex<Rx>,
@@ -206,29 +225,11 @@ pub struct TlsStream {
     peer: Mutex<Option<String>>,
 }
 
-/// Writes to the socket without blocking, whatever its mode (WouldBlock when it is full).
-struct DontWait<'a>(&'a Sock);
-
-impl Write for DontWait<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_vectored(&[IoSlice::new(buf)])
-    }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        use nix::sys::socket::{sendmsg, MsgFlags, UnixAddr};
-        use std::os::fd::AsRawFd;
-        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-        sendmsg::<UnixAddr>(self.0.as_raw_fd(), bufs, &[], flags, None).map_err(io::Error::from)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Writes all of `out` to `raw`; on an error (WouldBlock included) what was written is removed from `out` and the rest stays.
-fn write_raw(raw: &Sock, out: &mut Vec<u8>) -> io::Result<()> {
+fn write_all_raw<R: RawIo>(raw: &R, out: &mut Vec<u8>) -> io::Result<()> {
     let mut pos = 0;
     while pos < out.len() {
-        match raw.write_plain(&out[pos..]) {
+        match raw.write_raw(&out[pos..]) {
             Ok(0) => {
                 out.drain(..pos);
                 return Err(io::ErrorKind::WriteZero.into());
@@ -362,8 +363,8 @@ impl Rx {
     }
 }
 
-impl TlsStream {
-    pub(crate) fn new(raw: Sock, mut conn: Connection) -> TlsStream {
+impl<R: RawIo> TlsStream<R> {
+    pub(crate) fn new(raw: R, mut conn: Connection) -> TlsStream<R> {
         conn.set_buffer_limit(None);
         TlsStream {
             raw,
@@ -390,7 +391,7 @@ impl TlsStream {
     }
 
     /// The socket under the TLS layer.
-    pub fn raw(&self) -> &Sock {
+    pub fn raw(&self) -> &R {
         &self.raw
     }
 
@@ -414,7 +415,7 @@ impl TlsStream {
                 io::ErrorKind::TimedOut,
                 format!(
                     "TLS handshake: no answer within {:?}",
-                    super::HANDSHAKE_TIMEOUT
+                    super::params::HANDSHAKE_TIMEOUT
                 ),
             )
         };
@@ -519,9 +520,9 @@ impl TlsStream {
         };
         let filled = lock(&self.rx).len;
         let r = if dontwait {
-            self.raw.recv_dontwait_plain(&mut buf[filled..])
+            self.raw.recv_raw_dontwait(&mut buf[filled..])
         } else {
-            self.raw.read_plain(&mut buf[filled..])
+            self.raw.read_raw(&mut buf[filled..])
         };
         let want = buf.len() - filled;
         let mut rx = lock(&self.rx);
@@ -640,7 +641,7 @@ impl TlsStream {
         };
         // as much as the socket takes at once, then (blocking sockets) the rest, blocking,
         // with no lock held that a reader needs
-        let r = match DontWait(&self.raw).write(&out) {
+        let r = match self.raw.send_raw_dontwait(&out) {
             Ok(n) if n == out.len() => {
                 out.clear();
                 Ok(())
@@ -650,14 +651,14 @@ impl TlsStream {
                 if self.nonblocking.load(Ordering::Relaxed) {
                     Err(io::ErrorKind::WouldBlock.into())
                 } else {
-                    write_raw(&self.raw, &mut out)
+                    write_all_raw(&self.raw, &mut out)
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if self.nonblocking.load(Ordering::Relaxed) {
                     Err(e)
                 } else {
-                    write_raw(&self.raw, &mut out)
+                    write_all_raw(&self.raw, &mut out)
                 }
             }
             Err(e) => Err(e),
@@ -757,14 +758,14 @@ fn seal(key: &mut RecordKey, out: &mut Vec<u8>, bufs: &[IoSlice<'_>]) -> io::Res
     Ok(taken)
 }
 
-impl Read for &TlsStream {
+impl<R: RawIo> Read for &TlsStream<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let dontwait = self.nonblocking.load(Ordering::Relaxed);
         self.read_inner(buf, dontwait)
     }
 }
 
-impl Write for &TlsStream {
+impl<R: RawIo> Write for &TlsStream<R> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.write_inner(&[IoSlice::new(buf)])
     }

@@ -17,7 +17,7 @@ use rustls::{
     SignatureScheme,
 };
 
-use super::{config_err, TlsError, PSK_IDENTITY};
+use super::params::{config_err, Made, TlsError, PSK_IDENTITY};
 
 /// A certificate that is valid but names nobody this node accepts.
 #[derive(Debug)]
@@ -396,7 +396,7 @@ pub(super) fn make_psk(path: &Path) -> Result<(), TlsError> {
     write_new(path, hex.as_bytes(), 0o600)
 }
 
-pub(super) fn make_certificates(dir: &Path, names: &[String]) -> Result<super::Made, TlsError> {
+pub(super) fn make_certificates(dir: &Path, names: &[String]) -> Result<Made, TlsError> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose,
@@ -450,5 +450,5 @@ pub(super) fn make_certificates(dir: &Path, names: &[String]) -> Result<super::M
             0o600,
         )?;
     }
-    Ok(super::Made { files })
+    Ok(Made { files })
 }

@@ -406,6 +406,13 @@ fn check_offer(o: &Offer, cfg: &IncomingConfig, kvm: &kvm_ioctls::Kvm) -> Result
         ));
     }
     let c = &o.config;
+    if o.devices.len() > crate::virtio::MMIO_SLOTS as usize {
+        return Err(format!(
+            "{} virtio devices (this VMM has {} slots)",
+            o.devices.len(),
+            crate::virtio::MMIO_SLOTS
+        ));
+    }
     if let Some(max) = cfg.max_mem.filter(|&m| c.mem_bytes > m) {
         return Err(format!(
             "{} MiB of guest memory; this destination accepts at most {} MiB (--max-mem)",

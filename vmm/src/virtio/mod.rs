@@ -98,6 +98,22 @@ impl VirtioDevices {
                 backends.len()
             )));
         }
+        // a state file or a migration peer may say anything: the slot cap and each slot's
+        // place hold on restore as on boot (a slot past the cap is MMIO outside the window)
+        if states.len() > MMIO_SLOTS as usize {
+            return Err(VirtioError::Config(format!(
+                "{} virtio devices in the saved state (at most {MMIO_SLOTS})",
+                states.len()
+            )));
+        }
+        for (i, s) in states.iter().enumerate() {
+            if s.slot != i as u32 {
+                return Err(VirtioError::Config(format!(
+                    "saved device {i} claims slot {} (devices take consecutive slots from 0)",
+                    s.slot
+                )));
+            }
+        }
         let mut slots = Vec::new();
         for (s, b) in states.iter().zip(backends) {
             let t = Transport::restore((ram.clone(), irq(s.slot)?, b), s)?;

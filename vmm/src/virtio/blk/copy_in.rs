@@ -41,6 +41,8 @@ impl Block {
             pager::PagerConfig {
                 stream_deferred: true,
                 security: security.clone(),
+                // the source lets go of the disk only once the local image is synced
+                hold_done: true,
                 ..pager::PagerConfig::default()
             },
         )
@@ -62,6 +64,7 @@ impl Block {
             block_device: false,
             counters: Counters::default(),
             staging: Some(Staging {
+                started: false,
                 pager,
                 base,
                 written: vec![false; size.div_ceil(WRITE_BACK_CHUNK) as usize],
@@ -80,6 +83,7 @@ impl Block {
     ) -> Option<std::sync::mpsc::Receiver<pager::PagerEvent>> {
         let s = self.staging.as_mut()?;
         s.since = std::time::Instant::now();
+        s.started = true;
         if let Err(e) = s.pager.start_stream() {
             log::warn!("disk {}: starting the copy: {e}", self.cfg.path.display());
         }
@@ -140,6 +144,15 @@ impl Block {
         self.file
             .sync_all()
             .map_err(|e| disk_err(&self.cfg, format!("flushing the local copy: {e}")))?;
+        // every block is on stable storage here: now the source may let go of its disk
+        if let Some(s) = &self.staging {
+            if let Err(e) = s.pager.release_done() {
+                log::warn!(
+                    "disk {}: telling the source the copy is safe: {e}",
+                    self.cfg.path.display()
+                );
+            }
+        }
         Ok(self.staging.take().map_or((0.0, 0.0), |s| {
             (
                 s.since.elapsed().as_secs_f64() * 1e3,

@@ -99,19 +99,32 @@ pub struct Block {
 
 impl Drop for Block {
     fn drop(&mut self) {
-        // A copy-in that never finished leaves no half-written image behind.
-        if self.staging.as_ref().is_some() {
-            log::warn!(
-                "disk {}: copy from the source incomplete; removing the local image",
-                self.cfg.path.display()
-            );
-            let _ = std::fs::remove_file(&self.cfg.path);
+        match &self.staging {
+            // a copy-in whose VM never ran here leaves no half-written image behind
+            Some(s) if !s.started => {
+                log::warn!(
+                    "disk {}: copy from the source incomplete; removing the local image",
+                    self.cfg.path.display()
+                );
+                let _ = std::fs::remove_file(&self.cfg.path);
+            }
+            // once the guest ran here the image is kept, whatever happened: it holds what was
+            // written back (the source still has the disk: it was never told Done)
+            Some(s) => log::warn!(
+                "disk {}: copy from the source incomplete ({} of {} chunks written back); the local image is kept, and the source keeps its disk",
+                self.cfg.path.display(),
+                s.chunks_done,
+                s.written.len()
+            ),
+            None => {}
         }
     }
 }
 
 /// A disk being copied in: its blocks live in the pager's anonymous mapping until all are here.
 struct Staging {
+    /// The VM has run here (the copy's stream was started): the guest may have written.
+    started: bool,
     pager: pager::Pager,
     /// Host address of the staging mapping.
     base: u64,

@@ -1,8 +1,12 @@
 //! Handshakes and data over real TCP sockets on loopback.
 
-use super::*;
+use std::io;
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use transport::tls::*;
+use transport::{Security, Sock};
 
 fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("transport-tls-{tag}-{}", std::process::id()));
@@ -19,7 +23,7 @@ fn psk(key: &str) -> Security {
 /// results.
 fn pair(client: &Security, server: &Security) -> (io::Result<Sock>, io::Result<Sock>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = crate::Addr::Tcp(l.local_addr().unwrap());
+    let addr = transport::Addr::Tcp(l.local_addr().unwrap());
     let server = server.clone();
     let t = std::thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
@@ -85,7 +89,7 @@ fn plaintext_and_unset_are_refused_or_named() {
     let k = psk("0123456789abcdef0123456789abcdef");
     // a TLS client against a plaintext server that answers garbage
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = crate::Addr::Tcp(l.local_addr().unwrap());
+    let addr = transport::Addr::Tcp(l.local_addr().unwrap());
     let t = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
         let mut b = [0u8; 64];
@@ -113,7 +117,7 @@ fn plaintext_and_unset_are_refused_or_named() {
 fn a_silent_peer_fails_the_handshake_at_its_deadline() {
     let k = psk("0123456789abcdef0123456789abcdef");
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = crate::Addr::Tcp(l.local_addr().unwrap());
+    let addr = transport::Addr::Tcp(l.local_addr().unwrap());
     let t0 = Instant::now();
     let e = Sock::connect(&addr, true, Duration::from_secs(5))
         .and_then(|s| k.client(s, Duration::from_millis(300)))
@@ -206,7 +210,7 @@ fn key_files_must_be_private_and_keys_long() {
 fn a_non_blocking_server_handshakes_as_it_is_read_and_written() {
     let k = psk("0123456789abcdef0123456789abcdef");
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = crate::Addr::Tcp(l.local_addr().unwrap());
+    let addr = transport::Addr::Tcp(l.local_addr().unwrap());
     let kc = k.clone();
     let t = std::thread::spawn(move || {
         let mut c = Sock::connect(&addr, true, Duration::from_secs(5))
@@ -277,9 +281,9 @@ fn a_record_altered_on_the_wire_is_refused() {
     let k = psk("0123456789abcdef0123456789abcdef");
     // client <-> relay <-> server; the relay flips one byte of the 2nd record after 4 KiB
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server_addr = crate::Addr::Tcp(l.local_addr().unwrap());
+    let server_addr = transport::Addr::Tcp(l.local_addr().unwrap());
     let relay = TcpListener::bind("127.0.0.1:0").unwrap();
-    let relay_addr = crate::Addr::Tcp(relay.local_addr().unwrap());
+    let relay_addr = transport::Addr::Tcp(relay.local_addr().unwrap());
     let ks = k.clone();
     let srv = std::thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
@@ -290,7 +294,7 @@ fn a_record_altered_on_the_wire_is_refused() {
     let rl = std::thread::spawn(move || {
         let (mut from_client, _) = relay.accept().unwrap();
         let to_server = std::net::TcpStream::connect(match &server_addr {
-            crate::Addr::Tcp(a) => *a,
+            transport::Addr::Tcp(a) => *a,
             _ => unreachable!(),
         })
         .unwrap();
