@@ -16,6 +16,11 @@ use crate::conn::{flush, pressured, reply_error, Conn, Next, Role};
 use crate::session::{build_frame, Claim, Frame, Session};
 use crate::shared::Core;
 
+/// Sessions open at once (each a client: a migration has one per pager, a few at most).
+pub(crate) const MAX_SESSIONS: usize = 64;
+/// Bulk connections (each a thread) per session.
+pub(crate) const MAX_BULK_PER_SESSION: usize = 16;
+
 /// Largest Hello payload: the fixed fields and a layout of [`MAX_REGIONS`] regions. A new
 /// connection announcing more is refused on its header, before anything is buffered for it.
 pub(crate) const MAX_HELLO_PAYLOAD: u32 = 20 + 16 * MAX_REGIONS as u32;
@@ -176,6 +181,12 @@ pub(crate) fn classify(
                     "handshake refused: the Hello names no layout (this page-server serves only a peer that knows what it receives)".into(),
                 );
             }
+            if h.channel == Channel::Control && sessions.len() >= MAX_SESSIONS {
+                return Action::Fail(
+                    error_code::HANDSHAKE,
+                    format!("{MAX_SESSIONS} sessions are open: no more now"),
+                );
+            }
             if h.channel == Channel::Control {
                 // unguessable: a session is joined by its id and only by its owner
                 let mut id = transport::tls::random_u64();
@@ -200,6 +211,15 @@ pub(crate) fn classify(
             else {
                 return Action::Fail(error_code::NO_SESSION, format!("no session {}", h.session));
             };
+            if h.channel == Channel::Bulk && s.bulk_count() >= MAX_BULK_PER_SESSION {
+                return Action::Fail(
+                    error_code::HANDSHAKE,
+                    format!(
+                        "session {}: {MAX_BULK_PER_SESSION} bulk connections already",
+                        s.id
+                    ),
+                );
+            }
             let w = welcome(core, s.id);
             if h.channel == Channel::Urgent {
                 Action::BecomeUrgent(s, w)

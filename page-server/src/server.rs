@@ -35,6 +35,8 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Rounds of reading and answering one connection takes per event before the loop turns to
 /// the others (it comes back for the rest at once).
 const ROUNDS_PER_EVENT: usize = 8;
+/// Connections the event loop holds at once (beyond them a new one is closed at once).
+const MAX_CONNECTIONS: usize = 1024;
 /// Lines about clients dropped before their Hello: a few per second, the rest counted.
 static NEW_DROPS: transport::LogLimiter = transport::LogLimiter::new(5, Duration::from_secs(1));
 /// How often the event loop looks for connections past those timeouts.
@@ -152,6 +154,13 @@ fn accept_all(
     loop {
         let r = crate::listen::accept(listener, liveness, security);
         match r {
+            Ok((_, peer)) if conns.len() >= MAX_CONNECTIONS => {
+                // closed at once: a flood holds at most this many, each for the handshake
+                // deadline at most, and the listener stays free for the real client
+                NEW_DROPS.warn(format_args!(
+                    "client {peer}: dropped: {MAX_CONNECTIONS} connections open"
+                ));
+            }
             Ok((sock, peer)) => {
                 let t = Token(*next);
                 *next += 1;

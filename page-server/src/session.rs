@@ -152,6 +152,14 @@ impl Session {
         self.flow.lock().unwrap_or_else(|e| e.into_inner()).closed
     }
 
+    /// Bulk connections attached so far.
+    pub(crate) fn bulk_count(&self) -> usize {
+        self.bulk_socks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
     pub(crate) fn add_bulk_sock(&self, s: Sock) {
         self.bulk_socks
             .lock()

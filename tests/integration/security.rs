@@ -346,5 +346,16 @@ fn a_session_is_joined_only_by_the_peer_that_opened_it() {
         theirs.is_err(),
         "mallory got an urgent channel on dst's session"
     );
+    // sessions are bounded: 64 open at once, the next is refused with the reason
+    let mut held = Vec::new();
+    for _ in 2..64 {
+        let (c, id) = open(&mallory, proto::Channel::Control, 0);
+        assert!(id.is_ok(), "{id:?}");
+        held.push(c);
+    }
+    let (_c, over) = open(&mallory, proto::Channel::Control, 0);
+    let e = over.unwrap_err();
+    println!("the 65th session: {e}");
+    assert!(e.contains("64 sessions"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
