@@ -288,6 +288,14 @@ fn disk_and_network_move_with_the_vm() {
 
     // shared storage (the same path) and a tap of the same name, named by the operator
     let disk_map = format!("--disk-map={}", img.path());
+    // a destination whose operator gave no tap for the NIC: refused, nothing attached, and
+    // the source is not told what this host has
+    let (d0, addr0) = start_dest(Some(&hosts.b), &hosts.ip_b, &[&disk_map]);
+    let r = migrate(&src, &addr0, &[]);
+    let msg = &refused(&r).message;
+    assert!(msg.contains("cannot be attached on this host"), "{msg}");
+    assert!(d0.stderr_text().contains("has no --tap-map"), "{r:?}");
+    drop(d0);
     let (dest, addr) = start_dest(
         Some(&hosts.b),
         &hosts.ip_b,

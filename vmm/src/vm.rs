@@ -134,6 +134,8 @@ pub struct Vm {
     disk_copies_started: usize,
     /// How a migration away is authenticated and encrypted.
     security: transport::Security,
+    /// A vCPU thread did not stop when asked (see `Drop`).
+    vcpu_stuck: bool,
 }
 
 fn console_out(s: &SerialOut) -> Result<ConsoleOut, VmError> {
@@ -280,6 +282,7 @@ impl Vm {
             announce_pending: false,
             disk_copies_started: 0,
             security: transport::Security::default(),
+            vcpu_stuck: false,
         })
     }
 
@@ -526,10 +529,14 @@ impl Vm {
     }
 
     /// Stops every vCPU thread.
-    pub fn stop(&mut self) {
+    /// Stops every vCPU thread; false when one did not stop (see [`VcpuHandle::stop`]).
+    pub fn stop(&mut self) -> bool {
+        let mut all = true;
         for v in &mut self.vcpus {
-            v.stop();
+            all &= v.stop();
         }
+        self.vcpu_stuck |= !all;
+        all
     }
 }
 
@@ -545,7 +552,17 @@ impl Drop for Vm {
         // The migration thread and any page-server read guest RAM: they go first.
         self.source = None;
         self.kept_server.clear();
-        self.stop();
+        if !self.stop() || self.vcpu_stuck {
+            // A vCPU still running (blocked on a page that never came) would see every
+            // missing page as zeros once the userfaultfd closes, and could write them to a
+            // disk: the pager is kept (leaked) instead, so such a vCPU stays blocked.
+            if let Some(p) = self.pager.take() {
+                log::error!(
+                    "a vCPU did not stop: keeping the pager open so that it never reads missing memory as zeros"
+                );
+                std::mem::forget(p);
+            }
+        }
         // The pager goes before the RAM it pages.
         self.pager = None;
     }

@@ -98,7 +98,8 @@ impl VcpuHandle {
     }
 
     /// Ends the thread and waits for it.
-    pub fn stop(&mut self) {
+    /// Returns false when the thread is still there after 5 s (left running, logged).
+    pub fn stop(&mut self) -> bool {
         let _ = self.commands.send(Command::Exit);
         if let Some(t) = self.thread.take() {
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -111,8 +112,10 @@ impl VcpuHandle {
                 let _ = t.join();
             } else {
                 log::error!("vcpu{} did not stop", self.index);
+                return false;
             }
         }
+        true
     }
 }
 
