@@ -62,7 +62,11 @@ pub(crate) fn handle_frames(
             }
         };
         // `msg` borrows rbuf; take what we need before touching `c` mutably
-        let peer = c.sock.0.peer_identity();
+        // who the peer is matters only for its Hello: no lock or copy per fault request
+        let peer = match c.role {
+            Role::New => c.sock.0.peer_identity(),
+            _ => None,
+        };
         let action = classify(core, &c.role, peer.as_deref(), msg, sessions);
         used = end;
         match action {

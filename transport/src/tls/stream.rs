@@ -513,12 +513,11 @@ impl<R: RawIo> TlsStream<R> {
     /// handshake) hands it to rustls and sends what that makes it want to send. Ok(false) at
     /// end of file. The caller holds `read_order`.
     fn pump(&self, dontwait: bool) -> io::Result<bool> {
-        let mut buf = {
+        let (mut buf, filled) = {
             let mut rx = lock(&self.rx);
             rx.compact();
-            std::mem::take(&mut rx.buf)
+            (std::mem::take(&mut rx.buf), rx.len)
         };
-        let filled = lock(&self.rx).len;
         let r = if dontwait {
             self.raw.recv_raw_dontwait(&mut buf[filled..])
         } else {
